@@ -1,0 +1,247 @@
+//! A client for sluice and any other KServe v2 server (Triton included): the gRPC client
+//! generated from the project's protocol files, plus a typed layer that sends and
+//! receives [`Tensor`]s.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), sluice_client::ClientError> {
+//! use sluice_client::{Client, Tensor};
+//! let client = Client::connect("http://127.0.0.1:8001").await?;
+//! let x = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
+//! let outputs = client.infer("affine", &[("x", &x)], Default::default()).await?;
+//! println!("{:?}", outputs[0].1.to_f32());
+//! # Ok(()) }
+//! ```
+
+use bytes::Bytes;
+pub use sluice_ops::{DataType, Tensor};
+pub use sluice_proto as proto;
+use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("malformed response: {0}")]
+    Response(String),
+}
+
+impl ClientError {
+    /// The gRPC status code, when the server answered with an error.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Per-request options.
+#[derive(Debug, Clone, Default)]
+pub struct InferOptions {
+    /// Outputs to return; empty: all.
+    pub outputs: Vec<String>,
+    /// Sent as the gRPC deadline; the server drops the work once it passes.
+    pub timeout: Option<Duration>,
+    pub id: String,
+    /// Model version; empty: the server's default.
+    pub version: String,
+}
+
+/// Cheap to clone: clones share one HTTP/2 connection.
+#[derive(Clone)]
+pub struct Client {
+    inner: GrpcInferenceServiceClient<Channel>,
+}
+
+/// Large enough for batches of images; the server's own limit applies as well.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
+
+impl Client {
+    /// Connects to `addr` ("http://host:port").
+    pub async fn connect(addr: impl Into<String>) -> Result<Client, ClientError> {
+        let channel = Endpoint::from_shared(addr.into())?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(Client::from_channel(channel))
+    }
+
+    pub fn from_channel(channel: Channel) -> Client {
+        Client {
+            inner: GrpcInferenceServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+
+    /// The generated client, for any call the typed layer does not cover.
+    pub fn raw(&self) -> GrpcInferenceServiceClient<Channel> {
+        self.inner.clone()
+    }
+
+    pub async fn server_live(&self) -> Result<bool, ClientError> {
+        Ok(self
+            .raw()
+            .server_live(proto::ServerLiveRequest {})
+            .await?
+            .into_inner()
+            .live)
+    }
+
+    pub async fn server_ready(&self) -> Result<bool, ClientError> {
+        Ok(self
+            .raw()
+            .server_ready(proto::ServerReadyRequest {})
+            .await?
+            .into_inner()
+            .ready)
+    }
+
+    pub async fn model_ready(&self, model: &str) -> Result<bool, ClientError> {
+        let req = proto::ModelReadyRequest {
+            name: model.into(),
+            version: String::new(),
+        };
+        Ok(self.raw().model_ready(req).await?.into_inner().ready)
+    }
+
+    pub async fn model_metadata(
+        &self,
+        model: &str,
+    ) -> Result<proto::ModelMetadataResponse, ClientError> {
+        let req = proto::ModelMetadataRequest {
+            name: model.into(),
+            version: String::new(),
+        };
+        Ok(self.raw().model_metadata(req).await?.into_inner())
+    }
+
+    pub async fn model_config(&self, model: &str) -> Result<proto::ModelConfig, ClientError> {
+        let req = proto::ModelConfigRequest {
+            name: model.into(),
+            version: String::new(),
+        };
+        self.raw()
+            .model_config(req)
+            .await?
+            .into_inner()
+            .config
+            .ok_or_else(|| ClientError::Response("no config in ModelConfigResponse".into()))
+    }
+
+    /// Statistics of one model, or of all models when `model` is empty.
+    pub async fn model_statistics(
+        &self,
+        model: &str,
+    ) -> Result<Vec<proto::ModelStatistics>, ClientError> {
+        let req = proto::ModelStatisticsRequest {
+            name: model.into(),
+            version: String::new(),
+        };
+        Ok(self
+            .raw()
+            .model_statistics(req)
+            .await?
+            .into_inner()
+            .model_stats)
+    }
+
+    pub async fn repository_index(
+        &self,
+    ) -> Result<Vec<proto::repository_index_response::ModelIndex>, ClientError> {
+        let req = proto::RepositoryIndexRequest {
+            repository_name: String::new(),
+            ready: false,
+        };
+        Ok(self.raw().repository_index(req).await?.into_inner().models)
+    }
+
+    /// Runs one inference; tensors travel as raw little-endian bytes. Returns the
+    /// outputs in the server's order, by name.
+    pub async fn infer(
+        &self,
+        model: &str,
+        inputs: &[(&str, &Tensor)],
+        opts: InferOptions,
+    ) -> Result<Vec<(String, Tensor)>, ClientError> {
+        let req = infer_request(model, inputs, &opts);
+        let mut req = tonic::Request::new(req);
+        if let Some(t) = opts.timeout {
+            req.set_timeout(t);
+        }
+        let resp = self.raw().model_infer(req).await?.into_inner();
+        decode_outputs(resp)
+    }
+}
+
+/// Builds the protocol request for `inputs`, data in `raw_input_contents`.
+pub fn infer_request(
+    model: &str,
+    inputs: &[(&str, &Tensor)],
+    opts: &InferOptions,
+) -> proto::ModelInferRequest {
+    proto::ModelInferRequest {
+        model_name: model.into(),
+        model_version: opts.version.clone(),
+        id: opts.id.clone(),
+        inputs: inputs
+            .iter()
+            .map(|(name, t)| proto::model_infer_request::InferInputTensor {
+                name: name.to_string(),
+                datatype: t.dtype.as_str().into(),
+                shape: t.shape.iter().map(|&d| d as i64).collect(),
+                ..Default::default()
+            })
+            .collect(),
+        outputs: opts
+            .outputs
+            .iter()
+            .map(|o| proto::model_infer_request::InferRequestedOutputTensor {
+                name: o.clone(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Turns a response into tensors, checking each against its declared dtype and shape.
+pub fn decode_outputs(
+    resp: proto::ModelInferResponse,
+) -> Result<Vec<(String, Tensor)>, ClientError> {
+    if resp.raw_output_contents.len() != resp.outputs.len() {
+        return Err(ClientError::Response(format!(
+            "{} outputs but {} raw_output_contents",
+            resp.outputs.len(),
+            resp.raw_output_contents.len()
+        )));
+    }
+    resp.outputs
+        .into_iter()
+        .zip(resp.raw_output_contents)
+        .map(|(o, data): (_, Bytes)| {
+            let dtype = DataType::parse(&o.datatype).ok_or_else(|| {
+                ClientError::Response(format!(
+                    "output '{}': unknown datatype {}",
+                    o.name, o.datatype
+                ))
+            })?;
+            let shape = o
+                .shape
+                .iter()
+                .map(|&d| usize::try_from(d))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| {
+                    ClientError::Response(format!("output '{}': negative dimension", o.name))
+                })?;
+            let t = Tensor::new(dtype, shape, data)
+                .map_err(|e| ClientError::Response(format!("output '{}': {e}", o.name)))?;
+            Ok((o.name, t))
+        })
+        .collect()
+}

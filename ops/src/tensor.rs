@@ -1,0 +1,448 @@
+//! Tensors as they travel through sluice: a dtype, a shape and a shared little-endian
+//! byte buffer. Cloning a tensor or slicing it along the batch dimension never copies.
+
+use bytes::{Bytes, BytesMut};
+use std::fmt;
+
+/// Element types, named as in the KServe v2 protocol ("FP32", "BYTES", ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataType {
+    Bool,
+    U8,
+    U16,
+    U32,
+    U64,
+    I8,
+    I16,
+    I32,
+    I64,
+    F16,
+    BF16,
+    F32,
+    F64,
+    /// Variable-length byte strings; on the wire each element is a 4-byte
+    /// little-endian length followed by its bytes.
+    Bytes,
+}
+
+impl DataType {
+    pub const ALL: [DataType; 14] = [
+        DataType::Bool,
+        DataType::U8,
+        DataType::U16,
+        DataType::U32,
+        DataType::U64,
+        DataType::I8,
+        DataType::I16,
+        DataType::I32,
+        DataType::I64,
+        DataType::F16,
+        DataType::BF16,
+        DataType::F32,
+        DataType::F64,
+        DataType::Bytes,
+    ];
+
+    /// The protocol name, e.g. "FP32".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::U8 => "UINT8",
+            DataType::U16 => "UINT16",
+            DataType::U32 => "UINT32",
+            DataType::U64 => "UINT64",
+            DataType::I8 => "INT8",
+            DataType::I16 => "INT16",
+            DataType::I32 => "INT32",
+            DataType::I64 => "INT64",
+            DataType::F16 => "FP16",
+            DataType::BF16 => "BF16",
+            DataType::F32 => "FP32",
+            DataType::F64 => "FP64",
+            DataType::Bytes => "BYTES",
+        }
+    }
+
+    /// Parses a protocol name ("FP32"); `None` for anything else.
+    pub fn parse(s: &str) -> Option<DataType> {
+        DataType::ALL.into_iter().find(|d| d.as_str() == s)
+    }
+
+    /// Bytes per element; `None` for BYTES, whose elements vary in length.
+    pub fn size(self) -> Option<usize> {
+        Some(match self {
+            DataType::Bool | DataType::U8 | DataType::I8 => 1,
+            DataType::U16 | DataType::I16 | DataType::F16 | DataType::BF16 => 2,
+            DataType::U32 | DataType::I32 | DataType::F32 => 4,
+            DataType::U64 | DataType::I64 | DataType::F64 => 8,
+            DataType::Bytes => return None,
+        })
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TensorError {
+    #[error("{dtype} tensor of shape {shape:?} needs {expected} bytes, got {actual}")]
+    ByteLength {
+        dtype: DataType,
+        shape: Vec<usize>,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("BYTES tensor of shape {shape:?} holds {found} elements, expected {expected}")]
+    BytesElementCount {
+        shape: Vec<usize>,
+        expected: usize,
+        found: usize,
+    },
+    #[error(
+        "BYTES tensor is malformed: element {index} claims {len} bytes but only {left} remain"
+    )]
+    BytesTruncated {
+        index: usize,
+        len: usize,
+        left: usize,
+    },
+    #[error("cannot batch tensors of different {what}: {a} vs {b}")]
+    Mismatch {
+        what: &'static str,
+        a: String,
+        b: String,
+    },
+    #[error("tensor has no batch dimension (rank 0)")]
+    NoBatchDim,
+    #[error("batch split sizes add up to {total}, tensor has {rows} rows")]
+    SplitSizes { total: usize, rows: usize },
+}
+
+/// A dense tensor. `data` holds the elements row-major and little-endian (for BYTES,
+/// the length-prefixed serialisation).
+#[derive(Clone, PartialEq)]
+pub struct Tensor {
+    pub dtype: DataType,
+    pub shape: Vec<usize>,
+    pub data: Bytes,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Tensor({} {:?}, {} bytes)",
+            self.dtype,
+            self.shape,
+            self.data.len()
+        )
+    }
+}
+
+/// Number of elements of a shape (1 for a scalar).
+pub fn element_count(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    /// Builds a tensor, checking that `data` is exactly what dtype and shape call for.
+    pub fn new(dtype: DataType, shape: Vec<usize>, data: Bytes) -> Result<Tensor, TensorError> {
+        let t = Tensor { dtype, shape, data };
+        t.validate()?;
+        Ok(t)
+    }
+
+    /// Checks the byte length (fixed-size types) or the element framing (BYTES).
+    pub fn validate(&self) -> Result<(), TensorError> {
+        let n = element_count(&self.shape);
+        match self.dtype.size() {
+            Some(sz) => {
+                if n * sz != self.data.len() {
+                    return Err(TensorError::ByteLength {
+                        dtype: self.dtype,
+                        shape: self.shape.clone(),
+                        expected: n * sz,
+                        actual: self.data.len(),
+                    });
+                }
+            }
+            None => {
+                let found = bytes_offsets(&self.data)?.len();
+                if found != n {
+                    return Err(TensorError::BytesElementCount {
+                        shape: self.shape.clone(),
+                        expected: n,
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn element_count(&self) -> usize {
+        element_count(&self.shape)
+    }
+
+    pub fn from_f32(shape: Vec<usize>, values: &[f32]) -> Tensor {
+        Tensor::from_le(DataType::F32, shape, values, |v| v.to_le_bytes())
+    }
+
+    pub fn from_i64(shape: Vec<usize>, values: &[i64]) -> Tensor {
+        Tensor::from_le(DataType::I64, shape, values, |v| v.to_le_bytes())
+    }
+
+    fn from_le<T: Copy, const N: usize>(
+        dtype: DataType,
+        shape: Vec<usize>,
+        values: &[T],
+        f: impl Fn(T) -> [u8; N],
+    ) -> Tensor {
+        assert_eq!(
+            element_count(&shape),
+            values.len(),
+            "shape does not match values"
+        );
+        let mut buf = BytesMut::with_capacity(values.len() * N);
+        for v in values {
+            buf.extend_from_slice(&f(*v));
+        }
+        Tensor {
+            dtype,
+            shape,
+            data: buf.freeze(),
+        }
+    }
+
+    /// A BYTES tensor from its elements.
+    pub fn from_bytes_elements<B: AsRef<[u8]>>(shape: Vec<usize>, elems: &[B]) -> Tensor {
+        assert_eq!(
+            element_count(&shape),
+            elems.len(),
+            "shape does not match values"
+        );
+        Tensor {
+            dtype: DataType::Bytes,
+            shape,
+            data: encode_bytes_elements(elems),
+        }
+    }
+
+    /// The elements as f32 (FP32 tensors only).
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        (self.dtype == DataType::F32).then(|| {
+            self.data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("chunk of 4")))
+                .collect()
+        })
+    }
+
+    /// The elements as i64 (INT64 tensors only).
+    pub fn to_i64(&self) -> Option<Vec<i64>> {
+        (self.dtype == DataType::I64).then(|| {
+            self.data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("chunk of 8")))
+                .collect()
+        })
+    }
+
+    /// The elements of a BYTES tensor, each a zero-copy slice of the buffer.
+    pub fn bytes_elements(&self) -> Result<Vec<Bytes>, TensorError> {
+        Ok(bytes_offsets(&self.data)?
+            .into_iter()
+            .map(|(start, end)| self.data.slice(start..end))
+            .collect())
+    }
+
+    /// Concatenates tensors along dimension 0: they must agree in dtype and in every
+    /// other dimension. This is the one copy dynamic batching makes.
+    pub fn concat_batch(parts: &[&Tensor]) -> Result<Tensor, TensorError> {
+        let first = parts.first().ok_or(TensorError::NoBatchDim)?;
+        if first.shape.is_empty() {
+            return Err(TensorError::NoBatchDim);
+        }
+        if parts.len() == 1 {
+            return Ok((*first).clone());
+        }
+        let mut rows = 0;
+        for p in parts {
+            if p.dtype != first.dtype {
+                return Err(TensorError::Mismatch {
+                    what: "dtypes",
+                    a: first.dtype.to_string(),
+                    b: p.dtype.to_string(),
+                });
+            }
+            if p.shape.len() != first.shape.len() || p.shape[1..] != first.shape[1..] {
+                return Err(TensorError::Mismatch {
+                    what: "shapes",
+                    a: format!("{:?}", first.shape),
+                    b: format!("{:?}", p.shape),
+                });
+            }
+            rows += p.shape[0];
+        }
+        let mut buf = BytesMut::with_capacity(parts.iter().map(|p| p.data.len()).sum());
+        for p in parts {
+            buf.extend_from_slice(&p.data);
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = rows;
+        Ok(Tensor {
+            dtype: first.dtype,
+            shape,
+            data: buf.freeze(),
+        })
+    }
+
+    /// Splits along dimension 0 into pieces of `rows[i]` rows each, slicing the buffer.
+    pub fn split_batch(&self, rows: &[usize]) -> Result<Vec<Tensor>, TensorError> {
+        let total_rows = *self.shape.first().ok_or(TensorError::NoBatchDim)?;
+        let total: usize = rows.iter().sum();
+        if total != total_rows {
+            return Err(TensorError::SplitSizes {
+                total,
+                rows: total_rows,
+            });
+        }
+        let per_row = element_count(&self.shape[1..]);
+        // Byte offset of each row boundary.
+        let boundaries: Vec<usize> = match self.dtype.size() {
+            Some(sz) => (0..=total_rows).map(|r| r * per_row * sz).collect(),
+            None => {
+                let offs = bytes_offsets(&self.data)?;
+                (0..=total_rows)
+                    .map(|r| {
+                        let e = r * per_row;
+                        // Start of element e includes its 4-byte length prefix.
+                        offs.get(e).map_or(self.data.len(), |(s, _)| s - 4)
+                    })
+                    .collect()
+            }
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        let mut r0 = 0;
+        for &n in rows {
+            let mut shape = self.shape.clone();
+            shape[0] = n;
+            out.push(Tensor {
+                dtype: self.dtype,
+                shape,
+                data: self.data.slice(boundaries[r0]..boundaries[r0 + n]),
+            });
+            r0 += n;
+        }
+        Ok(out)
+    }
+}
+
+/// Serialises byte strings as 4-byte little-endian lengths each followed by the bytes.
+pub fn encode_bytes_elements<B: AsRef<[u8]>>(elems: &[B]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(elems.iter().map(|e| 4 + e.as_ref().len()).sum());
+    for e in elems {
+        let e = e.as_ref();
+        buf.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        buf.extend_from_slice(e);
+    }
+    buf.freeze()
+}
+
+/// (start, end) of each element's payload in a length-prefixed BYTES buffer.
+pub fn bytes_offsets(data: &[u8]) -> Result<Vec<(usize, usize)>, TensorError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let left = data.len() - pos;
+        if left < 4 {
+            return Err(TensorError::BytesTruncated {
+                index: out.len(),
+                len: 4,
+                left,
+            });
+        }
+        let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        if len > left - 4 {
+            return Err(TensorError::BytesTruncated {
+                index: out.len(),
+                len,
+                left: left - 4,
+            });
+        }
+        out.push((pos + 4, pos + 4 + len));
+        pos += 4 + len;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_round_trip() {
+        for d in DataType::ALL {
+            assert_eq!(DataType::parse(d.as_str()), Some(d));
+        }
+        assert_eq!(DataType::parse("FLOAT"), None);
+    }
+
+    #[test]
+    fn byte_length_is_checked() {
+        let err = Tensor::new(DataType::F32, vec![2, 3], Bytes::from(vec![0u8; 20])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "FP32 tensor of shape [2, 3] needs 24 bytes, got 20"
+        );
+    }
+
+    #[test]
+    fn concat_then_split_is_identity() {
+        let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]);
+        let b = Tensor::from_f32(vec![2, 2], &[3.0, 4.0, 5.0, 6.0]);
+        let c = Tensor::concat_batch(&[&a, &b]).unwrap();
+        assert_eq!(c.shape, vec![3, 2]);
+        assert_eq!(c.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let parts = c.split_batch(&[1, 2]).unwrap();
+        assert_eq!(parts, vec![a, b]);
+    }
+
+    #[test]
+    fn concat_rejects_mismatched_rows() {
+        let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]);
+        let b = Tensor::from_f32(vec![1, 3], &[1.0, 2.0, 3.0]);
+        assert!(matches!(
+            Tensor::concat_batch(&[&a, &b]),
+            Err(TensorError::Mismatch { what: "shapes", .. })
+        ));
+    }
+
+    #[test]
+    fn bytes_tensors_split_by_element() {
+        let t = Tensor::from_bytes_elements(vec![3, 1], &["a", "", "xyz"]);
+        t.validate().unwrap();
+        let parts = t.split_batch(&[2, 1]).unwrap();
+        assert_eq!(
+            parts[0].bytes_elements().unwrap(),
+            vec![Bytes::from("a"), Bytes::new()]
+        );
+        assert_eq!(parts[1].bytes_elements().unwrap(), vec![Bytes::from("xyz")]);
+    }
+
+    #[test]
+    fn truncated_bytes_are_rejected() {
+        let err = bytes_offsets(&[5, 0, 0, 0, b'a']).unwrap_err();
+        assert_eq!(
+            err,
+            TensorError::BytesTruncated {
+                index: 0,
+                len: 5,
+                left: 1
+            }
+        );
+    }
+}

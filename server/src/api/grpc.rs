@@ -1,0 +1,251 @@
+//! gRPC: `inference.GRPCInferenceService`, translating protocol messages to engine calls.
+
+use super::{deadline_after, parse_shape, views, AppState};
+use crate::engine::{InferRequest, NamedTensor};
+use crate::error::Error;
+use bytes::{BufMut, Bytes, BytesMut};
+use sluice_ops::{DataType, Tensor};
+use sluice_proto as pb;
+use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
+use std::time::Duration;
+use tonic::{Request, Response, Status};
+
+pub struct GrpcApi {
+    pub state: AppState,
+}
+
+/// Parses the `grpc-timeout` header ("100m", "5S", ...), as the gRPC spec writes it.
+fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Typed `contents` to the little-endian bytes raw contents would carry.
+fn typed_contents(
+    name: &str,
+    dtype: DataType,
+    c: pb::InferTensorContents,
+) -> Result<Bytes, String> {
+    fn pack<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Bytes {
+        let mut b = BytesMut::with_capacity(v.len() * N);
+        for &x in v {
+            b.put_slice(&f(x));
+        }
+        b.freeze()
+    }
+    let out_of_range = |t: &str| format!("input '{name}': a value does not fit {t}");
+    Ok(match dtype {
+        DataType::Bool => pack(&c.bool_contents, |b| [b as u8]),
+        DataType::I8 => pack(
+            &c.int_contents
+                .iter()
+                .map(|&v| i8::try_from(v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| out_of_range("INT8"))?,
+            i8::to_le_bytes,
+        ),
+        DataType::I16 => pack(
+            &c.int_contents
+                .iter()
+                .map(|&v| i16::try_from(v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| out_of_range("INT16"))?,
+            i16::to_le_bytes,
+        ),
+        DataType::I32 => pack(&c.int_contents, i32::to_le_bytes),
+        DataType::I64 => pack(&c.int64_contents, i64::to_le_bytes),
+        DataType::U8 => pack(
+            &c.uint_contents
+                .iter()
+                .map(|&v| u8::try_from(v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| out_of_range("UINT8"))?,
+            u8::to_le_bytes,
+        ),
+        DataType::U16 => pack(
+            &c.uint_contents
+                .iter()
+                .map(|&v| u16::try_from(v))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| out_of_range("UINT16"))?,
+            u16::to_le_bytes,
+        ),
+        DataType::U32 => pack(&c.uint_contents, u32::to_le_bytes),
+        DataType::U64 => pack(&c.uint64_contents, u64::to_le_bytes),
+        DataType::F32 => pack(&c.fp32_contents, f32::to_le_bytes),
+        DataType::F64 => pack(&c.fp64_contents, f64::to_le_bytes),
+        DataType::Bytes => sluice_ops::tensor::encode_bytes_elements(&c.bytes_contents),
+        DataType::F16 | DataType::BF16 => return Err(format!(
+            "input '{name}': {dtype} has no typed contents field; send it in raw_input_contents"
+        )),
+    })
+}
+
+pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferRequest, Error> {
+    let model = req.model_name.clone();
+    let invalid = |m: String| Error::InvalidInput {
+        model: model.clone(),
+        message: m,
+    };
+    let raw = req.raw_input_contents;
+    if !raw.is_empty() && raw.len() != req.inputs.len() {
+        return Err(invalid(format!(
+            "raw_input_contents has {} entries for {} inputs; every input must be in it",
+            raw.len(),
+            req.inputs.len()
+        )));
+    }
+    let mut raw = raw.into_iter();
+    let inputs = req
+        .inputs
+        .into_iter()
+        .map(|i| {
+            let dtype = DataType::parse(&i.datatype).ok_or_else(|| {
+                invalid(format!(
+                    "input '{}': unknown datatype '{}'",
+                    i.name, i.datatype
+                ))
+            })?;
+            let shape =
+                parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            let data = match (raw.next(), i.contents) {
+                (Some(b), _) => b,
+                (None, Some(c)) => typed_contents(&i.name, dtype, c).map_err(invalid)?,
+                (None, None) => return Err(invalid(format!("input '{}' has no data", i.name))),
+            };
+            let tensor = Tensor::new(dtype, shape, data)
+                .map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            Ok(NamedTensor {
+                name: i.name,
+                tensor,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(InferRequest {
+        model_name: req.model_name,
+        model_version: req.model_version,
+        id: req.id,
+        inputs,
+        outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+    })
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcApi {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.state.ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        req: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::ModelReadyResponse {
+            ready: self.state.engine.model(&r.name, &r.version).is_ok(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: views::SERVER_NAME.into(),
+            version: views::SERVER_VERSION.into(),
+            extensions: views::EXTENSIONS.iter().map(|s| s.to_string()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        req: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = req.into_inner();
+        let m = self.state.engine.model(&r.name, &r.version)?;
+        Ok(Response::new(views::model_metadata(m)))
+    }
+
+    async fn model_infer(
+        &self,
+        req: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let deadline = deadline_after(grpc_timeout(&req), self.state.default_timeout);
+        let engine_req = to_engine_request(req.into_inner())?;
+        let resp = self.state.engine.infer(engine_req, deadline).await?;
+        let mut raw = Vec::with_capacity(resp.outputs.len());
+        let outputs = resp
+            .outputs
+            .into_iter()
+            .map(|o| {
+                raw.push(o.tensor.data);
+                pb::model_infer_response::InferOutputTensor {
+                    name: o.name,
+                    datatype: o.tensor.dtype.as_str().to_string(),
+                    shape: o.tensor.shape.iter().map(|&d| d as i64).collect(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ModelInferResponse {
+            model_name: resp.model_name,
+            model_version: resp.model_version,
+            id: resp.id,
+            parameters: Default::default(),
+            outputs,
+            raw_output_contents: raw,
+        }))
+    }
+
+    async fn model_config(
+        &self,
+        req: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = req.into_inner();
+        let m = self.state.engine.model(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(views::model_config(m)),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        req: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::ModelStatisticsResponse {
+            model_stats: views::statistics(&self.state.engine, &r.name, &r.version)?,
+        }))
+    }
+
+    async fn repository_index(
+        &self,
+        req: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        Ok(Response::new(pb::RepositoryIndexResponse {
+            models: views::repository_index(&self.state.engine, req.into_inner().ready),
+        }))
+    }
+}

@@ -1,0 +1,498 @@
+//! HTTP/REST: the v2 protocol's JSON endpoints plus the binary tensor data extension
+//! (`Inference-Header-Content-Length`: a JSON header followed by raw tensor bytes).
+
+use super::{deadline_after, parse_shape, views, AppState};
+use crate::engine::{InferRequest, InferResponse, NamedTensor};
+use crate::error::Error;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::{BufMut, BytesMut};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sluice_ops::{DataType, Tensor};
+use std::time::Duration;
+
+const HEADER_LEN: &str = "inference-header-content-length";
+/// Per-request deadline in milliseconds (the gRPC API uses `grpc-timeout`).
+const TIMEOUT_HEADER: &str = "sluice-timeout-ms";
+
+pub fn router(state: AppState, max_body: usize) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/stats", get(all_stats))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_metadata_v),
+        )
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_v),
+        )
+        .route("/v2/models/{model}/config", get(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config_v),
+        )
+        .route("/v2/models/{model}/stats", get(model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(model_stats_v),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": views::SERVER_NAME,
+        "version": views::SERVER_VERSION,
+        "extensions": views::EXTENSIONS,
+    }))
+}
+
+async fn server_ready(State(s): State<AppState>) -> StatusCode {
+    if s.ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn model_metadata(
+    State(s): State<AppState>,
+    Path(m): Path<String>,
+) -> Result<Json<Value>, Error> {
+    model_metadata_v(State(s), Path((m, String::new()))).await
+}
+async fn model_metadata_v(
+    State(s): State<AppState>,
+    Path((m, v)): Path<(String, String)>,
+) -> Result<Json<Value>, Error> {
+    let model = s.engine.model(&m, &v)?;
+    Ok(Json(views::metadata_json(&views::model_metadata(model))))
+}
+
+async fn model_ready(State(s): State<AppState>, Path(m): Path<String>) -> StatusCode {
+    model_ready_v(State(s), Path((m, String::new()))).await
+}
+async fn model_ready_v(
+    State(s): State<AppState>,
+    Path((m, v)): Path<(String, String)>,
+) -> StatusCode {
+    match s.engine.model(&m, &v) {
+        Ok(_) => StatusCode::OK,
+        Err(Error::ModelNotFound { .. }) => StatusCode::NOT_FOUND,
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+async fn model_config(
+    State(s): State<AppState>,
+    Path(m): Path<String>,
+) -> Result<Json<Value>, Error> {
+    model_config_v(State(s), Path((m, String::new()))).await
+}
+async fn model_config_v(
+    State(s): State<AppState>,
+    Path((m, v)): Path<(String, String)>,
+) -> Result<Json<Value>, Error> {
+    let model = s.engine.model(&m, &v)?;
+    Ok(Json(views::config_json(&views::model_config(model))))
+}
+
+async fn all_stats(State(s): State<AppState>) -> Result<Json<Value>, Error> {
+    Ok(Json(views::statistics_json(&views::statistics(
+        &s.engine, "", "",
+    )?)))
+}
+async fn model_stats(
+    State(s): State<AppState>,
+    Path(m): Path<String>,
+) -> Result<Json<Value>, Error> {
+    model_stats_v(State(s), Path((m, String::new()))).await
+}
+async fn model_stats_v(
+    State(s): State<AppState>,
+    Path((m, v)): Path<(String, String)>,
+) -> Result<Json<Value>, Error> {
+    Ok(Json(views::statistics_json(&views::statistics(
+        &s.engine, &m, &v,
+    )?)))
+}
+
+#[derive(Deserialize, Default)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json<Value>, Error> {
+    let req: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::BadRequest(format!("repository index request: {e}")))?
+    };
+    let models: Vec<Value> = views::repository_index(&s.engine, req.ready)
+        .into_iter()
+        .map(|m| {
+            let mut v = json!({"name": m.name, "version": m.version, "state": m.state});
+            if !m.reason.is_empty() {
+                v["reason"] = json!(m.reason);
+            }
+            v
+        })
+        .collect();
+    Ok(Json(Value::Array(models)))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.engine.metrics.render(),
+    )
+}
+
+#[derive(Deserialize)]
+struct JsonInferRequest {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<JsonInput>,
+    #[serde(default)]
+    outputs: Vec<JsonOutput>,
+}
+
+#[derive(Deserialize)]
+struct JsonInput {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct JsonOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+async fn infer(
+    state: State<AppState>,
+    Path(m): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    infer_v(state, Path((m, String::new())), headers, body).await
+}
+
+async fn infer_v(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let run = async {
+        let timeout = headers
+            .get(TIMEOUT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        let (req, binary_out) = parse_infer(&model, &version, &headers, body)?;
+        let resp = s
+            .engine
+            .infer(req, deadline_after(timeout, s.default_timeout))
+            .await?;
+        encode_infer(resp, &binary_out)
+    };
+    match run.await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Which outputs go back as binary: by name, plus a default for the unnamed.
+struct BinaryOutputs {
+    default: bool,
+    named: Vec<(String, bool)>,
+}
+
+impl BinaryOutputs {
+    fn is_binary(&self, name: &str) -> bool {
+        self.named
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(self.default, |(_, b)| *b)
+    }
+}
+
+fn parse_infer(
+    model: &str,
+    version: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<(InferRequest, BinaryOutputs), Error> {
+    let invalid = |m: String| Error::InvalidInput {
+        model: model.to_string(),
+        message: m,
+    };
+    let header_len = match headers.get(HEADER_LEN) {
+        Some(v) => {
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| invalid(format!("bad {HEADER_LEN} header")))?;
+            if n > body.len() {
+                return Err(invalid(format!(
+                    "{HEADER_LEN} is {n} but the body has only {} bytes",
+                    body.len()
+                )));
+            }
+            n
+        }
+        None => body.len(),
+    };
+    let req: JsonInferRequest = serde_json::from_slice(&body[..header_len])
+        .map_err(|e| invalid(format!("request JSON: {e}")))?;
+    let mut binary = body.slice(header_len..);
+    let inputs = req
+        .inputs
+        .into_iter()
+        .map(|i| {
+            let dtype = DataType::parse(&i.datatype).ok_or_else(|| {
+                invalid(format!(
+                    "input '{}': unknown datatype '{}'",
+                    i.name, i.datatype
+                ))
+            })?;
+            let shape =
+                parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            let data = match i.parameters.get("binary_data_size") {
+                Some(n) => {
+                    let n = n.as_u64().ok_or_else(|| {
+                        invalid(format!(
+                            "input '{}': binary_data_size must be an integer",
+                            i.name
+                        ))
+                    })? as usize;
+                    if n > binary.len() {
+                        return Err(invalid(format!(
+                            "input '{}': binary_data_size is {n} but only {} binary bytes remain",
+                            i.name,
+                            binary.len()
+                        )));
+                    }
+                    binary.split_to(n)
+                }
+                None => {
+                    let data = i.data.as_ref().ok_or_else(|| {
+                        invalid(format!(
+                            "input '{}' has neither data nor binary_data_size",
+                            i.name
+                        ))
+                    })?;
+                    json_to_bytes(dtype, data)
+                        .map_err(|e| invalid(format!("input '{}': {e}", i.name)))?
+                }
+            };
+            let tensor = Tensor::new(dtype, shape, data)
+                .map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            Ok(NamedTensor {
+                name: i.name,
+                tensor,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    if !binary.is_empty() {
+        return Err(invalid(format!(
+            "{} binary bytes after the last input are unaccounted for",
+            binary.len()
+        )));
+    }
+    let flag = |p: &Map<String, Value>, k: &str| p.get(k).and_then(Value::as_bool);
+    let binary_out = BinaryOutputs {
+        default: flag(&req.parameters, "binary_data_output").unwrap_or(false),
+        named: req
+            .outputs
+            .iter()
+            .filter_map(|o| flag(&o.parameters, "binary_data").map(|b| (o.name.clone(), b)))
+            .collect(),
+    };
+    Ok((
+        InferRequest {
+            model_name: model.to_string(),
+            model_version: version.to_string(),
+            id: req.id,
+            inputs,
+            outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        },
+        binary_out,
+    ))
+}
+
+/// Flattens a (possibly nested) JSON array into tensor bytes.
+fn json_to_bytes(dtype: DataType, data: &Value) -> Result<Bytes, String> {
+    fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
+            other => out.push(other),
+        }
+    }
+    let mut elems = Vec::new();
+    flatten(data, &mut elems);
+    if dtype == DataType::Bytes {
+        let strs = elems
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::as_bytes)
+                    .ok_or("BYTES data must be strings")
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(sluice_ops::tensor::encode_bytes_elements(&strs));
+    }
+    let mut b = BytesMut::with_capacity(elems.len() * dtype.size().unwrap_or(1));
+    for (i, v) in elems.iter().enumerate() {
+        let bad = || format!("element {i} ({v}) is not a valid {dtype}");
+        macro_rules! int {
+            ($t:ty, $get:ident) => {
+                b.put_slice(
+                    &<$t>::try_from(v.$get().ok_or_else(bad)?)
+                        .map_err(|_| bad())?
+                        .to_le_bytes(),
+                )
+            };
+        }
+        match dtype {
+            DataType::Bool => b.put_u8(v.as_bool().ok_or_else(bad)? as u8),
+            DataType::I8 => int!(i8, as_i64),
+            DataType::I16 => int!(i16, as_i64),
+            DataType::I32 => int!(i32, as_i64),
+            DataType::I64 => b.put_slice(&v.as_i64().ok_or_else(bad)?.to_le_bytes()),
+            DataType::U8 => int!(u8, as_u64),
+            DataType::U16 => int!(u16, as_u64),
+            DataType::U32 => int!(u32, as_u64),
+            DataType::U64 => b.put_slice(&v.as_u64().ok_or_else(bad)?.to_le_bytes()),
+            DataType::F16 => {
+                b.put_slice(&half::f16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes())
+            }
+            DataType::BF16 => {
+                b.put_slice(&half::bf16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes())
+            }
+            DataType::F32 => b.put_slice(&(v.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
+            DataType::F64 => b.put_slice(&v.as_f64().ok_or_else(bad)?.to_le_bytes()),
+            DataType::Bytes => unreachable!("handled above"),
+        }
+    }
+    Ok(b.freeze())
+}
+
+/// Tensor bytes as a flat JSON array.
+fn tensor_to_json(t: &Tensor) -> Value {
+    macro_rules! nums {
+        ($t:ty, $n:expr) => {
+            t.data
+                .chunks_exact($n)
+                .map(|c| json!(<$t>::from_le_bytes(c.try_into().expect("exact chunk"))))
+                .collect()
+        };
+    }
+    let v: Vec<Value> = match t.dtype {
+        DataType::Bool => t.data.iter().map(|&b| json!(b != 0)).collect(),
+        DataType::U8 => nums!(u8, 1),
+        DataType::U16 => nums!(u16, 2),
+        DataType::U32 => nums!(u32, 4),
+        DataType::U64 => nums!(u64, 8),
+        DataType::I8 => nums!(i8, 1),
+        DataType::I16 => nums!(i16, 2),
+        DataType::I32 => nums!(i32, 4),
+        DataType::I64 => nums!(i64, 8),
+        DataType::F32 => nums!(f32, 4),
+        DataType::F64 => nums!(f64, 8),
+        DataType::F16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| json!(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
+            .collect(),
+        DataType::BF16 => t
+            .data
+            .chunks_exact(2)
+            .map(|c| json!(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))
+            .collect(),
+        DataType::Bytes => t
+            .bytes_elements()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| json!(String::from_utf8_lossy(e)))
+            .collect(),
+    };
+    Value::Array(v)
+}
+
+fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Result<Response, Error> {
+    let mut blobs = Vec::new();
+    let outputs: Vec<Value> = resp
+        .outputs
+        .iter()
+        .map(|o| {
+            let mut v = json!({
+                "name": o.name,
+                "datatype": o.tensor.dtype.as_str(),
+                "shape": o.tensor.shape,
+            });
+            if binary.is_binary(&o.name) {
+                v["parameters"] = json!({"binary_data_size": o.tensor.data.len()});
+                blobs.push(o.tensor.data.clone());
+            } else {
+                v["data"] = tensor_to_json(&o.tensor);
+            }
+            v
+        })
+        .collect();
+    let header = serde_json::to_vec(&json!({
+        "model_name": resp.model_name,
+        "model_version": resp.model_version,
+        "id": resp.id,
+        "outputs": outputs,
+    }))
+    .map_err(|e| Error::Internal(format!("encoding the response: {e}")))?;
+    if blobs.is_empty() {
+        return Ok(([(header::CONTENT_TYPE, "application/json")], header).into_response());
+    }
+    let header_len = header.len();
+    let mut body =
+        BytesMut::with_capacity(header_len + blobs.iter().map(|b| b.len()).sum::<usize>());
+    body.put_slice(&header);
+    for b in blobs {
+        body.put_slice(&b);
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static(HEADER_LEN),
+                header_len.to_string(),
+            ),
+        ],
+        body.freeze(),
+    )
+        .into_response())
+}

@@ -1,0 +1,276 @@
+//! What the metadata, config, statistics and index endpoints report, built once from the
+//! engine in protocol types; HTTP renders the same values as JSON.
+
+use crate::engine::{Engine, LoadedModel, ModelSlot, DEFAULT_VERSION};
+use crate::repository::model_yaml::ExecutionProvider;
+use serde_json::{json, Value};
+use sluice_ops::DataType;
+use sluice_proto as pb;
+use std::sync::atomic::Ordering::Relaxed;
+
+pub const SERVER_NAME: &str = "sluice";
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const EXTENSIONS: &[&str] = &["model_repository", "statistics", "binary_tensor_data"];
+pub const PLATFORM: &str = "onnxruntime_onnx";
+
+pub fn model_metadata(m: &LoadedModel) -> pb::ModelMetadataResponse {
+    let t = |t: &crate::repository::onnx::TensorInfo| pb::model_metadata_response::TensorMetadata {
+        name: t.name.clone(),
+        datatype: t.dtype.as_str().to_string(),
+        shape: t.dims.clone(),
+    };
+    pb::ModelMetadataResponse {
+        name: m.spec.name.clone(),
+        versions: vec![DEFAULT_VERSION.to_string()],
+        platform: PLATFORM.to_string(),
+        inputs: m.spec.inputs.iter().map(t).collect(),
+        outputs: m.spec.outputs.iter().map(t).collect(),
+    }
+}
+
+pub fn metadata_json(md: &pb::ModelMetadataResponse) -> Value {
+    let t = |ts: &[pb::model_metadata_response::TensorMetadata]| -> Vec<Value> {
+        ts.iter()
+            .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
+            .collect()
+    };
+    json!({
+        "name": md.name,
+        "versions": md.versions,
+        "platform": md.platform,
+        "inputs": t(&md.inputs),
+        "outputs": t(&md.outputs),
+    })
+}
+
+fn config_type(d: DataType) -> pb::DataType {
+    match d {
+        DataType::Bool => pb::DataType::TypeBool,
+        DataType::U8 => pb::DataType::TypeUint8,
+        DataType::U16 => pb::DataType::TypeUint16,
+        DataType::U32 => pb::DataType::TypeUint32,
+        DataType::U64 => pb::DataType::TypeUint64,
+        DataType::I8 => pb::DataType::TypeInt8,
+        DataType::I16 => pb::DataType::TypeInt16,
+        DataType::I32 => pb::DataType::TypeInt32,
+        DataType::I64 => pb::DataType::TypeInt64,
+        DataType::F16 => pb::DataType::TypeFp16,
+        DataType::BF16 => pb::DataType::TypeBf16,
+        DataType::F32 => pb::DataType::TypeFp32,
+        DataType::F64 => pb::DataType::TypeFp64,
+        DataType::Bytes => pb::DataType::TypeString,
+    }
+}
+
+/// The model's configuration in Triton's shape: with batching on, dims leave out the
+/// batch dimension, as clients such as perf_analyzer expect.
+pub fn model_config(m: &LoadedModel) -> pb::ModelConfig {
+    let cfg = &m.spec.config;
+    let skip = usize::from(cfg.max_batch_size > 0);
+    let dims = |d: &[i64]| d.iter().skip(skip).copied().collect::<Vec<_>>();
+    let gpu = cfg.execution_provider != ExecutionProvider::Cpu;
+    pb::ModelConfig {
+        name: m.spec.name.clone(),
+        platform: PLATFORM.to_string(),
+        backend: "onnxruntime".to_string(),
+        max_batch_size: cfg.max_batch_size as i32,
+        input: m
+            .spec
+            .inputs
+            .iter()
+            .map(|t| pb::ModelInput {
+                name: t.name.clone(),
+                data_type: config_type(t.dtype) as i32,
+                dims: dims(&t.dims),
+            })
+            .collect(),
+        output: m
+            .spec
+            .outputs
+            .iter()
+            .map(|t| pb::ModelOutput {
+                name: t.name.clone(),
+                data_type: config_type(t.dtype) as i32,
+                dims: dims(&t.dims),
+            })
+            .collect(),
+        instance_group: vec![pb::ModelInstanceGroup {
+            name: m.spec.name.clone(),
+            count: cfg.instances as i32,
+            gpus: if gpu { vec![cfg.device_id] } else { vec![] },
+            kind: if gpu {
+                pb::model_instance_group::Kind::Gpu
+            } else {
+                pb::model_instance_group::Kind::Cpu
+            } as i32,
+        }],
+        default_model_filename: "model.onnx".to_string(),
+        scheduling_choice: (cfg.max_batch_size > 0).then(|| {
+            pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
+                preferred_batch_size: cfg
+                    .dynamic_batching
+                    .preferred_batch_sizes
+                    .iter()
+                    .map(|&s| s as i32)
+                    .collect(),
+                max_queue_delay_microseconds: cfg.dynamic_batching.max_queue_delay_us,
+                preserve_ordering: false,
+                default_queue_policy: Some(pb::ModelQueuePolicy {
+                    max_queue_size: cfg.max_queue_size as u32,
+                }),
+            })
+        }),
+    }
+}
+
+fn type_name(code: i32) -> &'static str {
+    pb::DataType::try_from(code).map_or("TYPE_INVALID", |t| t.as_str_name())
+}
+
+/// The config as Triton's HTTP endpoint renders it (protobuf JSON field names).
+pub fn config_json(c: &pb::ModelConfig) -> Value {
+    let io = |name: &str, code: i32, dims: &[i64]| json!({"name": name, "data_type": type_name(code), "dims": dims});
+    let mut v = json!({
+        "name": c.name,
+        "platform": c.platform,
+        "backend": c.backend,
+        "max_batch_size": c.max_batch_size,
+        "input": c.input.iter().map(|i| io(&i.name, i.data_type, &i.dims)).collect::<Vec<_>>(),
+        "output": c.output.iter().map(|o| io(&o.name, o.data_type, &o.dims)).collect::<Vec<_>>(),
+        "instance_group": c.instance_group.iter().map(|g| json!({
+            "name": g.name,
+            "count": g.count,
+            "gpus": g.gpus,
+            "kind": pb::model_instance_group::Kind::try_from(g.kind).map_or("KIND_AUTO", |k| k.as_str_name()),
+        })).collect::<Vec<_>>(),
+        "default_model_filename": c.default_model_filename,
+    });
+    if let Some(pb::model_config::SchedulingChoice::DynamicBatching(db)) = &c.scheduling_choice {
+        v["dynamic_batching"] = json!({
+            "preferred_batch_size": db.preferred_batch_size,
+            "max_queue_delay_microseconds": db.max_queue_delay_microseconds,
+            "preserve_ordering": db.preserve_ordering,
+            "default_queue_policy": {"max_queue_size": db.default_queue_policy.as_ref().map_or(0, |p| p.max_queue_size)},
+        });
+    }
+    v
+}
+
+fn duration(d: &crate::stats::Duration64) -> pb::StatisticDuration {
+    let (count, ns) = d.get();
+    pb::StatisticDuration { count, ns }
+}
+
+pub fn model_statistics(m: &LoadedModel) -> pb::ModelStatistics {
+    let s = &m.stats;
+    pb::ModelStatistics {
+        name: m.spec.name.clone(),
+        version: DEFAULT_VERSION.to_string(),
+        last_inference: s.last_inference_ms.load(Relaxed),
+        inference_count: s.inference_count.load(Relaxed),
+        execution_count: s.execution_count.load(Relaxed),
+        inference_stats: Some(pb::InferStatistics {
+            success: Some(duration(&s.success)),
+            fail: Some(duration(&s.fail)),
+            queue: Some(duration(&s.queue)),
+            compute_input: Some(duration(&s.compute_input)),
+            compute_infer: Some(duration(&s.compute_infer)),
+            compute_output: Some(duration(&s.compute_output)),
+            cache_hit: Some(pb::StatisticDuration::default()),
+            cache_miss: Some(pb::StatisticDuration::default()),
+        }),
+        batch_stats: s
+            .batches
+            .lock()
+            .iter()
+            .map(|(&size, b)| pb::InferBatchStatistics {
+                batch_size: size as u64,
+                compute_input: Some(pb::StatisticDuration {
+                    count: b.count,
+                    ns: b.input_ns,
+                }),
+                compute_infer: Some(pb::StatisticDuration {
+                    count: b.count,
+                    ns: b.infer_ns,
+                }),
+                compute_output: Some(pb::StatisticDuration {
+                    count: b.count,
+                    ns: b.output_ns,
+                }),
+            })
+            .collect(),
+    }
+}
+
+pub fn statistics_json(stats: &[pb::ModelStatistics]) -> Value {
+    let d = |d: &Option<pb::StatisticDuration>| {
+        let d = d.clone().unwrap_or_default();
+        json!({"count": d.count, "ns": d.ns})
+    };
+    let models: Vec<Value> = stats
+        .iter()
+        .map(|s| {
+            let i = s.inference_stats.clone().unwrap_or_default();
+            json!({
+                "name": s.name,
+                "version": s.version,
+                "last_inference": s.last_inference,
+                "inference_count": s.inference_count,
+                "execution_count": s.execution_count,
+                "inference_stats": {
+                    "success": d(&i.success), "fail": d(&i.fail), "queue": d(&i.queue),
+                    "compute_input": d(&i.compute_input), "compute_infer": d(&i.compute_infer),
+                    "compute_output": d(&i.compute_output), "cache_hit": d(&i.cache_hit),
+                    "cache_miss": d(&i.cache_miss),
+                },
+                "batch_stats": s.batch_stats.iter().map(|b| json!({
+                    "batch_size": b.batch_size,
+                    "compute_input": d(&b.compute_input),
+                    "compute_infer": d(&b.compute_infer),
+                    "compute_output": d(&b.compute_output),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({ "model_stats": models })
+}
+
+/// Statistics for one model, or for every ready model when `name` is empty.
+pub fn statistics(
+    engine: &Engine,
+    name: &str,
+    version: &str,
+) -> Result<Vec<pb::ModelStatistics>, crate::error::Error> {
+    if name.is_empty() {
+        return Ok(engine
+            .models()
+            .filter_map(|(_, s)| match s {
+                ModelSlot::Ready(m) => Some(model_statistics(m)),
+                ModelSlot::Unavailable { .. } => None,
+            })
+            .collect());
+    }
+    Ok(vec![model_statistics(engine.model(name, version)?)])
+}
+
+pub fn repository_index(
+    engine: &Engine,
+    ready_only: bool,
+) -> Vec<pb::repository_index_response::ModelIndex> {
+    engine
+        .models()
+        .filter(|(_, s)| !ready_only || matches!(s, ModelSlot::Ready(_)))
+        .map(|(name, s)| {
+            let (state, reason) = match s {
+                ModelSlot::Ready(_) => ("READY", String::new()),
+                ModelSlot::Unavailable { reason } => ("UNAVAILABLE", reason.clone()),
+            };
+            pb::repository_index_response::ModelIndex {
+                name: name.to_string(),
+                version: DEFAULT_VERSION.to_string(),
+                state: state.to_string(),
+                reason,
+            }
+        })
+        .collect()
+}

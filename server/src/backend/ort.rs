@@ -1,0 +1,260 @@
+//! ONNX Runtime through the `ort` crate, loaded at run time (`load-dynamic`): the binary
+//! builds and runs without the native library; models that need it fail to load with a
+//! clear message when it is missing.
+
+use super::{Backend, BackendError};
+use crate::repository::model_yaml::{ExecutionProvider, ModelYaml};
+use crate::repository::onnx::TensorInfo;
+use ort::environment::Environment;
+use ort::ep::ExecutionProvider as _;
+use ort::memory::Allocator;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynTensor, DynValue, TensorElementType};
+use sluice_ops::{DataType, Tensor};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// ONNX Runtime allows one environment per process; the first library path wins.
+static RUNTIME: OnceLock<Result<(PathBuf, Environment), String>> = OnceLock::new();
+
+/// Loads `libonnxruntime` from `dylib` once per process. Later calls return the first outcome.
+pub fn init(dylib: &Path) -> Result<(), String> {
+    environment(dylib).map(|_| ())
+}
+
+fn environment(dylib: &Path) -> Result<&'static Environment, String> {
+    let rt = RUNTIME.get_or_init(|| {
+        if !dylib.exists() {
+            return Err(format!(
+                "ONNX Runtime library not found at {} (set ORT_DYLIB_PATH or --ort-dylib, or run scripts/setup.sh)",
+                dylib.display()
+            ));
+        }
+        let env = ort::init_from(dylib)
+            .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", dylib.display()))?
+            .with_name("sluice")
+            .build()
+            .map_err(|e| format!("cannot start ONNX Runtime from {}: {e}", dylib.display()))?;
+        Ok((dylib.to_path_buf(), env))
+    });
+    match rt {
+        Ok((_, env)) => Ok(env),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+pub struct OrtBackend {
+    session: Session,
+    input_names: Vec<String>,
+    output_names: Vec<String>,
+    device: String,
+}
+
+fn ort_err(
+    context: &str,
+) -> impl Fn(ort::Error<ort::session::builder::SessionBuilder>) -> String + '_ {
+    move |e| format!("{context}: {e}")
+}
+
+/// Creates one session (one model instance) with the providers the model.yaml asks for.
+pub fn load(
+    dylib: &Path,
+    model_file: &Path,
+    cfg: &ModelYaml,
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+) -> Result<OrtBackend, String> {
+    let env = environment(dylib)?;
+    let mut builder = Session::builder(env)
+        .map_err(|e| format!("cannot create session options: {e}"))?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(ort_err("optimization level"))?
+        .with_intra_threads(cfg.intra_op_threads)
+        .map_err(ort_err("intra-op threads"))?
+        .with_intra_op_spinning(cfg.intra_op_spinning)
+        .map_err(ort_err("intra-op spinning"))?
+        .with_inter_op_spinning(false)
+        .map_err(ort_err("inter-op spinning"))?;
+
+    let device = match register_provider(&mut builder, cfg) {
+        Ok(device) => device,
+        Err(e) if cfg.allow_fallback => {
+            tracing::warn!(model = %model_file.display(), "{e}; falling back to CPU (allow_fallback is set)");
+            "cpu".to_string()
+        }
+        Err(e) => {
+            return Err(format!(
+                "{e} (set allow_fallback: true to run on CPU instead)"
+            ))
+        }
+    };
+
+    let session = builder
+        .commit_from_file(model_file)
+        .map_err(|e| format!("ONNX Runtime cannot load {}: {e}", model_file.display()))?;
+    Ok(OrtBackend {
+        session,
+        input_names: inputs.iter().map(|t| t.name.clone()).collect(),
+        output_names: outputs.iter().map(|t| t.name.clone()).collect(),
+        device,
+    })
+}
+
+fn register_provider(
+    builder: &mut ort::session::builder::SessionBuilder,
+    cfg: &ModelYaml,
+) -> Result<String, String> {
+    let id = cfg.device_id;
+    let (available, dispatch, wheel) = match cfg.execution_provider {
+        ExecutionProvider::Cpu => return Ok("cpu".into()),
+        ExecutionProvider::Cuda => (
+            ort::ep::CUDA::is_available(),
+            ort::ep::CUDA::default().with_device_id(id).build(),
+            "onnxruntime-gpu",
+        ),
+        ExecutionProvider::Tensorrt => (
+            ort::ep::TensorRT::is_available(),
+            ort::ep::TensorRT::default().with_device_id(id).build(),
+            "onnxruntime-gpu with TensorRT libraries",
+        ),
+    };
+    let name = cfg.execution_provider.as_str();
+    match available {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(format!(
+                "execution provider '{name}' is not available in this ONNX Runtime build (needs {wheel})"
+            ))
+        }
+        Err(e) => return Err(format!("cannot query execution providers: {e}")),
+    }
+    dispatch
+        .error_on_failure()
+        .register(builder)
+        .map_err(|e| format!("execution provider '{name}' failed to start on device {id}: {e}"))?;
+    Ok(format!("{name}:{id}"))
+}
+
+fn to_ort_type(d: DataType) -> Result<TensorElementType, BackendError> {
+    Ok(match d {
+        DataType::Bool => TensorElementType::Bool,
+        DataType::U8 => TensorElementType::Uint8,
+        DataType::U16 => TensorElementType::Uint16,
+        DataType::U32 => TensorElementType::Uint32,
+        DataType::U64 => TensorElementType::Uint64,
+        DataType::I8 => TensorElementType::Int8,
+        DataType::I16 => TensorElementType::Int16,
+        DataType::I32 => TensorElementType::Int32,
+        DataType::I64 => TensorElementType::Int64,
+        DataType::F16 => TensorElementType::Float16,
+        DataType::BF16 => TensorElementType::Bfloat16,
+        DataType::F32 => TensorElementType::Float32,
+        DataType::F64 => TensorElementType::Float64,
+        DataType::Bytes => {
+            return Err(BackendError(
+                "string tensors are not supported by the ONNX Runtime backend".into(),
+            ))
+        }
+    })
+}
+
+fn to_input(t: &Tensor) -> Result<DynTensor, BackendError> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let mut v = DynTensor::new(&Allocator::default(), to_ort_type(t.dtype)?, shape)
+        .map_err(|e| BackendError(format!("cannot allocate input tensor: {e}")))?;
+    if !t.data.is_empty() {
+        // SAFETY: the tensor was allocated on the CPU for exactly this dtype and shape, and
+        // `t.data` was validated to hold exactly that many bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                t.data.as_ptr(),
+                v.data_ptr_mut().cast::<u8>(),
+                t.data.len(),
+            );
+        }
+    }
+    Ok(v)
+}
+
+fn from_output(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
+    macro_rules! extract {
+        ($t:ty, $dt:expr) => {{
+            let (shape, data) = v
+                .try_extract_tensor::<$t>()
+                .map_err(|e| BackendError(format!("output '{name}': {e}")))?;
+            let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            // SAFETY: a slice of plain numbers viewed as its bytes.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
+            };
+            Tensor {
+                dtype: $dt,
+                shape,
+                data: bytes::Bytes::copy_from_slice(bytes),
+            }
+        }};
+    }
+    let ty = match v.dtype() {
+        ort::value::ValueType::Tensor { ty, .. } => *ty,
+        other => {
+            return Err(BackendError(format!(
+                "output '{name}' is not a tensor: {other:?}"
+            )))
+        }
+    };
+    Ok(match ty {
+        TensorElementType::Float32 => extract!(f32, DataType::F32),
+        TensorElementType::Float64 => extract!(f64, DataType::F64),
+        TensorElementType::Float16 => extract!(half::f16, DataType::F16),
+        TensorElementType::Bfloat16 => extract!(half::bf16, DataType::BF16),
+        TensorElementType::Int8 => extract!(i8, DataType::I8),
+        TensorElementType::Int16 => extract!(i16, DataType::I16),
+        TensorElementType::Int32 => extract!(i32, DataType::I32),
+        TensorElementType::Int64 => extract!(i64, DataType::I64),
+        TensorElementType::Uint8 => extract!(u8, DataType::U8),
+        TensorElementType::Uint16 => extract!(u16, DataType::U16),
+        TensorElementType::Uint32 => extract!(u32, DataType::U32),
+        TensorElementType::Uint64 => extract!(u64, DataType::U64),
+        TensorElementType::Bool => extract!(bool, DataType::Bool),
+        other => {
+            return Err(BackendError(format!(
+                "output '{name}' has unsupported type {other:?}"
+            )))
+        }
+    })
+}
+
+impl Backend for OrtBackend {
+    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+        let values = self
+            .input_names
+            .iter()
+            .zip(inputs)
+            .map(|(n, t)| {
+                Ok((
+                    Cow::Borrowed(n.as_str()),
+                    SessionInputValue::from(to_input(t)?),
+                ))
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let outputs = self
+            .session
+            .run(values)
+            .map_err(|e| BackendError(e.to_string()))?;
+        self.output_names
+            .iter()
+            .map(|n| {
+                let v = outputs.get(n.as_str()).ok_or_else(|| {
+                    BackendError(format!("ONNX Runtime returned no output '{n}'"))
+                })?;
+                from_output(n, v)
+            })
+            .collect()
+    }
+
+    fn device(&self) -> String {
+        self.device.clone()
+    }
+}

@@ -1,0 +1,56 @@
+//! The errors a request can meet. Each has a stable `error_type()` used in metric labels;
+//! the mapping to gRPC codes and HTTP statuses lives in one place, `api::error`.
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("model '{model}' is not found{}", version_suffix(.version))]
+    ModelNotFound {
+        model: String,
+        version: Option<String>,
+    },
+    #[error("model '{model}' is not ready: {reason}")]
+    ModelNotReady { model: String, reason: String },
+    #[error("model '{model}': {message}")]
+    InvalidInput { model: String, message: String },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("model '{model}': queue is full ({capacity} requests waiting); retry later")]
+    QueueFull { model: String, capacity: usize },
+    #[error("model '{model}': deadline exceeded before the request completed")]
+    DeadlineExceeded { model: String },
+    #[error("model '{model}': backend failed: {message}")]
+    Backend { model: String, message: String },
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn version_suffix(v: &Option<String>) -> String {
+    v.as_ref()
+        .map(|v| format!(" (version {v})"))
+        .unwrap_or_default()
+}
+
+impl Error {
+    /// A short, stable name for metric labels and logs.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Error::ModelNotFound { .. } => "model_not_found",
+            Error::ModelNotReady { .. } => "model_not_ready",
+            Error::InvalidInput { .. } | Error::BadRequest(_) => "invalid_input",
+            Error::QueueFull { .. } => "queue_full",
+            Error::DeadlineExceeded { .. } => "deadline_exceeded",
+            Error::Backend { .. } => "backend",
+            Error::ShuttingDown => "shutting_down",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    pub(crate) fn invalid(model: &str, message: impl Into<String>) -> Error {
+        Error::InvalidInput {
+            model: model.to_string(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! sluice: an inference server for multi-model vision pipelines.
+//!
+//! Data flows one way: `api` (gRPC, HTTP) -> `engine` (the loaded models, request
+//! checks) -> `sched` (per-model batch queue, instance threads) -> `backend` (ONNX
+//! Runtime). `repository` reads the model folders; `server` wires it all together.
+
+pub mod api;
+pub mod backend;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod repository;
+pub mod sched;
+pub mod server;
+pub mod stats;
+
+pub use error::Error;
+pub use server::{RunningServer, ServerConfig};

@@ -1,0 +1,156 @@
+//! The `sluice` command: serve a model repository, or check one without serving.
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use sluice_server::repository;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "An inference server for multi-model vision pipelines"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every model of the repository over gRPC and HTTP (KServe v2 protocol).
+    Serve(ServeArgs),
+    /// Validate the model repository (model.yaml and model.onnx files) without serving.
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct RepoArgs {
+    /// The model repository: one folder per model holding model.onnx and model.yaml.
+    #[arg(long, env = "SLUICE_MODELS", default_value = "models")]
+    models: PathBuf,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// gRPC listen address (Triton's default port, so its tools find sluice as is).
+    #[arg(long, env = "SLUICE_GRPC_ADDR", default_value = "0.0.0.0:8001")]
+    grpc_addr: SocketAddr,
+    /// HTTP listen address.
+    #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    http_addr: SocketAddr,
+    /// ONNX Runtime shared library, loaded at run time so the binary builds without it.
+    #[arg(
+        long,
+        env = "ORT_DYLIB_PATH",
+        default_value = ".sluice/lib/libonnxruntime.so"
+    )]
+    ort_dylib: PathBuf,
+    /// Largest gRPC message / HTTP body in MiB: image batches outgrow gRPC's usual 4 MiB.
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_MB", default_value_t = 256)]
+    max_message_mb: usize,
+    /// Deadline in milliseconds for requests that carry none (0: no deadline).
+    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_MS", default_value_t = 0)]
+    request_timeout_ms: u64,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info,ort=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args),
+        Command::Check(args) => check(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = sluice_server::ServerConfig {
+        models_dir: args.repo.models,
+        ort_dylib: args.ort_dylib,
+        grpc_addr: args.grpc_addr,
+        http_addr: args.http_addr,
+        max_message_bytes: args.max_message_mb.saturating_mul(1024 * 1024),
+        request_timeout: (args.request_timeout_ms > 0)
+            .then(|| Duration::from_millis(args.request_timeout_ms)),
+    };
+    // The runtime does I/O only; models run on their own instance threads.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice-io")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let server = sluice_server::server::start(cfg).await?;
+        println!(
+            "sluice serving gRPC on {} and HTTP on {}",
+            server.grpc_addr, server.http_addr
+        );
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        server.shutdown().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let scanned = repository::scan(&args.repo.models).map_err(anyhow::Error::msg)?;
+    let mut failed = 0;
+    for (name, spec) in &scanned {
+        match spec {
+            Ok(s) => {
+                let io = |ts: &[repository::onnx::TensorInfo]| {
+                    ts.iter()
+                        .map(|t| format!("{} {}{:?}", t.name, t.dtype, t.dims))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                println!(
+                    "ok     {name}: max_batch_size {}, inputs [{}], outputs [{}]",
+                    s.config.max_batch_size,
+                    io(&s.inputs),
+                    io(&s.outputs)
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("error  {name}: {e}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} models have errors", scanned.len());
+    }
+    println!("{} models ok", scanned.len());
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! `models/<name>/model.yaml`: how a model is served. Unknown keys are errors, reported
+//! with file:line, because a misspelt knob that is silently ignored is worse than none.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Onnxruntime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionProvider {
+    #[default]
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl ExecutionProvider {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionProvider::Cpu => "cpu",
+            ExecutionProvider::Cuda => "cuda",
+            ExecutionProvider::Tensorrt => "tensorrt",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelYaml {
+    /// Only ONNX Runtime for now.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// Where the model runs; a GPU provider that is not available is a load error
+    /// unless `allow_fallback` is set, in which case the model runs on CPU.
+    #[serde(default)]
+    pub execution_provider: ExecutionProvider,
+    #[serde(default)]
+    pub allow_fallback: bool,
+    #[serde(default)]
+    pub device_id: i32,
+    /// Instances of the model, each with its own session on its own thread.
+    #[serde(default = "one")]
+    pub instances: usize,
+    /// Largest batch the model accepts along dimension 0; 0 means the model has no
+    /// batch dimension and every request runs on its own.
+    #[serde(default)]
+    pub max_batch_size: usize,
+    #[serde(default)]
+    pub dynamic_batching: DynamicBatching,
+    /// Requests waiting for an instance; past this a request is rejected at once.
+    #[serde(default = "default_queue")]
+    pub max_queue_size: usize,
+    /// ONNX Runtime intra-op threads per instance (0: ONNX Runtime decides).
+    #[serde(default = "one")]
+    pub intra_op_threads: usize,
+    /// Busy-waiting ORT threads steal the cores CPU ops need; off unless asked for.
+    #[serde(default)]
+    pub intra_op_spinning: bool,
+    /// Overrides of the dims read from the ONNX file, by tensor name (full dims,
+    /// batch dimension included, -1 for variable).
+    #[serde(default)]
+    pub inputs: Vec<TensorOverride>,
+    #[serde(default)]
+    pub outputs: Vec<TensorOverride>,
+    /// Runs made at load time, so the first real request does not pay for lazy
+    /// initialisation (memory arenas, kernel selection, TensorRT engine builds).
+    #[serde(default)]
+    pub warmup: Vec<Warmup>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamicBatching {
+    /// How long the oldest request may wait for others to join its batch.
+    #[serde(default)]
+    pub max_queue_delay_us: u64,
+    /// Batch sizes cut at once, without waiting for the delay, when they can be formed.
+    #[serde(default)]
+    pub preferred_batch_sizes: Vec<usize>,
+}
+
+impl Default for DynamicBatching {
+    fn default() -> Self {
+        DynamicBatching {
+            max_queue_delay_us: 0,
+            preferred_batch_sizes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorOverride {
+    pub name: String,
+    pub dims: Vec<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Warmup {
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    /// Full shapes for inputs with variable dims other than the batch dimension.
+    #[serde(default)]
+    pub shapes: BTreeMap<String, Vec<usize>>,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_queue() -> usize {
+    256
+}
+
+impl ModelYaml {
+    /// Parses a model.yaml; errors carry `path:line:column`.
+    pub fn parse(path: &Path, text: &str) -> Result<ModelYaml, String> {
+        let cfg: ModelYaml = if text.trim().is_empty() {
+            serde_yaml_ng::from_str("{}")
+        } else {
+            serde_yaml_ng::from_str(text)
+        }
+        .map_err(|e| yaml_error(path, &e))?;
+        cfg.check()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.instances == 0 {
+            return Err("instances must be at least 1".into());
+        }
+        if self.max_queue_size == 0 {
+            return Err("max_queue_size must be at least 1".into());
+        }
+        for &p in &self.dynamic_batching.preferred_batch_sizes {
+            if p == 0 || p > self.max_batch_size.max(1) {
+                return Err(format!(
+                    "preferred batch size {p} must be between 1 and max_batch_size ({})",
+                    self.max_batch_size
+                ));
+            }
+        }
+        for w in &self.warmup {
+            if w.batch_size == 0 || (self.max_batch_size > 0 && w.batch_size > self.max_batch_size)
+            {
+                return Err(format!(
+                    "warmup batch_size {} must be between 1 and max_batch_size ({})",
+                    w.batch_size, self.max_batch_size
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `path:line:column: message`, the location taken from the YAML parser.
+pub fn yaml_error(path: &Path, e: &serde_yaml_ng::Error) -> String {
+    match e.location() {
+        Some(loc) => {
+            // The parser appends its own "at line L column C"; the prefix says it already.
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            format!("{}:{}:{}: {msg}", path.display(), loc.line(), loc.column())
+        }
+        None => format!("{}: {e}", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ModelYaml, String> {
+        ModelYaml::parse(Path::new("models/m/model.yaml"), text)
+    }
+
+    #[test]
+    fn defaults() {
+        let m = parse("").unwrap();
+        assert_eq!(m.instances, 1);
+        assert_eq!(m.max_batch_size, 0);
+        assert_eq!(m.execution_provider, ExecutionProvider::Cpu);
+        assert_eq!(m.max_queue_size, 256);
+    }
+
+    #[test]
+    fn full_file() {
+        let m = parse(
+            "max_batch_size: 8\ninstances: 2\nexecution_provider: cuda\nallow_fallback: true\n\
+             dynamic_batching:\n  max_queue_delay_us: 500\n  preferred_batch_sizes: [4, 8]\n\
+             warmup:\n  - batch_size: 8\n",
+        )
+        .unwrap();
+        assert_eq!(m.dynamic_batching.preferred_batch_sizes, vec![4, 8]);
+        assert_eq!(m.execution_provider, ExecutionProvider::Cuda);
+        assert_eq!(m.warmup[0].batch_size, 8);
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let err = parse("max_batch_size: 8\nmax_batch: 4\n").unwrap_err();
+        assert!(
+            err.starts_with("models/m/model.yaml:2:1: unknown field `max_batch`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_value_names_line() {
+        let err = parse("instances: two\n").unwrap_err();
+        assert!(
+            err.starts_with("models/m/model.yaml:1:12: instances: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn preferred_size_above_max_is_rejected() {
+        let err = parse("max_batch_size: 4\ndynamic_batching:\n  preferred_batch_sizes: [8]\n")
+            .unwrap_err();
+        assert!(err.contains("preferred batch size 8"), "{err}");
+    }
+}

@@ -1,0 +1,311 @@
+//! Per-model scheduling: a bounded batch queue shared by the model's instance threads.
+//! An idle instance cuts the next batch itself, so a batch is formed at the last moment
+//! an instance can take it and grows while every instance is busy.
+
+pub mod queue;
+
+use crate::backend::Backend;
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::stats::ModelStats;
+use parking_lot::{Condvar, Mutex};
+use queue::{BatchPolicy, BatchQueue, Item, Poll};
+use sluice_ops::Tensor;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+pub type Reply = Result<Vec<Tensor>, Error>;
+
+/// One request waiting for its batch.
+pub struct Pending {
+    inputs: Vec<Tensor>,
+    rows: usize,
+    key: Vec<Vec<usize>>,
+    enqueued: Instant,
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<Reply>,
+    span: tracing::Span,
+}
+
+impl Item for Pending {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn batch_key(&self) -> &[Vec<usize>] {
+        &self.key
+    }
+    fn is_abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+    fn enqueued(&self) -> Instant {
+        self.enqueued
+    }
+}
+
+struct Shared {
+    name: String,
+    batching: bool,
+    queue: Mutex<BatchQueue<Pending>>,
+    wake: Condvar,
+    stopping: AtomicBool,
+    stats: Arc<ModelStats>,
+    metrics: Metrics,
+}
+
+/// Handle to a model's queue and instance threads. Dropping it drains the queue and
+/// joins the threads.
+pub struct ModelScheduler {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ModelScheduler {
+    pub fn start(
+        name: &str,
+        instances: Vec<Box<dyn Backend>>,
+        policy: BatchPolicy,
+        stats: Arc<ModelStats>,
+        metrics: Metrics,
+    ) -> ModelScheduler {
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            batching: policy.max_batch_size > 0,
+            queue: Mutex::new(BatchQueue::new(policy)),
+            wake: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            stats,
+            metrics,
+        });
+        let threads = instances
+            .into_iter()
+            .enumerate()
+            .map(|(i, backend)| {
+                let shared = shared.clone();
+                std::thread::Builder::new()
+                    .name(format!("model-{name}-{i}"))
+                    .spawn(move || instance_loop(&shared, backend))
+                    .expect("spawning an instance thread")
+            })
+            .collect();
+        ModelScheduler { shared, threads }
+    }
+
+    /// Queues one request; `inputs` are in the model's input order and already checked.
+    /// Fails at once when the queue is full.
+    pub fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+        deadline: Option<Instant>,
+    ) -> Result<oneshot::Receiver<Reply>, Error> {
+        if self.shared.stopping.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let (tx, rx) = oneshot::channel();
+        let key = if self.shared.batching {
+            inputs.iter().map(|t| t.shape[1..].to_vec()).collect()
+        } else {
+            Vec::new()
+        };
+        let item = Pending {
+            inputs,
+            rows,
+            key,
+            enqueued: Instant::now(),
+            deadline,
+            reply: tx,
+            span: tracing::Span::current(),
+        };
+        let mut q = self.shared.queue.lock();
+        if q.push(item).is_err() {
+            return Err(Error::QueueFull {
+                model: self.shared.name.clone(),
+                capacity: q.len(),
+            });
+        }
+        self.shared
+            .metrics
+            .queue_depth
+            .with_label_values(&[&self.shared.name])
+            .set(q.len() as i64);
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(rx)
+    }
+}
+
+impl Drop for ModelScheduler {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>) {
+    let labels = [shared.name.as_str()];
+    loop {
+        let batch = {
+            let mut q = shared.queue.lock();
+            loop {
+                let stopping = shared.stopping.load(Ordering::Acquire);
+                let before = q.abandoned();
+                let poll = q.poll(Instant::now(), stopping);
+                let dropped = q.abandoned() - before;
+                if dropped > 0 {
+                    shared
+                        .metrics
+                        .abandoned
+                        .with_label_values(&labels)
+                        .inc_by(dropped);
+                }
+                match poll {
+                    Poll::Batch(b) => break b,
+                    Poll::Wait(_) if stopping => return,
+                    Poll::Wait(Some(t)) => {
+                        shared.wake.wait_until(&mut q, t);
+                    }
+                    Poll::Wait(None) => shared.wake.wait(&mut q),
+                }
+            }
+        };
+        let depth = shared.queue.lock().len();
+        shared
+            .metrics
+            .queue_depth
+            .with_label_values(&labels)
+            .set(depth as i64);
+        run_batch(shared, backend.as_mut(), batch);
+    }
+}
+
+fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
+    let labels = [shared.name.as_str()];
+    let start = Instant::now();
+    // Work whose caller's deadline has passed is not worth computing.
+    let (batch, late): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|p| p.deadline.is_none_or(|d| d > start));
+    for p in late {
+        let _ = p.reply.send(Err(Error::DeadlineExceeded {
+            model: shared.name.clone(),
+        }));
+    }
+    if batch.is_empty() {
+        return;
+    }
+    let rows: usize = batch.iter().map(|p| p.rows).sum();
+    let span = tracing::debug_span!("batch", model = %shared.name, rows, requests = batch.len());
+    for p in &batch {
+        span.follows_from(p.span.id());
+        let waited = start - p.enqueued;
+        shared.stats.queue.add(waited);
+        shared
+            .metrics
+            .queue_duration
+            .with_label_values(&labels)
+            .observe(waited.as_secs_f64());
+    }
+    let _enter = span.enter();
+
+    let result = catch_unwind(AssertUnwindSafe(|| -> Result<_, Error> {
+        let t_input = Instant::now();
+        let inputs = assemble(shared, &batch)?;
+        let t_infer = Instant::now();
+        let outputs = backend.run(&inputs).map_err(|e| Error::Backend {
+            model: shared.name.clone(),
+            message: e.0,
+        })?;
+        let t_output = Instant::now();
+        let per_item = split(shared, &batch, outputs)?;
+        let t_end = Instant::now();
+        Ok((
+            per_item,
+            t_infer - t_input,
+            t_output - t_infer,
+            t_end - t_output,
+        ))
+    }))
+    .unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(model = %shared.name, "backend panicked: {msg}");
+        Err(Error::Backend {
+            model: shared.name.clone(),
+            message: format!("panicked: {msg}"),
+        })
+    });
+
+    match result {
+        Ok((per_item, input, infer, output)) => {
+            shared
+                .stats
+                .record_batch(rows, batch.len(), input, infer, output);
+            shared
+                .metrics
+                .batch_size
+                .with_label_values(&labels)
+                .observe(rows as f64);
+            shared
+                .metrics
+                .compute_duration
+                .with_label_values(&labels)
+                .observe(infer.as_secs_f64());
+            for (p, out) in batch.into_iter().zip(per_item) {
+                let _ = p.reply.send(Ok(out));
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// The batch's input tensors: each request's tensors concatenated along dimension 0.
+fn assemble(shared: &Shared, batch: &[Pending]) -> Result<Vec<Tensor>, Error> {
+    if batch.len() == 1 {
+        return Ok(batch[0].inputs.clone());
+    }
+    let n_inputs = batch[0].inputs.len();
+    (0..n_inputs)
+        .map(|i| {
+            let parts: Vec<&Tensor> = batch.iter().map(|p| &p.inputs[i]).collect();
+            Tensor::concat_batch(&parts)
+                .map_err(|e| Error::Internal(format!("model '{}': {e}", shared.name)))
+        })
+        .collect()
+}
+
+/// Splits each output back into per-request pieces (zero-copy slices).
+fn split(
+    shared: &Shared,
+    batch: &[Pending],
+    outputs: Vec<Tensor>,
+) -> Result<Vec<Vec<Tensor>>, Error> {
+    if batch.len() == 1 {
+        return Ok(vec![outputs]);
+    }
+    let rows: Vec<usize> = batch.iter().map(|p| p.rows).collect();
+    let mut per_item: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outputs.len()); batch.len()];
+    for out in outputs {
+        let pieces = out.split_batch(&rows).map_err(|e| Error::Backend {
+            model: shared.name.clone(),
+            message: format!("cannot split output along the batch dimension: {e}"),
+        })?;
+        for (dst, piece) in per_item.iter_mut().zip(pieces) {
+            dst.push(piece);
+        }
+    }
+    Ok(per_item)
+}

@@ -1,0 +1,319 @@
+//! The dynamic batcher's state, kept free of channels and threads so tests can drive it
+//! with made-up instants. A batch is cut when it is full (max_batch_size rows, or a
+//! preferred size that can be formed exactly), or when its oldest item has waited
+//! max_queue_delay.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// What the queue needs to know about an item; the payload is opaque to it.
+pub trait Item {
+    /// Rows this item contributes along the batch dimension.
+    fn rows(&self) -> usize;
+    /// Items can share a batch only if their non-batch dims agree.
+    fn batch_key(&self) -> &[Vec<usize>];
+    /// The caller went away (timed out, cancelled): drop before computing.
+    fn is_abandoned(&self) -> bool;
+    fn enqueued(&self) -> Instant;
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchPolicy {
+    /// 0: the model has no batch dimension, every item runs alone.
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+    /// Sorted ascending.
+    pub preferred: Vec<usize>,
+    pub max_queue_size: usize,
+}
+
+#[derive(Debug)]
+pub enum Poll<T> {
+    /// Run these together.
+    Batch(Vec<T>),
+    /// Nothing to cut yet: wait until this instant (or a new item), `None`: until a new item.
+    Wait(Option<Instant>),
+}
+
+pub struct BatchQueue<T> {
+    items: VecDeque<T>,
+    policy: BatchPolicy,
+    abandoned: u64,
+}
+
+impl<T: Item> BatchQueue<T> {
+    pub fn new(mut policy: BatchPolicy) -> Self {
+        policy.preferred.sort_unstable();
+        policy.preferred.dedup();
+        BatchQueue {
+            items: VecDeque::with_capacity(policy.max_queue_size),
+            policy,
+            abandoned: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Items dropped so far because their caller went away.
+    pub fn abandoned(&self) -> u64 {
+        self.abandoned
+    }
+
+    /// Adds an item, or hands it back when the queue is full: the caller rejects it at
+    /// once rather than letting the queue grow.
+    pub fn push(&mut self, item: T) -> Result<(), T> {
+        if self.items.len() >= self.policy.max_queue_size {
+            return Err(item);
+        }
+        self.items.push_back(item);
+        Ok(())
+    }
+
+    /// Decides what to run now. With `flush` (shutdown), waiting items are cut at once.
+    pub fn poll(&mut self, now: Instant, flush: bool) -> Poll<T> {
+        let before = self.items.len();
+        self.items.retain(|it| !it.is_abandoned());
+        self.abandoned += (before - self.items.len()) as u64;
+
+        let Some(first) = self.items.front() else {
+            return Poll::Wait(None);
+        };
+        let max = self.policy.max_batch_size;
+        if max == 0 {
+            return Poll::Batch(vec![self.items.pop_front().expect("non-empty")]);
+        }
+
+        // Walk the queue in order, taking compatible items while they fit.
+        let key = first.batch_key().to_vec();
+        let deadline = first.enqueued() + self.policy.max_queue_delay;
+        let mut picked = Vec::new();
+        let mut rows = 0;
+        let mut full = false;
+        for (i, it) in self.items.iter().enumerate() {
+            if it.batch_key() != key.as_slice() {
+                continue;
+            }
+            if rows + it.rows() > max {
+                full = true;
+                break;
+            }
+            rows += it.rows();
+            picked.push(i);
+            if rows == max {
+                full = true;
+                break;
+            }
+        }
+
+        let take = if full || flush || now >= deadline {
+            picked.len()
+        } else if let Some(n) = self.preferred_prefix(&picked) {
+            n
+        } else {
+            return Poll::Wait(Some(deadline));
+        };
+        Poll::Batch(self.remove(&picked[..take]))
+    }
+
+    /// The longest prefix of `picked` whose rows add up exactly to a preferred size,
+    /// preferring the largest such size.
+    fn preferred_prefix(&self, picked: &[usize]) -> Option<usize> {
+        if self.policy.preferred.is_empty() {
+            return None;
+        }
+        let mut rows = 0;
+        let mut best = None;
+        for (n, &i) in picked.iter().enumerate() {
+            rows += self.items[i].rows();
+            if self.policy.preferred.binary_search(&rows).is_ok() {
+                best = Some(n + 1);
+            }
+        }
+        best
+    }
+
+    fn remove(&mut self, idx: &[usize]) -> Vec<T> {
+        // idx is ascending; remove from the back so earlier indices stay valid.
+        let mut out: Vec<T> = idx
+            .iter()
+            .rev()
+            .map(|&i| self.items.remove(i).expect("index from this queue"))
+            .collect();
+        out.reverse();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct It {
+        id: u32,
+        rows: usize,
+        key: Vec<Vec<usize>>,
+        at: Instant,
+        gone: bool,
+    }
+    impl Item for It {
+        fn rows(&self) -> usize {
+            self.rows
+        }
+        fn batch_key(&self) -> &[Vec<usize>] {
+            &self.key
+        }
+        fn is_abandoned(&self) -> bool {
+            self.gone
+        }
+        fn enqueued(&self) -> Instant {
+            self.at
+        }
+    }
+
+    fn queue(max: usize, delay_ms: u64, preferred: Vec<usize>, cap: usize) -> BatchQueue<It> {
+        BatchQueue::new(BatchPolicy {
+            max_batch_size: max,
+            max_queue_delay: Duration::from_millis(delay_ms),
+            preferred,
+            max_queue_size: cap,
+        })
+    }
+
+    fn it(id: u32, rows: usize, at: Instant) -> It {
+        It {
+            id,
+            rows,
+            key: vec![vec![3]],
+            at,
+            gone: false,
+        }
+    }
+
+    fn ids(p: Poll<It>) -> Vec<u32> {
+        match p {
+            Poll::Batch(b) => b.iter().map(|i| i.id).collect(),
+            Poll::Wait(w) => panic!("expected a batch, got Wait({w:?})"),
+        }
+    }
+
+    #[test]
+    fn waits_for_the_delay_then_cuts_what_is_there() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 10, vec![], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        q.push(it(2, 1, t0 + Duration::from_millis(4))).unwrap();
+        match q.poll(t0 + Duration::from_millis(5), false) {
+            Poll::Wait(Some(t)) => assert_eq!(t, t0 + Duration::from_millis(10)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            ids(q.poll(t0 + Duration::from_millis(10), false)),
+            vec![1, 2]
+        );
+        assert!(matches!(
+            q.poll(t0 + Duration::from_millis(11), false),
+            Poll::Wait(None)
+        ));
+    }
+
+    #[test]
+    fn full_batch_is_cut_before_the_delay() {
+        let t0 = Instant::now();
+        let mut q = queue(4, 1000, vec![], 16);
+        for i in 0..6 {
+            q.push(it(i, 1, t0)).unwrap();
+        }
+        assert_eq!(ids(q.poll(t0, false)), vec![0, 1, 2, 3]);
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn multi_row_items_never_exceed_max() {
+        let t0 = Instant::now();
+        let mut q = queue(4, 1000, vec![], 16);
+        q.push(it(1, 3, t0)).unwrap();
+        q.push(it(2, 2, t0)).unwrap();
+        // 3 + 2 > 4: the batch is as full as it can get.
+        assert_eq!(ids(q.poll(t0, false)), vec![1]);
+        assert!(matches!(q.poll(t0, false), Poll::Wait(Some(_))));
+    }
+
+    #[test]
+    fn preferred_size_is_cut_at_once() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 1000, vec![2, 4], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        assert!(matches!(q.poll(t0, false), Poll::Wait(Some(_))));
+        q.push(it(2, 1, t0)).unwrap();
+        q.push(it(3, 1, t0)).unwrap();
+        // 3 rows queued: the largest preferred size that can be formed is 2.
+        assert_eq!(ids(q.poll(t0, false)), vec![1, 2]);
+    }
+
+    #[test]
+    fn zero_delay_cuts_immediately() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 0, vec![], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        assert_eq!(ids(q.poll(t0, false)), vec![1]);
+    }
+
+    #[test]
+    fn incompatible_shapes_wait_for_their_own_batch() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 0, vec![], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        let mut other = it(2, 1, t0);
+        other.key = vec![vec![5]];
+        q.push(other).unwrap();
+        q.push(it(3, 1, t0)).unwrap();
+        assert_eq!(ids(q.poll(t0, false)), vec![1, 3]);
+        assert_eq!(ids(q.poll(t0, false)), vec![2]);
+    }
+
+    #[test]
+    fn abandoned_items_are_dropped_and_counted() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 0, vec![], 16);
+        let mut gone = it(1, 1, t0);
+        gone.gone = true;
+        q.push(gone).unwrap();
+        q.push(it(2, 1, t0)).unwrap();
+        assert_eq!(ids(q.poll(t0, false)), vec![2]);
+        assert_eq!(q.abandoned(), 1);
+    }
+
+    #[test]
+    fn full_queue_hands_the_item_back() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 1000, vec![], 2);
+        q.push(it(1, 1, t0)).unwrap();
+        q.push(it(2, 1, t0)).unwrap();
+        let back = q.push(it(3, 1, t0)).unwrap_err();
+        assert_eq!(back.id, 3);
+    }
+
+    #[test]
+    fn flush_cuts_without_waiting() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 1000, vec![], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        assert_eq!(ids(q.poll(t0, true)), vec![1]);
+    }
+
+    #[test]
+    fn no_batch_dimension_runs_items_alone() {
+        let t0 = Instant::now();
+        let mut q = queue(0, 1000, vec![], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        q.push(it(2, 1, t0)).unwrap();
+        assert_eq!(ids(q.poll(t0, false)), vec![1]);
+    }
+}

@@ -1,0 +1,142 @@
+//! Starting and stopping a server: bind both listeners, load the repository, serve
+//! gRPC and HTTP over one engine, and on shutdown stop accepting, finish in-flight
+//! requests, then drain the model queues.
+
+use crate::api::{grpc::GrpcApi, http, AppState};
+use crate::engine::{Engine, EngineConfig};
+use crate::metrics::Metrics;
+use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub models_dir: PathBuf,
+    pub ort_dylib: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// Largest gRPC message and HTTP body accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// Deadline for requests that carry none.
+    pub request_timeout: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Repository(String),
+}
+
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub engine: Arc<Engine>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Loads the repository and starts serving; returns once both listeners accept.
+pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
+    let grpc_listener = bind(cfg.grpc_addr).await?;
+    let http_listener = bind(cfg.http_addr).await?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.grpc_addr,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.http_addr,
+            source,
+        })?;
+
+    // Loading runs models (warm-up): keep it off the async runtime's threads.
+    let engine_cfg = EngineConfig {
+        models_dir: cfg.models_dir.clone(),
+        ort_dylib: cfg.ort_dylib.clone(),
+    };
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&engine_cfg, Metrics::new()))
+        .await
+        .map_err(|e| StartError::Repository(format!("loading the repository panicked: {e}")))?
+        .map_err(StartError::Repository)?;
+    let engine = Arc::new(engine);
+    let state = AppState {
+        engine: engine.clone(),
+        default_timeout: cfg.request_timeout,
+    };
+
+    let (stop, stopped) = watch::channel(false);
+    let wait_stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let grpc = GrpcInferenceServiceServer::new(GrpcApi {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(cfg.max_message_bytes)
+    .max_encoding_message_size(cfg.max_message_bytes);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
+    let grpc_stop = wait_stop(stopped.clone());
+    let grpc_task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(incoming, grpc_stop)
+            .await;
+        if let Err(e) = served {
+            tracing::error!("gRPC server stopped: {e}");
+        }
+    });
+
+    let app = http::router(state, cfg.max_message_bytes);
+    let http_stop = wait_stop(stopped);
+    let http_task = tokio::spawn(async move {
+        let served = axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_stop)
+            .await;
+        if let Err(e) = served {
+            tracing::error!("HTTP server stopped: {e}");
+        }
+    });
+
+    tracing::info!(%grpc_addr, %http_addr, "sluice is serving");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        engine,
+        stop,
+        tasks: vec![grpc_task, http_task],
+    })
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight requests finish, then stops the model instances.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        // The protocol servers are gone, so the engine's last owner is here: dropping it
+        // drains each model's queue and joins its instance threads, off the runtime.
+        let engine = self.engine;
+        let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+    }
+}

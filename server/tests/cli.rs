@@ -1,0 +1,108 @@
+//! The `sluice` binary itself: `check`, and `serve` stopping gracefully on SIGTERM.
+
+use sluice_client::{Client, InferOptions, Tensor};
+use sluice_tests::{affine_model, affine_reference, ort_dylib, Repo};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn sluice() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+#[test]
+fn check_reports_every_bad_model_with_its_file_and_line() {
+    let repo = Repo::new();
+    repo.add("good", &affine_model(4), "max_batch_size: 4\n");
+    let ok = sluice()
+        .args(["check", "--models"])
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("ok     good: max_batch_size 4, inputs [x FP32[-1, 4]]"),
+        "{stdout}"
+    );
+
+    repo.add("typo", &affine_model(4), "max_batch_size: 4\ninstance: 2\n");
+    repo.add("corrupt", b"garbage", "");
+    let bad = sluice()
+        .args(["check", "--models"])
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert!(!bad.status.success());
+    assert!(
+        stdout.contains("typo/model.yaml:2:1: unknown field `instance`"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("corrupt/model.onnx: not a valid ONNX file"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ok     good"), "{stdout}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("2 of 3 models have errors"));
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits() {
+    let repo = Repo::new();
+    repo.add(
+        "held",
+        &affine_model(4),
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n",
+    );
+    let mut child = sluice()
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--models",
+        ])
+        .arg(repo.path())
+        .arg("--ort-dylib")
+        .arg(ort_dylib())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // "sluice serving gRPC on 127.0.0.1:PORT and HTTP on ..."
+    let grpc = line
+        .split_whitespace()
+        .nth(4)
+        .expect("address in the banner")
+        .to_string();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = Client::connect(format!("http://{grpc}")).await.unwrap();
+        let v = [1.0f32, 2.0, 3.0, 4.0];
+        let t = Tensor::from_f32(vec![1, 4], &v);
+        let call = tokio::spawn(async move {
+            client
+                .infer("held", &[("x", &t)], InferOptions::default())
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let killed = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = call
+            .await
+            .unwrap()
+            .expect("the in-flight request completes");
+        assert_eq!(out[0].1.to_f32().unwrap(), affine_reference(&v).0);
+    });
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
