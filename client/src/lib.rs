@@ -63,10 +63,7 @@ pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 impl Client {
     /// Connects to `addr` ("http://host:port").
     pub async fn connect(addr: impl Into<String>) -> Result<Client, ClientError> {
-        let channel = Endpoint::from_shared(addr.into())?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
+        let channel = Endpoint::from_shared(addr.into())?.tcp_nodelay(true).connect().await?;
         Ok(Client::from_channel(channel))
     }
 
@@ -84,47 +81,25 @@ impl Client {
     }
 
     pub async fn server_live(&self) -> Result<bool, ClientError> {
-        Ok(self
-            .raw()
-            .server_live(proto::ServerLiveRequest {})
-            .await?
-            .into_inner()
-            .live)
+        Ok(self.raw().server_live(proto::ServerLiveRequest {}).await?.into_inner().live)
     }
 
     pub async fn server_ready(&self) -> Result<bool, ClientError> {
-        Ok(self
-            .raw()
-            .server_ready(proto::ServerReadyRequest {})
-            .await?
-            .into_inner()
-            .ready)
+        Ok(self.raw().server_ready(proto::ServerReadyRequest {}).await?.into_inner().ready)
     }
 
     pub async fn model_ready(&self, model: &str) -> Result<bool, ClientError> {
-        let req = proto::ModelReadyRequest {
-            name: model.into(),
-            version: String::new(),
-        };
+        let req = proto::ModelReadyRequest { name: model.into(), version: String::new() };
         Ok(self.raw().model_ready(req).await?.into_inner().ready)
     }
 
-    pub async fn model_metadata(
-        &self,
-        model: &str,
-    ) -> Result<proto::ModelMetadataResponse, ClientError> {
-        let req = proto::ModelMetadataRequest {
-            name: model.into(),
-            version: String::new(),
-        };
+    pub async fn model_metadata(&self, model: &str) -> Result<proto::ModelMetadataResponse, ClientError> {
+        let req = proto::ModelMetadataRequest { name: model.into(), version: String::new() };
         Ok(self.raw().model_metadata(req).await?.into_inner())
     }
 
     pub async fn model_config(&self, model: &str) -> Result<proto::ModelConfig, ClientError> {
-        let req = proto::ModelConfigRequest {
-            name: model.into(),
-            version: String::new(),
-        };
+        let req = proto::ModelConfigRequest { name: model.into(), version: String::new() };
         self.raw()
             .model_config(req)
             .await?
@@ -134,29 +109,13 @@ impl Client {
     }
 
     /// Statistics of one model, or of all models when `model` is empty.
-    pub async fn model_statistics(
-        &self,
-        model: &str,
-    ) -> Result<Vec<proto::ModelStatistics>, ClientError> {
-        let req = proto::ModelStatisticsRequest {
-            name: model.into(),
-            version: String::new(),
-        };
-        Ok(self
-            .raw()
-            .model_statistics(req)
-            .await?
-            .into_inner()
-            .model_stats)
+    pub async fn model_statistics(&self, model: &str) -> Result<Vec<proto::ModelStatistics>, ClientError> {
+        let req = proto::ModelStatisticsRequest { name: model.into(), version: String::new() };
+        Ok(self.raw().model_statistics(req).await?.into_inner().model_stats)
     }
 
-    pub async fn repository_index(
-        &self,
-    ) -> Result<Vec<proto::repository_index_response::ModelIndex>, ClientError> {
-        let req = proto::RepositoryIndexRequest {
-            repository_name: String::new(),
-            ready: false,
-        };
+    pub async fn repository_index(&self) -> Result<Vec<proto::repository_index_response::ModelIndex>, ClientError> {
+        let req = proto::RepositoryIndexRequest { repository_name: String::new(), ready: false };
         Ok(self.raw().repository_index(req).await?.into_inner().models)
     }
 
@@ -179,11 +138,7 @@ impl Client {
 }
 
 /// Builds the protocol request for `inputs`, data in `raw_input_contents`.
-pub fn infer_request(
-    model: &str,
-    inputs: &[(&str, &Tensor)],
-    opts: &InferOptions,
-) -> proto::ModelInferRequest {
+pub fn infer_request(model: &str, inputs: &[(&str, &Tensor)], opts: &InferOptions) -> proto::ModelInferRequest {
     proto::ModelInferRequest {
         model_name: model.into(),
         model_version: opts.version.clone(),
@@ -200,10 +155,7 @@ pub fn infer_request(
         outputs: opts
             .outputs
             .iter()
-            .map(|o| proto::model_infer_request::InferRequestedOutputTensor {
-                name: o.clone(),
-                ..Default::default()
-            })
+            .map(|o| proto::model_infer_request::InferRequestedOutputTensor { name: o.clone(), ..Default::default() })
             .collect(),
         raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
         ..Default::default()
@@ -211,9 +163,7 @@ pub fn infer_request(
 }
 
 /// Turns a response into tensors, checking each against its declared dtype and shape.
-pub fn decode_outputs(
-    resp: proto::ModelInferResponse,
-) -> Result<Vec<(String, Tensor)>, ClientError> {
+pub fn decode_outputs(resp: proto::ModelInferResponse) -> Result<Vec<(String, Tensor)>, ClientError> {
     if resp.raw_output_contents.len() != resp.outputs.len() {
         return Err(ClientError::Response(format!(
             "{} outputs but {} raw_output_contents",
@@ -226,19 +176,14 @@ pub fn decode_outputs(
         .zip(resp.raw_output_contents)
         .map(|(o, data): (_, Bytes)| {
             let dtype = DataType::parse(&o.datatype).ok_or_else(|| {
-                ClientError::Response(format!(
-                    "output '{}': unknown datatype {}",
-                    o.name, o.datatype
-                ))
+                ClientError::Response(format!("output '{}': unknown datatype {}", o.name, o.datatype))
             })?;
             let shape = o
                 .shape
                 .iter()
                 .map(|&d| usize::try_from(d))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    ClientError::Response(format!("output '{}': negative dimension", o.name))
-                })?;
+                .map_err(|_| ClientError::Response(format!("output '{}': negative dimension", o.name)))?;
             let t = Tensor::new(dtype, shape, data)
                 .map_err(|e| ClientError::Response(format!("output '{}': {e}", o.name)))?;
             Ok((o.name, t))

@@ -89,32 +89,13 @@ impl fmt::Display for DataType {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TensorError {
     #[error("{dtype} tensor of shape {shape:?} needs {expected} bytes, got {actual}")]
-    ByteLength {
-        dtype: DataType,
-        shape: Vec<usize>,
-        expected: usize,
-        actual: usize,
-    },
+    ByteLength { dtype: DataType, shape: Vec<usize>, expected: usize, actual: usize },
     #[error("BYTES tensor of shape {shape:?} holds {found} elements, expected {expected}")]
-    BytesElementCount {
-        shape: Vec<usize>,
-        expected: usize,
-        found: usize,
-    },
-    #[error(
-        "BYTES tensor is malformed: element {index} claims {len} bytes but only {left} remain"
-    )]
-    BytesTruncated {
-        index: usize,
-        len: usize,
-        left: usize,
-    },
+    BytesElementCount { shape: Vec<usize>, expected: usize, found: usize },
+    #[error("BYTES tensor is malformed: element {index} claims {len} bytes but only {left} remain")]
+    BytesTruncated { index: usize, len: usize, left: usize },
     #[error("cannot batch tensors of different {what}: {a} vs {b}")]
-    Mismatch {
-        what: &'static str,
-        a: String,
-        b: String,
-    },
+    Mismatch { what: &'static str, a: String, b: String },
     #[error("tensor has no batch dimension (rank 0)")]
     NoBatchDim,
     #[error("batch split sizes add up to {total}, tensor has {rows} rows")]
@@ -132,13 +113,7 @@ pub struct Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "Tensor({} {:?}, {} bytes)",
-            self.dtype,
-            self.shape,
-            self.data.len()
-        )
+        write!(f, "Tensor({} {:?}, {} bytes)", self.dtype, self.shape, self.data.len())
     }
 }
 
@@ -172,11 +147,7 @@ impl Tensor {
             None => {
                 let found = bytes_offsets(&self.data)?.len();
                 if found != n {
-                    return Err(TensorError::BytesElementCount {
-                        shape: self.shape.clone(),
-                        expected: n,
-                        found,
-                    });
+                    return Err(TensorError::BytesElementCount { shape: self.shape.clone(), expected: n, found });
                 }
             }
         }
@@ -201,62 +172,35 @@ impl Tensor {
         values: &[T],
         f: impl Fn(T) -> [u8; N],
     ) -> Tensor {
-        assert_eq!(
-            element_count(&shape),
-            values.len(),
-            "shape does not match values"
-        );
+        assert_eq!(element_count(&shape), values.len(), "shape does not match values");
         let mut buf = BytesMut::with_capacity(values.len() * N);
         for v in values {
             buf.extend_from_slice(&f(*v));
         }
-        Tensor {
-            dtype,
-            shape,
-            data: buf.freeze(),
-        }
+        Tensor { dtype, shape, data: buf.freeze() }
     }
 
     /// A BYTES tensor from its elements.
     pub fn from_bytes_elements<B: AsRef<[u8]>>(shape: Vec<usize>, elems: &[B]) -> Tensor {
-        assert_eq!(
-            element_count(&shape),
-            elems.len(),
-            "shape does not match values"
-        );
-        Tensor {
-            dtype: DataType::Bytes,
-            shape,
-            data: encode_bytes_elements(elems),
-        }
+        assert_eq!(element_count(&shape), elems.len(), "shape does not match values");
+        Tensor { dtype: DataType::Bytes, shape, data: encode_bytes_elements(elems) }
     }
 
     /// The elements as f32 (FP32 tensors only).
     pub fn to_f32(&self) -> Option<Vec<f32>> {
-        (self.dtype == DataType::F32).then(|| {
-            self.data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("chunk of 4")))
-                .collect()
-        })
+        (self.dtype == DataType::F32)
+            .then(|| self.data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("chunk of 4"))).collect())
     }
 
     /// The elements as i64 (INT64 tensors only).
     pub fn to_i64(&self) -> Option<Vec<i64>> {
-        (self.dtype == DataType::I64).then(|| {
-            self.data
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("chunk of 8")))
-                .collect()
-        })
+        (self.dtype == DataType::I64)
+            .then(|| self.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("chunk of 8"))).collect())
     }
 
     /// The elements of a BYTES tensor, each a zero-copy slice of the buffer.
     pub fn bytes_elements(&self) -> Result<Vec<Bytes>, TensorError> {
-        Ok(bytes_offsets(&self.data)?
-            .into_iter()
-            .map(|(start, end)| self.data.slice(start..end))
-            .collect())
+        Ok(bytes_offsets(&self.data)?.into_iter().map(|(start, end)| self.data.slice(start..end)).collect())
     }
 
     /// Concatenates tensors along dimension 0: they must agree in dtype and in every
@@ -293,11 +237,7 @@ impl Tensor {
         }
         let mut shape = first.shape.clone();
         shape[0] = rows;
-        Ok(Tensor {
-            dtype: first.dtype,
-            shape,
-            data: buf.freeze(),
-        })
+        Ok(Tensor { dtype: first.dtype, shape, data: buf.freeze() })
     }
 
     /// Splits along dimension 0 into pieces of `rows[i]` rows each, slicing the buffer.
@@ -305,10 +245,7 @@ impl Tensor {
         let total_rows = *self.shape.first().ok_or(TensorError::NoBatchDim)?;
         let total: usize = rows.iter().sum();
         if total != total_rows {
-            return Err(TensorError::SplitSizes {
-                total,
-                rows: total_rows,
-            });
+            return Err(TensorError::SplitSizes { total, rows: total_rows });
         }
         let per_row = element_count(&self.shape[1..]);
         // Byte offset of each row boundary.
@@ -330,11 +267,7 @@ impl Tensor {
         for &n in rows {
             let mut shape = self.shape.clone();
             shape[0] = n;
-            out.push(Tensor {
-                dtype: self.dtype,
-                shape,
-                data: self.data.slice(boundaries[r0]..boundaries[r0 + n]),
-            });
+            out.push(Tensor { dtype: self.dtype, shape, data: self.data.slice(boundaries[r0]..boundaries[r0 + n]) });
             r0 += n;
         }
         Ok(out)
@@ -359,19 +292,11 @@ pub fn bytes_offsets(data: &[u8]) -> Result<Vec<(usize, usize)>, TensorError> {
     while pos < data.len() {
         let left = data.len() - pos;
         if left < 4 {
-            return Err(TensorError::BytesTruncated {
-                index: out.len(),
-                len: 4,
-                left,
-            });
+            return Err(TensorError::BytesTruncated { index: out.len(), len: 4, left });
         }
         let len = u32::from_le_bytes(data[pos..pos + 4].try_into().expect("4 bytes")) as usize;
         if len > left - 4 {
-            return Err(TensorError::BytesTruncated {
-                index: out.len(),
-                len,
-                left: left - 4,
-            });
+            return Err(TensorError::BytesTruncated { index: out.len(), len, left: left - 4 });
         }
         out.push((pos + 4, pos + 4 + len));
         pos += 4 + len;
@@ -394,10 +319,7 @@ mod tests {
     #[test]
     fn byte_length_is_checked() {
         let err = Tensor::new(DataType::F32, vec![2, 3], Bytes::from(vec![0u8; 20])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "FP32 tensor of shape [2, 3] needs 24 bytes, got 20"
-        );
+        assert_eq!(err.to_string(), "FP32 tensor of shape [2, 3] needs 24 bytes, got 20");
     }
 
     #[test]
@@ -415,10 +337,7 @@ mod tests {
     fn concat_rejects_mismatched_rows() {
         let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]);
         let b = Tensor::from_f32(vec![1, 3], &[1.0, 2.0, 3.0]);
-        assert!(matches!(
-            Tensor::concat_batch(&[&a, &b]),
-            Err(TensorError::Mismatch { what: "shapes", .. })
-        ));
+        assert!(matches!(Tensor::concat_batch(&[&a, &b]), Err(TensorError::Mismatch { what: "shapes", .. })));
     }
 
     #[test]
@@ -426,23 +345,13 @@ mod tests {
         let t = Tensor::from_bytes_elements(vec![3, 1], &["a", "", "xyz"]);
         t.validate().unwrap();
         let parts = t.split_batch(&[2, 1]).unwrap();
-        assert_eq!(
-            parts[0].bytes_elements().unwrap(),
-            vec![Bytes::from("a"), Bytes::new()]
-        );
+        assert_eq!(parts[0].bytes_elements().unwrap(), vec![Bytes::from("a"), Bytes::new()]);
         assert_eq!(parts[1].bytes_elements().unwrap(), vec![Bytes::from("xyz")]);
     }
 
     #[test]
     fn truncated_bytes_are_rejected() {
         let err = bytes_offsets(&[5, 0, 0, 0, b'a']).unwrap_err();
-        assert_eq!(
-            err,
-            TensorError::BytesTruncated {
-                index: 0,
-                len: 5,
-                left: 1
-            }
-        );
+        assert_eq!(err, TensorError::BytesTruncated { index: 0, len: 5, left: 1 });
     }
 }

@@ -78,10 +78,7 @@ impl Engine {
                 }
                 Err(reason) => {
                     tracing::error!(model = %name, "model failed to load: {reason}");
-                    metrics
-                        .model_loads
-                        .with_label_values(&[&name, "error"])
-                        .inc();
+                    metrics.model_loads.with_label_values(&[&name, "error"]).inc();
                     ModelSlot::Unavailable { reason }
                 }
             };
@@ -97,9 +94,7 @@ impl Engine {
 
     /// The server is ready when every model in the repository is.
     pub fn ready(&self) -> bool {
-        self.models
-            .values()
-            .all(|s| matches!(s, ModelSlot::Ready(_)))
+        self.models.values().all(|s| matches!(s, ModelSlot::Ready(_)))
     }
 
     /// A ready model by name and version ("" for the default).
@@ -113,20 +108,15 @@ impl Engine {
         }
         match self.models.get(name) {
             Some(ModelSlot::Ready(m)) => Ok(m),
-            Some(ModelSlot::Unavailable { reason }) => Err(Error::ModelNotReady {
-                model: name.to_string(),
-                reason: reason.clone(),
-            }),
+            Some(ModelSlot::Unavailable { reason }) => {
+                Err(Error::ModelNotReady { model: name.to_string(), reason: reason.clone() })
+            }
             None => Err(not_found()),
         }
     }
 
     /// Runs one inference request through the model's batcher.
-    pub async fn infer(
-        &self,
-        req: InferRequest,
-        deadline: Option<Instant>,
-    ) -> Result<InferResponse, Error> {
+    pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let start = Instant::now();
         let model = self.model(&req.model_name, &req.model_version)?.clone();
         let name = model.spec.name.clone();
@@ -135,56 +125,52 @@ impl Engine {
         model.stats.record_request(result.is_ok(), elapsed);
         let labels = [name.as_str()];
         self.metrics.requests.with_label_values(&labels).inc();
-        self.metrics
-            .request_duration
-            .with_label_values(&labels)
-            .observe(elapsed.as_secs_f64());
-        if let Err(e) = &result {
-            self.metrics
-                .failures
-                .with_label_values(&[&name, e.error_type()])
-                .inc();
+        self.metrics.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        match result {
+            Ok((resp, compute)) => {
+                let overhead = elapsed.saturating_sub(compute);
+                self.metrics.overhead.with_label_values(&labels).observe(overhead.as_secs_f64());
+                Ok(resp)
+            }
+            Err(e) => {
+                self.metrics.failures.with_label_values(&[&name, e.error_type()]).inc();
+                Err(e)
+            }
         }
-        result
     }
 }
 
+/// Runs the request; returns the response and the backend time of its batch.
 async fn run(
     model: &LoadedModel,
     req: InferRequest,
     deadline: Option<Instant>,
-) -> Result<InferResponse, Error> {
+) -> Result<(InferResponse, Duration), Error> {
     let spec = &model.spec;
     let (inputs, rows) = check_inputs(spec, req.inputs)?;
     let wanted = check_outputs(spec, &req.outputs)?;
     let rx = model.scheduler.submit(inputs, rows, deadline)?;
-    let reply =
-        match deadline {
-            Some(d) => tokio::time::timeout_at(d.into(), rx).await.map_err(|_| {
-                Error::DeadlineExceeded {
-                    model: spec.name.clone(),
-                }
-            })?,
-            None => rx.await,
-        };
-    let outputs = reply
-        .map_err(|_| Error::Internal(format!("model '{}': instance stopped", spec.name)))??;
-    Ok(InferResponse {
+    let reply = match deadline {
+        Some(d) => tokio::time::timeout_at(d.into(), rx)
+            .await
+            .map_err(|_| Error::DeadlineExceeded { model: spec.name.clone() })?,
+        None => rx.await,
+    };
+    let computed = reply.map_err(|_| Error::Internal(format!("model '{}': instance stopped", spec.name)))??;
+    let resp = InferResponse {
         model_name: spec.name.clone(),
         model_version: DEFAULT_VERSION.to_string(),
         id: req.id,
         outputs: spec
             .outputs
             .iter()
-            .zip(outputs)
+            .zip(computed.outputs)
             .enumerate()
             .filter(|(i, _)| wanted.contains(i))
-            .map(|(_, (info, tensor))| NamedTensor {
-                name: info.name.clone(),
-                tensor,
-            })
+            .map(|(_, (info, tensor))| NamedTensor { name: info.name.clone(), tensor })
             .collect(),
-    })
+    };
+    Ok((resp, computed.compute))
 }
 
 fn dims_str(dims: &[i64]) -> String {
@@ -199,40 +185,18 @@ fn check_inputs(spec: &ModelSpec, given: Vec<NamedTensor>) -> Result<(Vec<Tensor
     let expected: Vec<&str> = spec.inputs.iter().map(|t| t.name.as_str()).collect();
     let mut slots: Vec<Option<Tensor>> = vec![None; spec.inputs.len()];
     for nt in given {
-        let i = spec
-            .inputs
-            .iter()
-            .position(|t| t.name == nt.name)
-            .ok_or_else(|| {
-                Error::invalid(
-                    m,
-                    format!(
-                        "unknown input '{}'; the model's inputs are: {}",
-                        nt.name,
-                        expected.join(", ")
-                    ),
-                )
-            })?;
+        let i = spec.inputs.iter().position(|t| t.name == nt.name).ok_or_else(|| {
+            Error::invalid(m, format!("unknown input '{}'; the model's inputs are: {}", nt.name, expected.join(", ")))
+        })?;
         if slots[i].replace(nt.tensor).is_some() {
-            return Err(Error::invalid(
-                m,
-                format!("input '{}' is given more than once", nt.name),
-            ));
+            return Err(Error::invalid(m, format!("input '{}' is given more than once", nt.name)));
         }
     }
     let mut rows = None;
     let mut out = Vec::with_capacity(slots.len());
     for (info, slot) in spec.inputs.iter().zip(slots) {
         let t = slot.ok_or_else(|| {
-            Error::invalid(
-                m,
-                format!(
-                    "missing input '{}' ({} {})",
-                    info.name,
-                    info.dtype,
-                    dims_str(&info.dims)
-                ),
-            )
+            Error::invalid(m, format!("missing input '{}' ({} {})", info.name, info.dtype, dims_str(&info.dims)))
         })?;
         check_tensor(spec, info, &t)?;
         if spec.config.max_batch_size > 0 {
@@ -247,10 +211,7 @@ fn check_inputs(spec: &ModelSpec, given: Vec<NamedTensor>) -> Result<(Vec<Tensor
                 ));
             }
             if *rows.get_or_insert(r) != r {
-                return Err(Error::invalid(
-                    m,
-                    "inputs disagree on the batch size (dimension 0)".to_string(),
-                ));
+                return Err(Error::invalid(m, "inputs disagree on the batch size (dimension 0)".to_string()));
             }
         }
         out.push(t);
@@ -263,17 +224,11 @@ fn check_tensor(spec: &ModelSpec, info: &TensorInfo, t: &Tensor) -> Result<(), E
     if t.dtype != info.dtype {
         return Err(Error::invalid(
             m,
-            format!(
-                "input '{}': expected datatype {}, got {}",
-                info.name, info.dtype, t.dtype
-            ),
+            format!("input '{}': expected datatype {}, got {}", info.name, info.dtype, t.dtype),
         ));
     }
-    let fits = t.shape.len() == info.dims.len()
-        && t.shape
-            .iter()
-            .zip(&info.dims)
-            .all(|(&s, &d)| d < 0 || s as i64 == d);
+    let fits =
+        t.shape.len() == info.dims.len() && t.shape.iter().zip(&info.dims).all(|(&s, &d)| d < 0 || s as i64 == d);
     if !fits {
         let shape: Vec<i64> = t.shape.iter().map(|&s| s as i64).collect();
         return Err(Error::invalid(
@@ -299,19 +254,13 @@ fn check_outputs(spec: &ModelSpec, requested: &[String]) -> Result<Vec<usize>, E
     requested
         .iter()
         .map(|r| {
-            spec.outputs
-                .iter()
-                .position(|o| &o.name == r)
-                .ok_or_else(|| {
-                    let names: Vec<&str> = spec.outputs.iter().map(|o| o.name.as_str()).collect();
-                    Error::invalid(
-                        &spec.name,
-                        format!(
-                            "unknown output '{r}'; the model's outputs are: {}",
-                            names.join(", ")
-                        ),
-                    )
-                })
+            spec.outputs.iter().position(|o| &o.name == r).ok_or_else(|| {
+                let names: Vec<&str> = spec.outputs.iter().map(|o| o.name.as_str()).collect();
+                Error::invalid(
+                    &spec.name,
+                    format!("unknown output '{r}'; the model's outputs are: {}", names.join(", ")),
+                )
+            })
         })
         .collect()
 }
@@ -321,8 +270,7 @@ fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -> Result<Lo
     let mut instances: Vec<Box<dyn Backend>> = Vec::with_capacity(cfg.instances);
     let mut devices = Vec::with_capacity(cfg.instances);
     for _ in 0..cfg.instances {
-        let mut b =
-            backend::ort::load(ort_dylib, &spec.onnx_path, cfg, &spec.inputs, &spec.outputs)?;
+        let mut b = backend::ort::load(ort_dylib, &spec.onnx_path, cfg, &spec.inputs, &spec.outputs)?;
         warm_up(&spec, &mut b)?;
         devices.push(b.device());
         instances.push(Box::new(b));
@@ -334,19 +282,8 @@ fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -> Result<Lo
         preferred: cfg.dynamic_batching.preferred_batch_sizes.clone(),
         max_queue_size: cfg.max_queue_size,
     };
-    let scheduler = ModelScheduler::start(
-        &spec.name,
-        instances,
-        policy,
-        stats.clone(),
-        metrics.clone(),
-    );
-    Ok(LoadedModel {
-        spec,
-        stats,
-        devices,
-        scheduler,
-    })
+    let scheduler = ModelScheduler::start(&spec.name, instances, policy, stats.clone(), metrics.clone());
+    Ok(LoadedModel { spec, stats, devices, scheduler })
 }
 
 /// Runs the model.yaml's warm-up batches (zero-filled) on one instance.
@@ -373,21 +310,14 @@ fn warm_up(spec: &ModelSpec, backend: &mut dyn Backend) -> Result<(), String> {
                         })
                         .collect::<Result<_, _>>()?,
                 };
-                let size = info
-                    .dtype
-                    .size()
-                    .ok_or_else(|| format!("warm-up: input '{}' is {}, which cannot be zero-filled", info.name, DataType::Bytes))?;
+                let size = info.dtype.size().ok_or_else(|| {
+                    format!("warm-up: input '{}' is {}, which cannot be zero-filled", info.name, DataType::Bytes)
+                })?;
                 let n = sluice_ops::tensor::element_count(&shape);
-                Ok(Tensor {
-                    dtype: info.dtype,
-                    shape,
-                    data: vec![0u8; n * size].into(),
-                })
+                Ok(Tensor { dtype: info.dtype, shape, data: vec![0u8; n * size].into() })
             })
             .collect::<Result<Vec<_>, String>>()?;
-        backend
-            .run(&inputs)
-            .map_err(|e| format!("warm-up with batch size {} failed: {e}", w.batch_size))?;
+        backend.run(&inputs).map_err(|e| format!("warm-up with batch size {} failed: {e}", w.batch_size))?;
     }
     Ok(())
 }

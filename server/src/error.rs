@@ -4,10 +4,7 @@
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("model '{model}' is not found{}", version_suffix(.version))]
-    ModelNotFound {
-        model: String,
-        version: Option<String>,
-    },
+    ModelNotFound { model: String, version: Option<String> },
     #[error("model '{model}' is not ready: {reason}")]
     ModelNotReady { model: String, reason: String },
     #[error("model '{model}': {message}")]
@@ -27,9 +24,7 @@ pub enum Error {
 }
 
 fn version_suffix(v: &Option<String>) -> String {
-    v.as_ref()
-        .map(|v| format!(" (version {v})"))
-        .unwrap_or_default()
+    v.as_ref().map(|v| format!(" (version {v})")).unwrap_or_default()
 }
 
 impl Error {
@@ -48,9 +43,6 @@ impl Error {
     }
 
     pub(crate) fn invalid(model: &str, message: impl Into<String>) -> Error {
-        Error::InvalidInput {
-            model: model.to_string(),
-            message: message.into(),
-        }
+        Error::InvalidInput { model: model.to_string(), message: message.into() }
     }
 }

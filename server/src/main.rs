@@ -8,11 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "sluice",
-    version,
-    about = "An inference server for multi-model vision pipelines"
-)]
+#[command(name = "sluice", version, about = "An inference server for multi-model vision pipelines")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,11 +40,7 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
     http_addr: SocketAddr,
     /// ONNX Runtime shared library, loaded at run time so the binary builds without it.
-    #[arg(
-        long,
-        env = "ORT_DYLIB_PATH",
-        default_value = ".sluice/lib/libonnxruntime.so"
-    )]
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".sluice/lib/libonnxruntime.so")]
     ort_dylib: PathBuf,
     /// Largest gRPC message / HTTP body in MiB: image batches outgrow gRPC's usual 4 MiB.
     #[arg(long, env = "SLUICE_MAX_MESSAGE_MB", default_value_t = 256)]
@@ -64,11 +56,18 @@ struct CheckArgs {
     repo: RepoArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
+    if let Err(e) = run() {
+        // The message chain alone: users need what went wrong, not a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info,ort=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -85,8 +84,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grpc_addr: args.grpc_addr,
         http_addr: args.http_addr,
         max_message_bytes: args.max_message_mb.saturating_mul(1024 * 1024),
-        request_timeout: (args.request_timeout_ms > 0)
-            .then(|| Duration::from_millis(args.request_timeout_ms)),
+        request_timeout: (args.request_timeout_ms > 0).then(|| Duration::from_millis(args.request_timeout_ms)),
     };
     // The runtime does I/O only; models run on their own instance threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -96,10 +94,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async {
         let server = sluice_server::server::start(cfg).await?;
-        println!(
-            "sluice serving gRPC on {} and HTTP on {}",
-            server.grpc_addr, server.http_addr
-        );
+        println!("sluice serving gRPC on {} and HTTP on {}", server.grpc_addr, server.http_addr);
         shutdown_signal().await;
         tracing::info!("shutting down: finishing in-flight requests");
         server.shutdown().await;
@@ -130,10 +125,7 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
         match spec {
             Ok(s) => {
                 let io = |ts: &[repository::onnx::TensorInfo]| {
-                    ts.iter()
-                        .map(|t| format!("{} {}{:?}", t.name, t.dtype, t.dims))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    ts.iter().map(|t| format!("{} {}{:?}", t.name, t.dtype, t.dims)).collect::<Vec<_>>().join(", ")
                 };
                 println!(
                     "ok     {name}: max_batch_size {}, inputs [{}], outputs [{}]",

@@ -1,14 +1,15 @@
 //! Prometheus metrics. Every name is defined here, `sluice_<what>_<unit>[_total]`.
 //! Each server owns its registry, so several servers in one process (tests) stay apart.
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Latency buckets from 50 µs to 10 s.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+const LATENCY_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Fine buckets for what the server adds on top of the model (5 µs to 10 ms).
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000005, 0.00001, 0.00002, 0.00003, 0.00004, 0.00005, 0.000075, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075,
+    0.001, 0.002, 0.005, 0.01,
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
@@ -20,6 +21,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub queue_duration: HistogramVec,
     pub compute_duration: HistogramVec,
+    pub overhead: HistogramVec,
     pub batch_size: HistogramVec,
     pub queue_depth: IntGaugeVec,
     pub abandoned: IntCounterVec,
@@ -36,41 +38,24 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)
-                .expect("valid metric. This is a bug.");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric. This is a bug.");
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric. This is a bug.");
+            registry.register(Box::new(c.clone())).expect("unique metric. This is a bug.");
             c
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                &["model"],
-            )
-            .expect("valid metric. This is a bug.");
-            registry
-                .register(Box::new(h.clone()))
-                .expect("unique metric. This is a bug.");
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model"])
+                .expect("valid metric. This is a bug.");
+            registry.register(Box::new(h.clone())).expect("unique metric. This is a bug.");
             h
         };
         let queue_depth = IntGaugeVec::new(
-            Opts::new(
-                "sluice_queue_depth",
-                "Requests waiting in the model's batch queue.",
-            ),
+            Opts::new("sluice_queue_depth", "Requests waiting in the model's batch queue."),
             &["model"],
         )
         .expect("valid metric. This is a bug.");
-        registry
-            .register(Box::new(queue_depth.clone()))
-            .expect("unique metric. This is a bug.");
+        registry.register(Box::new(queue_depth.clone())).expect("unique metric. This is a bug.");
         Metrics {
-            requests: counter(
-                "sluice_requests_total",
-                "Inference requests received.",
-                &["model"],
-            ),
+            requests: counter("sluice_requests_total", "Inference requests received.", &["model"]),
             failures: counter(
                 "sluice_request_failures_total",
                 "Inference requests that failed, by error type.",
@@ -91,11 +76,12 @@ impl Metrics {
                 "Backend run time per batch.",
                 LATENCY_BUCKETS,
             ),
-            batch_size: histogram(
-                "sluice_batch_size",
-                "Rows per executed batch.",
-                BATCH_BUCKETS,
+            overhead: histogram(
+                "sluice_request_overhead_seconds",
+                "Request time inside the server minus the backend run of its batch: what sluice adds.",
+                OVERHEAD_BUCKETS,
             ),
+            batch_size: histogram("sluice_batch_size", "Rows per executed batch.", BATCH_BUCKETS),
             queue_depth,
             abandoned: counter(
                 "sluice_abandoned_items_total",

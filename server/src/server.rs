@@ -29,10 +29,7 @@ pub struct ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Repository(String),
 }
@@ -46,53 +43,33 @@ pub struct RunningServer {
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
 }
 
 /// Loads the repository and starts serving; returns once both listeners accept.
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     let grpc_listener = bind(cfg.grpc_addr).await?;
     let http_listener = bind(cfg.http_addr).await?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: cfg.grpc_addr,
-            source,
-        })?;
-    let http_addr = http_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            addr: cfg.http_addr,
-            source,
-        })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.grpc_addr, source })?;
+    let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.http_addr, source })?;
 
     // Loading runs models (warm-up): keep it off the async runtime's threads.
-    let engine_cfg = EngineConfig {
-        models_dir: cfg.models_dir.clone(),
-        ort_dylib: cfg.ort_dylib.clone(),
-    };
+    let engine_cfg = EngineConfig { models_dir: cfg.models_dir.clone(), ort_dylib: cfg.ort_dylib.clone() };
     let engine = tokio::task::spawn_blocking(move || Engine::load(&engine_cfg, Metrics::new()))
         .await
         .map_err(|e| StartError::Repository(format!("loading the repository panicked: {e}")))?
         .map_err(StartError::Repository)?;
     let engine = Arc::new(engine);
-    let state = AppState {
-        engine: engine.clone(),
-        default_timeout: cfg.request_timeout,
-    };
+    let state = AppState { engine: engine.clone(), default_timeout: cfg.request_timeout };
 
     let (stop, stopped) = watch::channel(false);
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let grpc = GrpcInferenceServiceServer::new(GrpcApi {
-        state: state.clone(),
-    })
-    .max_decoding_message_size(cfg.max_message_bytes)
-    .max_encoding_message_size(cfg.max_message_bytes);
+    let grpc = GrpcInferenceServiceServer::new(GrpcApi { state: state.clone() })
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener);
     let grpc_stop = wait_stop(stopped.clone());
     let grpc_task = tokio::spawn(async move {
@@ -109,22 +86,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     let app = http::router(state, cfg.max_message_bytes);
     let http_stop = wait_stop(stopped);
     let http_task = tokio::spawn(async move {
-        let served = axum::serve(http_listener, app)
-            .with_graceful_shutdown(http_stop)
-            .await;
+        let served = axum::serve(http_listener, app).with_graceful_shutdown(http_stop).await;
         if let Err(e) = served {
             tracing::error!("HTTP server stopped: {e}");
         }
     });
 
     tracing::info!(%grpc_addr, %http_addr, "sluice is serving");
-    Ok(RunningServer {
-        grpc_addr,
-        http_addr,
-        engine,
-        stop,
-        tasks: vec![grpc_task, http_task],
-    })
+    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task] })
 }
 
 impl RunningServer {

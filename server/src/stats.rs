@@ -52,14 +52,7 @@ pub struct ModelStats {
 
 impl ModelStats {
     /// Records one executed batch of `rows` rows made of `items` requests.
-    pub fn record_batch(
-        &self,
-        rows: usize,
-        items: usize,
-        input: Duration,
-        infer: Duration,
-        output: Duration,
-    ) {
+    pub fn record_batch(&self, rows: usize, items: usize, input: Duration, infer: Duration, output: Duration) {
         self.inference_count.fetch_add(rows as u64, Relaxed);
         self.execution_count.fetch_add(1, Relaxed);
         // Per request, as in Triton: each request of the batch spent the batch's compute time.
@@ -78,11 +71,8 @@ impl ModelStats {
     pub fn record_request(&self, ok: bool, total: Duration) {
         if ok {
             self.success.add(total);
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
-            self.last_inference_ms
-                .store(now.as_millis() as u64, Relaxed);
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+            self.last_inference_ms.store(now.as_millis() as u64, Relaxed);
         } else {
             self.fail.add(total);
         }

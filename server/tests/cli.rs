@@ -14,56 +14,28 @@ fn sluice() -> Command {
 fn check_reports_every_bad_model_with_its_file_and_line() {
     let repo = Repo::new();
     repo.add("good", &affine_model(4), "max_batch_size: 4\n");
-    let ok = sluice()
-        .args(["check", "--models"])
-        .arg(repo.path())
-        .output()
-        .unwrap();
+    let ok = sluice().args(["check", "--models"]).arg(repo.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{stdout}");
-    assert!(
-        stdout.contains("ok     good: max_batch_size 4, inputs [x FP32[-1, 4]]"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("ok     good: max_batch_size 4, inputs [x FP32[-1, 4]]"), "{stdout}");
 
     repo.add("typo", &affine_model(4), "max_batch_size: 4\ninstance: 2\n");
     repo.add("corrupt", b"garbage", "");
-    let bad = sluice()
-        .args(["check", "--models"])
-        .arg(repo.path())
-        .output()
-        .unwrap();
+    let bad = sluice().args(["check", "--models"]).arg(repo.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&bad.stdout);
     assert!(!bad.status.success());
-    assert!(
-        stdout.contains("typo/model.yaml:2:1: unknown field `instance`"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("corrupt/model.onnx: not a valid ONNX file"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("typo/model.yaml:2:1: unknown field `instance`"), "{stdout}");
+    assert!(stdout.contains("corrupt/model.onnx: not a valid ONNX file"), "{stdout}");
     assert!(stdout.contains("ok     good"), "{stdout}");
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("2 of 3 models have errors"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("error: 2 of 3 models have errors"));
 }
 
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let repo = Repo::new();
-    repo.add(
-        "held",
-        &affine_model(4),
-        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n",
-    );
+    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n");
     let mut child = sluice()
-        .args([
-            "serve",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--models",
-        ])
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--models"])
         .arg(repo.path())
         .arg("--ort-dylib")
         .arg(ort_dylib())
@@ -71,36 +43,20 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     // "sluice serving gRPC on 127.0.0.1:PORT and HTTP on ..."
-    let grpc = line
-        .split_whitespace()
-        .nth(4)
-        .expect("address in the banner")
-        .to_string();
+    let grpc = line.split_whitespace().nth(4).expect("address in the banner").to_string();
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let client = Client::connect(format!("http://{grpc}")).await.unwrap();
         let v = [1.0f32, 2.0, 3.0, 4.0];
         let t = Tensor::from_f32(vec![1, 4], &v);
-        let call = tokio::spawn(async move {
-            client
-                .infer("held", &[("x", &t)], InferOptions::default())
-                .await
-        });
+        let call = tokio::spawn(async move { client.infer("held", &[("x", &t)], InferOptions::default()).await });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let killed = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
+        let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         assert!(killed.success());
-        let out = call
-            .await
-            .unwrap()
-            .expect("the in-flight request completes");
+        let out = call.await.unwrap().expect("the in-flight request completes");
         assert_eq!(out[0].1.to_f32().unwrap(), affine_reference(&v).0);
     });
     let status = child.wait().unwrap();

@@ -106,10 +106,7 @@ pub mod onnx {
                     shape: Some(Shape {
                         dim: dims
                             .iter()
-                            .map(|d| Dim {
-                                dim_value: *d,
-                                dim_param: d.is_none().then(|| "N".to_string()),
-                            })
+                            .map(|d| Dim { dim_value: *d, dim_param: d.is_none().then(|| "N".to_string()) })
                             .collect(),
                     }),
                 }),
@@ -118,12 +115,7 @@ pub mod onnx {
     }
 
     pub fn scalar(name: &str, v: f32) -> TensorProto {
-        TensorProto {
-            dims: vec![],
-            data_type: FLOAT,
-            float_data: vec![v],
-            name: name.into(),
-        }
+        TensorProto { dims: vec![], data_type: FLOAT, float_data: vec![v], name: name.into() }
     }
 
     pub fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
@@ -139,10 +131,7 @@ pub mod onnx {
         ModelProto {
             ir_version: 8,
             graph: Some(graph),
-            opset_import: vec![OpsetId {
-                domain: String::new(),
-                version: 13,
-            }],
+            opset_import: vec![OpsetId { domain: String::new(), version: 13 }],
         }
     }
 }
@@ -159,20 +148,14 @@ pub fn affine_model(width: i64) -> Vec<u8> {
         ],
         initializer: vec![scalar("two", 2.0), scalar("one", 1.0)],
         input: vec![value("x", &[None, Some(width)])],
-        output: vec![
-            value("y", &[None, Some(width)]),
-            value("neg", &[None, Some(width)]),
-        ],
+        output: vec![value("y", &[None, Some(width)]), value("neg", &[None, Some(width)])],
     })
     .encode_to_vec()
 }
 
 /// The reference for [`affine_model`], computed independently of any model.
 pub fn affine_reference(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    (
-        x.iter().map(|v| 2.0 * v + 1.0).collect(),
-        x.iter().map(|v| -v).collect(),
-    )
+    (x.iter().map(|v| 2.0 * v + 1.0).collect(), x.iter().map(|v| -v).collect())
 }
 
 /// The ONNX Runtime library the set-up step installs (or `ORT_DYLIB_PATH`).
@@ -190,10 +173,7 @@ pub fn ort_dylib() -> PathBuf {
 }
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// A model repository in a temporary folder.
@@ -203,9 +183,7 @@ pub struct Repo {
 
 impl Repo {
     pub fn new() -> Repo {
-        Repo {
-            dir: tempfile::tempdir().expect("temp dir"),
-        }
+        Repo { dir: tempfile::tempdir().expect("temp dir") }
     }
 
     pub fn path(&self) -> &Path {
@@ -250,13 +228,7 @@ pub fn config(models: &Path) -> ServerConfig {
 /// Starts a server on ephemeral loopback ports and connects the project's client to it.
 pub async fn start(cfg: ServerConfig) -> TestServer {
     let server = server::start(cfg).await.expect("server starts");
-    let client = Client::connect(format!("http://{}", server.grpc_addr))
-        .await
-        .expect("client connects");
+    let client = Client::connect(format!("http://{}", server.grpc_addr)).await.expect("client connects");
     let http = format!("http://{}", server.http_addr);
-    TestServer {
-        server,
-        client,
-        http,
-    }
+    TestServer { server, client, http }
 }

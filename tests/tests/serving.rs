@@ -33,21 +33,14 @@ async fn metadata_and_config_over_grpc_and_http() {
     assert_eq!(md.name, "affine");
     assert_eq!(md.platform, "onnxruntime_onnx");
     assert_eq!(md.inputs.len(), 1);
-    assert_eq!(
-        (md.inputs[0].name.as_str(), md.inputs[0].datatype.as_str()),
-        ("x", "FP32")
-    );
+    assert_eq!((md.inputs[0].name.as_str(), md.inputs[0].datatype.as_str()), ("x", "FP32"));
     assert_eq!(md.inputs[0].shape, vec![-1, 4]);
     let outs: Vec<&str> = md.outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(outs, vec!["y", "neg"]);
 
     let cfg = s.client.model_config("affine").await.unwrap();
     assert_eq!(cfg.max_batch_size, 8);
-    assert_eq!(
-        cfg.input[0].dims,
-        vec![4],
-        "config dims leave out the batch dimension"
-    );
+    assert_eq!(cfg.input[0].dims, vec![4], "config dims leave out the batch dimension");
     assert_eq!(cfg.input[0].data_type, proto::DataType::TypeFp32 as i32);
     match cfg.scheduling_choice {
         Some(proto::model_config::SchedulingChoice::DynamicBatching(db)) => {
@@ -63,50 +56,16 @@ async fn metadata_and_config_over_grpc_and_http() {
     assert_eq!(get("/v2/models/affine/ready").await.unwrap().status(), 200);
     let server: Value = get("/v2").await.unwrap().json().await.unwrap();
     assert_eq!(server["name"], "sluice");
-    let md: Value = get("/v2/models/affine")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        md["inputs"][0],
-        json!({"name": "x", "datatype": "FP32", "shape": [-1, 4]})
-    );
-    let md1: Value = get("/v2/models/affine/versions/1")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let md: Value = get("/v2/models/affine").await.unwrap().json().await.unwrap();
+    assert_eq!(md["inputs"][0], json!({"name": "x", "datatype": "FP32", "shape": [-1, 4]}));
+    let md1: Value = get("/v2/models/affine/versions/1").await.unwrap().json().await.unwrap();
     assert_eq!(md, md1);
-    let cfg: Value = get("/v2/models/affine/config")
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cfg: Value = get("/v2/models/affine/config").await.unwrap().json().await.unwrap();
     assert_eq!(cfg["max_batch_size"], 8);
-    assert_eq!(
-        cfg["input"][0],
-        json!({"name": "x", "data_type": "TYPE_FP32", "dims": [4]})
-    );
-    assert_eq!(
-        cfg["dynamic_batching"]["max_queue_delay_microseconds"],
-        20000
-    );
-    let index: Value = http
-        .post(format!("{}/v2/repository/index", s.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        index,
-        json!([{"name": "affine", "version": "1", "state": "READY"}])
-    );
+    assert_eq!(cfg["input"][0], json!({"name": "x", "data_type": "TYPE_FP32", "dims": [4]}));
+    assert_eq!(cfg["dynamic_batching"]["max_queue_delay_microseconds"], 20000);
+    let index: Value = http.post(format!("{}/v2/repository/index", s.http)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(index, json!([{"name": "affine", "version": "1", "state": "READY"}]));
     s.server.shutdown().await;
 }
 
@@ -117,21 +76,14 @@ async fn inference_matches_the_reference_over_grpc_and_http() {
     let (v, t) = x(3, -1.5);
     let (want_y, want_neg) = affine_reference(&v);
 
-    let out = s
-        .client
-        .infer("affine", &[("x", &t)], InferOptions::default())
-        .await
-        .unwrap();
+    let out = s.client.infer("affine", &[("x", &t)], InferOptions::default()).await.unwrap();
     assert_eq!(out[0].0, "y");
     assert_eq!(out[0].1.shape, vec![3, 4]);
     assert_eq!(out[0].1.to_f32().unwrap(), want_y);
     assert_eq!(out[1].1.to_f32().unwrap(), want_neg);
 
     // Only the requested output comes back.
-    let opts = InferOptions {
-        outputs: vec!["neg".into()],
-        ..Default::default()
-    };
+    let opts = InferOptions { outputs: vec!["neg".into()], ..Default::default() };
     let out = s.client.infer("affine", &[("x", &t)], opts).await.unwrap();
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].0, "neg");
@@ -139,10 +91,7 @@ async fn inference_matches_the_reference_over_grpc_and_http() {
     // Typed contents instead of raw bytes.
     let mut req = sluice_client::infer_request("affine", &[("x", &t)], &InferOptions::default());
     req.raw_input_contents.clear();
-    req.inputs[0].contents = Some(proto::InferTensorContents {
-        fp32_contents: v.clone(),
-        ..Default::default()
-    });
+    req.inputs[0].contents = Some(proto::InferTensorContents { fp32_contents: v.clone(), ..Default::default() });
     let resp = s.client.raw().model_infer(req).await.unwrap().into_inner();
     let out = sluice_client::decode_outputs(resp).unwrap();
     assert_eq!(out[0].1.to_f32().unwrap(), want_y);
@@ -151,15 +100,8 @@ async fn inference_matches_the_reference_over_grpc_and_http() {
     let http = reqwest::Client::new();
     let nested: Vec<Vec<f32>> = v.chunks(4).map(|c| c.to_vec()).collect();
     let body = json!({"id": "r1", "inputs": [{"name": "x", "shape": [3, 4], "datatype": "FP32", "data": nested}]});
-    let resp: Value = http
-        .post(format!("{}/v2/models/affine/infer", s.http))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let resp: Value =
+        http.post(format!("{}/v2/models/affine/infer", s.http)).json(&body).send().await.unwrap().json().await.unwrap();
     assert_eq!(resp["id"], "r1");
     assert_eq!(resp["outputs"][0]["name"], "y");
     assert_eq!(resp["outputs"][0]["shape"], json!([3, 4]));
@@ -184,18 +126,11 @@ async fn inference_matches_the_reference_over_grpc_and_http() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    let json_len: usize = resp.headers()["inference-header-content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let json_len: usize = resp.headers()["inference-header-content-length"].to_str().unwrap().parse().unwrap();
     let bytes = resp.bytes().await.unwrap();
     let head: Value = serde_json::from_slice(&bytes[..json_len]).unwrap();
     assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 48);
-    let got: Vec<f32> = bytes[json_len..]
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let got: Vec<f32> = bytes[json_len..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert_eq!(got, want_neg);
     s.server.shutdown().await;
 }
@@ -209,20 +144,13 @@ async fn concurrent_requests_are_batched_and_match_unbatched_results() {
         let client = s.client.clone();
         async move {
             let (v, t) = x(1, i as f32 * 10.0);
-            let out = client
-                .infer("affine", &[("x", &t)], InferOptions::default())
-                .await
-                .unwrap();
+            let out = client.infer("affine", &[("x", &t)], InferOptions::default()).await.unwrap();
             (v, out)
         }
     });
     for (v, out) in futures::future::join_all(calls).await {
         let (want_y, want_neg) = affine_reference(&v);
-        assert_eq!(
-            out[0].1.to_f32().unwrap(),
-            want_y,
-            "a batched item got another item's rows"
-        );
+        assert_eq!(out[0].1.to_f32().unwrap(), want_y, "a batched item got another item's rows");
         assert_eq!(out[1].1.to_f32().unwrap(), want_neg);
     }
     let stats = &s.client.model_statistics("affine").await.unwrap()[0];
@@ -232,55 +160,24 @@ async fn concurrent_requests_are_batched_and_match_unbatched_results() {
         "{N} concurrent requests ran in {} separate executions: nothing was batched",
         stats.execution_count
     );
-    assert!(
-        stats.batch_stats.iter().any(|b| b.batch_size > 1),
-        "{:?}",
-        stats.batch_stats
-    );
-    let rows: u64 = stats
-        .batch_stats
-        .iter()
-        .map(|b| b.batch_size * b.compute_infer.unwrap().count)
-        .sum();
+    assert!(stats.batch_stats.iter().any(|b| b.batch_size > 1), "{:?}", stats.batch_stats);
+    let rows: u64 = stats.batch_stats.iter().map(|b| b.batch_size * b.compute_infer.unwrap().count).sum();
     assert_eq!(rows, N as u64, "batch statistics account for every row");
-    let inf = stats.inference_stats.clone().unwrap();
+    let inf = stats.inference_stats.unwrap();
     assert_eq!(inf.success.unwrap().count, N as u64);
     assert_eq!(inf.queue.unwrap().count, N as u64);
 
-    let metrics = reqwest::get(format!("{}/metrics", s.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(&format!("sluice_requests_total{{model=\"affine\"}} {N}")),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("sluice_batch_size_bucket{model=\"affine\""),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("sluice_queue_depth{model=\"affine\"} 0"),
-        "{metrics}"
-    );
+    let metrics = reqwest::get(format!("{}/metrics", s.http)).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(&format!("sluice_requests_total{{model=\"affine\"}} {N}")), "{metrics}");
+    assert!(metrics.contains("sluice_batch_size_bucket{model=\"affine\""), "{metrics}");
+    assert!(metrics.contains("sluice_queue_depth{model=\"affine\"} 0"), "{metrics}");
     s.server.shutdown().await;
 }
 
-async fn expect_error(
-    s: &sluice_tests::TestServer,
-    req: proto::ModelInferRequest,
-    code: Code,
-    needle: &str,
-) {
+async fn expect_error(s: &sluice_tests::TestServer, req: proto::ModelInferRequest, code: Code, needle: &str) {
     let err = s.client.raw().model_infer(req).await.unwrap_err();
     assert_eq!(err.code(), code, "{}", err.message());
-    assert!(
-        err.message().contains(needle),
-        "message {:?} lacks {needle:?}",
-        err.message()
-    );
+    assert!(err.message().contains(needle), "message {:?} lacks {needle:?}", err.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,13 +197,7 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
 
     let mut r = good();
     r.inputs[0].datatype = "INT32".into();
-    expect_error(
-        &s,
-        r,
-        Code::InvalidArgument,
-        "input 'x': expected datatype FP32, got INT32",
-    )
-    .await;
+    expect_error(&s, r, Code::InvalidArgument, "input 'x': expected datatype FP32, got INT32").await;
 
     let mut r = good();
     r.inputs[0].datatype = "FLOAT".into();
@@ -314,13 +205,7 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
 
     let five = Tensor::from_f32(vec![1, 5], &[0.0; 5]);
     let r = sluice_client::infer_request("affine", &[("x", &five)], &InferOptions::default());
-    expect_error(
-        &s,
-        r,
-        Code::InvalidArgument,
-        "shape [1,5] does not match the model's [-1,4]",
-    )
-    .await;
+    expect_error(&s, r, Code::InvalidArgument, "shape [1,5] does not match the model's [-1,4]").await;
 
     let mut r = good();
     r.raw_input_contents[0] = r.raw_input_contents[0].slice(..12);
@@ -328,99 +213,45 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
 
     let mut r = good();
     r.inputs[0].name = "image".into();
-    expect_error(
-        &s,
-        r,
-        Code::InvalidArgument,
-        "unknown input 'image'; the model's inputs are: x",
-    )
-    .await;
+    expect_error(&s, r, Code::InvalidArgument, "unknown input 'image'; the model's inputs are: x").await;
 
     let mut r = good();
-    r.outputs
-        .push(proto::model_infer_request::InferRequestedOutputTensor {
-            name: "z".into(),
-            ..Default::default()
-        });
+    r.outputs.push(proto::model_infer_request::InferRequestedOutputTensor { name: "z".into(), ..Default::default() });
     expect_error(&s, r, Code::InvalidArgument, "unknown output 'z'").await;
 
     let big = Tensor::from_f32(vec![9, 4], &[0.0; 36]);
     let r = sluice_client::infer_request("affine", &[("x", &big)], &InferOptions::default());
-    expect_error(
-        &s,
-        r,
-        Code::InvalidArgument,
-        "batch size 9 is outside 1..=8",
-    )
-    .await;
+    expect_error(&s, r, Code::InvalidArgument, "batch size 9 is outside 1..=8").await;
 
     // Past the server's 16 MiB message limit.
     let huge = Tensor::from_f32(vec![1, 4], &[0.0; 4]);
     let mut r = sluice_client::infer_request("affine", &[("x", &huge)], &InferOptions::default());
     r.raw_input_contents[0] = vec![0u8; 17 << 20].into();
     let err = s.client.raw().model_infer(r).await.unwrap_err();
-    assert!(
-        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
-        "{:?}: {}",
-        err.code(),
-        err.message()
-    );
-    assert!(
-        err.message().contains("message length too large"),
-        "{}",
-        err.message()
-    );
+    assert!(matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted), "{:?}: {}", err.code(), err.message());
+    assert!(err.message().contains("message length too large"), "{}", err.message());
 
     // HTTP: the same checks answer with v2 error bodies and matching statuses.
     let http = reqwest::Client::new();
-    let post = |model: &str, body: Value| {
-        http.post(format!("{}/v2/models/{model}/infer", s.http))
-            .json(&body)
-            .send()
-    };
+    let post = |model: &str, body: Value| http.post(format!("{}/v2/models/{model}/infer", s.http)).json(&body).send();
     let resp = post("nope", json!({"inputs": []})).await.unwrap();
     assert_eq!(resp.status(), 404);
-    let resp = post(
-        "affine",
-        json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3]}]}),
-    )
-    .await
-    .unwrap();
+    let resp =
+        post("affine", json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3]}]}))
+            .await
+            .unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("needs 16 bytes, got 12"),
-        "{body}"
-    );
-    let resp = http
-        .post(format!("{}/v2/models/affine/infer", s.http))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
+    assert!(body["error"].as_str().unwrap().contains("needs 16 bytes, got 12"), "{body}");
+    let resp = http.post(format!("{}/v2/models/affine/infer", s.http)).body("{not json").send().await.unwrap();
     assert_eq!(resp.status(), 400);
     let body: Value = resp.json().await.unwrap();
-    assert!(
-        body["error"].as_str().unwrap().contains("request JSON"),
-        "{body}"
-    );
-    let resp = http
-        .post(format!("{}/v2/models/affine/infer", s.http))
-        .body(vec![b' '; 17 << 20])
-        .send()
-        .await
-        .unwrap();
+    assert!(body["error"].as_str().unwrap().contains("request JSON"), "{body}");
+    let resp = http.post(format!("{}/v2/models/affine/infer", s.http)).body(vec![b' '; 17 << 20]).send().await.unwrap();
     assert_eq!(resp.status(), 413);
 
     // And the server still answers good requests.
-    let out = s
-        .client
-        .infer("affine", &[("x", &t)], InferOptions::default())
-        .await
-        .unwrap();
+    let out = s.client.infer("affine", &[("x", &t)], InferOptions::default()).await.unwrap();
     assert_eq!(out[0].1.to_f32().unwrap(), vec![1.0, 1.5, 2.0, 2.5]);
     s.server.shutdown().await;
 }
@@ -440,39 +271,23 @@ async fn a_full_queue_rejects_at_once() {
         .map(|_| {
             let client = s.client.clone();
             let t = t.clone();
-            tokio::spawn(async move {
-                client
-                    .infer("held", &[("x", &t)], InferOptions::default())
-                    .await
-            })
+            tokio::spawn(async move { client.infer("held", &[("x", &t)], InferOptions::default()).await })
         })
         .collect();
     // Wait until both are queued (the gauge says so), then overflow.
     let metrics_url = format!("{}/metrics", s.http);
     for _ in 0..200 {
-        let m = reqwest::get(&metrics_url)
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let m = reqwest::get(&metrics_url).await.unwrap().text().await.unwrap();
         if m.contains("sluice_queue_depth{model=\"held\"} 2") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let started = std::time::Instant::now();
-    let err = s
-        .client
-        .infer("held", &[("x", &t)], InferOptions::default())
-        .await
-        .unwrap_err();
+    let err = s.client.infer("held", &[("x", &t)], InferOptions::default()).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::ResourceExhausted), "{err}");
     assert!(err.to_string().contains("queue is full"), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "rejection was not immediate"
-    );
+    assert!(started.elapsed() < Duration::from_millis(500), "rejection was not immediate");
     let resp = reqwest::Client::new()
         .post(format!("{}/v2/models/held/infer", s.http))
         .json(&json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0, 0, 0, 0]}]}))
@@ -492,62 +307,31 @@ async fn a_full_queue_rejects_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_models_are_reported_and_the_others_still_load() {
     let repo = affine_repo();
-    repo.add(
-        "corrupt",
-        b"this is not an onnx file at all \xff\xff",
-        "max_batch_size: 8\n",
-    );
-    repo.add(
-        "typo",
-        &affine_model(4),
-        "max_batch_size: 8\nmax_batch_delay: 5\n",
-    );
+    repo.add("corrupt", b"this is not an onnx file at all \xff\xff", "max_batch_size: 8\n");
+    repo.add("typo", &affine_model(4), "max_batch_size: 8\nmax_batch_delay: 5\n");
     let s = start(config(repo.path())).await;
 
     let index = s.client.repository_index().await.unwrap();
     let state = |n: &str| index.iter().find(|m| m.name == n).unwrap().clone();
     assert_eq!(state("affine").state, "READY");
     assert_eq!(state("corrupt").state, "UNAVAILABLE");
-    assert!(
-        state("corrupt")
-            .reason
-            .contains("corrupt/model.onnx: not a valid ONNX file"),
-        "{:?}",
-        state("corrupt")
-    );
+    assert!(state("corrupt").reason.contains("corrupt/model.onnx: not a valid ONNX file"), "{:?}", state("corrupt"));
     assert_eq!(state("typo").state, "UNAVAILABLE");
     assert!(
-        state("typo")
-            .reason
-            .contains("typo/model.yaml:2:1: unknown field `max_batch_delay`"),
+        state("typo").reason.contains("typo/model.yaml:2:1: unknown field `max_batch_delay`"),
         "{:?}",
         state("typo")
     );
     assert!(!s.client.model_ready("corrupt").await.unwrap());
-    assert!(
-        !s.client.server_ready().await.unwrap(),
-        "ready means every model is ready"
-    );
+    assert!(!s.client.server_ready().await.unwrap(), "ready means every model is ready");
 
     let (_, t) = x(1, 0.0);
-    let err = s
-        .client
-        .infer("corrupt", &[("x", &t)], InferOptions::default())
-        .await
-        .unwrap_err();
+    let err = s.client.infer("corrupt", &[("x", &t)], InferOptions::default()).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::Unavailable));
-    assert!(
-        err.to_string().contains("model 'corrupt' is not ready"),
-        "{err}"
-    );
-    s.client
-        .infer("affine", &[("x", &t)], InferOptions::default())
-        .await
-        .unwrap();
+    assert!(err.to_string().contains("model 'corrupt' is not ready"), "{err}");
+    s.client.infer("affine", &[("x", &t)], InferOptions::default()).await.unwrap();
 
-    let resp = reqwest::get(format!("{}/v2/models/typo/ready", s.http))
-        .await
-        .unwrap();
+    let resp = reqwest::get(format!("{}/v2/models/typo/ready", s.http)).await.unwrap();
     assert_eq!(resp.status(), 503);
     s.server.shutdown().await;
 }
@@ -555,27 +339,13 @@ async fn broken_models_are_reported_and_the_others_still_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_deadlines_fail_fast_and_are_not_computed() {
     let repo = Repo::new();
-    repo.add(
-        "held",
-        &affine_model(4),
-        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 400000\n",
-    );
+    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 400000\n");
     let s = start(config(repo.path())).await;
     let (_, t) = x(1, 0.0);
-    let opts = InferOptions {
-        timeout: Some(Duration::from_millis(50)),
-        ..Default::default()
-    };
+    let opts = InferOptions { timeout: Some(Duration::from_millis(50)), ..Default::default() };
     // tonic's client enforces the deadline too, so it may report it first (as Cancelled).
-    let err = s
-        .client
-        .infer("held", &[("x", &t)], opts)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err.code(), Some(Code::DeadlineExceeded | Code::Cancelled)),
-        "{err}"
-    );
+    let err = s.client.infer("held", &[("x", &t)], opts).await.unwrap_err();
+    assert!(matches!(err.code(), Some(Code::DeadlineExceeded | Code::Cancelled)), "{err}");
     // Over HTTP the deadline is a header, and the server's answer is what we see.
     let resp = reqwest::Client::new()
         .post(format!("{}/v2/models/held/infer", s.http))
@@ -586,63 +356,30 @@ async fn expired_deadlines_fail_fast_and_are_not_computed() {
         .unwrap();
     assert_eq!(resp.status(), 504);
     let body: Value = resp.json().await.unwrap();
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("deadline exceeded"),
-        "{body}"
-    );
+    assert!(body["error"].as_str().unwrap().contains("deadline exceeded"), "{body}");
     // Once the batch would have been cut, the abandoned items are dropped, not run.
     tokio::time::sleep(Duration::from_millis(600)).await;
     let stats = &s.client.model_statistics("held").await.unwrap()[0];
     assert_eq!(stats.execution_count, 0);
-    assert_eq!(
-        stats.inference_stats.clone().unwrap().fail.unwrap().count,
-        2
-    );
-    let m = reqwest::get(format!("{}/metrics", s.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        m.contains("sluice_abandoned_items_total{model=\"held\"} 2"),
-        "{m}"
-    );
-    assert!(
-        m.contains(
-            "sluice_request_failures_total{error_type=\"deadline_exceeded\",model=\"held\"} 2"
-        ),
-        "{m}"
-    );
+    assert_eq!(stats.inference_stats.unwrap().fail.unwrap().count, 2);
+    let m = reqwest::get(format!("{}/metrics", s.http)).await.unwrap().text().await.unwrap();
+    assert!(m.contains("sluice_abandoned_items_total{model=\"held\"} 2"), "{m}");
+    assert!(m.contains("sluice_request_failures_total{error_type=\"deadline_exceeded\",model=\"held\"} 2"), "{m}");
     s.server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_requests() {
     let repo = Repo::new();
-    repo.add(
-        "held",
-        &affine_model(4),
-        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 300000\n",
-    );
+    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 300000\n");
     let s = start(config(repo.path())).await;
     let (v, t) = x(1, 3.0);
     let client = s.client.clone();
-    let in_flight = tokio::spawn(async move {
-        client
-            .infer("held", &[("x", &t)], InferOptions::default())
-            .await
-    });
+    let in_flight = tokio::spawn(async move { client.infer("held", &[("x", &t)], InferOptions::default()).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
     let grpc_addr = s.server.grpc_addr;
     s.server.shutdown().await;
-    let out = in_flight
-        .await
-        .unwrap()
-        .expect("the in-flight request completes");
+    let out = in_flight.await.unwrap().expect("the in-flight request completes");
     assert_eq!(out[0].1.to_f32().unwrap(), affine_reference(&v).0);
     assert!(
         tokio::net::TcpStream::connect(grpc_addr).await.is_err(),

@@ -9,15 +9,11 @@ fn codes(e: &Error) -> (Code, StatusCode) {
     match e {
         Error::ModelNotFound { .. } => (Code::NotFound, StatusCode::NOT_FOUND),
         Error::ModelNotReady { .. } => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
-        Error::InvalidInput { .. } | Error::BadRequest(_) => {
-            (Code::InvalidArgument, StatusCode::BAD_REQUEST)
-        }
+        Error::InvalidInput { .. } | Error::BadRequest(_) => (Code::InvalidArgument, StatusCode::BAD_REQUEST),
         Error::QueueFull { .. } => (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
         Error::DeadlineExceeded { .. } => (Code::DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT),
         Error::ShuttingDown => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
-        Error::Backend { .. } | Error::Internal(_) => {
-            (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR)
-        }
+        Error::Backend { .. } | Error::Internal(_) => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
     }
 }
 
@@ -31,11 +27,7 @@ impl From<Error> for tonic::Status {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = codes(&self).1;
-        (
-            status,
-            axum::Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        (status, axum::Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }
 }
 
@@ -45,14 +37,8 @@ mod tests {
 
     #[test]
     fn queue_full_is_resource_exhausted_and_429() {
-        let e = Error::QueueFull {
-            model: "m".into(),
-            capacity: 4,
-        };
-        assert_eq!(
-            codes(&e),
-            (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS)
-        );
+        let e = Error::QueueFull { model: "m".into(), capacity: 4 };
+        assert_eq!(codes(&e), (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS));
         let s: tonic::Status = e.into();
         assert!(s.message().contains("queue is full"));
     }

@@ -31,11 +31,7 @@ fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
 }
 
 /// Typed `contents` to the little-endian bytes raw contents would carry.
-fn typed_contents(
-    name: &str,
-    dtype: DataType,
-    c: pb::InferTensorContents,
-) -> Result<Bytes, String> {
+fn typed_contents(name: &str, dtype: DataType, c: pb::InferTensorContents) -> Result<Bytes, String> {
     fn pack<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Bytes {
         let mut b = BytesMut::with_capacity(v.len() * N);
         for &x in v {
@@ -85,18 +81,15 @@ fn typed_contents(
         DataType::F32 => pack(&c.fp32_contents, f32::to_le_bytes),
         DataType::F64 => pack(&c.fp64_contents, f64::to_le_bytes),
         DataType::Bytes => sluice_ops::tensor::encode_bytes_elements(&c.bytes_contents),
-        DataType::F16 | DataType::BF16 => return Err(format!(
-            "input '{name}': {dtype} has no typed contents field; send it in raw_input_contents"
-        )),
+        DataType::F16 | DataType::BF16 => {
+            return Err(format!("input '{name}': {dtype} has no typed contents field; send it in raw_input_contents"))
+        }
     })
 }
 
 pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferRequest, Error> {
     let model = req.model_name.clone();
-    let invalid = |m: String| Error::InvalidInput {
-        model: model.clone(),
-        message: m,
-    };
+    let invalid = |m: String| Error::InvalidInput { model: model.clone(), message: m };
     let raw = req.raw_input_contents;
     if !raw.is_empty() && raw.len() != req.inputs.len() {
         return Err(invalid(format!(
@@ -110,25 +103,16 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
         .inputs
         .into_iter()
         .map(|i| {
-            let dtype = DataType::parse(&i.datatype).ok_or_else(|| {
-                invalid(format!(
-                    "input '{}': unknown datatype '{}'",
-                    i.name, i.datatype
-                ))
-            })?;
-            let shape =
-                parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            let dtype = DataType::parse(&i.datatype)
+                .ok_or_else(|| invalid(format!("input '{}': unknown datatype '{}'", i.name, i.datatype)))?;
+            let shape = parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
             let data = match (raw.next(), i.contents) {
                 (Some(b), _) => b,
                 (None, Some(c)) => typed_contents(&i.name, dtype, c).map_err(invalid)?,
                 (None, None) => return Err(invalid(format!("input '{}' has no data", i.name))),
             };
-            let tensor = Tensor::new(dtype, shape, data)
-                .map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
-            Ok(NamedTensor {
-                name: i.name,
-                tensor,
-            })
+            let tensor = Tensor::new(dtype, shape, data).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            Ok(NamedTensor { name: i.name, tensor })
         })
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(InferRequest {
@@ -142,10 +126,7 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
 
 #[tonic::async_trait]
 impl GrpcInferenceService for GrpcApi {
-    async fn server_live(
-        &self,
-        _: Request<pb::ServerLiveRequest>,
-    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<Response<pb::ServerLiveResponse>, Status> {
         Ok(Response::new(pb::ServerLiveResponse { live: true }))
     }
 
@@ -153,9 +134,7 @@ impl GrpcInferenceService for GrpcApi {
         &self,
         _: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
-        Ok(Response::new(pb::ServerReadyResponse {
-            ready: self.state.ready(),
-        }))
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.state.ready() }))
     }
 
     async fn model_ready(
@@ -163,9 +142,7 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(pb::ModelReadyResponse {
-            ready: self.state.engine.model(&r.name, &r.version).is_ok(),
-        }))
+        Ok(Response::new(pb::ModelReadyResponse { ready: self.state.engine.model(&r.name, &r.version).is_ok() }))
     }
 
     async fn server_metadata(
@@ -225,9 +202,7 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = req.into_inner();
         let m = self.state.engine.model(&r.name, &r.version)?;
-        Ok(Response::new(pb::ModelConfigResponse {
-            config: Some(views::model_config(m)),
-        }))
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(views::model_config(m)) }))
     }
 
     async fn model_statistics(

@@ -27,25 +27,13 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}", get(model_metadata))
-        .route(
-            "/v2/models/{model}/versions/{version}",
-            get(model_metadata_v),
-        )
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route(
-            "/v2/models/{model}/versions/{version}/ready",
-            get(model_ready_v),
-        )
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_v))
         .route("/v2/models/{model}/config", get(model_config))
-        .route(
-            "/v2/models/{model}/versions/{version}/config",
-            get(model_config_v),
-        )
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config_v))
         .route("/v2/models/{model}/stats", get(model_stats))
-        .route(
-            "/v2/models/{model}/versions/{version}/stats",
-            get(model_stats_v),
-        )
+        .route("/v2/models/{model}/versions/{version}/stats", get(model_stats_v))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/v2/repository/index", post(repository_index))
@@ -70,10 +58,7 @@ async fn server_ready(State(s): State<AppState>) -> StatusCode {
     }
 }
 
-async fn model_metadata(
-    State(s): State<AppState>,
-    Path(m): Path<String>,
-) -> Result<Json<Value>, Error> {
+async fn model_metadata(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
     model_metadata_v(State(s), Path((m, String::new()))).await
 }
 async fn model_metadata_v(
@@ -87,10 +72,7 @@ async fn model_metadata_v(
 async fn model_ready(State(s): State<AppState>, Path(m): Path<String>) -> StatusCode {
     model_ready_v(State(s), Path((m, String::new()))).await
 }
-async fn model_ready_v(
-    State(s): State<AppState>,
-    Path((m, v)): Path<(String, String)>,
-) -> StatusCode {
+async fn model_ready_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> StatusCode {
     match s.engine.model(&m, &v) {
         Ok(_) => StatusCode::OK,
         Err(Error::ModelNotFound { .. }) => StatusCode::NOT_FOUND,
@@ -98,38 +80,22 @@ async fn model_ready_v(
     }
 }
 
-async fn model_config(
-    State(s): State<AppState>,
-    Path(m): Path<String>,
-) -> Result<Json<Value>, Error> {
+async fn model_config(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
     model_config_v(State(s), Path((m, String::new()))).await
 }
-async fn model_config_v(
-    State(s): State<AppState>,
-    Path((m, v)): Path<(String, String)>,
-) -> Result<Json<Value>, Error> {
+async fn model_config_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> Result<Json<Value>, Error> {
     let model = s.engine.model(&m, &v)?;
     Ok(Json(views::config_json(&views::model_config(model))))
 }
 
 async fn all_stats(State(s): State<AppState>) -> Result<Json<Value>, Error> {
-    Ok(Json(views::statistics_json(&views::statistics(
-        &s.engine, "", "",
-    )?)))
+    Ok(Json(views::statistics_json(&views::statistics(&s.engine, "", "")?)))
 }
-async fn model_stats(
-    State(s): State<AppState>,
-    Path(m): Path<String>,
-) -> Result<Json<Value>, Error> {
+async fn model_stats(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
     model_stats_v(State(s), Path((m, String::new()))).await
 }
-async fn model_stats_v(
-    State(s): State<AppState>,
-    Path((m, v)): Path<(String, String)>,
-) -> Result<Json<Value>, Error> {
-    Ok(Json(views::statistics_json(&views::statistics(
-        &s.engine, &m, &v,
-    )?)))
+async fn model_stats_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> Result<Json<Value>, Error> {
+    Ok(Json(views::statistics_json(&views::statistics(&s.engine, &m, &v)?)))
 }
 
 #[derive(Deserialize, Default)]
@@ -142,8 +108,7 @@ async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json
     let req: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
         IndexRequest::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| Error::BadRequest(format!("repository index request: {e}")))?
+        serde_json::from_slice(&body).map_err(|e| Error::BadRequest(format!("repository index request: {e}")))?
     };
     let models: Vec<Value> = views::repository_index(&s.engine, req.ready)
         .into_iter()
@@ -159,10 +124,7 @@ async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.engine.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.engine.metrics.render())
 }
 
 #[derive(Deserialize)]
@@ -194,12 +156,7 @@ struct JsonOutput {
     parameters: Map<String, Value>,
 }
 
-async fn infer(
-    state: State<AppState>,
-    Path(m): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn infer(state: State<AppState>, Path(m): Path<String>, headers: HeaderMap, body: Bytes) -> Response {
     infer_v(state, Path((m, String::new())), headers, body).await
 }
 
@@ -216,10 +173,7 @@ async fn infer_v(
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);
         let (req, binary_out) = parse_infer(&model, &version, &headers, body)?;
-        let resp = s
-            .engine
-            .infer(req, deadline_after(timeout, s.default_timeout))
-            .await?;
+        let resp = s.engine.infer(req, deadline_after(timeout, s.default_timeout)).await?;
         encode_infer(resp, &binary_out)
     };
     match run.await {
@@ -236,10 +190,7 @@ struct BinaryOutputs {
 
 impl BinaryOutputs {
     fn is_binary(&self, name: &str) -> bool {
-        self.named
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(self.default, |(_, b)| *b)
+        self.named.iter().find(|(n, _)| n == name).map_or(self.default, |(_, b)| *b)
     }
 }
 
@@ -249,10 +200,7 @@ fn parse_infer(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<(InferRequest, BinaryOutputs), Error> {
-    let invalid = |m: String| Error::InvalidInput {
-        model: model.to_string(),
-        message: m,
-    };
+    let invalid = |m: String| Error::InvalidInput { model: model.to_string(), message: m };
     let header_len = match headers.get(HEADER_LEN) {
         Some(v) => {
             let n: usize = v
@@ -261,71 +209,50 @@ fn parse_infer(
                 .and_then(|v| v.parse().ok())
                 .ok_or_else(|| invalid(format!("bad {HEADER_LEN} header")))?;
             if n > body.len() {
-                return Err(invalid(format!(
-                    "{HEADER_LEN} is {n} but the body has only {} bytes",
-                    body.len()
-                )));
+                return Err(invalid(format!("{HEADER_LEN} is {n} but the body has only {} bytes", body.len())));
             }
             n
         }
         None => body.len(),
     };
-    let req: JsonInferRequest = serde_json::from_slice(&body[..header_len])
-        .map_err(|e| invalid(format!("request JSON: {e}")))?;
+    let req: JsonInferRequest =
+        serde_json::from_slice(&body[..header_len]).map_err(|e| invalid(format!("request JSON: {e}")))?;
     let mut binary = body.slice(header_len..);
     let inputs = req
         .inputs
         .into_iter()
         .map(|i| {
-            let dtype = DataType::parse(&i.datatype).ok_or_else(|| {
-                invalid(format!(
-                    "input '{}': unknown datatype '{}'",
-                    i.name, i.datatype
-                ))
-            })?;
-            let shape =
-                parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
-            let data = match i.parameters.get("binary_data_size") {
-                Some(n) => {
-                    let n = n.as_u64().ok_or_else(|| {
-                        invalid(format!(
-                            "input '{}': binary_data_size must be an integer",
-                            i.name
-                        ))
-                    })? as usize;
-                    if n > binary.len() {
-                        return Err(invalid(format!(
-                            "input '{}': binary_data_size is {n} but only {} binary bytes remain",
-                            i.name,
-                            binary.len()
-                        )));
+            let dtype = DataType::parse(&i.datatype)
+                .ok_or_else(|| invalid(format!("input '{}': unknown datatype '{}'", i.name, i.datatype)))?;
+            let shape = parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            let data =
+                match i.parameters.get("binary_data_size") {
+                    Some(n) => {
+                        let n = n.as_u64().ok_or_else(|| {
+                            invalid(format!("input '{}': binary_data_size must be an integer", i.name))
+                        })? as usize;
+                        if n > binary.len() {
+                            return Err(invalid(format!(
+                                "input '{}': binary_data_size is {n} but only {} binary bytes remain",
+                                i.name,
+                                binary.len()
+                            )));
+                        }
+                        binary.split_to(n)
                     }
-                    binary.split_to(n)
-                }
-                None => {
-                    let data = i.data.as_ref().ok_or_else(|| {
-                        invalid(format!(
-                            "input '{}' has neither data nor binary_data_size",
-                            i.name
-                        ))
-                    })?;
-                    json_to_bytes(dtype, data)
-                        .map_err(|e| invalid(format!("input '{}': {e}", i.name)))?
-                }
-            };
-            let tensor = Tensor::new(dtype, shape, data)
-                .map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
-            Ok(NamedTensor {
-                name: i.name,
-                tensor,
-            })
+                    None => {
+                        let data = i.data.as_ref().ok_or_else(|| {
+                            invalid(format!("input '{}' has neither data nor binary_data_size", i.name))
+                        })?;
+                        json_to_bytes(dtype, data).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?
+                    }
+                };
+            let tensor = Tensor::new(dtype, shape, data).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            Ok(NamedTensor { name: i.name, tensor })
         })
         .collect::<Result<Vec<_>, Error>>()?;
     if !binary.is_empty() {
-        return Err(invalid(format!(
-            "{} binary bytes after the last input are unaccounted for",
-            binary.len()
-        )));
+        return Err(invalid(format!("{} binary bytes after the last input are unaccounted for", binary.len())));
     }
     let flag = |p: &Map<String, Value>, k: &str| p.get(k).and_then(Value::as_bool);
     let binary_out = BinaryOutputs {
@@ -361,11 +288,7 @@ fn json_to_bytes(dtype: DataType, data: &Value) -> Result<Bytes, String> {
     if dtype == DataType::Bytes {
         let strs = elems
             .iter()
-            .map(|v| {
-                v.as_str()
-                    .map(str::as_bytes)
-                    .ok_or("BYTES data must be strings")
-            })
+            .map(|v| v.as_str().map(str::as_bytes).ok_or("BYTES data must be strings"))
             .collect::<Result<Vec<_>, _>>()?;
         return Ok(sluice_ops::tensor::encode_bytes_elements(&strs));
     }
@@ -374,11 +297,7 @@ fn json_to_bytes(dtype: DataType, data: &Value) -> Result<Bytes, String> {
         let bad = || format!("element {i} ({v}) is not a valid {dtype}");
         macro_rules! int {
             ($t:ty, $get:ident) => {
-                b.put_slice(
-                    &<$t>::try_from(v.$get().ok_or_else(bad)?)
-                        .map_err(|_| bad())?
-                        .to_le_bytes(),
-                )
+                b.put_slice(&<$t>::try_from(v.$get().ok_or_else(bad)?).map_err(|_| bad())?.to_le_bytes())
             };
         }
         match dtype {
@@ -391,12 +310,8 @@ fn json_to_bytes(dtype: DataType, data: &Value) -> Result<Bytes, String> {
             DataType::U16 => int!(u16, as_u64),
             DataType::U32 => int!(u32, as_u64),
             DataType::U64 => b.put_slice(&v.as_u64().ok_or_else(bad)?.to_le_bytes()),
-            DataType::F16 => {
-                b.put_slice(&half::f16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes())
-            }
-            DataType::BF16 => {
-                b.put_slice(&half::bf16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes())
-            }
+            DataType::F16 => b.put_slice(&half::f16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes()),
+            DataType::BF16 => b.put_slice(&half::bf16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes()),
             DataType::F32 => b.put_slice(&(v.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
             DataType::F64 => b.put_slice(&v.as_f64().ok_or_else(bad)?.to_le_bytes()),
             DataType::Bytes => unreachable!("handled above"),
@@ -409,10 +324,7 @@ fn json_to_bytes(dtype: DataType, data: &Value) -> Result<Bytes, String> {
 fn tensor_to_json(t: &Tensor) -> Value {
     macro_rules! nums {
         ($t:ty, $n:expr) => {
-            t.data
-                .chunks_exact($n)
-                .map(|c| json!(<$t>::from_le_bytes(c.try_into().expect("exact chunk"))))
-                .collect()
+            t.data.chunks_exact($n).map(|c| json!(<$t>::from_le_bytes(c.try_into().expect("exact chunk")))).collect()
         };
     }
     let v: Vec<Value> = match t.dtype {
@@ -427,22 +339,15 @@ fn tensor_to_json(t: &Tensor) -> Value {
         DataType::I64 => nums!(i64, 8),
         DataType::F32 => nums!(f32, 4),
         DataType::F64 => nums!(f64, 8),
-        DataType::F16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| json!(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
-            .collect(),
-        DataType::BF16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| json!(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))
-            .collect(),
-        DataType::Bytes => t
-            .bytes_elements()
-            .unwrap_or_default()
-            .iter()
-            .map(|e| json!(String::from_utf8_lossy(e)))
-            .collect(),
+        DataType::F16 => {
+            t.data.chunks_exact(2).map(|c| json!(half::f16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
+        }
+        DataType::BF16 => {
+            t.data.chunks_exact(2).map(|c| json!(half::bf16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
+        }
+        DataType::Bytes => {
+            t.bytes_elements().unwrap_or_default().iter().map(|e| json!(String::from_utf8_lossy(e))).collect()
+        }
     };
     Value::Array(v)
 }
@@ -478,8 +383,7 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Result<Response,
         return Ok(([(header::CONTENT_TYPE, "application/json")], header).into_response());
     }
     let header_len = header.len();
-    let mut body =
-        BytesMut::with_capacity(header_len + blobs.iter().map(|b| b.len()).sum::<usize>());
+    let mut body = BytesMut::with_capacity(header_len + blobs.iter().map(|b| b.len()).sum::<usize>());
     body.put_slice(&header);
     for b in blobs {
         body.put_slice(&b);
@@ -487,10 +391,7 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Result<Response,
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (
-                header::HeaderName::from_static(HEADER_LEN),
-                header_len.to_string(),
-            ),
+            (header::HeaderName::from_static(HEADER_LEN), header_len.to_string()),
         ],
         body.freeze(),
     )

@@ -29,10 +29,5 @@ pub(crate) fn deadline_after(own: Option<Duration>, default: Option<Duration>) -
 }
 
 pub(crate) fn parse_shape(shape: &[i64]) -> Result<Vec<usize>, String> {
-    shape
-        .iter()
-        .map(|&d| {
-            usize::try_from(d).map_err(|_| format!("shape {shape:?} has a negative dimension"))
-        })
-        .collect()
+    shape.iter().map(|&d| usize::try_from(d).map_err(|_| format!("shape {shape:?} has a negative dimension"))).collect()
 }

@@ -30,9 +30,7 @@ pub fn model_metadata(m: &LoadedModel) -> pb::ModelMetadataResponse {
 
 pub fn metadata_json(md: &pb::ModelMetadataResponse) -> Value {
     let t = |ts: &[pb::model_metadata_response::TensorMetadata]| -> Vec<Value> {
-        ts.iter()
-            .map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape}))
-            .collect()
+        ts.iter().map(|t| json!({"name": t.name, "datatype": t.datatype, "shape": t.shape})).collect()
     };
     json!({
         "name": md.name,
@@ -98,26 +96,15 @@ pub fn model_config(m: &LoadedModel) -> pb::ModelConfig {
             name: m.spec.name.clone(),
             count: cfg.instances as i32,
             gpus: if gpu { vec![cfg.device_id] } else { vec![] },
-            kind: if gpu {
-                pb::model_instance_group::Kind::Gpu
-            } else {
-                pb::model_instance_group::Kind::Cpu
-            } as i32,
+            kind: if gpu { pb::model_instance_group::Kind::Gpu } else { pb::model_instance_group::Kind::Cpu } as i32,
         }],
         default_model_filename: "model.onnx".to_string(),
         scheduling_choice: (cfg.max_batch_size > 0).then(|| {
             pb::model_config::SchedulingChoice::DynamicBatching(pb::ModelDynamicBatching {
-                preferred_batch_size: cfg
-                    .dynamic_batching
-                    .preferred_batch_sizes
-                    .iter()
-                    .map(|&s| s as i32)
-                    .collect(),
+                preferred_batch_size: cfg.dynamic_batching.preferred_batch_sizes.iter().map(|&s| s as i32).collect(),
                 max_queue_delay_microseconds: cfg.dynamic_batching.max_queue_delay_us,
                 preserve_ordering: false,
-                default_queue_policy: Some(pb::ModelQueuePolicy {
-                    max_queue_size: cfg.max_queue_size as u32,
-                }),
+                default_queue_policy: Some(pb::ModelQueuePolicy { max_queue_size: cfg.max_queue_size as u32 }),
             })
         }),
     }
@@ -185,18 +172,9 @@ pub fn model_statistics(m: &LoadedModel) -> pb::ModelStatistics {
             .iter()
             .map(|(&size, b)| pb::InferBatchStatistics {
                 batch_size: size as u64,
-                compute_input: Some(pb::StatisticDuration {
-                    count: b.count,
-                    ns: b.input_ns,
-                }),
-                compute_infer: Some(pb::StatisticDuration {
-                    count: b.count,
-                    ns: b.infer_ns,
-                }),
-                compute_output: Some(pb::StatisticDuration {
-                    count: b.count,
-                    ns: b.output_ns,
-                }),
+                compute_input: Some(pb::StatisticDuration { count: b.count, ns: b.input_ns }),
+                compute_infer: Some(pb::StatisticDuration { count: b.count, ns: b.infer_ns }),
+                compute_output: Some(pb::StatisticDuration { count: b.count, ns: b.output_ns }),
             })
             .collect(),
     }
@@ -204,13 +182,13 @@ pub fn model_statistics(m: &LoadedModel) -> pb::ModelStatistics {
 
 pub fn statistics_json(stats: &[pb::ModelStatistics]) -> Value {
     let d = |d: &Option<pb::StatisticDuration>| {
-        let d = d.clone().unwrap_or_default();
+        let d = d.unwrap_or_default();
         json!({"count": d.count, "ns": d.ns})
     };
     let models: Vec<Value> = stats
         .iter()
         .map(|s| {
-            let i = s.inference_stats.clone().unwrap_or_default();
+            let i = s.inference_stats.unwrap_or_default();
             json!({
                 "name": s.name,
                 "version": s.version,
@@ -236,11 +214,7 @@ pub fn statistics_json(stats: &[pb::ModelStatistics]) -> Value {
 }
 
 /// Statistics for one model, or for every ready model when `name` is empty.
-pub fn statistics(
-    engine: &Engine,
-    name: &str,
-    version: &str,
-) -> Result<Vec<pb::ModelStatistics>, crate::error::Error> {
+pub fn statistics(engine: &Engine, name: &str, version: &str) -> Result<Vec<pb::ModelStatistics>, crate::error::Error> {
     if name.is_empty() {
         return Ok(engine
             .models()
@@ -253,10 +227,7 @@ pub fn statistics(
     Ok(vec![model_statistics(engine.model(name, version)?)])
 }
 
-pub fn repository_index(
-    engine: &Engine,
-    ready_only: bool,
-) -> Vec<pb::repository_index_response::ModelIndex> {
+pub fn repository_index(engine: &Engine, ready_only: bool) -> Vec<pb::repository_index_response::ModelIndex> {
     engine
         .models()
         .filter(|(_, s)| !ready_only || matches!(s, ModelSlot::Ready(_)))

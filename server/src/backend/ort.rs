@@ -52,9 +52,7 @@ pub struct OrtBackend {
     device: String,
 }
 
-fn ort_err(
-    context: &str,
-) -> impl Fn(ort::Error<ort::session::builder::SessionBuilder>) -> String + '_ {
+fn ort_err(context: &str) -> impl Fn(ort::Error<ort::session::builder::SessionBuilder>) -> String + '_ {
     move |e| format!("{context}: {e}")
 }
 
@@ -84,11 +82,7 @@ pub fn load(
             tracing::warn!(model = %model_file.display(), "{e}; falling back to CPU (allow_fallback is set)");
             "cpu".to_string()
         }
-        Err(e) => {
-            return Err(format!(
-                "{e} (set allow_fallback: true to run on CPU instead)"
-            ))
-        }
+        Err(e) => return Err(format!("{e} (set allow_fallback: true to run on CPU instead)")),
     };
 
     let session = builder
@@ -102,18 +96,13 @@ pub fn load(
     })
 }
 
-fn register_provider(
-    builder: &mut ort::session::builder::SessionBuilder,
-    cfg: &ModelYaml,
-) -> Result<String, String> {
+fn register_provider(builder: &mut ort::session::builder::SessionBuilder, cfg: &ModelYaml) -> Result<String, String> {
     let id = cfg.device_id;
     let (available, dispatch, wheel) = match cfg.execution_provider {
         ExecutionProvider::Cpu => return Ok("cpu".into()),
-        ExecutionProvider::Cuda => (
-            ort::ep::CUDA::is_available(),
-            ort::ep::CUDA::default().with_device_id(id).build(),
-            "onnxruntime-gpu",
-        ),
+        ExecutionProvider::Cuda => {
+            (ort::ep::CUDA::is_available(), ort::ep::CUDA::default().with_device_id(id).build(), "onnxruntime-gpu")
+        }
         ExecutionProvider::Tensorrt => (
             ort::ep::TensorRT::is_available(),
             ort::ep::TensorRT::default().with_device_id(id).build(),
@@ -153,9 +142,7 @@ fn to_ort_type(d: DataType) -> Result<TensorElementType, BackendError> {
         DataType::F32 => TensorElementType::Float32,
         DataType::F64 => TensorElementType::Float64,
         DataType::Bytes => {
-            return Err(BackendError(
-                "string tensors are not supported by the ONNX Runtime backend".into(),
-            ))
+            return Err(BackendError("string tensors are not supported by the ONNX Runtime backend".into()))
         }
     })
 }
@@ -168,11 +155,7 @@ fn to_input(t: &Tensor) -> Result<DynTensor, BackendError> {
         // SAFETY: the tensor was allocated on the CPU for exactly this dtype and shape, and
         // `t.data` was validated to hold exactly that many bytes.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                t.data.as_ptr(),
-                v.data_ptr_mut().cast::<u8>(),
-                t.data.len(),
-            );
+            std::ptr::copy_nonoverlapping(t.data.as_ptr(), v.data_ptr_mut().cast::<u8>(), t.data.len());
         }
     }
     Ok(v)
@@ -181,28 +164,17 @@ fn to_input(t: &Tensor) -> Result<DynTensor, BackendError> {
 fn from_output(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
     macro_rules! extract {
         ($t:ty, $dt:expr) => {{
-            let (shape, data) = v
-                .try_extract_tensor::<$t>()
-                .map_err(|e| BackendError(format!("output '{name}': {e}")))?;
+            let (shape, data) =
+                v.try_extract_tensor::<$t>().map_err(|e| BackendError(format!("output '{name}': {e}")))?;
             let shape: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
             // SAFETY: a slice of plain numbers viewed as its bytes.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
-            };
-            Tensor {
-                dtype: $dt,
-                shape,
-                data: bytes::Bytes::copy_from_slice(bytes),
-            }
+            let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data)) };
+            Tensor { dtype: $dt, shape, data: bytes::Bytes::copy_from_slice(bytes) }
         }};
     }
     let ty = match v.dtype() {
         ort::value::ValueType::Tensor { ty, .. } => *ty,
-        other => {
-            return Err(BackendError(format!(
-                "output '{name}' is not a tensor: {other:?}"
-            )))
-        }
+        other => return Err(BackendError(format!("output '{name}' is not a tensor: {other:?}"))),
     };
     Ok(match ty {
         TensorElementType::Float32 => extract!(f32, DataType::F32),
@@ -218,11 +190,7 @@ fn from_output(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
         TensorElementType::Uint32 => extract!(u32, DataType::U32),
         TensorElementType::Uint64 => extract!(u64, DataType::U64),
         TensorElementType::Bool => extract!(bool, DataType::Bool),
-        other => {
-            return Err(BackendError(format!(
-                "output '{name}' has unsupported type {other:?}"
-            )))
-        }
+        other => return Err(BackendError(format!("output '{name}' has unsupported type {other:?}"))),
     })
 }
 
@@ -232,23 +200,15 @@ impl Backend for OrtBackend {
             .input_names
             .iter()
             .zip(inputs)
-            .map(|(n, t)| {
-                Ok((
-                    Cow::Borrowed(n.as_str()),
-                    SessionInputValue::from(to_input(t)?),
-                ))
-            })
+            .map(|(n, t)| Ok((Cow::Borrowed(n.as_str()), SessionInputValue::from(to_input(t)?))))
             .collect::<Result<Vec<_>, BackendError>>()?;
-        let outputs = self
-            .session
-            .run(values)
-            .map_err(|e| BackendError(e.to_string()))?;
+        let outputs = self.session.run(values).map_err(|e| BackendError(e.to_string()))?;
         self.output_names
             .iter()
             .map(|n| {
-                let v = outputs.get(n.as_str()).ok_or_else(|| {
-                    BackendError(format!("ONNX Runtime returned no output '{n}'"))
-                })?;
+                let v = outputs
+                    .get(n.as_str())
+                    .ok_or_else(|| BackendError(format!("ONNX Runtime returned no output '{n}'")))?;
                 from_output(n, v)
             })
             .collect()

@@ -27,8 +27,7 @@ pub type Scanned = (String, Result<ModelSpec, String>);
 
 /// Lists `dir`'s model folders (sorted by name) and checks each.
 pub fn scan(dir: &Path) -> Result<Vec<Scanned>, String> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| format!("cannot read model repository {}: {e}", dir.display()))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read model repository {}: {e}", dir.display()))?;
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
@@ -56,10 +55,9 @@ pub fn read_spec(dir: &Path, name: &str) -> Result<ModelSpec, String> {
     };
     let bytes = std::fs::read(&onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let sig = onnx::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
-    let (inputs, outputs) = apply_overrides(&config, sig.clone())
-        .map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-    check_batch_dims(&config, &inputs, &outputs)
-        .map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+    let (inputs, outputs) =
+        apply_overrides(&config, sig.clone()).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+    check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     Ok(ModelSpec {
         name: name.to_string(),
         dir: dir.to_path_buf(),
@@ -71,54 +69,35 @@ pub fn read_spec(dir: &Path, name: &str) -> Result<ModelSpec, String> {
     })
 }
 
-fn apply_overrides(
-    cfg: &ModelYaml,
-    sig: OnnxSignature,
-) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), String> {
-    let apply =
-        |mut tensors: Vec<TensorInfo>, overrides: &[model_yaml::TensorOverride], what: &str| {
-            for o in overrides {
-                let Some(t) = tensors.iter_mut().find(|t| t.name == o.name) else {
-                    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
-                    return Err(format!(
-                        "{what} '{}' is not in the ONNX model ({what}s: {})",
-                        o.name,
-                        names.join(", ")
-                    ));
-                };
-                if !t.dims.is_empty() && t.dims.len() != o.dims.len() {
-                    return Err(format!(
-                        "{what} '{}': dims {:?} have rank {}, the ONNX model says rank {} ({:?})",
-                        o.name,
-                        o.dims,
-                        o.dims.len(),
-                        t.dims.len(),
-                        t.dims
-                    ));
-                }
-                t.dims = o.dims.clone();
+fn apply_overrides(cfg: &ModelYaml, sig: OnnxSignature) -> Result<(Vec<TensorInfo>, Vec<TensorInfo>), String> {
+    let apply = |mut tensors: Vec<TensorInfo>, overrides: &[model_yaml::TensorOverride], what: &str| {
+        for o in overrides {
+            let Some(t) = tensors.iter_mut().find(|t| t.name == o.name) else {
+                let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+                return Err(format!("{what} '{}' is not in the ONNX model ({what}s: {})", o.name, names.join(", ")));
+            };
+            if !t.dims.is_empty() && t.dims.len() != o.dims.len() {
+                return Err(format!(
+                    "{what} '{}': dims {:?} have rank {}, the ONNX model says rank {} ({:?})",
+                    o.name,
+                    o.dims,
+                    o.dims.len(),
+                    t.dims.len(),
+                    t.dims
+                ));
             }
-            Ok(tensors)
-        };
-    Ok((
-        apply(sig.inputs, &cfg.inputs, "input")?,
-        apply(sig.outputs, &cfg.outputs, "output")?,
-    ))
+            t.dims = o.dims.clone();
+        }
+        Ok(tensors)
+    };
+    Ok((apply(sig.inputs, &cfg.inputs, "input")?, apply(sig.outputs, &cfg.outputs, "output")?))
 }
 
-fn check_batch_dims(
-    cfg: &ModelYaml,
-    inputs: &[TensorInfo],
-    outputs: &[TensorInfo],
-) -> Result<(), String> {
+fn check_batch_dims(cfg: &ModelYaml, inputs: &[TensorInfo], outputs: &[TensorInfo]) -> Result<(), String> {
     if cfg.max_batch_size == 0 {
         return Ok(());
     }
-    for (what, t) in inputs
-        .iter()
-        .map(|t| ("input", t))
-        .chain(outputs.iter().map(|t| ("output", t)))
-    {
+    for (what, t) in inputs.iter().map(|t| ("input", t)).chain(outputs.iter().map(|t| ("output", t))) {
         match t.dims.first() {
             Some(-1) => {}
             Some(d) => {

@@ -75,7 +75,7 @@ pub struct ModelYaml {
     pub warmup: Vec<Warmup>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DynamicBatching {
     /// How long the oldest request may wait for others to join its batch.
@@ -84,15 +84,6 @@ pub struct DynamicBatching {
     /// Batch sizes cut at once, without waiting for the delay, when they can be formed.
     #[serde(default)]
     pub preferred_batch_sizes: Vec<usize>,
-}
-
-impl Default for DynamicBatching {
-    fn default() -> Self {
-        DynamicBatching {
-            max_queue_delay_us: 0,
-            preferred_batch_sizes: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -122,14 +113,10 @@ fn default_queue() -> usize {
 impl ModelYaml {
     /// Parses a model.yaml; errors carry `path:line:column`.
     pub fn parse(path: &Path, text: &str) -> Result<ModelYaml, String> {
-        let cfg: ModelYaml = if text.trim().is_empty() {
-            serde_yaml_ng::from_str("{}")
-        } else {
-            serde_yaml_ng::from_str(text)
-        }
-        .map_err(|e| yaml_error(path, &e))?;
-        cfg.check()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let cfg: ModelYaml =
+            if text.trim().is_empty() { serde_yaml_ng::from_str("{}") } else { serde_yaml_ng::from_str(text) }
+                .map_err(|e| yaml_error(path, &e))?;
+        cfg.check().map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
 
@@ -149,8 +136,7 @@ impl ModelYaml {
             }
         }
         for w in &self.warmup {
-            if w.batch_size == 0 || (self.max_batch_size > 0 && w.batch_size > self.max_batch_size)
-            {
+            if w.batch_size == 0 || (self.max_batch_size > 0 && w.batch_size > self.max_batch_size) {
                 return Err(format!(
                     "warmup batch_size {} must be between 1 and max_batch_size ({})",
                     w.batch_size, self.max_batch_size
@@ -207,25 +193,18 @@ mod tests {
     #[test]
     fn unknown_key_names_file_and_line() {
         let err = parse("max_batch_size: 8\nmax_batch: 4\n").unwrap_err();
-        assert!(
-            err.starts_with("models/m/model.yaml:2:1: unknown field `max_batch`"),
-            "{err}"
-        );
+        assert!(err.starts_with("models/m/model.yaml:2:1: unknown field `max_batch`"), "{err}");
     }
 
     #[test]
     fn bad_value_names_line() {
         let err = parse("instances: two\n").unwrap_err();
-        assert!(
-            err.starts_with("models/m/model.yaml:1:12: instances: invalid type"),
-            "{err}"
-        );
+        assert!(err.starts_with("models/m/model.yaml:1:12: instances: invalid type"), "{err}");
     }
 
     #[test]
     fn preferred_size_above_max_is_rejected() {
-        let err = parse("max_batch_size: 4\ndynamic_batching:\n  preferred_batch_sizes: [8]\n")
-            .unwrap_err();
+        let err = parse("max_batch_size: 4\ndynamic_batching:\n  preferred_batch_sizes: [8]\n").unwrap_err();
         assert!(err.contains("preferred batch size 8"), "{err}");
     }
 }

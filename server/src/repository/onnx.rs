@@ -112,39 +112,23 @@ fn dtype_from_onnx(code: i32) -> Option<DataType> {
 /// Parses the signature of an ONNX model from its bytes.
 pub fn read_signature(bytes: &[u8]) -> Result<OnnxSignature, String> {
     let model = ModelProto::decode(bytes).map_err(|e| format!("not a valid ONNX file: {e}"))?;
-    let graph = model
-        .graph
-        .ok_or_else(|| "not a valid ONNX file: it has no graph".to_string())?;
+    let graph = model.graph.ok_or_else(|| "not a valid ONNX file: it has no graph".to_string())?;
     // Older exporters list initializers among the graph inputs; they are weights, not inputs.
-    let weights: std::collections::HashSet<&str> =
-        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let weights: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let convert = |v: &ValueInfo| -> Result<TensorInfo, String> {
         let tt = v
             .r#type
             .as_ref()
             .and_then(|t| t.tensor_type.as_ref())
             .ok_or_else(|| format!("'{}' is not a tensor", v.name))?;
-        let dtype = dtype_from_onnx(tt.elem_type).ok_or_else(|| {
-            format!(
-                "'{}' has unsupported ONNX element type {}",
-                v.name, tt.elem_type
-            )
-        })?;
+        let dtype = dtype_from_onnx(tt.elem_type)
+            .ok_or_else(|| format!("'{}' has unsupported ONNX element type {}", v.name, tt.elem_type))?;
         let dims = tt
             .shape
             .as_ref()
-            .map(|s| {
-                s.dim
-                    .iter()
-                    .map(|d| d.dim_value.filter(|&v| v > 0).unwrap_or(-1))
-                    .collect()
-            })
+            .map(|s| s.dim.iter().map(|d| d.dim_value.filter(|&v| v > 0).unwrap_or(-1)).collect())
             .unwrap_or_default();
-        Ok(TensorInfo {
-            name: v.name.clone(),
-            dtype,
-            dims,
-        })
+        Ok(TensorInfo { name: v.name.clone(), dtype, dims })
     };
     let inputs = graph
         .input
@@ -152,22 +136,14 @@ pub fn read_signature(bytes: &[u8]) -> Result<OnnxSignature, String> {
         .filter(|v| !weights.contains(v.name.as_str()))
         .map(convert)
         .collect::<Result<Vec<_>, _>>()?;
-    let outputs = graph
-        .output
-        .iter()
-        .map(convert)
-        .collect::<Result<Vec<_>, _>>()?;
+    let outputs = graph.output.iter().map(convert).collect::<Result<Vec<_>, _>>()?;
     if inputs.is_empty() || outputs.is_empty() {
         return Err("not a valid ONNX file: the graph declares no inputs or no outputs".into());
     }
     Ok(OnnxSignature {
         inputs,
         outputs,
-        metadata: model
-            .metadata_props
-            .into_iter()
-            .map(|e| (e.key, e.value))
-            .collect(),
+        metadata: model.metadata_props.into_iter().map(|e| (e.key, e.value)).collect(),
     })
 }
 
@@ -183,17 +159,11 @@ mod tests {
 
     #[test]
     fn signature_is_read() {
-        let dim = |v: Option<i64>, p: Option<&str>| Dim {
-            dim_value: v,
-            dim_param: p.map(str::to_string),
-        };
+        let dim = |v: Option<i64>, p: Option<&str>| Dim { dim_value: v, dim_param: p.map(str::to_string) };
         let vi = |name: &str, elem: i32, dims: Vec<Dim>| ValueInfo {
             name: name.into(),
             r#type: Some(TypeProto {
-                tensor_type: Some(TensorType {
-                    elem_type: elem,
-                    shape: Some(ShapeProto { dim: dims }),
-                }),
+                tensor_type: Some(TensorType { elem_type: elem, shape: Some(ShapeProto { dim: dims }) }),
             }),
         };
         let model = ModelProto {
@@ -205,20 +175,10 @@ mod tests {
                 ],
                 output: vec![vi("y", 7, vec![dim(None, Some("N"))])],
             }),
-            metadata_props: vec![StringStringEntry {
-                key: "k".into(),
-                value: "v".into(),
-            }],
+            metadata_props: vec![StringStringEntry { key: "k".into(), value: "v".into() }],
         };
         let sig = read_signature(&model.encode_to_vec()).unwrap();
-        assert_eq!(
-            sig.inputs,
-            vec![TensorInfo {
-                name: "x".into(),
-                dtype: DataType::F32,
-                dims: vec![-1, 3]
-            }]
-        );
+        assert_eq!(sig.inputs, vec![TensorInfo { name: "x".into(), dtype: DataType::F32, dims: vec![-1, 3] }]);
         assert_eq!(sig.outputs[0].dtype, DataType::I64);
         assert_eq!(sig.metadata, vec![("k".to_string(), "v".to_string())]);
     }

@@ -15,10 +15,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
-pub type Reply = Result<Vec<Tensor>, Error>;
+/// A request's outputs and the backend time of the batch it ran in.
+pub struct Computed {
+    pub outputs: Vec<Tensor>,
+    pub compute: Duration,
+}
+
+pub type Reply = Result<Computed, Error>;
 
 /// One request waiting for its batch.
 pub struct Pending {
@@ -106,11 +112,8 @@ impl ModelScheduler {
             return Err(Error::ShuttingDown);
         }
         let (tx, rx) = oneshot::channel();
-        let key = if self.shared.batching {
-            inputs.iter().map(|t| t.shape[1..].to_vec()).collect()
-        } else {
-            Vec::new()
-        };
+        let key =
+            if self.shared.batching { inputs.iter().map(|t| t.shape[1..].to_vec()).collect() } else { Vec::new() };
         let item = Pending {
             inputs,
             rows,
@@ -122,16 +125,9 @@ impl ModelScheduler {
         };
         let mut q = self.shared.queue.lock();
         if q.push(item).is_err() {
-            return Err(Error::QueueFull {
-                model: self.shared.name.clone(),
-                capacity: q.len(),
-            });
+            return Err(Error::QueueFull { model: self.shared.name.clone(), capacity: q.len() });
         }
-        self.shared
-            .metrics
-            .queue_depth
-            .with_label_values(&[&self.shared.name])
-            .set(q.len() as i64);
+        self.shared.metrics.queue_depth.with_label_values(&[&self.shared.name]).set(q.len() as i64);
         drop(q);
         self.shared.wake.notify_one();
         Ok(rx)
@@ -159,11 +155,7 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>) {
                 let poll = q.poll(Instant::now(), stopping);
                 let dropped = q.abandoned() - before;
                 if dropped > 0 {
-                    shared
-                        .metrics
-                        .abandoned
-                        .with_label_values(&labels)
-                        .inc_by(dropped);
+                    shared.metrics.abandoned.with_label_values(&labels).inc_by(dropped);
                 }
                 match poll {
                     Poll::Batch(b) => break b,
@@ -176,11 +168,7 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>) {
             }
         };
         let depth = shared.queue.lock().len();
-        shared
-            .metrics
-            .queue_depth
-            .with_label_values(&labels)
-            .set(depth as i64);
+        shared.metrics.queue_depth.with_label_values(&labels).set(depth as i64);
         run_batch(shared, backend.as_mut(), batch);
     }
 }
@@ -189,13 +177,9 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
     let labels = [shared.name.as_str()];
     let start = Instant::now();
     // Work whose caller's deadline has passed is not worth computing.
-    let (batch, late): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .partition(|p| p.deadline.is_none_or(|d| d > start));
+    let (batch, late): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.deadline.is_none_or(|d| d > start));
     for p in late {
-        let _ = p.reply.send(Err(Error::DeadlineExceeded {
-            model: shared.name.clone(),
-        }));
+        let _ = p.reply.send(Err(Error::DeadlineExceeded { model: shared.name.clone() }));
     }
     if batch.is_empty() {
         return;
@@ -206,11 +190,7 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
         span.follows_from(p.span.id());
         let waited = start - p.enqueued;
         shared.stats.queue.add(waited);
-        shared
-            .metrics
-            .queue_duration
-            .with_label_values(&labels)
-            .observe(waited.as_secs_f64());
+        shared.metrics.queue_duration.with_label_values(&labels).observe(waited.as_secs_f64());
     }
     let _enter = span.enter();
 
@@ -218,19 +198,11 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
         let t_input = Instant::now();
         let inputs = assemble(shared, &batch)?;
         let t_infer = Instant::now();
-        let outputs = backend.run(&inputs).map_err(|e| Error::Backend {
-            model: shared.name.clone(),
-            message: e.0,
-        })?;
+        let outputs = backend.run(&inputs).map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;
         let t_output = Instant::now();
         let per_item = split(shared, &batch, outputs)?;
         let t_end = Instant::now();
-        Ok((
-            per_item,
-            t_infer - t_input,
-            t_output - t_infer,
-            t_end - t_output,
-        ))
+        Ok((per_item, t_infer - t_input, t_output - t_infer, t_end - t_output))
     }))
     .unwrap_or_else(|panic| {
         let msg = panic
@@ -239,29 +211,16 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown panic".into());
         tracing::error!(model = %shared.name, "backend panicked: {msg}");
-        Err(Error::Backend {
-            model: shared.name.clone(),
-            message: format!("panicked: {msg}"),
-        })
+        Err(Error::Backend { model: shared.name.clone(), message: format!("panicked: {msg}") })
     });
 
     match result {
         Ok((per_item, input, infer, output)) => {
-            shared
-                .stats
-                .record_batch(rows, batch.len(), input, infer, output);
-            shared
-                .metrics
-                .batch_size
-                .with_label_values(&labels)
-                .observe(rows as f64);
-            shared
-                .metrics
-                .compute_duration
-                .with_label_values(&labels)
-                .observe(infer.as_secs_f64());
-            for (p, out) in batch.into_iter().zip(per_item) {
-                let _ = p.reply.send(Ok(out));
+            shared.stats.record_batch(rows, batch.len(), input, infer, output);
+            shared.metrics.batch_size.with_label_values(&labels).observe(rows as f64);
+            shared.metrics.compute_duration.with_label_values(&labels).observe(infer.as_secs_f64());
+            for (p, outputs) in batch.into_iter().zip(per_item) {
+                let _ = p.reply.send(Ok(Computed { outputs, compute: infer }));
             }
         }
         Err(e) => {
@@ -281,18 +240,13 @@ fn assemble(shared: &Shared, batch: &[Pending]) -> Result<Vec<Tensor>, Error> {
     (0..n_inputs)
         .map(|i| {
             let parts: Vec<&Tensor> = batch.iter().map(|p| &p.inputs[i]).collect();
-            Tensor::concat_batch(&parts)
-                .map_err(|e| Error::Internal(format!("model '{}': {e}", shared.name)))
+            Tensor::concat_batch(&parts).map_err(|e| Error::Internal(format!("model '{}': {e}", shared.name)))
         })
         .collect()
 }
 
 /// Splits each output back into per-request pieces (zero-copy slices).
-fn split(
-    shared: &Shared,
-    batch: &[Pending],
-    outputs: Vec<Tensor>,
-) -> Result<Vec<Vec<Tensor>>, Error> {
+fn split(shared: &Shared, batch: &[Pending], outputs: Vec<Tensor>) -> Result<Vec<Vec<Tensor>>, Error> {
     if batch.len() == 1 {
         return Ok(vec![outputs]);
     }

@@ -45,11 +45,7 @@ impl<T: Item> BatchQueue<T> {
     pub fn new(mut policy: BatchPolicy) -> Self {
         policy.preferred.sort_unstable();
         policy.preferred.dedup();
-        BatchQueue {
-            items: VecDeque::with_capacity(policy.max_queue_size),
-            policy,
-            abandoned: 0,
-        }
+        BatchQueue { items: VecDeque::with_capacity(policy.max_queue_size), policy, abandoned: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -140,11 +136,7 @@ impl<T: Item> BatchQueue<T> {
 
     fn remove(&mut self, idx: &[usize]) -> Vec<T> {
         // idx is ascending; remove from the back so earlier indices stay valid.
-        let mut out: Vec<T> = idx
-            .iter()
-            .rev()
-            .map(|&i| self.items.remove(i).expect("index from this queue"))
-            .collect();
+        let mut out: Vec<T> = idx.iter().rev().map(|&i| self.items.remove(i).expect("index from this queue")).collect();
         out.reverse();
         out
     }
@@ -187,13 +179,7 @@ mod tests {
     }
 
     fn it(id: u32, rows: usize, at: Instant) -> It {
-        It {
-            id,
-            rows,
-            key: vec![vec![3]],
-            at,
-            gone: false,
-        }
+        It { id, rows, key: vec![vec![3]], at, gone: false }
     }
 
     fn ids(p: Poll<It>) -> Vec<u32> {
@@ -213,14 +199,8 @@ mod tests {
             Poll::Wait(Some(t)) => assert_eq!(t, t0 + Duration::from_millis(10)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            ids(q.poll(t0 + Duration::from_millis(10), false)),
-            vec![1, 2]
-        );
-        assert!(matches!(
-            q.poll(t0 + Duration::from_millis(11), false),
-            Poll::Wait(None)
-        ));
+        assert_eq!(ids(q.poll(t0 + Duration::from_millis(10), false)), vec![1, 2]);
+        assert!(matches!(q.poll(t0 + Duration::from_millis(11), false), Poll::Wait(None)));
     }
 
     #[test]

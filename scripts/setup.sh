@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs what sluice needs at run time and in its tests, all from PyPI and Debian (no
+# model hub): ONNX Runtime's shared library, the PaddleOCR det/cls/rec models shipped in
+# rapidocr-onnxruntime, a ResNet-50 generated with seeded random weights, and Triton's
+# Python client plus perf_analyzer for the compatibility tests and benchmarks.
+# Idempotent: a second run only checks that everything is in place.
+#   SLUICE_SKIP_RESNET=1   skip generating models/resnet50/model.onnx (tests do not need it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=.venv
+REQS=(
+  onnxruntime==1.31.1
+  onnx==1.23.2
+  numpy==2.4.6
+  rapidocr-onnxruntime==1.4.4
+  "tritonclient[grpc,http]==2.41.0"
+  nvidia-cuda-runtime-cu12==12.9.79
+  pytest==9.2.0
+)
+stamp="$VENV/.sluice-setup-$(printf '%s\n' "${REQS[@]}" | sha256sum | cut -c1-16)"
+
+if [ ! -f "$stamp" ]; then
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  echo "setup: installing Python packages into $VENV"
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "${REQS[@]}"
+  touch "$stamp"
+fi
+SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+# ONNX Runtime: the wheel ships only the versioned library name.
+mkdir -p .sluice/lib .sluice/bin
+ort_lib=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
+ln -sfn "$ort_lib" .sluice/lib/libonnxruntime.so
+
+# perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64 and libcudart.so.12,
+# even on hosts without a GPU.
+if ! ldconfig -p | grep -q 'libb64.so.0d'; then
+  echo "setup: installing Debian's libb64-0d for perf_analyzer"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq libb64-0d >/dev/null
+fi
+pa=$(ls "$VENV"/bin/perf_analyzer "$SITE"/tritonclient/bin/perf_analyzer 2>/dev/null | head -n 1 || true)
+[ -n "$pa" ] || { echo "setup: perf_analyzer not found in the tritonclient wheel" >&2; exit 1; }
+cat > .sluice/bin/perf_analyzer <<EOF
+#!/usr/bin/env bash
+export LD_LIBRARY_PATH="$SITE/nvidia/cuda_runtime/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
+exec "$(realpath "$pa")" "\$@"
+EOF
+chmod +x .sluice/bin/perf_analyzer
+
+# The real PaddleOCR models, as rapidocr ships them.
+for pair in ocr_det:ch_PP-OCRv4_det_infer ocr_cls:ch_ppocr_mobile_v2.0_cls_infer ocr_rec:ch_PP-OCRv4_rec_infer; do
+  dir=models/${pair%%:*}
+  src="$SITE/rapidocr_onnxruntime/models/${pair#*:}.onnx"
+  mkdir -p "$dir"
+  cmp -s "$src" "$dir/model.onnx" || cp "$src" "$dir/model.onnx"
+done
+
+if [ "${SLUICE_SKIP_RESNET:-0}" != 1 ] && [ ! -f models/resnet50/model.onnx ]; then
+  echo "setup: generating models/resnet50/model.onnx (random weights, ~100 MB)"
+  "$VENV/bin/python" scripts/gen_resnet50.py models/resnet50/model.onnx.tmp
+  mv models/resnet50/model.onnx.tmp models/resnet50/model.onnx
+fi
+
+echo "setup: ONNX Runtime  .sluice/lib/libonnxruntime.so -> $ort_lib"
+echo "setup: perf_analyzer .sluice/bin/perf_analyzer"
+echo "setup: models        $(ls -d models/*/model.onnx 2>/dev/null | tr '\n' ' ')"
