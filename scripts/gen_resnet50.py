@@ -100,6 +100,23 @@ def build(seed):
     return model, b.params
 
 
+def check(path, seed):
+    """Runs the saved model in ONNX Runtime: batch 1 and 4 give finite logits that depend
+    on the input, and a batch equals its items run one by one (what a batching server relies on)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(seed + 1).standard_normal((4, 3, 224, 224)).astype(np.float32)
+    batch = sess.run(["logits"], {"input": x})[0]
+    items = np.concatenate([sess.run(["logits"], {"input": x[i : i + 1]})[0] for i in range(4)])
+    assert batch.shape == (4, 1000) and items.shape == (4, 1000), (batch.shape, items.shape)
+    assert np.isfinite(batch).all() and np.isfinite(items).all(), "non-finite logits"
+    assert not np.allclose(batch[0], batch[1]), "logits do not depend on the input"
+    diff = float(np.abs(batch - items).max())
+    assert np.allclose(batch, items, rtol=1e-4, atol=1e-4), f"batch differs from items by {diff}"
+    print(f"checked in onnxruntime: |logits| <= {np.abs(batch).max():.1f}, batch vs items max diff {diff:.1e}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
@@ -107,7 +124,8 @@ def main():
     args = ap.parse_args()
     model, params = build(args.seed)
     onnx.save(model, args.out)
-    print(f"wrote {args.out}: {params / 1e6:.1f} M parameters")
+    print(f"wrote {args.out}: {params:,} parameters")
+    check(args.out, args.seed)
 
 
 if __name__ == "__main__":

@@ -32,24 +32,36 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 # ONNX Runtime: the wheel ships only the versioned library name.
 mkdir -p .sluice/lib .sluice/bin
 ort_lib=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
-ln -sfn "$ort_lib" .sluice/lib/libonnxruntime.so
+[ "$(readlink .sluice/lib/libonnxruntime.so)" = "$ort_lib" ] || ln -sfn "$ort_lib" .sluice/lib/libonnxruntime.so
 
 # perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64 and libcudart.so.12,
-# even on hosts without a GPU.
-if ! ldconfig -p | grep -q 'libb64.so.0d'; then
-  echo "setup: installing Debian's libb64-0d for perf_analyzer"
+# even on hosts without a GPU; libcudart comes from nvidia-cuda-runtime-cu12 (see wrapper).
+if [ ! -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ]; then
   sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq libb64-0d >/dev/null
+  if [ "$(id -u)" -ne 0 ]; then command -v sudo >/dev/null && sudo=sudo || sudo=none; fi
+  if [ "$sudo" = none ]; then
+    echo "setup: WARNING: libb64-0d is missing and we are not root (no sudo): perf_analyzer will not run" >&2
+  else
+    echo "setup: installing Debian's libb64-0d for perf_analyzer"
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null
+  fi
 fi
 pa=$(ls "$VENV"/bin/perf_analyzer "$SITE"/tritonclient/bin/perf_analyzer 2>/dev/null | head -n 1 || true)
 [ -n "$pa" ] || { echo "setup: perf_analyzer not found in the tritonclient wheel" >&2; exit 1; }
-cat > .sluice/bin/perf_analyzer <<EOF
+# Written to a temporary file and renamed, so a running test never sees it half-written.
+cat > .sluice/bin/perf_analyzer.tmp <<EOF
 #!/usr/bin/env bash
 export LD_LIBRARY_PATH="$SITE/nvidia/cuda_runtime/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
 exec "$(realpath "$pa")" "\$@"
 EOF
-chmod +x .sluice/bin/perf_analyzer
+chmod +x .sluice/bin/perf_analyzer.tmp
+mv .sluice/bin/perf_analyzer.tmp .sluice/bin/perf_analyzer
+# It exits 99 on --help (unknown option) but prints usage once its libraries load.
+pa_help=$(.sluice/bin/perf_analyzer --help 2>&1 || true)
+if ! grep -q '^Usage:' <<<"$pa_help"; then
+  echo "setup: WARNING: .sluice/bin/perf_analyzer does not start; see: ldd $(realpath "$pa")" >&2
+fi
 
 # The real PaddleOCR models, as rapidocr ships them.
 for pair in ocr_det:ch_PP-OCRv4_det_infer ocr_cls:ch_ppocr_mobile_v2.0_cls_infer ocr_rec:ch_PP-OCRv4_rec_infer; do
@@ -61,10 +73,14 @@ done
 
 if [ "${SLUICE_SKIP_RESNET:-0}" != 1 ] && [ ! -f models/resnet50/model.onnx ]; then
   echo "setup: generating models/resnet50/model.onnx (random weights, ~100 MB)"
+  mkdir -p models/resnet50
   "$VENV/bin/python" scripts/gen_resnet50.py models/resnet50/model.onnx.tmp
   mv models/resnet50/model.onnx.tmp models/resnet50/model.onnx
 fi
 
 echo "setup: ONNX Runtime  .sluice/lib/libonnxruntime.so -> $ort_lib"
 echo "setup: perf_analyzer .sluice/bin/perf_analyzer"
-echo "setup: models        $(ls -d models/*/model.onnx 2>/dev/null | tr '\n' ' ')"
+for m in models/*/model.onnx; do
+  if [ -f "$m" ]; then echo "setup: model         $m"; fi
+done
+echo "setup: export ORT_DYLIB_PATH=$PWD/.sluice/lib/libonnxruntime.so"
