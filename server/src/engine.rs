@@ -3,7 +3,7 @@
 
 use crate::backend::{self, Backend};
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelMetrics};
 use crate::repository::{self, onnx::TensorInfo, ModelSpec};
 use crate::sched::{queue::BatchPolicy, ModelScheduler};
 use crate::stats::ModelStats;
@@ -43,6 +43,7 @@ pub struct InferResponse {
 
 pub struct LoadedModel {
     pub spec: ModelSpec,
+    metrics: ModelMetrics,
     pub stats: Arc<ModelStats>,
     /// What each instance runs on ("cpu", "cuda:0").
     pub devices: Vec<String>,
@@ -119,21 +120,19 @@ impl Engine {
     pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let start = Instant::now();
         let model = self.model(&req.model_name, &req.model_version)?.clone();
-        let name = model.spec.name.clone();
         let result = run(&model, req, deadline).await;
         let elapsed = start.elapsed();
         model.stats.record_request(result.is_ok(), elapsed);
-        let labels = [name.as_str()];
-        self.metrics.requests.with_label_values(&labels).inc();
-        self.metrics.request_duration.with_label_values(&labels).observe(elapsed.as_secs_f64());
+        let m = &model.metrics;
+        m.requests.inc();
+        m.request_duration.observe(elapsed.as_secs_f64());
         match result {
             Ok((resp, compute)) => {
-                let overhead = elapsed.saturating_sub(compute);
-                self.metrics.overhead.with_label_values(&labels).observe(overhead.as_secs_f64());
+                m.overhead.observe(elapsed.saturating_sub(compute).as_secs_f64());
                 Ok(resp)
             }
             Err(e) => {
-                self.metrics.failures.with_label_values(&[&name, e.error_type()]).inc();
+                m.failure(e.error_type());
                 Err(e)
             }
         }
@@ -282,8 +281,9 @@ fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -> Result<Lo
         preferred: cfg.dynamic_batching.preferred_batch_sizes.clone(),
         max_queue_size: cfg.max_queue_size,
     };
-    let scheduler = ModelScheduler::start(&spec.name, instances, policy, stats.clone(), metrics.clone());
-    Ok(LoadedModel { spec, stats, devices, scheduler })
+    let model_metrics = metrics.for_model(&spec.name);
+    let scheduler = ModelScheduler::start(&spec.name, instances, policy, stats.clone(), model_metrics.clone());
+    Ok(LoadedModel { spec, metrics: model_metrics, stats, devices, scheduler })
 }
 
 /// Runs the model.yaml's warm-up batches (zero-filled) on one instance.

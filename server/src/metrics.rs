@@ -1,7 +1,10 @@
 //! Prometheus metrics. Every name is defined here, `sluice_<what>_<unit>[_total]`.
 //! Each server owns its registry, so several servers in one process (tests) stay apart.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 /// Latency buckets from 50 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -97,6 +100,23 @@ impl Metrics {
         }
     }
 
+    /// One model's series, resolved once so the request path does no label lookups.
+    pub fn for_model(&self, model: &str) -> ModelMetrics {
+        let l = [model];
+        ModelMetrics {
+            requests: self.requests.with_label_values(&l),
+            request_duration: self.request_duration.with_label_values(&l),
+            queue_duration: self.queue_duration.with_label_values(&l),
+            compute_duration: self.compute_duration.with_label_values(&l),
+            overhead: self.overhead.with_label_values(&l),
+            batch_size: self.batch_size.with_label_values(&l),
+            queue_depth: self.queue_depth.with_label_values(&l),
+            abandoned: self.abandoned.with_label_values(&l),
+            failures: self.failures.clone(),
+            model: model.to_string(),
+        }
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -104,5 +124,26 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding into a Vec cannot fail. This is a bug.");
         String::from_utf8(buf).expect("Prometheus text is UTF-8. This is a bug.")
+    }
+}
+
+/// The series of one model.
+#[derive(Clone)]
+pub struct ModelMetrics {
+    pub requests: IntCounter,
+    pub request_duration: Histogram,
+    pub queue_duration: Histogram,
+    pub compute_duration: Histogram,
+    pub overhead: Histogram,
+    pub batch_size: Histogram,
+    pub queue_depth: IntGauge,
+    pub abandoned: IntCounter,
+    failures: IntCounterVec,
+    model: String,
+}
+
+impl ModelMetrics {
+    pub fn failure(&self, error_type: &str) {
+        self.failures.with_label_values(&[&self.model, error_type]).inc();
     }
 }

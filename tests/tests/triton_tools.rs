@@ -43,14 +43,10 @@ async fn perf_analyzer_load_tests_sluice_over_grpc() {
     let repo = affine_repo();
     let s = start(config(repo.path())).await;
     let mut cmd = Command::new(tool(".sluice/bin/perf_analyzer"));
-    cmd.args(["-m", "affine", "-i", "grpc", "-u"]).arg(s.server.grpc_addr.to_string()).args([
-        "--concurrency-range",
-        "1:4:3",
-        "--measurement-interval",
-        "1000",
-        "-b",
-        "1",
-    ]);
+    cmd.args(["-m", "affine", "-i", "grpc", "-u"]).arg(s.server.grpc_addr.to_string());
+    cmd.args(["--concurrency-range", "1:4:3", "--measurement-interval", "1000", "-b", "1"]);
+    // A compatibility check, not a benchmark: accept noisy windows on a busy CI machine.
+    cmd.args(["--stability-percentage", "100", "--max-trials", "20"]);
     let (ok, out) = run(cmd).await;
     assert!(ok, "perf_analyzer failed:\n{out}");
     assert!(out.contains("Concurrency: 4, throughput:"), "{out}");
