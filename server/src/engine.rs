@@ -4,7 +4,7 @@
 use crate::backend::{self, Backend};
 use crate::error::Error;
 use crate::metrics::{Metrics, ModelMetrics};
-use crate::repository::{self, onnx::TensorInfo, ModelSpec};
+use crate::repository::{self, model_yaml::Warmup, onnx::TensorInfo, ModelSpec};
 use crate::sched::{queue::BatchPolicy, ModelScheduler};
 use crate::stats::ModelStats;
 use sluice_ops::{DataType, Tensor};
@@ -282,13 +282,24 @@ fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -> Result<Lo
         max_queue_size: cfg.max_queue_size,
     };
     let model_metrics = metrics.for_model(&spec.name);
-    let scheduler = ModelScheduler::start(&spec.name, instances, policy, stats.clone(), model_metrics.clone());
+    let allowed = cfg.dynamic_batching.allowed_batch_sizes.clone();
+    let scheduler = ModelScheduler::start(&spec.name, instances, policy, allowed, stats.clone(), model_metrics.clone());
     Ok(LoadedModel { spec, metrics: model_metrics, stats, devices, scheduler })
 }
 
 /// Runs the model.yaml's warm-up batches (zero-filled) on one instance.
 fn warm_up(spec: &ModelSpec, backend: &mut dyn Backend) -> Result<(), String> {
-    for w in &spec.config.warmup {
+    // Every allowed batch size is a shape the model will see: warm each one up too,
+    // borrowing the first warm-up entry's shapes for variable dims.
+    let mut runs = spec.config.warmup.clone();
+    for &size in &spec.config.dynamic_batching.allowed_batch_sizes {
+        if runs.iter().all(|w| w.batch_size != size) {
+            let mut shapes = runs.first().map(|w| w.shapes.clone()).unwrap_or_default();
+            shapes.values_mut().for_each(|s| s[0] = size);
+            runs.push(Warmup { batch_size: size, shapes });
+        }
+    }
+    for w in &runs {
         let inputs = spec
             .inputs
             .iter()

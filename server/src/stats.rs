@@ -51,8 +51,17 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
-    /// Records one executed batch of `rows` rows made of `items` requests.
-    pub fn record_batch(&self, rows: usize, items: usize, input: Duration, infer: Duration, output: Duration) {
+    /// Records one batch of `rows` rows made of `items` requests, run at size `executed`
+    /// (more than `rows` when padded to an allowed batch size).
+    pub fn record_batch(
+        &self,
+        rows: usize,
+        executed: usize,
+        items: usize,
+        input: Duration,
+        infer: Duration,
+        output: Duration,
+    ) {
         self.inference_count.fetch_add(rows as u64, Relaxed);
         self.execution_count.fetch_add(1, Relaxed);
         // Per request, as in Triton: each request of the batch spent the batch's compute time.
@@ -61,7 +70,7 @@ impl ModelStats {
         self.compute_infer.add_n(n, infer);
         self.compute_output.add_n(n, output);
         let mut b = self.batches.lock();
-        let e = b.entry(rows).or_default();
+        let e = b.entry(executed).or_default();
         e.count += 1;
         e.input_ns += input.as_nanos() as u64;
         e.infer_ns += infer.as_nanos() as u64;

@@ -386,3 +386,19 @@ async fn shutdown_finishes_in_flight_requests() {
         "the server still accepts connections after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_padded_to_allowed_sizes_and_padding_is_dropped() {
+    let repo = Repo::new();
+    repo.add("padded", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  allowed_batch_sizes: [4, 8]\n");
+    let s = start(config(repo.path())).await;
+    let (v, t) = x(3, 0.5);
+    let out = s.client.infer("padded", &[("x", &t)], InferOptions::default()).await.unwrap();
+    assert_eq!(out[0].1.shape, vec![3, 4], "padding rows leaked into the response");
+    assert_eq!(out[0].1.to_f32().unwrap(), affine_reference(&v).0);
+    let stats = &s.client.model_statistics("padded").await.unwrap()[0];
+    assert_eq!(stats.inference_count, 3, "padding rows are not inferences");
+    let sizes: Vec<u64> = stats.batch_stats.iter().map(|b| b.batch_size).collect();
+    assert_eq!(sizes, vec![4], "3 rows run as an allowed batch of 4");
+    s.server.shutdown().await;
+}

@@ -3,7 +3,7 @@
 //! clear message when it is missing.
 
 use super::{Backend, BackendError};
-use crate::repository::model_yaml::{ExecutionProvider, ModelYaml};
+use crate::repository::model_yaml::{ConvSearch, ExecutionProvider, ModelYaml};
 use crate::repository::onnx::TensorInfo;
 use ort::environment::Environment;
 use ort::ep::ExecutionProvider as _;
@@ -101,7 +101,13 @@ fn register_provider(builder: &mut ort::session::builder::SessionBuilder, cfg: &
     let (available, dispatch, wheel) = match cfg.execution_provider {
         ExecutionProvider::Cpu => return Ok("cpu".into()),
         ExecutionProvider::Cuda => {
-            (ort::ep::CUDA::is_available(), ort::ep::CUDA::default().with_device_id(id).build(), "onnxruntime-gpu")
+            let search = match cfg.cudnn_conv_algo_search {
+                ConvSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
+                ConvSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
+                ConvSearch::Default => ort::ep::cuda::ConvAlgorithmSearch::Default,
+            };
+            let cuda = ort::ep::CUDA::default().with_device_id(id).with_conv_algorithm_search(search);
+            (ort::ep::CUDA::is_available(), cuda.build(), "onnxruntime-gpu")
         }
         ExecutionProvider::Tensorrt => (
             ort::ep::TensorRT::is_available(),

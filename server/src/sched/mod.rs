@@ -55,6 +55,8 @@ impl Item for Pending {
 struct Shared {
     name: String,
     batching: bool,
+    /// Sorted; empty: batches run at the size they were cut.
+    allowed_sizes: Vec<usize>,
     queue: Mutex<BatchQueue<Pending>>,
     wake: Condvar,
     stopping: AtomicBool,
@@ -65,6 +67,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// The size a batch of `rows` runs at: the smallest allowed size that holds it.
+    fn padded_size(&self, rows: usize) -> usize {
+        self.allowed_sizes.iter().copied().find(|&s| s >= rows).unwrap_or(rows)
+    }
+
     /// Publishes the queue length: to the gauge, and to the idle watch without the lock.
     fn set_depth(&self, q: &BatchQueue<Pending>) {
         self.queued.store(q.len(), Ordering::Release);
@@ -84,12 +91,18 @@ impl ModelScheduler {
         name: &str,
         instances: Vec<Box<dyn Backend>>,
         policy: BatchPolicy,
+        allowed_sizes: Vec<usize>,
         stats: Arc<ModelStats>,
         metrics: ModelMetrics,
     ) -> ModelScheduler {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             batching: policy.max_batch_size > 0,
+            allowed_sizes: {
+                let mut a = allowed_sizes;
+                a.sort_unstable();
+                a
+            },
             queue: Mutex::new(BatchQueue::new(policy)),
             wake: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -222,6 +235,8 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
         return;
     }
     let rows: usize = batch.iter().map(|p| p.rows).sum();
+    let executed = shared.padded_size(rows);
+    let pad = executed - rows;
     let span = tracing::debug_span!("batch", model = %shared.name, rows, requests = batch.len());
     for p in &batch {
         span.follows_from(p.span.id());
@@ -233,11 +248,11 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
 
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<_, Error> {
         let t_input = Instant::now();
-        let inputs = assemble(shared, &batch)?;
+        let inputs = assemble(shared, &batch, pad)?;
         let t_infer = Instant::now();
         let outputs = backend.run(&inputs).map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;
         let t_output = Instant::now();
-        let per_item = split(shared, &batch, outputs)?;
+        let per_item = split(shared, &batch, outputs, pad)?;
         let t_end = Instant::now();
         Ok((per_item, t_infer - t_input, t_output - t_infer, t_end - t_output))
     }))
@@ -253,8 +268,8 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
 
     match result {
         Ok((per_item, input, infer, output)) => {
-            shared.stats.record_batch(rows, batch.len(), input, infer, output);
-            shared.metrics.batch_size.observe(rows as f64);
+            shared.stats.record_batch(rows, executed, batch.len(), input, infer, output);
+            shared.metrics.batch_size.observe(executed as f64);
             shared.metrics.compute_duration.observe(infer.as_secs_f64());
             for (p, outputs) in batch.into_iter().zip(per_item) {
                 let _ = p.reply.send(Ok(Computed { outputs, compute: infer }));
@@ -269,25 +284,37 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
 }
 
 /// The batch's input tensors: each request's tensors concatenated along dimension 0.
-fn assemble(shared: &Shared, batch: &[Pending]) -> Result<Vec<Tensor>, Error> {
-    if batch.len() == 1 {
+fn assemble(shared: &Shared, batch: &[Pending], pad: usize) -> Result<Vec<Tensor>, Error> {
+    if batch.len() == 1 && pad == 0 {
         return Ok(batch[0].inputs.clone());
     }
     let n_inputs = batch[0].inputs.len();
     (0..n_inputs)
         .map(|i| {
-            let parts: Vec<&Tensor> = batch.iter().map(|p| &p.inputs[i]).collect();
+            let mut parts: Vec<&Tensor> = batch.iter().map(|p| &p.inputs[i]).collect();
+            let padding = (pad > 0).then(|| zero_rows(parts[0], pad));
+            parts.extend(padding.as_ref());
             Tensor::concat_batch(&parts).map_err(|e| Error::Internal(format!("model '{}': {e}", shared.name)))
         })
         .collect()
 }
 
-/// Splits each output back into per-request pieces (zero-copy slices).
-fn split(shared: &Shared, batch: &[Pending], outputs: Vec<Tensor>) -> Result<Vec<Vec<Tensor>>, Error> {
-    if batch.len() == 1 {
+/// `rows` zero rows shaped like `like`'s rows (padding up to an allowed batch size).
+fn zero_rows(like: &Tensor, rows: usize) -> Tensor {
+    let mut shape = like.shape.clone();
+    shape[0] = rows;
+    let bytes = like.data.len() / like.shape[0].max(1) * rows;
+    Tensor { dtype: like.dtype, shape, data: vec![0u8; bytes].into() }
+}
+
+/// Splits each output back into per-request pieces (zero-copy slices), dropping the
+/// `pad` rows of padding at the end.
+fn split(shared: &Shared, batch: &[Pending], outputs: Vec<Tensor>, pad: usize) -> Result<Vec<Vec<Tensor>>, Error> {
+    if batch.len() == 1 && pad == 0 {
         return Ok(vec![outputs]);
     }
-    let rows: Vec<usize> = batch.iter().map(|p| p.rows).collect();
+    let mut rows: Vec<usize> = batch.iter().map(|p| p.rows).collect();
+    rows.push(pad);
     let mut per_item: Vec<Vec<Tensor>> = vec![Vec::with_capacity(outputs.len()); batch.len()];
     for out in outputs {
         let pieces = out.split_batch(&rows).map_err(|e| Error::Backend {
