@@ -402,3 +402,24 @@ async fn batches_are_padded_to_allowed_sizes_and_padding_is_dropped() {
     assert_eq!(sizes, vec![4], "3 rows run as an allowed batch of 4");
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_gpu_provider_fails_the_load_unless_fallback_is_allowed() {
+    // The CPU build of ONNX Runtime the set-up installs has no CUDA provider.
+    let repo = Repo::new();
+    repo.add("strict", &affine_model(4), "max_batch_size: 8\nexecution_provider: cuda\n");
+    repo.add("lenient", &affine_model(4), "max_batch_size: 8\nexecution_provider: cuda\nallow_fallback: true\n");
+    let s = start(config(repo.path())).await;
+    let index = s.client.repository_index().await.unwrap();
+    let strict = index.iter().find(|m| m.name == "strict").unwrap();
+    assert_eq!(strict.state, "UNAVAILABLE");
+    assert!(
+        strict.reason.contains("execution provider 'cuda' is not available")
+            && strict.reason.contains("allow_fallback"),
+        "{strict:?}"
+    );
+    let (v, t) = x(1, 2.0);
+    let out = s.client.infer("lenient", &[("x", &t)], InferOptions::default()).await.unwrap();
+    assert_eq!(out[0].1.to_f32().unwrap(), affine_reference(&v).0);
+    s.server.shutdown().await;
+}
