@@ -1,10 +1,10 @@
 //! gRPC: `inference.GRPCInferenceService`, translating protocol messages to engine calls.
 
-use super::{deadline_after, parse_shape, views, AppState};
-use crate::engine::{InferRequest, NamedTensor};
+use super::{deadline_after, named_input, tensor_header, views, AppState};
+use crate::engine::InferRequest;
 use crate::error::Error;
 use bytes::{BufMut, Bytes, BytesMut};
-use sluice_ops::{DataType, Tensor};
+use sluice_ops::DataType;
 use sluice_proto as pb;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
 use std::time::Duration;
@@ -103,16 +103,13 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
         .inputs
         .into_iter()
         .map(|i| {
-            let dtype = DataType::parse(&i.datatype)
-                .ok_or_else(|| invalid(format!("input '{}': unknown datatype '{}'", i.name, i.datatype)))?;
-            let shape = parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
+            let (dtype, shape) = tensor_header(&i.name, &i.datatype, &i.shape).map_err(invalid)?;
             let data = match (raw.next(), i.contents) {
                 (Some(b), _) => b,
                 (None, Some(c)) => typed_contents(&i.name, dtype, c).map_err(invalid)?,
                 (None, None) => return Err(invalid(format!("input '{}' has no data", i.name))),
             };
-            let tensor = Tensor::new(dtype, shape, data).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
-            Ok(NamedTensor { name: i.name, tensor })
+            named_input(i.name, dtype, shape, data).map_err(invalid)
         })
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(InferRequest {

@@ -1,8 +1,8 @@
 //! HTTP/REST: the v2 protocol's JSON endpoints plus the binary tensor data extension
 //! (`Inference-Header-Content-Length`: a JSON header followed by raw tensor bytes).
 
-use super::{deadline_after, parse_shape, views, AppState};
-use crate::engine::{InferRequest, InferResponse, NamedTensor};
+use super::{deadline_after, named_input, tensor_header, views, AppState};
+use crate::engine::{InferRequest, InferResponse};
 use crate::error::Error;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -218,15 +218,12 @@ fn parse_infer(
     let req: JsonInferRequest =
         serde_json::from_slice(&body[..header_len]).map_err(|e| invalid(format!("request JSON: {e}")))?;
     let mut binary = body.slice(header_len..);
-    let inputs = req
-        .inputs
-        .into_iter()
-        .map(|i| {
-            let dtype = DataType::parse(&i.datatype)
-                .ok_or_else(|| invalid(format!("input '{}': unknown datatype '{}'", i.name, i.datatype)))?;
-            let shape = parse_shape(&i.shape).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
-            let data =
-                match i.parameters.get("binary_data_size") {
+    let inputs =
+        req.inputs
+            .into_iter()
+            .map(|i| {
+                let (dtype, shape) = tensor_header(&i.name, &i.datatype, &i.shape).map_err(invalid)?;
+                let data = match i.parameters.get("binary_data_size") {
                     Some(n) => {
                         let n = n.as_u64().ok_or_else(|| {
                             invalid(format!("input '{}': binary_data_size must be an integer", i.name))
@@ -247,10 +244,9 @@ fn parse_infer(
                         json_to_bytes(dtype, data).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?
                     }
                 };
-            let tensor = Tensor::new(dtype, shape, data).map_err(|e| invalid(format!("input '{}': {e}", i.name)))?;
-            Ok(NamedTensor { name: i.name, tensor })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
+                named_input(i.name, dtype, shape, data).map_err(invalid)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
     if !binary.is_empty() {
         return Err(invalid(format!("{} binary bytes after the last input are unaccounted for", binary.len())));
     }

@@ -6,7 +6,9 @@ pub mod grpc;
 pub mod http;
 pub mod views;
 
-use crate::engine::Engine;
+use crate::engine::{Engine, NamedTensor};
+use bytes::Bytes;
+use sluice_ops::{DataType, Tensor};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +30,23 @@ pub(crate) fn deadline_after(own: Option<Duration>, default: Option<Duration>) -
     own.or(default).map(|d| Instant::now() + d)
 }
 
-pub(crate) fn parse_shape(shape: &[i64]) -> Result<Vec<usize>, String> {
-    shape.iter().map(|&d| usize::try_from(d).map_err(|_| format!("shape {shape:?} has a negative dimension"))).collect()
+/// Reads a wire tensor's header, the same for every protocol: its datatype and shape.
+pub(crate) fn tensor_header(name: &str, datatype: &str, shape: &[i64]) -> Result<(DataType, Vec<usize>), String> {
+    let dtype = DataType::parse(datatype).ok_or_else(|| format!("input '{name}': unknown datatype '{datatype}'"))?;
+    let shape = shape
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| format!("input '{name}': shape {shape:?} has a negative dimension")))
+        .collect::<Result<_, _>>()?;
+    Ok((dtype, shape))
+}
+
+/// Builds a request input, checking that `data` is exactly what dtype and shape call for.
+pub(crate) fn named_input(
+    name: String,
+    dtype: DataType,
+    shape: Vec<usize>,
+    data: Bytes,
+) -> Result<NamedTensor, String> {
+    let tensor = Tensor::new(dtype, shape, data).map_err(|e| format!("input '{name}': {e}"))?;
+    Ok(NamedTensor { name, tensor })
 }
