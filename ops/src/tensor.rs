@@ -96,6 +96,8 @@ pub enum TensorError {
     BytesTruncated { index: usize, len: usize, left: usize },
     #[error("cannot batch tensors of different {what}: {a} vs {b}")]
     Mismatch { what: &'static str, a: String, b: String },
+    #[error("shape {shape:?} has more elements than can be addressed")]
+    TooLarge { shape: Vec<usize> },
     #[error("tensor has no batch dimension (rank 0)")]
     NoBatchDim,
     #[error("batch split sizes add up to {total}, tensor has {rows} rows")]
@@ -132,14 +134,20 @@ impl Tensor {
 
     /// Checks the byte length (fixed-size types) or the element framing (BYTES).
     pub fn validate(&self) -> Result<(), TensorError> {
-        let n = element_count(&self.shape);
+        // Shapes come from clients: a product that overflows is an error, not a wrap-around.
+        let n = self
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| TensorError::TooLarge { shape: self.shape.clone() })?;
         match self.dtype.size() {
             Some(sz) => {
-                if n * sz != self.data.len() {
+                let expected = n.checked_mul(sz).ok_or_else(|| TensorError::TooLarge { shape: self.shape.clone() })?;
+                if expected != self.data.len() {
                     return Err(TensorError::ByteLength {
                         dtype: self.dtype,
                         shape: self.shape.clone(),
-                        expected: n * sz,
+                        expected,
                         actual: self.data.len(),
                     });
                 }
@@ -320,6 +328,12 @@ mod tests {
     fn byte_length_is_checked() {
         let err = Tensor::new(DataType::F32, vec![2, 3], Bytes::from(vec![0u8; 20])).unwrap_err();
         assert_eq!(err.to_string(), "FP32 tensor of shape [2, 3] needs 24 bytes, got 20");
+    }
+
+    #[test]
+    fn overflowing_shapes_are_rejected() {
+        let err = Tensor::new(DataType::F32, vec![1 << 40, 1 << 40], Bytes::new()).unwrap_err();
+        assert!(matches!(err, TensorError::TooLarge { .. }), "{err}");
     }
 
     #[test]
