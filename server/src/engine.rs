@@ -295,7 +295,7 @@ fn warm_up(spec: &ModelSpec, backend: &mut dyn Backend) -> Result<(), String> {
     for &size in &spec.config.dynamic_batching.allowed_batch_sizes {
         if runs.iter().all(|w| w.batch_size != size) {
             let mut shapes = runs.first().map(|w| w.shapes.clone()).unwrap_or_default();
-            shapes.values_mut().for_each(|s| s[0] = size);
+            shapes.values_mut().filter_map(|s| s.first_mut()).for_each(|d| *d = size);
             runs.push(Warmup { batch_size: size, shapes });
         }
     }

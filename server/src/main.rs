@@ -48,6 +48,9 @@ struct ServeArgs {
     /// Deadline in milliseconds for requests that carry none (0: no deadline).
     #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_MS", default_value_t = 0)]
     request_timeout_ms: u64,
+    /// How long a graceful shutdown may wait for in-flight requests before exiting anyway.
+    #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
+    shutdown_timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -97,9 +100,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let server = sluice_server::server::start(cfg).await?;
         println!("sluice serving gRPC on {} and HTTP on {}", server.grpc_addr, server.http_addr);
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing in-flight requests");
-        server.shutdown().await;
-        tracing::info!("stopped");
+        tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("second signal: exiting without finishing in-flight requests");
+            std::process::exit(130);
+        });
+        match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout_s), server.shutdown()).await {
+            Ok(()) => tracing::info!("stopped"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish within {} s; exiting", args.shutdown_timeout_s);
+                std::process::exit(1);
+            }
+        }
         Ok(())
     })
 }

@@ -66,7 +66,7 @@ impl Metrics {
             ),
             request_duration: histogram(
                 "sluice_request_duration_seconds",
-                "Whole request time inside the server, receive to response.",
+                "Request time in the engine: decoded request in, outputs ready (wire decode and encode excluded).",
                 LATENCY_BUCKETS,
             ),
             queue_duration: histogram(

@@ -71,7 +71,10 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
 
     let grpc = GrpcInferenceServiceServer::new(GrpcApi { state: state.clone() })
         .max_decoding_message_size(cfg.max_message_bytes)
-        .max_encoding_message_size(cfg.max_message_bytes);
+        .max_encoding_message_size(cfg.max_message_bytes)
+        // tritonclient and perf_analyzer can compress requests with gzip.
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
     // Nagle's algorithm holds back HTTP/2's small frames (window updates, headers) behind a
     // delayed ACK: 40 ms stalls per large request. tonic's own nodelay setting does not
     // reach sockets from a custom incoming stream, so set it on each accepted one.

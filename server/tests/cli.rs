@@ -2,7 +2,7 @@
 
 use sluice_client::{Client, InferOptions, Tensor};
 use sluice_tests::{affine_model, affine_reference, ort_dylib, Repo};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -44,8 +44,9 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    // "sluice serving gRPC on 127.0.0.1:PORT and HTTP on ..."
-    let grpc = line.split_whitespace().nth(4).expect("address in the banner").to_string();
+    // "sluice serving gRPC on 127.0.0.1:PORT and HTTP on 127.0.0.1:PORT"
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (grpc, http) = (words[4].to_string(), words[8].to_string());
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -53,7 +54,8 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
         let v = [1.0f32, 2.0, 3.0, 4.0];
         let t = Tensor::from_f32(vec![1, 4], &v);
         let call = tokio::spawn(async move { client.infer("held", &[("x", &t)], InferOptions::default()).await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let addr = http.clone();
+        tokio::task::spawn_blocking(move || wait_until_queued(&addr)).await.unwrap();
         let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
         assert!(killed.success());
         let out = call.await.unwrap().expect("the in-flight request completes");
@@ -61,4 +63,19 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     });
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Polls the server's /metrics (plain HTTP/1.0) until the held request is queued.
+fn wait_until_queued(http: &str) {
+    for _ in 0..1000 {
+        let mut conn = std::net::TcpStream::connect(http).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).unwrap();
+        if body.contains("sluice_queue_depth{model=\"held\"} 1") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the request never reached the queue");
 }

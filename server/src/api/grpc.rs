@@ -18,6 +18,10 @@ pub struct GrpcApi {
 fn grpc_timeout<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    // The spec allows at most 8 digits, which also keeps the arithmetic below in range.
+    if num.is_empty() || num.len() > 8 {
+        return None;
+    }
     let n: u64 = num.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n * 3600),
@@ -105,7 +109,10 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
         .map(|i| {
             let (dtype, shape) = tensor_header(&i.name, &i.datatype, &i.shape).map_err(invalid)?;
             let data = match (raw.next(), i.contents) {
-                (Some(b), _) => b,
+                (Some(_), Some(_)) => {
+                    return Err(invalid(format!("input '{}' has both raw and typed contents; send one", i.name)))
+                }
+                (Some(b), None) => b,
                 (None, Some(c)) => typed_contents(&i.name, dtype, c).map_err(invalid)?,
                 (None, None) => return Err(invalid(format!("input '{}' has no data", i.name))),
             };

@@ -27,7 +27,7 @@ impl AppState {
 
 /// The request's own timeout, else the server default, as an instant.
 pub(crate) fn deadline_after(own: Option<Duration>, default: Option<Duration>) -> Option<Instant> {
-    own.or(default).map(|d| Instant::now() + d)
+    own.or(default).and_then(|d| Instant::now().checked_add(d))
 }
 
 /// Reads a wire tensor's header, the same for every protocol: its datatype and shape.

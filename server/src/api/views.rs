@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering::Relaxed;
 
 pub const SERVER_NAME: &str = "sluice";
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
-pub const EXTENSIONS: &[&str] = &["model_repository", "statistics", "binary_tensor_data"];
+/// Only what is implemented in full (the repository extension's load/unload is not yet).
+pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "binary_tensor_data"];
 pub const PLATFORM: &str = "onnxruntime_onnx";
 
 pub fn model_metadata(m: &LoadedModel) -> pb::ModelMetadataResponse {

@@ -64,6 +64,13 @@ pub fn load(
     inputs: &[TensorInfo],
     outputs: &[TensorInfo],
 ) -> Result<OrtBackend, String> {
+    if let Some(t) = inputs.iter().chain(outputs).find(|t| t.dtype == DataType::Bytes) {
+        return Err(format!(
+            "{}: '{}' is a string tensor, which the ONNX Runtime backend does not support",
+            model_file.display(),
+            t.name
+        ));
+    }
     let env = environment(dylib)?;
     let mut builder = Session::builder(env)
         .map_err(|e| format!("cannot create session options: {e}"))?

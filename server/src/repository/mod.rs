@@ -58,6 +58,7 @@ pub fn read_spec(dir: &Path, name: &str) -> Result<ModelSpec, String> {
     let (inputs, outputs) =
         apply_overrides(&config, sig.clone()).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+    check_warmup(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     Ok(ModelSpec {
         name: name.to_string(),
         dir: dir.to_path_buf(),
@@ -112,6 +113,25 @@ fn check_batch_dims(cfg: &ModelYaml, inputs: &[TensorInfo], outputs: &[TensorInf
                     "max_batch_size is {} but {what} '{}' is a scalar with no batch dimension",
                     cfg.max_batch_size, t.name
                 ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_warmup(cfg: &ModelYaml, inputs: &[TensorInfo]) -> Result<(), String> {
+    for (i, w) in cfg.warmup.iter().enumerate() {
+        for (name, shape) in &w.shapes {
+            let info = inputs.iter().find(|t| &t.name == name).ok_or_else(|| {
+                let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+                format!("warmup[{i}]: '{name}' is not an input (inputs: {})", names.join(", "))
+            })?;
+            if shape.len() != info.dims.len() {
+                return Err(format!(
+                    "warmup[{i}]: shape {shape:?} for '{name}' has rank {}, the input has rank {}",
+                    shape.len(),
+                    info.dims.len()
+                ));
             }
         }
     }

@@ -160,7 +160,10 @@ impl ModelScheduler {
 
 impl Drop for ModelScheduler {
     fn drop(&mut self) {
+        // Under the lock, so no instance can check the flag and then park after this.
+        let q = self.shared.queue.lock();
         self.shared.stopping.store(true, Ordering::Release);
+        drop(q);
         self.shared.wake.notify_all();
         for t in self.threads.drain(..) {
             let _ = t.join();
@@ -180,11 +183,11 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>) {
                 if dropped > 0 {
                     shared.metrics.abandoned.inc_by(dropped);
                 }
+                // Cutting a batch or dropping abandoned items both change the depth; a stale
+                // count would keep the idle watch from ever parking.
+                shared.set_depth(&q);
                 match poll {
-                    Poll::Batch(b) => {
-                        shared.set_depth(&q);
-                        break b;
-                    }
+                    Poll::Batch(b) => break b,
                     Poll::Wait(_) if stopping => return,
                     Poll::Wait(Some(t)) => {
                         shared.wake.wait_until(&mut q, t);
@@ -193,7 +196,7 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>) {
                         let found = MutexGuard::unlocked(&mut q, || watch_for_work(shared));
                         // Re-check under the lock: an item pushed after the watch gave up has
                         // already sent its notification.
-                        if !found && q.is_empty() {
+                        if !found && q.is_empty() && !shared.stopping.load(Ordering::Acquire) {
                             shared.wake.wait(&mut q);
                         }
                     }
@@ -303,7 +306,9 @@ fn assemble(shared: &Shared, batch: &[Pending], pad: usize) -> Result<Vec<Tensor
 fn zero_rows(like: &Tensor, rows: usize) -> Tensor {
     let mut shape = like.shape.clone();
     shape[0] = rows;
-    let bytes = like.data.len() / like.shape[0].max(1) * rows;
+    let elements = sluice_ops::tensor::element_count(&shape);
+    // A BYTES element of zero length is its 4-byte length prefix alone.
+    let bytes = elements * like.dtype.size().unwrap_or(4);
     Tensor { dtype: like.dtype, shape, data: vec![0u8; bytes].into() }
 }
 
@@ -326,4 +331,58 @@ fn split(shared: &Shared, batch: &[Pending], outputs: Vec<Tensor>, pad: usize) -
         }
     }
     Ok(per_item)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendError;
+    use crate::metrics::Metrics;
+
+    /// Returns its input doubled, so results show which rows went where.
+    struct Doubler;
+    impl Backend for Doubler {
+        fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+            let v: Vec<f32> = inputs[0].to_f32().unwrap().iter().map(|x| x * 2.0).collect();
+            Ok(vec![Tensor::from_f32(inputs[0].shape.clone(), &v)])
+        }
+        fn device(&self) -> String {
+            "test".into()
+        }
+    }
+
+    fn scheduler(delay_ms: u64, allowed: Vec<usize>) -> ModelScheduler {
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(delay_ms),
+            preferred: vec![],
+            max_queue_size: 16,
+        };
+        let metrics = Metrics::new().for_model("m");
+        ModelScheduler::start("m", vec![Box::new(Doubler)], policy, allowed, Arc::default(), metrics)
+    }
+
+    #[tokio::test]
+    async fn padded_batches_split_back_per_request() {
+        let s = scheduler(30, vec![8]);
+        let a = s.submit(vec![Tensor::from_f32(vec![1, 2], &[1.0, 2.0])], 1, None).unwrap();
+        let b = s.submit(vec![Tensor::from_f32(vec![2, 2], &[3.0, 4.0, 5.0, 6.0])], 2, None).unwrap();
+        let (a, b) = (a.await.unwrap().unwrap(), b.await.unwrap().unwrap());
+        assert_eq!(a.outputs[0].to_f32().unwrap(), vec![2.0, 4.0]);
+        assert_eq!(b.outputs[0].to_f32().unwrap(), vec![6.0, 8.0, 10.0, 12.0]);
+        let batches = s.shared.stats.batches.lock().clone();
+        assert_eq!(batches.keys().copied().collect::<Vec<_>>(), vec![8], "3 rows run padded to 8");
+    }
+
+    #[tokio::test]
+    async fn abandoned_items_leave_the_queue_and_the_instance_parks() {
+        let s = scheduler(20, vec![]);
+        let rx = s.submit(vec![Tensor::from_f32(vec![1, 2], &[1.0, 2.0])], 1, None).unwrap();
+        drop(rx);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(s.shared.queued.load(Ordering::Acquire), 0);
+        assert_eq!(s.shared.queue.lock().abandoned(), 1);
+        // Dropping joins the instance thread: this returns only if it was not stuck.
+        drop(s);
+    }
 }

@@ -45,7 +45,7 @@ impl<T: Item> BatchQueue<T> {
     pub fn new(mut policy: BatchPolicy) -> Self {
         policy.preferred.sort_unstable();
         policy.preferred.dedup();
-        BatchQueue { items: VecDeque::with_capacity(policy.max_queue_size), policy, abandoned: 0 }
+        BatchQueue { items: VecDeque::new(), policy, abandoned: 0 }
     }
 
     pub fn len(&self) -> usize {
