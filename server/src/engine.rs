@@ -116,6 +116,17 @@ impl Engine {
         }
     }
 
+    /// Counts a request for `model` that was malformed on the wire and never reached it,
+    /// so statistics and metrics see every failure. Unknown models are not counted: their
+    /// names come from clients and would make unbounded metric labels.
+    pub fn record_rejected(&self, model: &str, version: &str, e: &Error) {
+        if let Ok(m) = self.model(model, version) {
+            m.stats.record_request(false, Duration::ZERO);
+            m.metrics.requests.inc();
+            m.metrics.failure(e.error_type());
+        }
+    }
+
     /// Runs one inference request through the model's batcher.
     pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let start = Instant::now();

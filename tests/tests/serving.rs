@@ -273,6 +273,9 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
     // And the server still answers good requests.
     let out = s.client.infer("affine", &[("x", &t)], InferOptions::default()).await.unwrap();
     assert_eq!(out[0].1.to_f32().unwrap(), vec![1.0, 1.5, 2.0, 2.5]);
+    // Every malformed request for the model counts as a failure, wherever it was caught.
+    let stats = s.client.model_statistics("affine").await.unwrap()[0].inference_stats.unwrap();
+    assert_eq!((stats.success.unwrap().count, stats.fail.unwrap().count), (1, 9));
     s.server.shutdown().await;
 }
 

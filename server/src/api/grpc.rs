@@ -174,7 +174,10 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let deadline = deadline_after(grpc_timeout(&req), self.state.default_timeout);
-        let engine_req = to_engine_request(req.into_inner())?;
+        let req = req.into_inner();
+        let (model, version) = (req.model_name.clone(), req.model_version.clone());
+        let engine_req =
+            to_engine_request(req).inspect_err(|e| self.state.engine.record_rejected(&model, &version, e))?;
         let resp = self.state.engine.infer(engine_req, deadline).await?;
         let mut raw = Vec::with_capacity(resp.outputs.len());
         let outputs = resp

@@ -172,7 +172,8 @@ async fn infer_v(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);
-        let (req, binary_out) = parse_infer(&model, &version, &headers, body)?;
+        let (req, binary_out) = parse_infer(&model, &version, &headers, body)
+            .inspect_err(|e| s.engine.record_rejected(&model, &version, e))?;
         let resp = s.engine.infer(req, deadline_after(timeout, s.default_timeout)).await?;
         encode_infer(resp, &binary_out)
     };
