@@ -294,7 +294,9 @@ fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -> Result<Lo
     };
     let model_metrics = metrics.for_model(&spec.name);
     let allowed = cfg.dynamic_batching.allowed_batch_sizes.clone();
-    let scheduler = ModelScheduler::start(&spec.name, instances, policy, allowed, stats.clone(), model_metrics.clone());
+    let outputs = spec.outputs.iter().map(|o| o.name.clone()).collect();
+    let scheduler =
+        ModelScheduler::start(&spec.name, instances, policy, allowed, outputs, stats.clone(), model_metrics.clone());
     Ok(LoadedModel { spec, metrics: model_metrics, stats, devices, scheduler })
 }
 

@@ -54,6 +54,8 @@ impl Item for Pending {
 
 struct Shared {
     name: String,
+    /// For error messages.
+    output_names: Vec<String>,
     batching: bool,
     /// Sorted; empty: batches run at the size they were cut.
     allowed_sizes: Vec<usize>,
@@ -92,11 +94,13 @@ impl ModelScheduler {
         instances: Vec<Box<dyn Backend>>,
         policy: BatchPolicy,
         allowed_sizes: Vec<usize>,
+        output_names: Vec<String>,
         stats: Arc<ModelStats>,
         metrics: ModelMetrics,
     ) -> ModelScheduler {
         let shared = Arc::new(Shared {
             name: name.to_string(),
+            output_names,
             batching: policy.max_batch_size > 0,
             allowed_sizes: {
                 let mut a = allowed_sizes;
@@ -315,6 +319,24 @@ fn zero_rows(like: &Tensor, rows: usize) -> Tensor {
 /// Splits each output back into per-request pieces (zero-copy slices), dropping the
 /// `pad` rows of padding at the end.
 fn split(shared: &Shared, batch: &[Pending], outputs: Vec<Tensor>, pad: usize) -> Result<Vec<Vec<Tensor>>, Error> {
+    if shared.batching {
+        // Checked for every batch, not only shared ones, so a model whose output is not
+        // batched fails the same way alone as it would together with others.
+        let executed: usize = batch.iter().map(|p| p.rows).sum::<usize>() + pad;
+        for (i, out) in outputs.iter().enumerate() {
+            if out.shape.first() != Some(&executed) {
+                return Err(Error::Backend {
+                    model: shared.name.clone(),
+                    message: format!(
+                        "output '{}' has shape {:?} for a batch of {executed}: its first dimension is not the batch \
+                         dimension (set max_batch_size: 0 for this model)",
+                        shared.output_names.get(i).map_or("?", String::as_str),
+                        out.shape
+                    ),
+                });
+            }
+        }
+    }
     if batch.len() == 1 && pad == 0 {
         return Ok(vec![outputs]);
     }
@@ -359,7 +381,7 @@ mod tests {
             max_queue_size: 16,
         };
         let metrics = Metrics::new().for_model("m");
-        ModelScheduler::start("m", vec![Box::new(Doubler)], policy, allowed, Arc::default(), metrics)
+        ModelScheduler::start("m", vec![Box::new(Doubler)], policy, allowed, vec!["y".into()], Arc::default(), metrics)
     }
 
     #[tokio::test]
@@ -372,6 +394,36 @@ mod tests {
         assert_eq!(b.outputs[0].to_f32().unwrap(), vec![6.0, 8.0, 10.0, 12.0]);
         let batches = s.shared.stats.batches.lock().clone();
         assert_eq!(batches.keys().copied().collect::<Vec<_>>(), vec![8], "3 rows run padded to 8");
+    }
+
+    /// Always answers one row, whatever the batch: its output is not batched.
+    struct OneRow;
+    impl Backend for OneRow {
+        fn run(&mut self, _: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+            Ok(vec![Tensor::from_f32(vec![1, 2], &[0.0, 0.0])])
+        }
+        fn device(&self) -> String {
+            "test".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_output_without_the_batch_dimension_is_named_in_the_error() {
+        let policy =
+            BatchPolicy { max_batch_size: 8, max_queue_delay: Duration::ZERO, preferred: vec![], max_queue_size: 4 };
+        let metrics = Metrics::new().for_model("m");
+        let s = ModelScheduler::start(
+            "m",
+            vec![Box::new(OneRow)],
+            policy,
+            vec![],
+            vec!["y".into()],
+            Arc::default(),
+            metrics,
+        );
+        let rx = s.submit(vec![Tensor::from_f32(vec![2, 2], &[1.0; 4])], 2, None).unwrap();
+        let err = rx.await.unwrap().err().expect("a batch-of-2 request cannot get one row back");
+        assert!(err.to_string().contains("output 'y' has shape [1, 2] for a batch of 2"), "{err}");
     }
 
     #[tokio::test]
