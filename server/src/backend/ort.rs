@@ -46,7 +46,8 @@ fn environment(dylib: &Path) -> Result<&'static Environment, String> {
 }
 
 pub struct OrtBackend {
-    session: Session,
+    /// One session, or one per allowed batch size (`Some(size)`) on GPU providers.
+    sessions: Vec<(Option<usize>, Session)>,
     input_names: Vec<String>,
     output_names: Vec<String>,
     device: String,
@@ -71,6 +72,33 @@ pub fn load(
             t.name
         ));
     }
+    // GPU providers re-plan their kernels whenever a session's input shape changes (see
+    // allowed_batch_sizes): give each allowed batch size a session of its own, so every
+    // session only ever sees one shape. On CPU one session serves all sizes.
+    let sizes: Vec<Option<usize>> =
+        if cfg.execution_provider != ExecutionProvider::Cpu && !cfg.dynamic_batching.allowed_batch_sizes.is_empty() {
+            cfg.dynamic_batching.allowed_batch_sizes.iter().map(|&s| Some(s)).collect()
+        } else {
+            vec![None]
+        };
+    let mut sessions = Vec::with_capacity(sizes.len());
+    let mut device = String::new();
+    for size in sizes {
+        let (session, dev) = session(dylib, model_file, cfg)?;
+        sessions.push((size, session));
+        device = dev;
+    }
+    Ok(OrtBackend {
+        sessions,
+        input_names: inputs.iter().map(|t| t.name.clone()).collect(),
+        output_names: outputs.iter().map(|t| t.name.clone()).collect(),
+        device,
+    })
+}
+
+/// One ONNX Runtime session with the model.yaml's options and provider; returns it with
+/// the device it runs on.
+fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml) -> Result<(Session, String), String> {
     let env = environment(dylib)?;
     let mut builder = Session::builder(env)
         .map_err(|e| format!("cannot create session options: {e}"))?
@@ -95,12 +123,7 @@ pub fn load(
     let session = builder
         .commit_from_file(model_file)
         .map_err(|e| format!("ONNX Runtime cannot load {}: {e}", model_file.display()))?;
-    Ok(OrtBackend {
-        session,
-        input_names: inputs.iter().map(|t| t.name.clone()).collect(),
-        output_names: outputs.iter().map(|t| t.name.clone()).collect(),
-        device,
-    })
+    Ok((session, device))
 }
 
 fn register_provider(builder: &mut ort::session::builder::SessionBuilder, cfg: &ModelYaml) -> Result<String, String> {
@@ -215,7 +238,10 @@ impl Backend for OrtBackend {
             .zip(inputs)
             .map(|(n, t)| Ok((Cow::Borrowed(n.as_str()), SessionInputValue::from(to_input(t)?))))
             .collect::<Result<Vec<_>, BackendError>>()?;
-        let outputs = self.session.run(values).map_err(|e| BackendError(e.to_string()))?;
+        // The session for this batch size, or the only one.
+        let rows = inputs.first().and_then(|t| t.shape.first().copied());
+        let i = self.sessions.iter().position(|(size, _)| size.is_some() && *size == rows).unwrap_or(0);
+        let outputs = self.sessions[i].1.run(values).map_err(|e| BackendError(e.to_string()))?;
         self.output_names
             .iter()
             .map(|n| {

@@ -100,8 +100,8 @@ pub struct DynamicBatching {
     pub preferred_batch_sizes: Vec<usize>,
     /// If set, every batch is padded with zero rows up to the smallest of these sizes
     /// that holds it, and each size is warmed up at load. GPU providers re-plan their
-    /// kernels for every new input shape (over 100 ms per change for ResNet-50 with
-    /// cuDNN 9); a few fixed sizes keep them on the fast path.
+    /// kernels whenever a session's input shape changes (over 100 ms per change for
+    /// ResNet-50 with cuDNN 9), so on GPU each instance keeps one session per size.
     #[serde(default)]
     pub allowed_batch_sizes: Vec<usize>,
 }
