@@ -1,6 +1,13 @@
 //! The values that flow through sluice and the CPU operations on them. This crate knows
 //! nothing of the wire protocol, the async runtime or the backends.
 
+pub mod detect;
+pub mod image_ops;
+pub mod op;
 pub mod tensor;
+pub mod tensor_ops;
+pub mod value;
 
+pub use op::{BuildContext, Op, OpError, Port};
 pub use tensor::{DataType, Tensor, TensorError};
+pub use value::{Image, Value, ValueType};

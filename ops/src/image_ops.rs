@@ -1,0 +1,703 @@
+//! Image ops: decode, resize, normalize, crop, rotate. Pure Rust (zune-jpeg, png,
+//! fast_image_resize); resizing uses bilinear interpolation without antialiasing, which
+//! matches OpenCV's INTER_LINEAR, the pre-processing most vision models are trained with.
+
+use crate::op::{input, port, BuildContext, Op, OpError, OpResult, Port};
+use crate::tensor::{DataType, Tensor};
+use crate::value::{Image, Value, ValueType};
+use fast_image_resize::images::{TypedCroppedImage, TypedCroppedImageMut, TypedImage, TypedImageRef};
+use fast_image_resize::pixels::U8x3;
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use serde::Deserialize;
+use std::cell::RefCell;
+use std::sync::Arc;
+
+fn image_in(inputs: &[Value], i: usize) -> Result<&Arc<Image>, OpError> {
+    input(inputs, i, "an image", Value::as_image)
+}
+
+// ---- decode ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecodeParams {
+    /// Refuse images with more pixels than this (decompression bombs).
+    #[serde(default = "default_max_pixels")]
+    max_pixels: u64,
+}
+
+fn default_max_pixels() -> u64 {
+    64 << 20
+}
+
+struct Decode {
+    max_pixels: u64,
+}
+
+pub(crate) fn build_decode(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    let p: DecodeParams = ctx.params()?;
+    Ok(Box::new(Decode { max_pixels: p.max_pixels }))
+}
+
+impl Op for Decode {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("bytes", ValueType::Bytes)]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image())]
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        let data = input(inputs, 0, "encoded bytes", |v| match v {
+            Value::Bytes(b) => Some(b),
+            _ => None,
+        })?;
+        Ok(vec![Value::Image(Arc::new(decode_image(data, self.max_pixels)?))])
+    }
+}
+
+/// Decodes a JPEG or PNG into RGB, applying the EXIF orientation of JPEGs.
+pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| OpError::Invalid(format!("cannot decode {what}: {e}"));
+    if data.starts_with(&[0xFF, 0xD8]) {
+        use zune_core::bytestream::ZCursor;
+        use zune_core::colorspace::ColorSpace;
+        use zune_core::options::DecoderOptions;
+        let side = (max_pixels as usize).min(u16::MAX as usize);
+        let opts =
+            DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB).set_max_width(side).set_max_height(side);
+        let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(data), opts);
+        dec.decode_headers().map_err(|e| bad("JPEG", &e))?;
+        let (w, h) = dec.dimensions().ok_or_else(|| bad("JPEG", &"no dimensions"))?;
+        check_pixels(w, h, max_pixels)?;
+        let mut buf = vec![0u8; dec.output_buffer_size().ok_or_else(|| bad("JPEG", &"size overflow"))?];
+        dec.decode_into(&mut buf).map_err(|e| bad("JPEG", &e))?;
+        let orientation = dec.exif().and_then(|e| exif_orientation(e)).unwrap_or(1);
+        Ok(orient(Image::new(w as u32, h as u32, buf), orientation))
+    } else if data.starts_with(b"\x89PNG") {
+        let mut dec = png::Decoder::new(std::io::Cursor::new(data));
+        dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+        let mut reader = dec.read_info().map_err(|e| bad("PNG", &e))?;
+        let (w, h) = (reader.info().width, reader.info().height);
+        check_pixels(w as usize, h as usize, max_pixels)?;
+        let mut buf = vec![0u8; reader.output_buffer_size().ok_or_else(|| bad("PNG", &"size overflow"))?];
+        let frame = reader.next_frame(&mut buf).map_err(|e| bad("PNG", &e))?;
+        buf.truncate(frame.buffer_size());
+        let rgb = match frame.color_type {
+            png::ColorType::Rgb => buf,
+            png::ColorType::Rgba => buf.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+            png::ColorType::Grayscale => buf.iter().flat_map(|&g| [g, g, g]).collect(),
+            png::ColorType::GrayscaleAlpha => buf.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+            png::ColorType::Indexed => return Err(bad("PNG", &"palette was not expanded")),
+        };
+        Ok(Image::new(w, h, rgb))
+    } else {
+        Err(OpError::Invalid(format!(
+            "cannot decode image: not a JPEG or PNG ({} bytes, starting {:02x?})",
+            data.len(),
+            &data[..data.len().min(4)]
+        )))
+    }
+}
+
+fn check_pixels(w: usize, h: usize, max: u64) -> Result<(), OpError> {
+    if w == 0 || h == 0 || (w as u64) * (h as u64) > max {
+        return Err(OpError::Invalid(format!("image is {w}x{h}: outside 1..={max} pixels")));
+    }
+    Ok(())
+}
+
+/// The orientation tag (0x0112) of an EXIF block (a TIFF structure, after "Exif\0\0"
+/// when present).
+fn exif_orientation(exif: &[u8]) -> Option<u16> {
+    let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    let le = match tiff.get(..2)? {
+        b"II" => true,
+        b"MM" => false,
+        _ => return None,
+    };
+    let u16_at = |o: usize| {
+        tiff.get(o..o + 2).map(|b| if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) })
+    };
+    let u32_at = |o: usize| {
+        tiff.get(o..o + 4).map(|b| {
+            let a = [b[0], b[1], b[2], b[3]];
+            if le {
+                u32::from_le_bytes(a)
+            } else {
+                u32::from_be_bytes(a)
+            }
+        })
+    };
+    let ifd = u32_at(4)? as usize;
+    let count = u16_at(ifd)? as usize;
+    (0..count).map(|i| ifd + 2 + i * 12).find(|&e| u16_at(e) == Some(0x0112)).and_then(|e| u16_at(e + 8))
+}
+
+/// Applies an EXIF orientation (1..=8) so the image is upright.
+fn orient(img: Image, orientation: u16) -> Image {
+    let (w, h) = (img.width as usize, img.height as usize);
+    // For each output pixel (x, y) of an output of size (ow, oh): its source pixel.
+    let transposed = matches!(orientation, 5..=8);
+    let (ow, oh) = if transposed { (h, w) } else { (w, h) };
+    let src = |x: usize, y: usize| -> (usize, usize) {
+        match orientation {
+            2 => (w - 1 - x, y),
+            3 => (w - 1 - x, h - 1 - y),
+            4 => (x, h - 1 - y),
+            5 => (y, x),
+            6 => (y, h - 1 - x),
+            7 => (w - 1 - y, h - 1 - x),
+            8 => (w - 1 - y, x),
+            _ => (x, y),
+        }
+    };
+    if !(2..=8).contains(&orientation) {
+        return img;
+    }
+    let mut out = vec![0u8; img.data.len()];
+    for y in 0..oh {
+        for x in 0..ow {
+            let (sx, sy) = src(x, y);
+            let s = (sy * w + sx) * 3;
+            let d = (y * ow + x) * 3;
+            out[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
+        }
+    }
+    Image::new(ow as u32, oh as u32, out)
+}
+
+// ---- resize ----
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Exactly width x height, ignoring the aspect ratio.
+    Stretch,
+    /// Fit inside width x height keeping the aspect ratio, centred, padded with `pad`.
+    Letterbox,
+    /// Scale the shorter side to `shorter`, then cut the centre width x height.
+    ShorterSideCrop,
+    /// Scale so the longer side is at most `max_side`, each side rounded to a multiple of `multiple`.
+    FitMultiple,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResizeParams {
+    mode: ResizeMode,
+    #[serde(default)]
+    width: u32,
+    #[serde(default)]
+    height: u32,
+    #[serde(default)]
+    shorter: Option<u32>,
+    #[serde(default)]
+    pad: u8,
+    #[serde(default = "default_multiple")]
+    multiple: u32,
+    #[serde(default)]
+    max_side: Option<u32>,
+}
+
+fn default_multiple() -> u32 {
+    32
+}
+
+struct Resize {
+    p: ResizeParams,
+}
+
+pub(crate) fn build_resize(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    let p: ResizeParams = ctx.params()?;
+    match p.mode {
+        ResizeMode::FitMultiple if p.multiple == 0 || p.max_side.is_none_or(|m| m < p.multiple) => {
+            return Err("bad params: fit_multiple needs max_side >= multiple > 0".into());
+        }
+        ResizeMode::FitMultiple => {}
+        _ if p.width == 0 || p.height == 0 => return Err("bad params: width and height must be > 0".into()),
+        ResizeMode::ShorterSideCrop if p.shorter.is_some_and(|s| s < p.width.min(p.height)) => {
+            return Err("bad params: shorter must be at least the crop's smaller side".into())
+        }
+        _ => {}
+    }
+    Ok(Box::new(Resize { p }))
+}
+
+thread_local! {
+    // A resizer keeps scratch buffers: one per thread saves reallocating them per image.
+    static RESIZER: RefCell<Resizer> = RefCell::new(Resizer::new());
+}
+
+fn bilinear() -> ResizeOptions {
+    ResizeOptions::new().resize_alg(ResizeAlg::Interpolation(FilterType::Bilinear))
+}
+
+/// Resizes the whole of `src` into a fresh `w` x `h` image.
+pub fn resize_to(src: &Image, w: u32, h: u32) -> Result<Image, OpError> {
+    if (src.width, src.height) == (w, h) {
+        return Ok(src.clone());
+    }
+    let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
+    let mut out = vec![0u8; w as usize * h as usize * 3];
+    let mut d = TypedImage::<U8x3>::from_buffer(w, h, &mut out).map_err(internal)?;
+    RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)?;
+    Ok(Image::new(w, h, out))
+}
+
+/// Resizes the region (left, top, w, h) of `src` into a fresh `ow` x `oh` image.
+pub fn crop_resize(src: &Image, region: (u32, u32, u32, u32), ow: u32, oh: u32) -> Result<Image, OpError> {
+    let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
+    let c = TypedCroppedImage::new(s, region.0, region.1, region.2, region.3).map_err(internal)?;
+    let mut out = vec![0u8; ow as usize * oh as usize * 3];
+    let mut d = TypedImage::<U8x3>::from_buffer(ow, oh, &mut out).map_err(internal)?;
+    RESIZER.with_borrow_mut(|r| r.resize_typed(&c, &mut d, &bilinear())).map_err(internal)?;
+    Ok(Image::new(ow, oh, out))
+}
+
+fn internal(e: impl std::fmt::Display) -> OpError {
+    OpError::Internal(format!("resize: {e}"))
+}
+
+/// Where a letterboxed image lands inside its `dst_w` x `dst_h` canvas: the scale and the
+/// placed rectangle (left, top, width, height). Detection post-processing inverts it.
+pub fn letterbox_geometry(src_w: u32, src_h: u32, dst_w: u32, dst_h: u32) -> (f32, u32, u32, u32, u32) {
+    let scale = (dst_w as f32 / src_w as f32).min(dst_h as f32 / src_h as f32);
+    let w = ((src_w as f32 * scale).round() as u32).clamp(1, dst_w);
+    let h = ((src_h as f32 * scale).round() as u32).clamp(1, dst_h);
+    (scale, (dst_w - w) / 2, (dst_h - h) / 2, w, h)
+}
+
+impl Resize {
+    fn apply(&self, src: &Image) -> Result<Image, OpError> {
+        let p = &self.p;
+        match p.mode {
+            ResizeMode::Stretch => resize_to(src, p.width, p.height),
+            ResizeMode::Letterbox => {
+                let (_, left, top, w, h) = letterbox_geometry(src.width, src.height, p.width, p.height);
+                let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
+                let mut out = Image::filled(p.width, p.height, [p.pad; 3]);
+                let canvas = TypedImage::<U8x3>::from_buffer(p.width, p.height, &mut out.data).map_err(internal)?;
+                let mut d = TypedCroppedImageMut::new(canvas, left, top, w, h).map_err(internal)?;
+                RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)?;
+                Ok(out)
+            }
+            ResizeMode::ShorterSideCrop => {
+                let shorter = p.shorter.unwrap_or(p.width.max(p.height)) as f32;
+                let scale = shorter / src.width.min(src.height) as f32;
+                let rw = ((src.width as f32 * scale).round() as u32).max(p.width);
+                let rh = ((src.height as f32 * scale).round() as u32).max(p.height);
+                let resized = resize_to(src, rw, rh)?;
+                Ok(crop_copy(&resized, (rw - p.width) / 2, (rh - p.height) / 2, p.width, p.height))
+            }
+            ResizeMode::FitMultiple => {
+                let max_side = p.max_side.unwrap_or(u32::MAX) as f32;
+                let scale = (max_side / src.width.max(src.height) as f32).min(1.0);
+                let round = |v: u32| {
+                    let m = p.multiple as f32;
+                    (((v as f32 * scale) / m).round() * m).max(m) as u32
+                };
+                resize_to(src, round(src.width), round(src.height))
+            }
+        }
+    }
+}
+
+impl Op for Resize {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image())]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        let size = (self.p.mode != ResizeMode::FitMultiple).then_some((self.p.width, self.p.height));
+        vec![port("image", ValueType::Image { size })]
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        Ok(vec![Value::Image(Arc::new(self.apply(image_in(inputs, 0)?)?))])
+    }
+}
+
+/// Copies the rectangle (left, top, w, h) out of `src`.
+pub fn crop_copy(src: &Image, left: u32, top: u32, w: u32, h: u32) -> Image {
+    let row = src.width as usize * 3;
+    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in top..top + h {
+        let start = y as usize * row + left as usize * 3;
+        out.extend_from_slice(&src.data[start..start + w as usize * 3]);
+    }
+    Image::new(w, h, out)
+}
+
+// ---- normalize / to_tensor ----
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum ChannelOrder {
+    Rgb,
+    Bgr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NormalizeParams {
+    #[serde(default = "default_scale")]
+    scale: f32,
+    #[serde(default)]
+    mean: [f32; 3],
+    #[serde(default = "ones")]
+    std: [f32; 3],
+    #[serde(default = "nchw")]
+    layout: Layout,
+    #[serde(default = "rgb")]
+    channel_order: ChannelOrder,
+}
+
+fn default_scale() -> f32 {
+    1.0 / 255.0
+}
+fn ones() -> [f32; 3] {
+    [1.0; 3]
+}
+fn nchw() -> Layout {
+    Layout::Nchw
+}
+fn rgb() -> ChannelOrder {
+    ChannelOrder::Rgb
+}
+
+/// `(pixel * scale - mean) / std` per channel, as FP32 in CHW (or HWC) order.
+struct Normalize {
+    p: NormalizeParams,
+}
+
+pub(crate) fn build_normalize(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    let p: NormalizeParams = ctx.params()?;
+    if p.std.contains(&0.0) {
+        return Err("bad params: std must not contain 0".into());
+    }
+    Ok(Box::new(Normalize { p }))
+}
+
+impl Normalize {
+    fn dims(&self, size: Option<(u32, u32)>) -> Vec<i64> {
+        let (w, h) = size.map_or((-1, -1), |(w, h)| (w as i64, h as i64));
+        match self.p.layout {
+            Layout::Nchw => vec![3, h, w],
+            Layout::Nhwc => vec![h, w, 3],
+        }
+    }
+}
+
+impl Op for Normalize {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image())]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![port("tensor", ValueType::tensor(DataType::F32, self.dims(None)))]
+    }
+    fn infer(&mut self, inputs: &[ValueType]) -> Result<Vec<ValueType>, String> {
+        let size = match &inputs[0] {
+            ValueType::Image { size } => *size,
+            _ => None,
+        };
+        Ok(vec![ValueType::tensor(DataType::F32, self.dims(size))])
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        let img = image_in(inputs, 0)?;
+        let p = &self.p;
+        let (w, h) = (img.width as usize, img.height as usize);
+        let plane = w * h;
+        // Folded into one multiply-add per value: (x * scale - mean) / std.
+        let src_ch: [usize; 3] = if p.channel_order == ChannelOrder::Rgb { [0, 1, 2] } else { [2, 1, 0] };
+        let mul: [f32; 3] = std::array::from_fn(|c| p.scale / p.std[c]);
+        let add: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
+        let mut out = vec![0f32; plane * 3];
+        match p.layout {
+            Layout::Nchw => {
+                for c in 0..3 {
+                    let dst = &mut out[c * plane..(c + 1) * plane];
+                    let s = src_ch[c];
+                    for (d, px) in dst.iter_mut().zip(img.data.chunks_exact(3)) {
+                        *d = px[s] as f32 * mul[c] + add[c];
+                    }
+                }
+            }
+            Layout::Nhwc => {
+                for (d, px) in out.chunks_exact_mut(3).zip(img.data.chunks_exact(3)) {
+                    for c in 0..3 {
+                        d[c] = px[src_ch[c]] as f32 * mul[c] + add[c];
+                    }
+                }
+            }
+        }
+        let shape = self.dims(Some((img.width, img.height))).iter().map(|&d| d as usize).collect();
+        Ok(vec![Value::Tensor(Tensor::from_f32(shape, &out))])
+    }
+}
+
+struct ToTensor;
+
+pub(crate) fn build_to_tensor(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    ctx.params::<NoParams>()?;
+    Ok(Box::new(ToTensor))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoParams {}
+
+impl Op for ToTensor {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image())]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![port("tensor", ValueType::tensor(DataType::U8, vec![-1, -1, 3]))]
+    }
+    fn infer(&mut self, inputs: &[ValueType]) -> Result<Vec<ValueType>, String> {
+        let (w, h) = match &inputs[0] {
+            ValueType::Image { size: Some((w, h)) } => (*w as i64, *h as i64),
+            _ => (-1, -1),
+        };
+        Ok(vec![ValueType::tensor(DataType::U8, vec![h, w, 3])])
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        let img = image_in(inputs, 0)?;
+        let shape = vec![img.height as usize, img.width as usize, 3];
+        Ok(vec![Value::Tensor(Tensor { dtype: DataType::U8, shape, data: img.data.clone().into() })])
+    }
+}
+
+// ---- rotate / crop ----
+
+struct Rotate180;
+
+pub(crate) fn build_rotate180(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    ctx.params::<NoParams>()?;
+    Ok(Box::new(Rotate180))
+}
+
+impl Op for Rotate180 {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image())]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image())]
+    }
+    fn infer(&mut self, inputs: &[ValueType]) -> Result<Vec<ValueType>, String> {
+        Ok(vec![inputs[0].clone()])
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        let img = image_in(inputs, 0)?;
+        let data: Vec<u8> = img.data.chunks_exact(3).rev().flatten().copied().collect();
+        Ok(vec![Value::Image(Arc::new(Image::new(img.width, img.height, data)))])
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CropParams {
+    /// Resize every crop to this size (width, height); none: keep each crop's own size.
+    #[serde(default)]
+    resize: Option<[u32; 2]>,
+}
+
+/// One crop per box (x1, y1, x2, y2 in pixels), clamped to the image: a fan-out.
+struct CropBoxes {
+    resize: Option<[u32; 2]>,
+}
+
+pub(crate) fn build_crop_boxes(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    let p: CropParams = ctx.params()?;
+    if p.resize.is_some_and(|[w, h]| w == 0 || h == 0) {
+        return Err("bad params: resize sizes must be > 0".into());
+    }
+    Ok(Box::new(CropBoxes { resize: p.resize }))
+}
+
+impl Op for CropBoxes {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image()), port("boxes", ValueType::tensor(DataType::F32, vec![-1, 4]))]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        let size = self.resize.map(|[w, h]| (w, h));
+        vec![port("crops", ValueType::List(Box::new(ValueType::Image { size })))]
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        let img = image_in(inputs, 0)?;
+        let boxes = input(inputs, 1, "a tensor", Value::as_tensor)?;
+        let coords = boxes.to_f32().filter(|_| boxes.shape.len() == 2 && boxes.shape[1] == 4).ok_or_else(|| {
+            OpError::Invalid(format!("boxes must be FP32 [n,4], got {} {:?}", boxes.dtype, boxes.shape))
+        })?;
+        let crops = coords
+            .chunks_exact(4)
+            .map(|b| {
+                let (left, top, w, h) = clamp_box(b, img.width, img.height);
+                let crop = match self.resize {
+                    Some([rw, rh]) => crop_resize(img, (left, top, w, h), rw, rh)?,
+                    None => crop_copy(img, left, top, w, h),
+                };
+                Ok(Value::Image(Arc::new(crop)))
+            })
+            .collect::<Result<Vec<_>, OpError>>()?;
+        Ok(vec![Value::List(Arc::new(crops))])
+    }
+}
+
+/// A box (x1, y1, x2, y2) as whole pixels inside the image, at least 1x1.
+fn clamp_box(b: &[f32], width: u32, height: u32) -> (u32, u32, u32, u32) {
+    let clamp = |v: f32, max: u32| (v.max(0.0) as u32).min(max - 1);
+    let (x1, y1) = (clamp(b[0].floor(), width), clamp(b[1].floor(), height));
+    let (x2, y2) = (clamp(b[2].ceil(), width + 1), clamp(b[3].ceil(), height + 1));
+    (x1, y1, x2.saturating_sub(x1).max(1), y2.saturating_sub(y1).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: u32, h: u32) -> Image {
+        let data = (0..h).flat_map(|y| (0..w).flat_map(move |x| [(x * 10) as u8, (y * 10) as u8, 7])).collect();
+        Image::new(w, h, data)
+    }
+
+    #[test]
+    fn exif_orientations_turn_the_image_upright() {
+        // 2x1 image: red, green. Orientation 6 means "rotate 90 clockwise to view".
+        let img = Image::new(2, 1, vec![255, 0, 0, 0, 255, 0]);
+        let r = orient(img.clone(), 6);
+        assert_eq!((r.width, r.height), (1, 2));
+        assert_eq!(r.pixel(0, 0), [255, 0, 0]);
+        let r = orient(img.clone(), 3);
+        assert_eq!(r.pixel(0, 0), [0, 255, 0]);
+        let r = orient(img.clone(), 8);
+        assert_eq!(r.pixel(0, 0), [0, 255, 0]);
+        assert_eq!(orient(img.clone(), 1), img);
+    }
+
+    #[test]
+    fn exif_orientation_tag_is_read_in_both_byte_orders() {
+        let mut le = b"Exif\0\0II*\0\x08\0\0\0\x01\0".to_vec();
+        le.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0]);
+        assert_eq!(exif_orientation(&le), Some(6));
+        let mut be = b"MM\0*\0\0\0\x08\0\x01".to_vec();
+        be.extend_from_slice(&[0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, 8, 0, 0]);
+        assert_eq!(exif_orientation(&be), Some(8));
+        assert_eq!(exif_orientation(b"junk"), None);
+    }
+
+    #[test]
+    fn corrupt_and_unknown_data_are_invalid_input() {
+        let e = decode_image(b"GIF89a....", 1 << 20).unwrap_err();
+        assert!(matches!(&e, OpError::Invalid(m) if m.contains("not a JPEG or PNG")), "{e}");
+        let e = decode_image(&[0xFF, 0xD8, 0xFF, 0xE0, 0, 0], 1 << 20).unwrap_err();
+        assert!(matches!(&e, OpError::Invalid(m) if m.contains("cannot decode JPEG")), "{e}");
+    }
+
+    #[test]
+    fn letterbox_keeps_the_aspect_ratio_and_pads() {
+        let op = Resize {
+            p: ResizeParams {
+                mode: ResizeMode::Letterbox,
+                width: 8,
+                height: 8,
+                shorter: None,
+                pad: 114,
+                multiple: 32,
+                max_side: None,
+            },
+        };
+        let out = op.apply(&Image::filled(16, 8, [200, 100, 50])).unwrap();
+        assert_eq!((out.width, out.height), (8, 8));
+        assert_eq!(letterbox_geometry(16, 8, 8, 8), (0.5, 0, 2, 8, 4));
+        assert_eq!(out.pixel(0, 0), [114; 3], "padding above");
+        assert_eq!(out.pixel(3, 3), [200, 100, 50], "the image, centred");
+        assert_eq!(out.pixel(7, 7), [114; 3], "padding below");
+    }
+
+    #[test]
+    fn shorter_side_crop_takes_the_centre() {
+        let op = Resize {
+            p: ResizeParams {
+                mode: ResizeMode::ShorterSideCrop,
+                width: 4,
+                height: 4,
+                shorter: Some(4),
+                pad: 0,
+                multiple: 32,
+                max_side: None,
+            },
+        };
+        let src = gradient(8, 4);
+        let out = op.apply(&src).unwrap();
+        assert_eq!((out.width, out.height), (4, 4));
+        assert_eq!(out.pixel(0, 0), src.pixel(2, 0), "columns 2..6 of the unscaled source");
+    }
+
+    #[test]
+    fn fit_multiple_rounds_each_side() {
+        let p = ResizeParams {
+            mode: ResizeMode::FitMultiple,
+            width: 0,
+            height: 0,
+            shorter: None,
+            pad: 0,
+            multiple: 32,
+            max_side: Some(960),
+        };
+        let out = Resize { p }.apply(&gradient(100, 50)).unwrap();
+        assert_eq!((out.width, out.height), (96, 64));
+    }
+
+    #[test]
+    fn normalize_orders_channels_and_applies_mean_and_std() {
+        let img = Arc::new(Image::new(2, 1, vec![255, 0, 51, 0, 255, 102]));
+        let mut op = Normalize {
+            p: NormalizeParams {
+                scale: 1.0 / 255.0,
+                mean: [0.5, 0.0, 0.0],
+                std: [0.5, 1.0, 1.0],
+                layout: Layout::Nchw,
+                channel_order: ChannelOrder::Bgr,
+            },
+        };
+        let out = op.run(&[Value::Image(img.clone())]).unwrap();
+        let t = out[0].as_tensor().unwrap();
+        assert_eq!(t.shape, vec![3, 1, 2]);
+        let v = t.to_f32().unwrap();
+        // Channel 0 is blue: (0.2 - 0.5) / 0.5 = -0.6 and (0.4 - 0.5) / 0.5 = -0.2.
+        let want = [-0.6, -0.2, 0.0, 1.0, 1.0, 0.0];
+        assert!(v.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{v:?}");
+        op.p.layout = Layout::Nhwc;
+        op.p.channel_order = ChannelOrder::Rgb;
+        let t = op.run(&[Value::Image(img)]).unwrap()[0].as_tensor().unwrap().clone();
+        assert_eq!(t.shape, vec![1, 2, 3]);
+        assert!((t.to_f32().unwrap()[0] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn crops_are_clamped_to_the_image() {
+        let img = Arc::new(gradient(10, 10));
+        let op = CropBoxes { resize: None };
+        let boxes = Tensor::from_f32(vec![3, 4], &[2.0, 3.0, 5.0, 7.0, -5.0, -5.0, 100.0, 100.0, 4.0, 4.0, 4.0, 4.0]);
+        let out = op.run(&[Value::Image(img.clone()), Value::Tensor(boxes)]).unwrap();
+        let crops = out[0].as_list().unwrap();
+        let sizes: Vec<(u32, u32)> = crops.iter().map(|c| c.as_image().map(|i| (i.width, i.height)).unwrap()).collect();
+        assert_eq!(sizes, vec![(3, 4), (10, 10), (1, 1)]);
+        assert_eq!(crops[0].as_image().unwrap().pixel(0, 0), img.pixel(2, 3));
+        let empty = Tensor::from_f32(vec![0, 4], &[]);
+        let out = op.run(&[Value::Image(img), Value::Tensor(empty)]).unwrap();
+        assert!(out[0].as_list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn rotate180_reverses_pixels() {
+        let img = Arc::new(Image::new(2, 1, vec![1, 2, 3, 4, 5, 6]));
+        let out = Rotate180.run(&[Value::Image(img)]).unwrap();
+        assert_eq!(out[0].as_image().unwrap().data, vec![4, 5, 6, 1, 2, 3]);
+    }
+}

@@ -1,0 +1,188 @@
+//! What flows along a pipeline's edges, and the static types a pipeline is checked with.
+
+use crate::tensor::{DataType, Tensor};
+use bytes::Bytes;
+use std::fmt;
+use std::sync::Arc;
+
+/// A decoded image: 8-bit RGB, rows top to bottom, pixels interleaved (HWC).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Image {
+    pub width: u32,
+    pub height: u32,
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Image {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Image({}x{})", self.width, self.height)
+    }
+}
+
+impl Image {
+    pub fn new(width: u32, height: u32, data: Vec<u8>) -> Image {
+        assert_eq!(data.len(), width as usize * height as usize * 3, "RGB buffer size");
+        Image { width, height, data }
+    }
+
+    pub fn filled(width: u32, height: u32, rgb: [u8; 3]) -> Image {
+        let data = rgb.iter().copied().cycle().take(width as usize * height as usize * 3).collect();
+        Image { width, height, data }
+    }
+
+    pub fn pixel(&self, x: u32, y: u32) -> [u8; 3] {
+        let i = (y as usize * self.width as usize + x as usize) * 3;
+        [self.data[i], self.data[i + 1], self.data[i + 2]]
+    }
+}
+
+/// A value on an edge. Cloning is cheap: buffers are shared, never copied.
+#[derive(Clone, Debug)]
+pub enum Value {
+    Tensor(Tensor),
+    /// Encoded bytes, such as a JPEG file.
+    Bytes(Bytes),
+    Image(Arc<Image>),
+    /// The result of a fan-out (one crop per box); the nodes after it run per element.
+    List(Arc<Vec<Value>>),
+}
+
+impl Value {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Tensor(_) => "tensor",
+            Value::Bytes(_) => "bytes",
+            Value::Image(_) => "image",
+            Value::List(_) => "list",
+        }
+    }
+
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        match self {
+            Value::Tensor(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    pub fn as_image(&self) -> Option<&Arc<Image>> {
+        match self {
+            Value::Image(i) => Some(i),
+            _ => None,
+        }
+    }
+
+    pub fn as_list(&self) -> Option<&Arc<Vec<Value>>> {
+        match self {
+            Value::List(l) => Some(l),
+            _ => None,
+        }
+    }
+}
+
+/// The static type of a value, as far as it is known when a pipeline is compiled.
+/// `None` parts are unknown (or, in an op's declared input, "any").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ValueType {
+    Any,
+    /// `dims` of -1 are variable.
+    Tensor {
+        dtype: Option<DataType>,
+        dims: Option<Vec<i64>>,
+    },
+    Bytes,
+    Image {
+        size: Option<(u32, u32)>,
+    },
+    List(Box<ValueType>),
+}
+
+impl ValueType {
+    pub fn tensor(dtype: DataType, dims: Vec<i64>) -> ValueType {
+        ValueType::Tensor { dtype: Some(dtype), dims: Some(dims) }
+    }
+    pub fn any_tensor() -> ValueType {
+        ValueType::Tensor { dtype: None, dims: None }
+    }
+    pub fn tensor_of(dtype: DataType) -> ValueType {
+        ValueType::Tensor { dtype: Some(dtype), dims: None }
+    }
+    pub fn image() -> ValueType {
+        ValueType::Image { size: None }
+    }
+
+    /// Whether a value of type `given` may feed a port declared as `self`. Unknown parts
+    /// on either side pass (they are checked again at run time).
+    pub fn accepts(&self, given: &ValueType) -> bool {
+        match (self, given) {
+            (ValueType::Any, _) | (_, ValueType::Any) => true,
+            (ValueType::Bytes, ValueType::Bytes) => true,
+            (ValueType::Image { size: a }, ValueType::Image { size: b }) => match (a, b) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            },
+            (ValueType::List(a), ValueType::List(b)) => a.accepts(b),
+            (ValueType::Tensor { dtype: da, dims: sa }, ValueType::Tensor { dtype: db, dims: sb }) => {
+                let dtype_ok = match (da, db) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => true,
+                };
+                let dims_ok = match (sa, sb) {
+                    (Some(a), Some(b)) => {
+                        a.len() == b.len() && a.iter().zip(b).all(|(&x, &y)| x < 0 || y < 0 || x == y)
+                    }
+                    _ => true,
+                };
+                dtype_ok && dims_ok
+            }
+            _ => false,
+        }
+    }
+
+    /// The type of a run-time value (lists take their first element's type).
+    pub fn of(v: &Value) -> ValueType {
+        match v {
+            Value::Tensor(t) => ValueType::tensor(t.dtype, t.shape.iter().map(|&d| d as i64).collect()),
+            Value::Bytes(_) => ValueType::Bytes,
+            Value::Image(i) => ValueType::Image { size: Some((i.width, i.height)) },
+            Value::List(l) => ValueType::List(Box::new(l.first().map_or(ValueType::Any, ValueType::of))),
+        }
+    }
+}
+
+impl fmt::Display for ValueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueType::Any => write!(f, "any"),
+            ValueType::Bytes => write!(f, "bytes"),
+            ValueType::Image { size: None } => write!(f, "image"),
+            ValueType::Image { size: Some((w, h)) } => write!(f, "image {w}x{h}"),
+            ValueType::List(t) => write!(f, "list of {t}"),
+            ValueType::Tensor { dtype, dims } => {
+                write!(f, "tensor {}", dtype.map_or("(any dtype)".to_string(), |d| d.to_string()))?;
+                if let Some(d) = dims {
+                    let d: Vec<String> = d.iter().map(|x| x.to_string()).collect();
+                    write!(f, " [{}]", d.join(","))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_parts_pass_and_known_parts_must_agree() {
+        let want = ValueType::tensor(DataType::F32, vec![3, 224, 224]);
+        assert!(want.accepts(&ValueType::tensor(DataType::F32, vec![3, -1, 224])));
+        assert!(want.accepts(&ValueType::any_tensor()));
+        assert!(!want.accepts(&ValueType::tensor(DataType::F32, vec![224, 224, 3])));
+        assert!(!want.accepts(&ValueType::tensor(DataType::U8, vec![3, 224, 224])));
+        assert!(!want.accepts(&ValueType::tensor(DataType::F32, vec![1, 3, 224, 224])), "rank differs");
+        assert!(!want.accepts(&ValueType::image()));
+        assert!(ValueType::image().accepts(&ValueType::Image { size: Some((4, 4)) }));
+        assert_eq!(want.to_string(), "tensor FP32 [3,224,224]");
+    }
+}
