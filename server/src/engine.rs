@@ -4,11 +4,13 @@
 use crate::backend::{self, Backend};
 use crate::error::Error;
 use crate::metrics::{Metrics, ModelMetrics};
+use crate::pipeline::{self, exec::Pipeline, Catalog, ModelSig};
 use crate::repository::{self, model_yaml::Warmup, onnx::TensorInfo, ModelSpec};
+use crate::sched::pool::{CpuPool, PoolConfig};
 use crate::sched::{queue::BatchPolicy, ModelScheduler};
 use crate::stats::ModelStats;
 use sluice_ops::{DataType, Tensor};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,11 +45,23 @@ pub struct InferResponse {
 
 pub struct LoadedModel {
     pub spec: ModelSpec,
-    metrics: ModelMetrics,
+    pub metrics: ModelMetrics,
     pub stats: Arc<ModelStats>,
     /// What each instance runs on ("cpu", "cuda:0").
     pub devices: Vec<String>,
     scheduler: ModelScheduler,
+}
+
+impl LoadedModel {
+    /// Queues already checked tensors (in the model's input order) for a batch.
+    pub fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+        deadline: Option<Instant>,
+    ) -> Result<tokio::sync::oneshot::Receiver<crate::sched::Reply>, Error> {
+        self.scheduler.submit(inputs, rows, deadline)
+    }
 }
 
 pub enum ModelSlot {
@@ -58,11 +72,47 @@ pub enum ModelSlot {
 pub struct EngineConfig {
     pub models_dir: PathBuf,
     pub ort_dylib: PathBuf,
+    /// Folder of `<name>.yaml` pipeline files; `None`: models only.
+    pub pipelines_dir: Option<PathBuf>,
+    pub pools: Vec<PoolConfig>,
+}
+
+pub enum PipelineSlot {
+    Ready(Arc<Pipeline>),
+    Unavailable { reason: String },
+}
+
+/// What a request or metadata call names: a model or a pipeline (served alike).
+#[derive(Clone, Copy)]
+pub enum Endpoint<'a> {
+    Model(&'a Arc<LoadedModel>),
+    Pipeline(&'a Arc<Pipeline>),
 }
 
 pub struct Engine {
+    // Pipelines hold the models and pools they use: declared first, dropped first.
+    pipelines: BTreeMap<String, PipelineSlot>,
     models: BTreeMap<String, ModelSlot>,
+    pools: HashMap<String, Arc<CpuPool>>,
     pub metrics: Metrics,
+}
+
+/// The signatures a pipeline compiles against: the engine's loaded models.
+struct Loaded<'a> {
+    models: &'a BTreeMap<String, ModelSlot>,
+    pools: Vec<String>,
+}
+
+impl Catalog for Loaded<'_> {
+    fn model(&self, name: &str) -> Option<Result<ModelSig, String>> {
+        self.models.get(name).map(|slot| match slot {
+            ModelSlot::Ready(m) => Ok(m.spec.signature()),
+            ModelSlot::Unavailable { reason } => Err(reason.clone()),
+        })
+    }
+    fn pools(&self) -> Vec<String> {
+        self.pools.clone()
+    }
 }
 
 impl Engine {
@@ -85,7 +135,62 @@ impl Engine {
             };
             models.insert(name, slot);
         }
-        Ok(Engine { models, metrics })
+        let mut pools = HashMap::new();
+        for p in &cfg.pools {
+            pools.insert(p.name.clone(), Arc::new(CpuPool::start(p.clone(), &metrics)));
+        }
+        let mut pipelines = BTreeMap::new();
+        if let Some(dir) = &cfg.pipelines_dir {
+            let catalog = Loaded { models: &models, pools: cfg.pools.iter().map(|p| p.name.clone()).collect() };
+            for (name, file) in pipeline::list_files(dir)? {
+                let slot = if models.contains_key(&name) {
+                    Err(format!("{}: a model is named '{name}' too; rename one of them", file.display()))
+                } else {
+                    std::fs::read_to_string(&file)
+                        .map_err(|e| format!("{}: {e}", file.display()))
+                        .and_then(|text| pipeline::compile(&name, &file, &text, &catalog).map_err(|e| e.to_string()))
+                        .and_then(|plan| Pipeline::bind(plan, &models, &pools, &metrics))
+                };
+                let slot = match slot {
+                    Ok(p) => {
+                        for w in &p.plan.warnings {
+                            tracing::warn!("{}", pipeline::compile::Located(&file, w));
+                        }
+                        tracing::info!(pipeline = %name, nodes = p.plan.nodes.len(), "pipeline ready");
+                        PipelineSlot::Ready(Arc::new(p))
+                    }
+                    Err(reason) => {
+                        tracing::error!(pipeline = %name, "pipeline failed to load:\n{reason}");
+                        PipelineSlot::Unavailable { reason }
+                    }
+                };
+                pipelines.insert(name, slot);
+            }
+        }
+        Ok(Engine { pipelines, models, pools, metrics })
+    }
+
+    /// Every pipeline, ready or not, sorted by name.
+    pub fn pipelines(&self) -> impl Iterator<Item = (&str, &PipelineSlot)> {
+        self.pipelines.iter().map(|(n, s)| (n.as_str(), s))
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<CpuPool>> {
+        self.pools.get(name)
+    }
+
+    /// A ready model or pipeline by name and version ("" for the default).
+    pub fn endpoint(&self, name: &str, version: &str) -> Result<Endpoint<'_>, Error> {
+        match self.pipelines.get(name) {
+            None => self.model(name, version).map(Endpoint::Model),
+            Some(_) if !version.is_empty() && version != DEFAULT_VERSION => {
+                Err(Error::ModelNotFound { model: name.to_string(), version: Some(version.to_string()) })
+            }
+            Some(PipelineSlot::Ready(p)) => Ok(Endpoint::Pipeline(p)),
+            Some(PipelineSlot::Unavailable { reason }) => {
+                Err(Error::ModelNotReady { model: name.to_string(), reason: reason.clone() })
+            }
+        }
     }
 
     /// Every model of the repository, ready or not, sorted by name.
@@ -96,6 +201,7 @@ impl Engine {
     /// The server is ready when every model in the repository is.
     pub fn ready(&self) -> bool {
         self.models.values().all(|s| matches!(s, ModelSlot::Ready(_)))
+            && self.pipelines.values().all(|s| matches!(s, PipelineSlot::Ready(_)))
     }
 
     /// A ready model by name and version ("" for the default).
@@ -120,17 +226,23 @@ impl Engine {
     /// so statistics and metrics see every failure. Unknown models are not counted: their
     /// names come from clients and would make unbounded metric labels.
     pub fn record_rejected(&self, model: &str, version: &str, e: &Error) {
-        if let Ok(m) = self.model(model, version) {
-            m.stats.record_request(false, Duration::ZERO);
-            m.metrics.requests.inc();
-            m.metrics.failure(e.error_type());
-        }
+        let (stats, metrics) = match self.endpoint(model, version) {
+            Ok(Endpoint::Model(m)) => (&m.stats, &m.metrics),
+            Ok(Endpoint::Pipeline(p)) => (&p.stats, &p.metrics),
+            Err(_) => return,
+        };
+        stats.record_request(false, Duration::ZERO);
+        metrics.requests.inc();
+        metrics.failure(e.error_type());
     }
 
     /// Runs one inference request through the model's batcher.
     pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
+        let model = match self.endpoint(&req.model_name, &req.model_version)? {
+            Endpoint::Pipeline(p) => return p.clone().infer(req, deadline).await,
+            Endpoint::Model(m) => m.clone(),
+        };
         let start = Instant::now();
-        let model = self.model(&req.model_name, &req.model_version)?.clone();
         let result = run(&model, req, deadline).await;
         let elapsed = start.elapsed();
         model.stats.record_request(result.is_ok(), elapsed);

@@ -13,6 +13,12 @@ pub enum Error {
     BadRequest(String),
     #[error("model '{model}': queue is full ({capacity} requests waiting); retry later")]
     QueueFull { model: String, capacity: usize },
+    #[error("CPU pool '{pool}' is full ({capacity} jobs waiting); retry later")]
+    PoolFull { pool: String, capacity: usize },
+    #[error("pipeline '{pipeline}', node '{node}': {message}")]
+    NodeInvalid { pipeline: String, node: String, message: String },
+    #[error("pipeline '{pipeline}', node '{node}': {message}")]
+    NodeFailed { pipeline: String, node: String, message: String },
     #[error("model '{model}': deadline exceeded before the request completed")]
     DeadlineExceeded { model: String },
     #[error("model '{model}': backend failed: {message}")]
@@ -34,7 +40,9 @@ impl Error {
             Error::ModelNotFound { .. } => "model_not_found",
             Error::ModelNotReady { .. } => "model_not_ready",
             Error::InvalidInput { .. } | Error::BadRequest(_) => "invalid_input",
-            Error::QueueFull { .. } => "queue_full",
+            Error::QueueFull { .. } | Error::PoolFull { .. } => "queue_full",
+            Error::NodeInvalid { .. } => "invalid_input",
+            Error::NodeFailed { .. } => "node_failed",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::Backend { .. } => "backend",
             Error::ShuttingDown => "shutting_down",

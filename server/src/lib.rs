@@ -9,6 +9,7 @@ pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod pipeline;
 pub mod repository;
 pub mod sched;
 pub mod server;

@@ -2,7 +2,9 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use sluice_server::pipeline::{self, compile::Located, Catalog, ModelSig};
 use sluice_server::repository;
+use sluice_server::sched::pool::PoolConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,8 +20,18 @@ struct Cli {
 enum Command {
     /// Serve every model of the repository over gRPC and HTTP (KServe v2 protocol).
     Serve(ServeArgs),
-    /// Validate the model repository (model.yaml and model.onnx files) without serving.
+    /// Validate the model repository and the pipeline files without serving.
     Check(CheckArgs),
+    /// Print a pipeline's compiled graph in Graphviz DOT (`| dot -Tsvg > p.svg`).
+    Graph(GraphArgs),
+}
+
+#[derive(Args)]
+struct GraphArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The pipeline's name (its file `pipelines/<name>.yaml`) or a path to a pipeline file.
+    pipeline: String,
 }
 
 #[derive(Args)]
@@ -27,6 +39,13 @@ struct RepoArgs {
     /// The model repository: one folder per model holding model.onnx and model.yaml.
     #[arg(long, env = "SLUICE_MODELS", default_value = "models")]
     models: PathBuf,
+    /// Folder of pipeline files (`<name>.yaml`), served as models of the same name.
+    #[arg(long, env = "SLUICE_PIPELINES", default_value = "pipelines")]
+    pipelines: PathBuf,
+    /// A CPU pool for pipeline ops, `name=threads[:queue]`; repeat for more. A `default`
+    /// pool with one thread per core is added unless one is given.
+    #[arg(long = "pool", value_parser = PoolConfig::parse)]
+    pools: Vec<PoolConfig>,
 }
 
 #[derive(Args)]
@@ -78,12 +97,15 @@ fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
+        Command::Graph(args) => graph(args),
     }
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let cfg = sluice_server::ServerConfig {
         models_dir: args.repo.models,
+        pipelines_dir: Some(args.repo.pipelines),
+        pools: args.repo.pools,
         ort_dylib: args.ort_dylib,
         grpc_addr: args.grpc_addr,
         http_addr: args.http_addr,
@@ -132,10 +154,39 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Signatures for compiling pipelines without loading models: the scanned repository.
+struct Scanned {
+    models: Vec<repository::Scanned>,
+    pools: Vec<String>,
+}
+
+impl Scanned {
+    fn new(repo: &RepoArgs) -> anyhow::Result<Scanned> {
+        let models = repository::scan(&repo.models).map_err(anyhow::Error::msg)?;
+        let mut pools: Vec<String> = repo.pools.iter().map(|p| p.name.clone()).collect();
+        if !pools.iter().any(|p| p == PoolConfig::DEFAULT_NAME) {
+            pools.push(PoolConfig::DEFAULT_NAME.to_string());
+        }
+        Ok(Scanned { models, pools })
+    }
+}
+
+impl Catalog for Scanned {
+    fn model(&self, name: &str) -> Option<Result<ModelSig, String>> {
+        self.models
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, spec)| spec.as_ref().map(|s| s.signature()).map_err(Clone::clone))
+    }
+    fn pools(&self) -> Vec<String> {
+        self.pools.clone()
+    }
+}
+
 fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let scanned = repository::scan(&args.repo.models).map_err(anyhow::Error::msg)?;
+    let scanned = Scanned::new(&args.repo)?;
     let mut failed = 0;
-    for (name, spec) in &scanned {
+    for (name, spec) in &scanned.models {
         match spec {
             Ok(s) => {
                 let io = |ts: &[repository::onnx::TensorInfo]| {
@@ -154,9 +205,39 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if failed > 0 {
-        bail!("{failed} of {} models have errors", scanned.len());
+    let files = pipeline::list_files(&args.repo.pipelines).map_err(anyhow::Error::msg)?;
+    for (name, file) in &files {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        match pipeline::compile(name, file, &text, &scanned) {
+            Ok(plan) => {
+                println!("ok     pipeline {name}: {} nodes", plan.nodes.len());
+                for w in &plan.warnings {
+                    println!("warn   {}", Located(file, w));
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                for d in &e.errors {
+                    println!("error  {}", Located(file, d));
+                }
+            }
+        }
     }
-    println!("{} models ok", scanned.len());
+    let total = scanned.models.len() + files.len();
+    if failed > 0 {
+        bail!("{failed} of {total} models and pipelines have errors");
+    }
+    println!("{} models and {} pipelines ok", scanned.models.len(), files.len());
+    Ok(())
+}
+
+fn graph(args: GraphArgs) -> anyhow::Result<()> {
+    let scanned = Scanned::new(&args.repo)?;
+    let as_path = PathBuf::from(&args.pipeline);
+    let file = if as_path.is_file() { as_path } else { args.repo.pipelines.join(format!("{}.yaml", args.pipeline)) };
+    let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string();
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let plan = pipeline::compile(&name, &file, &text, &scanned).map_err(|e| anyhow::anyhow!("{e}"))?;
+    print!("{}", plan.to_dot());
     Ok(())
 }

@@ -29,6 +29,14 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub abandoned: IntCounterVec,
     pub model_loads: IntCounterVec,
+    pub model_busy: prometheus::CounterVec,
+    pub node_queue: HistogramVec,
+    pub node_compute: HistogramVec,
+    pub node_batch_size: HistogramVec,
+    pub node_items: IntCounterVec,
+    pub node_errors: IntCounterVec,
+    pub pool_depth: IntGaugeVec,
+    pub pool_busy: prometheus::CounterVec,
 }
 
 impl Default for Metrics {
@@ -45,18 +53,25 @@ impl Metrics {
             registry.register(Box::new(c.clone())).expect("unique metric. This is a bug.");
             c
         };
-        let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model"])
+        let histogram_by = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
                 .expect("valid metric. This is a bug.");
             registry.register(Box::new(h.clone())).expect("unique metric. This is a bug.");
             h
         };
-        let queue_depth = IntGaugeVec::new(
-            Opts::new("sluice_queue_depth", "Requests waiting in the model's batch queue."),
-            &["model"],
-        )
-        .expect("valid metric. This is a bug.");
-        registry.register(Box::new(queue_depth.clone())).expect("unique metric. This is a bug.");
+        let histogram = |name: &str, help: &str, buckets: &[f64]| histogram_by(name, help, buckets, &["model"]);
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric. This is a bug.");
+            registry.register(Box::new(g.clone())).expect("unique metric. This is a bug.");
+            g
+        };
+        let seconds = |name: &str, help: &str, labels: &[&str]| {
+            let c = prometheus::CounterVec::new(Opts::new(name, help), labels).expect("valid metric. This is a bug.");
+            registry.register(Box::new(c.clone())).expect("unique metric. This is a bug.");
+            c
+        };
+        let queue_depth = gauge("sluice_queue_depth", "Requests waiting in the model's batch queue.", &["model"]);
+        let node = &["pipeline", "node"];
         Metrics {
             requests: counter("sluice_requests_total", "Inference requests received.", &["model"]),
             failures: counter(
@@ -96,6 +111,37 @@ impl Metrics {
                 "Model load attempts, by outcome (ok, error).",
                 &["model", "outcome"],
             ),
+            model_busy: seconds(
+                "sluice_model_busy_seconds_total",
+                "Time the model's instances spent running batches (summed over instances): busy fraction = rate / instances.",
+                &["model"],
+            ),
+            node_queue: histogram_by(
+                "sluice_node_queue_seconds",
+                "Time a pipeline node's work waited for a CPU pool thread or its model's batch.",
+                LATENCY_BUCKETS,
+                node,
+            ),
+            node_compute: histogram_by(
+                "sluice_node_compute_seconds",
+                "Run time of a pipeline node's op, or of the model batch its item ran in.",
+                LATENCY_BUCKETS,
+                node,
+            ),
+            node_batch_size: histogram_by(
+                "sluice_node_batch_size",
+                "Rows of the model batch each item of a model node ran in.",
+                BATCH_BUCKETS,
+                node,
+            ),
+            node_items: counter("sluice_node_items_total", "Items a pipeline node processed.", node),
+            node_errors: counter("sluice_node_errors_total", "Items a pipeline node failed.", node),
+            pool_depth: gauge("sluice_pool_queue_depth", "Jobs waiting for a thread of the CPU pool.", &["pool"]),
+            pool_busy: seconds(
+                "sluice_pool_busy_seconds_total",
+                "Time the CPU pool's threads spent running ops (summed over threads).",
+                &["pool"],
+            ),
             registry,
         }
     }
@@ -112,8 +158,21 @@ impl Metrics {
             batch_size: self.batch_size.with_label_values(&l),
             queue_depth: self.queue_depth.with_label_values(&l),
             abandoned: self.abandoned.with_label_values(&l),
+            busy: self.model_busy.with_label_values(&l),
             failures: self.failures.clone(),
             model: model.to_string(),
+        }
+    }
+
+    /// One pipeline node's series.
+    pub fn for_node(&self, pipeline: &str, node: &str) -> NodeMetrics {
+        let l = [pipeline, node];
+        NodeMetrics {
+            queue: self.node_queue.with_label_values(&l),
+            compute: self.node_compute.with_label_values(&l),
+            batch_size: self.node_batch_size.with_label_values(&l),
+            items: self.node_items.with_label_values(&l),
+            errors: self.node_errors.with_label_values(&l),
         }
     }
 
@@ -138,6 +197,7 @@ pub struct ModelMetrics {
     pub batch_size: Histogram,
     pub queue_depth: IntGauge,
     pub abandoned: IntCounter,
+    pub busy: prometheus::Counter,
     failures: IntCounterVec,
     model: String,
 }
@@ -146,4 +206,14 @@ impl ModelMetrics {
     pub fn failure(&self, error_type: &str) {
         self.failures.with_label_values(&[&self.model, error_type]).inc();
     }
+}
+
+/// The series of one pipeline node.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    pub queue: Histogram,
+    pub compute: Histogram,
+    pub batch_size: Histogram,
+    pub items: IntCounter,
+    pub errors: IntCounter,
 }

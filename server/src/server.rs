@@ -5,6 +5,7 @@
 use crate::api::{grpc::GrpcApi, http, AppState};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
+use crate::sched::pool::PoolConfig;
 use axum::serve::ListenerExt;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use std::net::SocketAddr;
@@ -19,6 +20,10 @@ use tokio_stream::StreamExt;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub models_dir: PathBuf,
+    /// Folder of pipeline files; `None`: serve models only.
+    pub pipelines_dir: Option<PathBuf>,
+    /// CPU pools for pipeline ops; a `default` pool is added when none is named so.
+    pub pools: Vec<PoolConfig>,
     pub ort_dylib: PathBuf,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -56,7 +61,16 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.http_addr, source })?;
 
     // Loading runs models (warm-up): keep it off the async runtime's threads.
-    let engine_cfg = EngineConfig { models_dir: cfg.models_dir.clone(), ort_dylib: cfg.ort_dylib.clone() };
+    let mut pools = cfg.pools.clone();
+    if !pools.iter().any(|p| p.name == PoolConfig::DEFAULT_NAME) {
+        pools.push(PoolConfig::default_pool());
+    }
+    let engine_cfg = EngineConfig {
+        models_dir: cfg.models_dir.clone(),
+        ort_dylib: cfg.ort_dylib.clone(),
+        pipelines_dir: cfg.pipelines_dir.clone(),
+        pools,
+    };
     let engine = tokio::task::spawn_blocking(move || Engine::load(&engine_cfg, Metrics::new()))
         .await
         .map_err(|e| StartError::Repository(format!("loading the repository panicked: {e}")))?

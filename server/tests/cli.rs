@@ -27,7 +27,7 @@ fn check_reports_every_bad_model_with_its_file_and_line() {
     assert!(stdout.contains("typo/model.yaml:2:1: unknown field `instance`"), "{stdout}");
     assert!(stdout.contains("corrupt/model.onnx: not a valid ONNX file"), "{stdout}");
     assert!(stdout.contains("ok     good"), "{stdout}");
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("error: 2 of 3 models have errors"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("error: 2 of 3 models and pipelines have errors"));
 }
 
 #[test]

@@ -217,6 +217,8 @@ pub fn config(models: &Path) -> ServerConfig {
     let any = "127.0.0.1:0".parse().expect("addr");
     ServerConfig {
         models_dir: models.to_path_buf(),
+        pipelines_dir: None,
+        pools: Vec::new(),
         ort_dylib: ort_dylib(),
         grpc_addr: any,
         http_addr: any,

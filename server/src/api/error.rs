@@ -9,11 +9,15 @@ fn codes(e: &Error) -> (Code, StatusCode) {
     match e {
         Error::ModelNotFound { .. } => (Code::NotFound, StatusCode::NOT_FOUND),
         Error::ModelNotReady { .. } => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
-        Error::InvalidInput { .. } | Error::BadRequest(_) => (Code::InvalidArgument, StatusCode::BAD_REQUEST),
-        Error::QueueFull { .. } => (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
+        Error::InvalidInput { .. } | Error::BadRequest(_) | Error::NodeInvalid { .. } => {
+            (Code::InvalidArgument, StatusCode::BAD_REQUEST)
+        }
+        Error::QueueFull { .. } | Error::PoolFull { .. } => (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
         Error::DeadlineExceeded { .. } => (Code::DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT),
         Error::ShuttingDown => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
-        Error::Backend { .. } | Error::Internal(_) => (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR),
+        Error::Backend { .. } | Error::Internal(_) | Error::NodeFailed { .. } => {
+            (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR)
+        }
     }
 }
 

@@ -146,7 +146,7 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(pb::ModelReadyResponse { ready: self.state.engine.model(&r.name, &r.version).is_ok() }))
+        Ok(Response::new(pb::ModelReadyResponse { ready: self.state.engine.endpoint(&r.name, &r.version).is_ok() }))
     }
 
     async fn server_metadata(
@@ -165,8 +165,8 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = req.into_inner();
-        let m = self.state.engine.model(&r.name, &r.version)?;
-        Ok(Response::new(views::model_metadata(m)))
+        let e = self.state.engine.endpoint(&r.name, &r.version)?;
+        Ok(Response::new(views::metadata(e)))
     }
 
     async fn model_infer(
@@ -208,8 +208,8 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = req.into_inner();
-        let m = self.state.engine.model(&r.name, &r.version)?;
-        Ok(Response::new(pb::ModelConfigResponse { config: Some(views::model_config(m)) }))
+        let e = self.state.engine.endpoint(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(views::config(e)) }))
     }
 
     async fn model_statistics(

@@ -65,15 +65,15 @@ async fn model_metadata_v(
     State(s): State<AppState>,
     Path((m, v)): Path<(String, String)>,
 ) -> Result<Json<Value>, Error> {
-    let model = s.engine.model(&m, &v)?;
-    Ok(Json(views::metadata_json(&views::model_metadata(model))))
+    let e = s.engine.endpoint(&m, &v)?;
+    Ok(Json(views::metadata_json(&views::metadata(e))))
 }
 
 async fn model_ready(State(s): State<AppState>, Path(m): Path<String>) -> StatusCode {
     model_ready_v(State(s), Path((m, String::new()))).await
 }
 async fn model_ready_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> StatusCode {
-    match s.engine.model(&m, &v) {
+    match s.engine.endpoint(&m, &v) {
         Ok(_) => StatusCode::OK,
         Err(Error::ModelNotFound { .. }) => StatusCode::NOT_FOUND,
         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -84,8 +84,8 @@ async fn model_config(State(s): State<AppState>, Path(m): Path<String>) -> Resul
     model_config_v(State(s), Path((m, String::new()))).await
 }
 async fn model_config_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> Result<Json<Value>, Error> {
-    let model = s.engine.model(&m, &v)?;
-    Ok(Json(views::config_json(&views::model_config(model))))
+    let e = s.engine.endpoint(&m, &v)?;
+    Ok(Json(views::config_json(&views::config(e))))
 }
 
 async fn all_stats(State(s): State<AppState>) -> Result<Json<Value>, Error> {

@@ -1,7 +1,8 @@
 //! What the metadata, config, statistics and index endpoints report, built once from the
 //! engine in protocol types; HTTP renders the same values as JSON.
 
-use crate::engine::{Engine, LoadedModel, ModelSlot, DEFAULT_VERSION};
+use crate::engine::{Endpoint, Engine, LoadedModel, ModelSlot, PipelineSlot, DEFAULT_VERSION};
+use crate::pipeline::exec::Pipeline;
 use crate::repository::model_yaml::ExecutionProvider;
 use serde_json::{json, Value};
 use sluice_ops::DataType;
@@ -13,6 +14,74 @@ pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Only what is implemented in full (the repository extension's load/unload is not yet).
 pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "binary_tensor_data"];
 pub const PLATFORM: &str = "onnxruntime_onnx";
+/// Pipelines are served as models of this platform (not Triton's "ensemble", which makes
+/// clients such as perf_analyzer look for ensemble steps in the config).
+pub const PIPELINE_PLATFORM: &str = "sluice_pipeline";
+
+pub fn metadata(e: Endpoint) -> pb::ModelMetadataResponse {
+    match e {
+        Endpoint::Model(m) => model_metadata(m),
+        Endpoint::Pipeline(p) => pipeline_metadata(p),
+    }
+}
+
+pub fn config(e: Endpoint) -> pb::ModelConfig {
+    match e {
+        Endpoint::Model(m) => model_config(m),
+        Endpoint::Pipeline(p) => pipeline_config(p),
+    }
+}
+
+/// A pipeline's full shapes: its item dims, after -1 for the item count when batched.
+fn pipeline_dims(p: &Pipeline, item: &[i64]) -> Vec<i64> {
+    let batch = (p.plan.max_batch_size > 0).then_some(-1);
+    batch.into_iter().chain(item.iter().copied()).collect()
+}
+
+fn pipeline_metadata(p: &Pipeline) -> pb::ModelMetadataResponse {
+    let plan = &p.plan;
+    let t = |name: &str, dtype: DataType, dims: &[i64]| pb::model_metadata_response::TensorMetadata {
+        name: name.to_string(),
+        datatype: dtype.as_str().to_string(),
+        shape: pipeline_dims(p, dims),
+    };
+    pb::ModelMetadataResponse {
+        name: plan.name.clone(),
+        versions: vec![DEFAULT_VERSION.to_string()],
+        platform: PIPELINE_PLATFORM.to_string(),
+        inputs: plan.inputs.iter().map(|i| t(&i.name, i.dtype, &i.dims)).collect(),
+        outputs: plan.outputs.iter().map(|o| t(&o.name, o.dtype, &o.dims)).collect(),
+    }
+}
+
+fn pipeline_config(p: &Pipeline) -> pb::ModelConfig {
+    let plan = &p.plan;
+    pb::ModelConfig {
+        name: plan.name.clone(),
+        platform: PIPELINE_PLATFORM.to_string(),
+        backend: "sluice".to_string(),
+        max_batch_size: plan.max_batch_size as i32,
+        input: plan
+            .inputs
+            .iter()
+            .map(|i| pb::ModelInput {
+                name: i.name.clone(),
+                data_type: config_type(i.dtype) as i32,
+                dims: i.dims.clone(),
+            })
+            .collect(),
+        output: plan
+            .outputs
+            .iter()
+            .map(|o| pb::ModelOutput {
+                name: o.name.clone(),
+                data_type: config_type(o.dtype) as i32,
+                dims: o.dims.clone(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
 
 pub fn model_metadata(m: &LoadedModel) -> pb::ModelMetadataResponse {
     let t = |t: &crate::repository::onnx::TensorInfo| pb::model_metadata_response::TensorMetadata {
@@ -149,6 +218,28 @@ fn duration(d: &crate::stats::Duration64) -> pb::StatisticDuration {
     pb::StatisticDuration { count, ns }
 }
 
+pub fn statistics_of(e: Endpoint) -> pb::ModelStatistics {
+    match e {
+        Endpoint::Model(m) => model_statistics(m),
+        Endpoint::Pipeline(p) => {
+            let s = &p.stats;
+            pb::ModelStatistics {
+                name: p.plan.name.clone(),
+                version: DEFAULT_VERSION.to_string(),
+                last_inference: s.last_inference_ms.load(Relaxed),
+                inference_count: s.inference_count.load(Relaxed),
+                execution_count: s.execution_count.load(Relaxed),
+                inference_stats: Some(pb::InferStatistics {
+                    success: Some(duration(&s.success)),
+                    fail: Some(duration(&s.fail)),
+                    ..Default::default()
+                }),
+                batch_stats: vec![],
+            }
+        }
+    }
+}
+
 pub fn model_statistics(m: &LoadedModel) -> pb::ModelStatistics {
     let s = &m.stats;
     pb::ModelStatistics {
@@ -217,32 +308,41 @@ pub fn statistics_json(stats: &[pb::ModelStatistics]) -> Value {
 /// Statistics for one model, or for every ready model when `name` is empty.
 pub fn statistics(engine: &Engine, name: &str, version: &str) -> Result<Vec<pb::ModelStatistics>, crate::error::Error> {
     if name.is_empty() {
-        return Ok(engine
-            .models()
-            .filter_map(|(_, s)| match s {
-                ModelSlot::Ready(m) => Some(model_statistics(m)),
-                ModelSlot::Unavailable { .. } => None,
-            })
-            .collect());
+        let models = engine.models().filter_map(|(_, s)| match s {
+            ModelSlot::Ready(m) => Some(model_statistics(m)),
+            ModelSlot::Unavailable { .. } => None,
+        });
+        let pipelines = engine.pipelines().filter_map(|(_, s)| match s {
+            PipelineSlot::Ready(p) => Some(statistics_of(Endpoint::Pipeline(p))),
+            PipelineSlot::Unavailable { .. } => None,
+        });
+        let mut all: Vec<_> = models.chain(pipelines).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        return Ok(all);
     }
-    Ok(vec![model_statistics(engine.model(name, version)?)])
+    Ok(vec![statistics_of(engine.endpoint(name, version)?)])
 }
 
+/// Models and pipelines, sorted by name.
 pub fn repository_index(engine: &Engine, ready_only: bool) -> Vec<pb::repository_index_response::ModelIndex> {
-    engine
-        .models()
-        .filter(|(_, s)| !ready_only || matches!(s, ModelSlot::Ready(_)))
-        .map(|(name, s)| {
-            let (state, reason) = match s {
-                ModelSlot::Ready(_) => ("READY", String::new()),
-                ModelSlot::Unavailable { reason } => ("UNAVAILABLE", reason.clone()),
-            };
-            pb::repository_index_response::ModelIndex {
-                name: name.to_string(),
-                version: DEFAULT_VERSION.to_string(),
-                state: state.to_string(),
-                reason,
-            }
+    let models = engine.models().map(|(name, s)| match s {
+        ModelSlot::Ready(_) => (name, None),
+        ModelSlot::Unavailable { reason } => (name, Some(reason)),
+    });
+    let pipelines = engine.pipelines().map(|(name, s)| match s {
+        PipelineSlot::Ready(_) => (name, None),
+        PipelineSlot::Unavailable { reason } => (name, Some(reason)),
+    });
+    let mut all: Vec<_> = models
+        .chain(pipelines)
+        .filter(|(_, reason)| !ready_only || reason.is_none())
+        .map(|(name, reason)| pb::repository_index_response::ModelIndex {
+            name: name.to_string(),
+            version: DEFAULT_VERSION.to_string(),
+            state: if reason.is_none() { "READY" } else { "UNAVAILABLE" }.to_string(),
+            reason: reason.cloned().unwrap_or_default(),
         })
-        .collect()
+        .collect();
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
 }

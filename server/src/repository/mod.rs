@@ -22,6 +22,17 @@ pub struct ModelSpec {
     pub metadata: Vec<(String, String)>,
 }
 
+impl ModelSpec {
+    /// What a pipeline node sees of the model.
+    pub fn signature(&self) -> crate::pipeline::ModelSig {
+        crate::pipeline::ModelSig {
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            max_batch_size: self.config.max_batch_size,
+        }
+    }
+}
+
 /// One entry of the repository: a spec, or why it cannot be served.
 pub type Scanned = (String, Result<ModelSpec, String>);
 

@@ -2,6 +2,7 @@
 //! An idle instance cuts the next batch itself, so a batch is formed at the last moment
 //! an instance can take it and grows while every instance is busy.
 
+pub mod pool;
 pub mod queue;
 
 use crate::backend::Backend;
@@ -22,6 +23,10 @@ use tokio::sync::oneshot;
 pub struct Computed {
     pub outputs: Vec<Tensor>,
     pub compute: Duration,
+    /// How long the request waited in the queue.
+    pub queued: Duration,
+    /// Rows of the batch it ran in (padding included).
+    pub batch_rows: usize,
 }
 
 pub type Reply = Result<Computed, Error>;
@@ -273,13 +278,15 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
         Err(Error::Backend { model: shared.name.clone(), message: format!("panicked: {msg}") })
     });
 
+    shared.metrics.busy.inc_by(start.elapsed().as_secs_f64());
     match result {
         Ok((per_item, input, infer, output)) => {
             shared.stats.record_batch(rows, executed, batch.len(), input, infer, output);
             shared.metrics.batch_size.observe(executed as f64);
             shared.metrics.compute_duration.observe(infer.as_secs_f64());
             for (p, outputs) in batch.into_iter().zip(per_item) {
-                let _ = p.reply.send(Ok(Computed { outputs, compute: infer }));
+                let queued = start - p.enqueued;
+                let _ = p.reply.send(Ok(Computed { outputs, compute: infer, queued, batch_rows: executed }));
             }
         }
         Err(e) => {

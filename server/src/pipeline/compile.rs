@@ -1,0 +1,626 @@
+//! Compiling a pipeline file into a [`Plan`]: every node built, every reference resolved,
+//! the graph checked for cycles and type-checked edge by edge. All errors are collected,
+//! not just the first, each with file:line and the node it is about.
+
+use super::schema::{Locator, NodeYaml, PipelineYaml};
+use crate::repository::onnx::TensorInfo;
+use petgraph::graph::{DiGraph, NodeIndex};
+use sluice_ops::{op, DataType, Op, ValueType};
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a pipeline may refer to: the repository's models and the server's CPU pools.
+pub trait Catalog {
+    /// The model's signature, or why it cannot be used; `None` if there is no such model.
+    fn model(&self, name: &str) -> Option<Result<ModelSig, String>>;
+    fn pools(&self) -> Vec<String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelSig {
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+    pub max_batch_size: usize,
+}
+
+/// One problem in a pipeline file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostic {
+    pub line: Option<usize>,
+    pub node: Option<String>,
+    pub message: String,
+}
+
+/// A diagnostic rendered with its file: `pipelines/p.yaml:12: node 'crop': ...`.
+pub struct Located<'a>(pub &'a Path, pub &'a Diagnostic);
+
+impl fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Located(file, d) = self;
+        write!(f, "{}", file.display())?;
+        if let Some(l) = d.line {
+            write!(f, ":{l}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(n) = &d.node {
+            write!(f, "node '{n}': ")?;
+        }
+        write!(f, "{}", d.message)
+    }
+}
+
+/// All the errors of one file, one per line.
+#[derive(Debug, Clone)]
+pub struct CompileError {
+    pub file: PathBuf,
+    pub errors: Vec<Diagnostic>,
+}
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.errors.iter().map(|d| Located(&self.file, d).to_string()).collect();
+        write!(f, "{}", lines.join("\n"))
+    }
+}
+
+/// Where a node input's value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Src {
+    Input(usize),
+    /// Output `output` of the node at position `node` of [`Plan::nodes`].
+    Node {
+        node: usize,
+        output: usize,
+    },
+}
+
+#[derive(Clone)]
+pub enum NodeKind {
+    Op(Arc<dyn Op>),
+    Model { model: String, sig: ModelSig },
+}
+
+#[derive(Clone)]
+pub struct PlanNode {
+    pub name: String,
+    pub kind: NodeKind,
+    /// In the order of the op's (or model's) inputs.
+    pub inputs: Vec<Src>,
+    pub input_names: Vec<String>,
+    pub output_names: Vec<String>,
+    /// Types of the outputs (lists when mapped).
+    pub output_types: Vec<ValueType>,
+    /// Runs once per element of its list input(s): a fan-out.
+    pub mapped: bool,
+    /// Which inputs are the lists it is mapped over (the others are passed whole).
+    pub mapped_inputs: Vec<bool>,
+    pub pool: String,
+    pub concurrency: usize,
+    pub line: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub name: String,
+    pub dtype: DataType,
+    /// Dims of one item.
+    pub dims: Vec<i64>,
+    /// A BYTES [1] input: each item is one encoded blob.
+    pub blob: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlanOutput {
+    pub name: String,
+    pub src: Src,
+    pub dtype: DataType,
+    /// Dims of one item, -1 where they vary.
+    pub dims: Vec<i64>,
+}
+
+/// A compiled pipeline: nodes in topological order, each input wired to its source.
+#[derive(Clone)]
+pub struct Plan {
+    pub name: String,
+    pub file: PathBuf,
+    pub description: String,
+    pub max_batch_size: usize,
+    pub inputs: Vec<PlanInput>,
+    pub outputs: Vec<PlanOutput>,
+    pub nodes: Vec<PlanNode>,
+    /// For each node, the nodes that consume its outputs.
+    pub dependents: Vec<Vec<usize>>,
+    /// Nodes dropped because no output depends on them, and other non-fatal findings.
+    pub warnings: Vec<Diagnostic>,
+}
+
+struct Draft {
+    yaml: NodeYaml,
+    line: Option<usize>,
+    /// Whether the op or model was found and built.
+    ok: bool,
+    op: Option<Box<dyn Op>>,
+    model: Option<(String, ModelSig)>,
+    in_ports: Vec<(String, ValueType)>,
+    out_ports: Vec<(String, ValueType)>,
+}
+
+/// Compiles the pipeline `name` from `text` (the contents of `file`).
+pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Result<Plan, CompileError> {
+    let fail = |errors| CompileError { file: file.to_path_buf(), errors };
+    let yaml: PipelineYaml = serde_yaml_ng::from_str(text).map_err(|e| {
+        let line = e.location().map(|l| l.line());
+        fail(vec![Diagnostic { line, node: None, message: e.to_string() }])
+    })?;
+    let loc = Locator::new(text);
+    let base_dir = file.parent().unwrap_or(Path::new("."));
+    let mut errors = Diags::default();
+
+    // Pipeline inputs.
+    let mut inputs = Vec::new();
+    for i in &yaml.inputs {
+        let line = loc.entry("inputs", &i.name);
+        match DataType::parse(&i.dtype) {
+            _ if inputs.iter().any(|x: &PlanInput| x.name == i.name) => {
+                errors.add(line, None, format!("input '{}' is declared twice", i.name))
+            }
+            Some(dtype) => {
+                let blob = dtype == DataType::Bytes && i.dims == [1];
+                inputs.push(PlanInput { name: i.name.clone(), dtype, dims: i.dims.clone(), blob })
+            }
+            None => errors.add(line, None, format!("input '{}': unknown dtype '{}'", i.name, i.dtype)),
+        }
+    }
+    if yaml.inputs.is_empty() {
+        errors.add(loc.top_key("inputs"), None, "a pipeline needs at least one input".into());
+    }
+
+    // Build every node.
+    let pools = catalog.pools();
+    let mut drafts: Vec<Draft> = Vec::new();
+    for n in &yaml.nodes {
+        let line = loc.entry("nodes", &n.name);
+        let node = Some(n.name.as_str());
+        if drafts.iter().any(|d| d.yaml.name == n.name) || inputs.iter().any(|i| i.name == n.name) {
+            errors.add(line, node, "the name is used twice (node names and input names must all differ)".into());
+            continue;
+        }
+        if n.name.contains('.') || n.name.is_empty() {
+            errors.add(line, node, "a node name must be non-empty and contain no '.'".into());
+            continue;
+        }
+        let mut d =
+            Draft { yaml: n.clone(), line, ok: false, op: None, model: None, in_ports: vec![], out_ports: vec![] };
+        match (&n.op, &n.model) {
+            (Some(op_name), None) => {
+                let params = n.params.as_ref().map_or(Ok(serde_json::Value::Null), serde_json::to_value);
+                let built = params
+                    .map_err(|e| format!("params: {e}"))
+                    .and_then(|params| op::build(op_name, &op::BuildContext { params, base_dir }));
+                match built {
+                    Ok(o) => {
+                        d.in_ports = o.inputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
+                        d.out_ports = o.outputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
+                        d.op = Some(o);
+                        d.ok = true;
+                    }
+                    Err(e) => errors.add(
+                        loc.find_after(line.unwrap_or(0), "op:").or(line),
+                        node,
+                        format!("op '{op_name}': {e}"),
+                    ),
+                }
+                if let Some(p) = &n.pool {
+                    if !pools.contains(p) {
+                        let l = loc.find_after(line.unwrap_or(0), "pool:").or(line);
+                        errors.add(l, node, format!("unknown pool '{p}'; the server's pools: {}", pools.join(", ")));
+                    }
+                }
+            }
+            (None, Some(model)) => {
+                let l = loc.find_after(line.unwrap_or(0), "model:").or(line);
+                match catalog.model(model) {
+                    None => errors.add(l, node, format!("unknown model '{model}'")),
+                    Some(Err(reason)) => errors.add(l, node, format!("model '{model}' cannot be used: {reason}")),
+                    Some(Ok(sig)) => {
+                        let strip = |t: &TensorInfo| {
+                            let dims = if sig.max_batch_size > 0 { t.dims[1..].to_vec() } else { t.dims.clone() };
+                            (t.name.clone(), ValueType::tensor(t.dtype, dims))
+                        };
+                        d.in_ports = sig.inputs.iter().map(strip).collect();
+                        d.out_ports = sig.outputs.iter().map(strip).collect();
+                        d.model = Some((model.clone(), sig));
+                        d.ok = true;
+                    }
+                }
+                if n.pool.is_some() {
+                    errors.add(line, node, "a model node runs on its model's instances: remove `pool`".into());
+                }
+                if n.params.is_some() {
+                    errors.add(
+                        line,
+                        node,
+                        "a model node takes no params (model settings live in its model.yaml)".into(),
+                    );
+                }
+            }
+            _ => errors.add(line, node, "give exactly one of `op` or `model`".into()),
+        }
+        drafts.push(d);
+    }
+
+    // Resolve references and build the graph.
+    let mut graph: DiGraph<usize, ()> = DiGraph::new();
+    let idx: Vec<NodeIndex> = (0..drafts.len()).map(|i| graph.add_node(i)).collect();
+    let by_name: HashMap<&str, usize> = drafts.iter().enumerate().map(|(i, d)| (d.yaml.name.as_str(), i)).collect();
+    // (draft index, output index) or pipeline input, per draft per in-port.
+    let mut wiring: Vec<Vec<Option<RawSrc>>> = Vec::new();
+    let resolve = |r: &str| -> Result<RawSrc, String> {
+        match r.split_once('.') {
+            None => inputs.iter().position(|i| i.name == r).map(RawSrc::Input).ok_or_else(|| {
+                format!("unknown reference '{r}': no pipeline input has that name (use node.output for node outputs)")
+            }),
+            Some((n, o)) => {
+                let &di = by_name.get(n).ok_or_else(|| format!("unknown reference '{r}': no node '{n}'"))?;
+                let d = &drafts[di];
+                if !d.ok {
+                    return Err(format!("reference '{r}': node '{n}' has errors"));
+                }
+                d.out_ports.iter().position(|(p, _)| p == o).map(|oi| RawSrc::Node(di, oi)).ok_or_else(|| {
+                    let outs: Vec<&str> = d.out_ports.iter().map(|(p, _)| p.as_str()).collect();
+                    format!("unknown reference '{r}': node '{n}' has outputs {}", outs.join(", "))
+                })
+            }
+        }
+    };
+    for (di, d) in drafts.iter().enumerate() {
+        let node = Some(d.yaml.name.as_str());
+        let mut w = vec![None; d.in_ports.len()];
+        if d.ok {
+            for (port, r) in &d.yaml.inputs {
+                let l = loc.find_after(d.line.unwrap_or(0), &format!("{port}:")).or(d.line);
+                let Some(pi) = d.in_ports.iter().position(|(p, _)| p == port) else {
+                    let names: Vec<&str> = d.in_ports.iter().map(|(p, _)| p.as_str()).collect();
+                    errors.add(l, node, format!("has no input '{port}'; its inputs: {}", names.join(", ")));
+                    continue;
+                };
+                match resolve(r) {
+                    Ok(src) => {
+                        if let RawSrc::Node(from, _) = src {
+                            graph.add_edge(idx[from], idx[di], ());
+                        }
+                        w[pi] = Some(src);
+                    }
+                    Err(e) => errors.add(l, node, e),
+                }
+            }
+            for ((p, _), s) in d.in_ports.iter().zip(&w) {
+                if s.is_none() && !d.yaml.inputs.contains_key(p) {
+                    errors.add(d.line, node, format!("input '{p}' is not wired"));
+                }
+            }
+        }
+        wiring.push(w);
+    }
+
+    // Cycles: each strongly connected component with more than one node (or a self-loop).
+    let mut cyclic = BTreeSet::new();
+    for scc in petgraph::algo::tarjan_scc(&graph) {
+        let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
+        if scc.len() > 1 || self_loop {
+            let members: BTreeSet<usize> = scc.iter().map(|n| graph[*n]).collect();
+            let first = *members.iter().next().expect("non-empty");
+            let path = cycle_path(&graph, &idx, first, &members);
+            let names: Vec<&str> = path.iter().map(|&i| drafts[i].yaml.name.as_str()).collect();
+            errors.add(drafts[first].line, Some(&drafts[first].yaml.name), format!("cycle: {}", names.join(" -> ")));
+            cyclic.extend(members);
+        }
+    }
+
+    // Outputs.
+    let mut outputs_raw = Vec::new();
+    for o in &yaml.outputs {
+        let line = loc.entry("outputs", &o.name);
+        if outputs_raw.iter().any(|(n, _, _): &(String, RawSrc, Option<usize>)| *n == o.name) {
+            errors.add(line, None, format!("output '{}' is declared twice", o.name));
+            continue;
+        }
+        match resolve(&o.from) {
+            Ok(src) => outputs_raw.push((o.name.clone(), src, line)),
+            Err(e) => errors.add(line, None, format!("output '{}': {e}", o.name)),
+        }
+    }
+    if yaml.outputs.is_empty() {
+        errors.add(loc.top_key("outputs"), None, "a pipeline needs at least one output".into());
+    }
+    if !errors.0.is_empty() || !cyclic.is_empty() {
+        return Err(fail(errors.0));
+    }
+
+    // Keep only the nodes some output depends on; warn about the rest.
+    let mut needed = vec![false; drafts.len()];
+    let mut stack: Vec<usize> =
+        outputs_raw.iter().filter_map(|(_, s, _)| if let RawSrc::Node(n, _) = s { Some(*n) } else { None }).collect();
+    while let Some(n) = stack.pop() {
+        if !std::mem::replace(&mut needed[n], true) {
+            stack.extend(wiring[n].iter().flatten().filter_map(|s| {
+                if let RawSrc::Node(m, _) = s {
+                    Some(*m)
+                } else {
+                    None
+                }
+            }));
+        }
+    }
+    let mut warnings = Vec::new();
+    for (i, d) in drafts.iter().enumerate() {
+        if !needed[i] {
+            let consumed = graph.neighbors(idx[i]).next().is_some();
+            let why = if consumed { "no pipeline output depends on it" } else { "its outputs feed nothing" };
+            warnings.push(Diagnostic {
+                line: d.line,
+                node: Some(d.yaml.name.clone()),
+                message: format!("unused: {why}; it will not run"),
+            });
+        }
+    }
+
+    // Topological order over the needed nodes, then type-check along it.
+    let order: Vec<usize> = petgraph::algo::toposort(&graph, None)
+        .expect("cycles were reported above")
+        .into_iter()
+        .map(|n| graph[n])
+        .filter(|&i| needed[i])
+        .collect();
+    let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+    let to_src = |s: RawSrc| match s {
+        RawSrc::Input(i) => Src::Input(i),
+        RawSrc::Node(n, o) => Src::Node { node: pos[&n], output: o },
+    };
+    let input_type = |i: &PlanInput| {
+        if i.blob {
+            ValueType::Bytes
+        } else {
+            ValueType::tensor(i.dtype, i.dims.clone())
+        }
+    };
+    let mut nodes: Vec<PlanNode> = Vec::new();
+    for &di in &order {
+        let op = drafts[di].op.take();
+        let d = &drafts[di];
+        let node = Some(d.yaml.name.as_str());
+        let srcs: Vec<Src> = wiring[di].iter().map(|s| to_src(s.expect("wired"))).collect();
+        let given: Vec<ValueType> = srcs
+            .iter()
+            .map(|s| match *s {
+                Src::Input(i) => input_type(&inputs[i]),
+                Src::Node { node, output } => nodes[node].output_types[output].clone(),
+            })
+            .collect();
+        // A list where the port takes one element: the node runs once per element.
+        let mut mapped = false;
+        let mut mapped_inputs = Vec::new();
+        let mut element_types = Vec::new();
+        for (((port, want), got), src) in d.in_ports.iter().zip(&given).zip(&srcs) {
+            let from = src_name(*src, &inputs, &nodes);
+            mapped_inputs.push(false);
+            if want.accepts(got) {
+                element_types.push(got.clone());
+            } else if let (ValueType::List(el), false) = (got, matches!(want, ValueType::List(_))) {
+                if matches!(el.as_ref(), ValueType::List(_)) {
+                    errors.add(
+                        d.line,
+                        node,
+                        format!("input '{port}': '{from}' is a list of lists, which cannot be mapped"),
+                    );
+                } else if want.accepts(el) {
+                    mapped = true;
+                    *mapped_inputs.last_mut().expect("pushed above") = true;
+                    element_types.push(el.as_ref().clone());
+                } else {
+                    errors.add(d.line, node, format!("input '{port}' expects {want}, but '{from}' gives {got}"));
+                }
+            } else {
+                errors.add(d.line, node, format!("input '{port}' expects {want}, but '{from}' gives {got}"));
+            }
+        }
+        if element_types.len() != d.in_ports.len() {
+            continue;
+        }
+        let kind = match op {
+            Some(mut o) => {
+                // infer may record what it learns about its inputs (gather's element shape).
+                match o.infer(&element_types) {
+                    Ok(types) => {
+                        let out = types.into_iter().map(|t| if mapped { ValueType::List(Box::new(t)) } else { t });
+                        nodes.push(plan_node(d, NodeKind::Op(Arc::from(o)), srcs, out.collect(), mapped_inputs));
+                    }
+                    Err(e) => errors.add(d.line, node, e),
+                }
+                continue;
+            }
+            None => {
+                let (model, sig) = d.model.clone().expect("a built node is an op or a model");
+                NodeKind::Model { model, sig }
+            }
+        };
+        let out =
+            d.out_ports.iter().map(|(_, t)| if mapped { ValueType::List(Box::new(t.clone())) } else { t.clone() });
+        nodes.push(plan_node(d, kind, srcs, out.collect(), mapped_inputs));
+    }
+    if !errors.0.is_empty() {
+        return Err(fail(errors.0));
+    }
+
+    let mut outputs = Vec::new();
+    for (name, src, line) in outputs_raw {
+        let src = to_src(src);
+        let ty = match src {
+            Src::Input(i) => input_type(&inputs[i]),
+            Src::Node { node, output } => nodes[node].output_types[output].clone(),
+        };
+        match ty {
+            ValueType::Tensor { dtype: Some(dtype), dims } => {
+                outputs.push(PlanOutput { name, src, dtype, dims: dims.unwrap_or_default() })
+            }
+            ValueType::List(_) => errors.add(
+                line,
+                None,
+                format!("output '{name}' is a {ty}; collect it into one tensor with a `gather` node"),
+            ),
+            other => {
+                errors.add(line, None, format!("output '{name}' must be a tensor of a known dtype, but it is {other}"))
+            }
+        }
+    }
+    if !errors.0.is_empty() {
+        return Err(fail(errors.0));
+    }
+    let mut dependents = vec![Vec::new(); nodes.len()];
+    for (i, n) in nodes.iter().enumerate() {
+        for s in &n.inputs {
+            if let Src::Node { node, .. } = s {
+                if !dependents[*node].contains(&i) {
+                    dependents[*node].push(i);
+                }
+            }
+        }
+    }
+    Ok(Plan {
+        name: name.to_string(),
+        file: file.to_path_buf(),
+        description: yaml.description,
+        max_batch_size: yaml.max_batch_size,
+        inputs,
+        outputs,
+        nodes,
+        dependents,
+        warnings,
+    })
+}
+
+#[derive(Default)]
+struct Diags(Vec<Diagnostic>);
+
+impl Diags {
+    fn add(&mut self, line: Option<usize>, node: Option<&str>, message: String) {
+        self.0.push(Diagnostic { line, node: node.map(str::to_string), message });
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum RawSrc {
+    Input(usize),
+    Node(usize, usize),
+}
+
+fn plan_node(
+    d: &Draft,
+    kind: NodeKind,
+    inputs: Vec<Src>,
+    output_types: Vec<ValueType>,
+    mapped_inputs: Vec<bool>,
+) -> PlanNode {
+    PlanNode {
+        name: d.yaml.name.clone(),
+        kind,
+        inputs,
+        input_names: d.in_ports.iter().map(|(p, _)| p.clone()).collect(),
+        output_names: d.out_ports.iter().map(|(p, _)| p.clone()).collect(),
+        output_types,
+        mapped: mapped_inputs.contains(&true),
+        mapped_inputs,
+        pool: d.yaml.pool.clone().unwrap_or_else(|| crate::sched::pool::PoolConfig::DEFAULT_NAME.to_string()),
+        concurrency: d.yaml.concurrency,
+        line: d.line,
+    }
+}
+
+fn src_name(s: Src, inputs: &[PlanInput], nodes: &[PlanNode]) -> String {
+    match s {
+        Src::Input(i) => inputs[i].name.clone(),
+        Src::Node { node, output } => format!("{}.{}", nodes[node].name, nodes[node].output_names[output]),
+    }
+}
+
+/// A cycle through `start` staying inside `members`, as draft indices, closed (first == last).
+fn cycle_path(g: &DiGraph<usize, ()>, idx: &[NodeIndex], start: usize, members: &BTreeSet<usize>) -> Vec<usize> {
+    // Breadth-first from start's successors back to start, within the component.
+    let mut prev: HashMap<usize, usize> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(n) = queue.pop_front() {
+        for m in g.neighbors(idx[n]).map(|m| g[m]) {
+            if !members.contains(&m) || prev.contains_key(&m) {
+                continue;
+            }
+            prev.insert(m, n);
+            if m == start {
+                let mut path = vec![start];
+                let mut cur = n;
+                while cur != start {
+                    path.push(cur);
+                    cur = prev[&cur];
+                }
+                path.push(start);
+                path.reverse();
+                return path;
+            }
+            queue.push_back(m);
+        }
+    }
+    vec![start, start]
+}
+
+impl Plan {
+    /// The plan as a Graphviz DOT graph: inputs, nodes (ops as boxes, models as
+    /// ellipses, fan-outs doubled) and outputs, edges labelled with the values' types.
+    pub fn to_dot(&self) -> String {
+        let mut g: DiGraph<String, String> = DiGraph::new();
+        let ins: Vec<NodeIndex> = self.inputs.iter().map(|i| g.add_node(format!("input {}", i.name))).collect();
+        let ns: Vec<NodeIndex> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let what = match &n.kind {
+                    NodeKind::Op(_) => format!("op on pool {}", n.pool),
+                    NodeKind::Model { model, .. } => format!("model {model}"),
+                };
+                let map = if n.mapped { " (per element)" } else { "" };
+                g.add_node(format!("{}\n{what}{map}", n.name))
+            })
+            .collect();
+        let ty_of = |s: Src| match s {
+            Src::Input(i) => {
+                let i = &self.inputs[i];
+                if i.blob {
+                    "bytes".to_string()
+                } else {
+                    ValueType::tensor(i.dtype, i.dims.clone()).to_string()
+                }
+            }
+            Src::Node { node, output } => self.nodes[node].output_types[output].to_string(),
+        };
+        let at = |s: Src| match s {
+            Src::Input(i) => ins[i],
+            Src::Node { node, .. } => ns[node],
+        };
+        for (n, node) in self.nodes.iter().enumerate() {
+            for (s, port) in node.inputs.iter().zip(&node.input_names) {
+                let label = match *s {
+                    Src::Input(_) => format!("{port}: {}", ty_of(*s)),
+                    Src::Node { node: m, output } => {
+                        format!("{}->{port}: {}", self.nodes[m].output_names[output], ty_of(*s))
+                    }
+                };
+                g.add_edge(at(*s), ns[n], label);
+            }
+        }
+        for o in &self.outputs {
+            let out = g.add_node(format!("output {}", o.name));
+            g.add_edge(at(o.src), out, ty_of(o.src));
+        }
+        format!("{}", petgraph::dot::Dot::new(&g))
+    }
+}

@@ -1,0 +1,471 @@
+//! Running requests through a compiled plan. Each item (image) of a request walks the
+//! plan on the async runtime, starting a node as soon as its inputs are ready; the work
+//! itself runs elsewhere: ops on their CPU pool's threads, models on their batcher and
+//! instance threads, where items from every in-flight request share batches.
+
+use super::compile::{NodeKind, Plan, PlanNode, Src};
+use crate::engine::{InferRequest, InferResponse, LoadedModel, ModelSlot, NamedTensor, DEFAULT_VERSION};
+use crate::error::Error;
+use crate::metrics::{Metrics, ModelMetrics, NodeMetrics};
+use crate::sched::pool::CpuPool;
+use crate::stats::ModelStats;
+use futures::stream::{FuturesUnordered, StreamExt};
+use sluice_ops::{Op, OpError, Tensor, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Semaphore;
+
+enum Target {
+    Op { op: Arc<dyn Op>, pool: Arc<CpuPool> },
+    Model(Arc<LoadedModel>),
+}
+
+struct Runner {
+    target: Target,
+    metrics: NodeMetrics,
+    limit: Option<Arc<Semaphore>>,
+}
+
+/// A plan bound to the loaded models and CPU pools it runs on.
+pub struct Pipeline {
+    pub plan: Plan,
+    runners: Vec<Runner>,
+    pub stats: Arc<ModelStats>,
+    pub metrics: ModelMetrics,
+}
+
+impl Pipeline {
+    /// Binds `plan` to the engine's models and pools.
+    pub fn bind(
+        plan: Plan,
+        models: &BTreeMap<String, ModelSlot>,
+        pools: &HashMap<String, Arc<CpuPool>>,
+        metrics: &Metrics,
+    ) -> Result<Pipeline, String> {
+        let runners = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                let target = match &n.kind {
+                    NodeKind::Op(op) => {
+                        let pool =
+                            pools.get(&n.pool).ok_or_else(|| format!("node '{}': no pool '{}'", n.name, n.pool))?;
+                        Target::Op { op: op.clone(), pool: pool.clone() }
+                    }
+                    NodeKind::Model { model, .. } => match models.get(model) {
+                        Some(ModelSlot::Ready(m)) => Target::Model(m.clone()),
+                        _ => return Err(format!("node '{}': model '{model}' is not loaded", n.name)),
+                    },
+                };
+                Ok(Runner {
+                    target,
+                    metrics: metrics.for_node(&plan.name, &n.name),
+                    limit: (n.concurrency > 0).then(|| Arc::new(Semaphore::new(n.concurrency))),
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        let model_metrics = metrics.for_model(&plan.name);
+        Ok(Pipeline { plan, runners, stats: Arc::default(), metrics: model_metrics })
+    }
+
+    /// Runs one request: checks and splits its inputs into items, walks every item
+    /// through the plan concurrently, and stacks the items' outputs back.
+    pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
+        let start = Instant::now();
+        let result = match deadline {
+            Some(d) => tokio::time::timeout_at(d.into(), self.run(req, deadline))
+                .await
+                .unwrap_or_else(|_| Err(Error::DeadlineExceeded { model: self.plan.name.clone() })),
+            None => self.run(req, None).await,
+        };
+        let elapsed = start.elapsed();
+        self.stats.record_request(result.is_ok(), elapsed);
+        self.metrics.requests.inc();
+        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        if let Err(e) = &result {
+            self.metrics.failure(e.error_type());
+        }
+        result
+    }
+
+    async fn run(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
+        let wanted = self.check_outputs(&req.outputs)?;
+        let items = self.split_items(req.inputs)?;
+        let walks = items.into_iter().map(|values| self.walk(values, deadline));
+        let per_item = futures::future::try_join_all(walks).await?;
+        let mut outputs = Vec::new();
+        for (oi, o) in self.plan.outputs.iter().enumerate() {
+            if !wanted.contains(&oi) {
+                continue;
+            }
+            let parts: Vec<&Tensor> = per_item.iter().map(|outs| &outs[oi]).collect();
+            let tensor = if self.plan.max_batch_size > 0 {
+                stack_items(&parts)
+                    .map_err(|e| Error::Internal(format!("pipeline '{}': output '{}': {e}", self.plan.name, o.name)))?
+            } else {
+                parts[0].clone()
+            };
+            outputs.push(NamedTensor { name: o.name.clone(), tensor });
+        }
+        Ok(InferResponse {
+            model_name: self.plan.name.clone(),
+            model_version: DEFAULT_VERSION.to_string(),
+            id: req.id,
+            outputs,
+        })
+    }
+
+    fn invalid(&self, message: String) -> Error {
+        Error::InvalidInput { model: self.plan.name.clone(), message }
+    }
+
+    fn check_outputs(&self, requested: &[String]) -> Result<Vec<usize>, Error> {
+        let all: Vec<&str> = self.plan.outputs.iter().map(|o| o.name.as_str()).collect();
+        if requested.is_empty() {
+            return Ok((0..all.len()).collect());
+        }
+        requested
+            .iter()
+            .map(|r| {
+                all.iter().position(|o| o == r).ok_or_else(|| {
+                    self.invalid(format!("unknown output '{r}'; the pipeline's outputs are: {}", all.join(", ")))
+                })
+            })
+            .collect()
+    }
+
+    /// The request's inputs as one value list per item, in the plan's input order.
+    fn split_items(&self, given: Vec<NamedTensor>) -> Result<Vec<Vec<Value>>, Error> {
+        let plan = &self.plan;
+        let batched = plan.max_batch_size > 0;
+        let mut slots: Vec<Option<Tensor>> = vec![None; plan.inputs.len()];
+        for nt in given {
+            let i = plan.inputs.iter().position(|p| p.name == nt.name).ok_or_else(|| {
+                let names: Vec<&str> = plan.inputs.iter().map(|p| p.name.as_str()).collect();
+                self.invalid(format!("unknown input '{}'; the pipeline's inputs are: {}", nt.name, names.join(", ")))
+            })?;
+            if slots[i].replace(nt.tensor).is_some() {
+                return Err(self.invalid(format!("input '{}' is given more than once", nt.name)));
+            }
+        }
+        let mut n_items = None;
+        let mut columns: Vec<Vec<Value>> = Vec::new();
+        for (p, slot) in plan.inputs.iter().zip(slots) {
+            let t = slot.ok_or_else(|| self.invalid(format!("missing input '{}'", p.name)))?;
+            if t.dtype != p.dtype {
+                return Err(self.invalid(format!("input '{}': expected datatype {}, got {}", p.name, p.dtype, t.dtype)));
+            }
+            let item_shape = if batched { t.shape.get(1..).unwrap_or(&[]) } else { &t.shape[..] };
+            let fits = item_shape.len() == p.dims.len()
+                && item_shape.iter().zip(&p.dims).all(|(&s, &d)| d < 0 || s as i64 == d)
+                && (!batched || !t.shape.is_empty());
+            if !fits {
+                let want = if batched { format!("[-1,{}]", join(&p.dims)) } else { format!("[{}]", join(&p.dims)) };
+                return Err(self.invalid(format!("input '{}': shape {:?} does not match {want}", p.name, t.shape)));
+            }
+            let n = if batched { t.shape[0] } else { 1 };
+            if batched && (n == 0 || n > plan.max_batch_size) {
+                return Err(self.invalid(format!(
+                    "input '{}': {n} items is outside 1..={} (max_batch_size)",
+                    p.name, plan.max_batch_size
+                )));
+            }
+            if *n_items.get_or_insert(n) != n {
+                return Err(self.invalid("inputs disagree on the number of items (dimension 0)".into()));
+            }
+            let values = if p.blob {
+                let elems = t.bytes_elements().map_err(|e| self.invalid(format!("input '{}': {e}", p.name)))?;
+                elems.into_iter().map(Value::Bytes).collect()
+            } else if batched {
+                let rows = t.split_batch(&vec![1; n]).map_err(|e| self.invalid(format!("input '{}': {e}", p.name)))?;
+                rows.into_iter().map(|r| Value::Tensor(reshape(r, t.shape[1..].to_vec()))).collect()
+            } else {
+                vec![Value::Tensor(t)]
+            };
+            columns.push(values);
+        }
+        let n = n_items.unwrap_or(0);
+        Ok((0..n).map(|k| columns.iter().map(|c| c[k].clone()).collect()).collect())
+    }
+
+    /// Walks one item through the plan; returns its pipeline outputs.
+    async fn walk(&self, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Tensor>, Error> {
+        let plan = &self.plan;
+        let mut values: Vec<Option<Vec<Value>>> = vec![None; plan.nodes.len()];
+        let mut waiting: Vec<usize> = plan
+            .nodes
+            .iter()
+            .map(|n| {
+                let mut deps: Vec<usize> = n
+                    .inputs
+                    .iter()
+                    .filter_map(|s| if let Src::Node { node, .. } = s { Some(*node) } else { None })
+                    .collect();
+                deps.sort_unstable();
+                deps.dedup();
+                deps.len()
+            })
+            .collect();
+        let value_of = |values: &[Option<Vec<Value>>], s: &Src| match *s {
+            Src::Input(i) => inputs[i].clone(),
+            Src::Node { node, output } => {
+                values[node].as_ref().expect("a ready node's inputs are computed")[output].clone()
+            }
+        };
+        let launch = |i: usize, args: Vec<Value>| async move { (i, self.run_node(i, args, deadline).await) };
+        let mut running = FuturesUnordered::new();
+        for (i, n) in plan.nodes.iter().enumerate() {
+            if waiting[i] == 0 {
+                running.push(launch(i, n.inputs.iter().map(|s| value_of(&values, s)).collect()));
+            }
+        }
+        while let Some((i, result)) = running.next().await {
+            // The first failure fails the item; dropping `running` cancels the rest.
+            values[i] = Some(result?);
+            for &d in &plan.dependents[i] {
+                waiting[d] -= 1;
+                if waiting[d] == 0 {
+                    running.push(launch(d, plan.nodes[d].inputs.iter().map(|s| value_of(&values, s)).collect()));
+                }
+            }
+        }
+        plan.outputs
+            .iter()
+            .map(|o| match value_of(&values, &o.src) {
+                Value::Tensor(t) => Ok(t),
+                other => Err(Error::Internal(format!("output '{}' is {}, not a tensor", o.name, other.kind()))),
+            })
+            .collect()
+    }
+
+    async fn run_node(&self, i: usize, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Value>, Error> {
+        let node = &self.plan.nodes[i];
+        if !node.mapped {
+            return self.run_item(i, inputs, deadline).await;
+        }
+        let lists: Vec<&Arc<Vec<Value>>> = inputs
+            .iter()
+            .zip(&node.mapped_inputs)
+            .filter(|(_, m)| **m)
+            .map(|(v, _)| {
+                v.as_list().ok_or_else(|| self.node_failed(node, format!("expected a list, got {}", v.kind())))
+            })
+            .collect::<Result<_, _>>()?;
+        let len = lists[0].len();
+        if lists.iter().any(|l| l.len() != len) {
+            let lens: Vec<usize> = lists.iter().map(|l| l.len()).collect();
+            return Err(self.node_failed(node, format!("the lists it is mapped over differ in length: {lens:?}")));
+        }
+        let elements = (0..len).map(|k| {
+            let args: Vec<Value> = inputs
+                .iter()
+                .zip(&node.mapped_inputs)
+                .map(|(v, &m)| match (m, v) {
+                    (true, Value::List(l)) => l[k].clone(),
+                    _ => v.clone(),
+                })
+                .collect();
+            self.run_item(i, args, deadline)
+        });
+        let results = futures::future::try_join_all(elements).await?;
+        // Transpose: per element outputs -> per output lists, in element order.
+        let mut outs: Vec<Vec<Value>> = vec![Vec::with_capacity(len); node.output_names.len()];
+        for r in results {
+            for (o, v) in outs.iter_mut().zip(r) {
+                o.push(v);
+            }
+        }
+        Ok(outs.into_iter().map(|o| Value::List(Arc::new(o))).collect())
+    }
+
+    fn node_failed(&self, node: &PlanNode, message: String) -> Error {
+        Error::NodeFailed { pipeline: self.plan.name.clone(), node: node.name.clone(), message }
+    }
+
+    fn node_invalid(&self, node: &PlanNode, message: String) -> Error {
+        Error::NodeInvalid { pipeline: self.plan.name.clone(), node: node.name.clone(), message }
+    }
+
+    /// Runs node `i` on one set of (element) inputs.
+    async fn run_item(&self, i: usize, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Value>, Error> {
+        let node = &self.plan.nodes[i];
+        let runner = &self.runners[i];
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::DeadlineExceeded { model: self.plan.name.clone() });
+        }
+        let _permit = match &runner.limit {
+            Some(s) => Some(s.acquire().await.map_err(|_| Error::ShuttingDown)?),
+            None => None,
+        };
+        let m = &runner.metrics;
+        m.items.inc();
+        let result = match &runner.target {
+            Target::Op { op, pool } => self.run_op(node, m, op.clone(), pool, inputs, deadline).await,
+            Target::Model(model) => self.run_model(node, m, model, inputs, deadline).await,
+        };
+        if result.is_err() {
+            m.errors.inc();
+        }
+        result
+    }
+
+    async fn run_op(
+        &self,
+        node: &PlanNode,
+        m: &NodeMetrics,
+        op: Arc<dyn Op>,
+        pool: &CpuPool,
+        inputs: Vec<Value>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Value>, Error> {
+        let rx = pool.spawn(deadline, move || op.run(&inputs))?;
+        let timed = match rx.await {
+            Err(_) => return Err(Error::DeadlineExceeded { model: self.plan.name.clone() }),
+            Ok(Err(panic)) => {
+                tracing::error!(pipeline = %self.plan.name, node = %node.name, "op panicked: {panic}");
+                return Err(self.node_failed(node, format!("op panicked: {panic}")));
+            }
+            Ok(Ok(t)) => t,
+        };
+        m.queue.observe(timed.queued.as_secs_f64());
+        m.compute.observe(timed.ran.as_secs_f64());
+        match timed.value {
+            Ok(v) => Ok(v),
+            Err(OpError::Invalid(msg)) => Err(self.node_invalid(node, msg)),
+            Err(OpError::Internal(msg)) => Err(self.node_failed(node, msg)),
+        }
+    }
+
+    async fn run_model(
+        &self,
+        node: &PlanNode,
+        m: &NodeMetrics,
+        model: &LoadedModel,
+        inputs: Vec<Value>,
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Value>, Error> {
+        let spec = &model.spec;
+        let batched = spec.config.max_batch_size > 0;
+        let mut tensors = Vec::with_capacity(inputs.len());
+        for (v, info) in inputs.into_iter().zip(&spec.inputs) {
+            let Value::Tensor(t) = v else {
+                return Err(
+                    self.node_failed(node, format!("model input '{}' got {}, not a tensor", info.name, v.kind()))
+                );
+            };
+            let dims = if batched { &info.dims[1..] } else { &info.dims[..] };
+            let fits = t.dtype == info.dtype
+                && t.shape.len() == dims.len()
+                && t.shape.iter().zip(dims).all(|(&s, &d)| d < 0 || s as i64 == d);
+            if !fits {
+                return Err(self.node_invalid(
+                    node,
+                    format!(
+                        "model '{}' input '{}' takes {} [{}] per item, got {} {:?}",
+                        spec.name,
+                        info.name,
+                        info.dtype,
+                        join(dims),
+                        t.dtype,
+                        t.shape
+                    ),
+                ));
+            }
+            tensors.push(if batched { with_batch_dim(t) } else { t });
+        }
+        let rx = model.submit(tensors, 1, deadline)?;
+        let computed = rx.await.map_err(|_| Error::Internal(format!("model '{}': instance stopped", spec.name)))??;
+        m.queue.observe(computed.queued.as_secs_f64());
+        m.compute.observe(computed.compute.as_secs_f64());
+        m.batch_size.observe(computed.batch_rows as f64);
+        Ok(computed
+            .outputs
+            .into_iter()
+            .map(|t| {
+                if batched {
+                    let shape = t.shape[1..].to_vec();
+                    Value::Tensor(reshape(t, shape))
+                } else {
+                    Value::Tensor(t)
+                }
+            })
+            .collect())
+    }
+}
+
+fn join(d: &[i64]) -> String {
+    d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+}
+
+fn reshape(t: Tensor, shape: Vec<usize>) -> Tensor {
+    Tensor { dtype: t.dtype, shape, data: t.data }
+}
+
+fn with_batch_dim(t: Tensor) -> Tensor {
+    let mut shape = Vec::with_capacity(t.shape.len() + 1);
+    shape.push(1);
+    shape.extend(&t.shape);
+    reshape(t, shape)
+}
+
+/// Stacks per-item outputs along a new first dimension. Items whose first dimension
+/// differs (a different number of detections per image) are padded with zero rows (empty
+/// strings for BYTES) up to the longest; give a `count` output to tell the real lengths.
+pub fn stack_items(parts: &[&Tensor]) -> Result<Tensor, String> {
+    let first = parts.first().ok_or("no items")?;
+    let same = parts.iter().all(|p| p.shape == first.shape);
+    let padded: Vec<Tensor>;
+    let parts: Vec<&Tensor> = if same || first.shape.is_empty() {
+        parts.to_vec()
+    } else {
+        let rows = parts.iter().map(|p| p.shape[0]).max().unwrap_or(0);
+        if parts.iter().any(|p| p.shape.len() != first.shape.len() || p.shape[1..] != first.shape[1..]) {
+            let shapes: Vec<&Vec<usize>> = parts.iter().map(|p| &p.shape).collect();
+            return Err(format!("items' shapes differ beyond the first dimension: {shapes:?}"));
+        }
+        padded = parts.iter().map(|p| pad_rows(p, rows)).collect();
+        padded.iter().collect()
+    };
+    let with_dim: Vec<Tensor> = parts.iter().map(|t| with_batch_dim((*t).clone())).collect();
+    let refs: Vec<&Tensor> = with_dim.iter().collect();
+    Tensor::concat_batch(&refs).map_err(|e| e.to_string())
+}
+
+fn pad_rows(t: &Tensor, rows: usize) -> Tensor {
+    let have = t.shape[0];
+    if have == rows {
+        return t.clone();
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = rows;
+    let per_row: usize = t.shape[1..].iter().product();
+    let extra = (rows - have) * per_row;
+    let mut data = t.data.to_vec();
+    match t.dtype.size() {
+        Some(size) => data.resize(data.len() + extra * size, 0),
+        None => data.extend(std::iter::repeat_n(0u8, extra * 4)), // empty BYTES elements
+    }
+    Tensor { dtype: t.dtype, shape, data: data.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ragged_items_are_padded_to_the_longest() {
+        let a = Tensor::from_f32(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let b = Tensor::from_f32(vec![0, 2], &[]);
+        let s = stack_items(&[&a, &b]).unwrap();
+        assert_eq!(s.shape, vec![2, 2, 2]);
+        assert_eq!(s.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+        let l = Tensor::from_bytes_elements(vec![1], &["x"]);
+        let e = Tensor::from_bytes_elements::<&str>(vec![0], &[]);
+        let s = stack_items(&[&e, &l]).unwrap();
+        assert_eq!(s.shape, vec![2, 1]);
+        assert_eq!(s.bytes_elements().unwrap(), vec![&b""[..], &b"x"[..]]);
+        let c = Tensor::from_f32(vec![1, 3], &[0.0; 3]);
+        assert!(stack_items(&[&a, &c]).unwrap_err().contains("beyond the first dimension"));
+    }
+}

@@ -1,0 +1,118 @@
+//! `pipelines/<name>.yaml`: the file format, as serde types. Unknown keys are errors.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineYaml {
+    #[serde(default)]
+    pub description: String,
+    /// Items (images) one request may carry along a leading batch dimension; 0: requests
+    /// carry exactly one item and inputs have no batch dimension.
+    #[serde(default = "default_max_batch")]
+    pub max_batch_size: usize,
+    pub inputs: Vec<InputYaml>,
+    pub outputs: Vec<OutputYaml>,
+    pub nodes: Vec<NodeYaml>,
+}
+
+fn default_max_batch() -> usize {
+    8
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputYaml {
+    pub name: String,
+    /// A v2 datatype: BYTES, FP32, UINT8, ...
+    pub dtype: String,
+    /// Dims of one item (without the batch dimension); -1 is variable. A BYTES input of
+    /// dims [1] carries one encoded blob (an image file) per item.
+    pub dims: Vec<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputYaml {
+    pub name: String,
+    /// `node.output`
+    pub from: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeYaml {
+    pub name: String,
+    /// A CPU op from the ops registry ...
+    #[serde(default)]
+    pub op: Option<String>,
+    /// ... or a model of the repository.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The node's input name -> `node.output` or a pipeline input's name.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, String>,
+    /// The op's parameters.
+    #[serde(default)]
+    pub params: Option<serde_yaml_ng::Value>,
+    /// The CPU pool an op runs on (server `--pool`); default: `default`.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// Most items of this node in flight at once, across all requests (0: no limit).
+    #[serde(default)]
+    pub concurrency: usize,
+}
+
+/// Finds lines in the pipeline's text, for error messages. serde does not keep
+/// positions of values, so a node is located by its `name:` line.
+pub struct Locator<'a> {
+    lines: Vec<&'a str>,
+}
+
+impl<'a> Locator<'a> {
+    pub fn new(text: &'a str) -> Locator<'a> {
+        Locator { lines: text.lines().collect() }
+    }
+
+    fn section_start(&self, section: &str) -> usize {
+        let key = format!("{section}:");
+        self.lines.iter().position(|l| l.trim_end().starts_with(&key)).unwrap_or(0)
+    }
+
+    /// 1-based line of the entry `name: <name>` in the top-level list `section`.
+    pub fn entry(&self, section: &str, name: &str) -> Option<usize> {
+        let start = self.section_start(section);
+        self.lines.iter().enumerate().skip(start).find_map(|(i, l)| {
+            let t = l.trim_start().trim_start_matches('-').trim_start().trim_start_matches('{').trim_start();
+            let v = t.strip_prefix("name:")?;
+            let v = v.split([',', '}', '#']).next()?.trim().trim_matches(['"', '\'']);
+            (v == name).then_some(i + 1)
+        })
+    }
+
+    /// The first line at or after `from` (1-based) containing `needle`.
+    pub fn find_after(&self, from: usize, needle: &str) -> Option<usize> {
+        self.lines.iter().enumerate().skip(from.saturating_sub(1)).find(|(_, l)| l.contains(needle)).map(|(i, _)| i + 1)
+    }
+
+    pub fn top_key(&self, key: &str) -> Option<usize> {
+        let k = format!("{key}:");
+        self.lines.iter().position(|l| l.starts_with(&k)).map(|i| i + 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_found_in_their_section() {
+        let text = "inputs:\n  - {name: image, dtype: BYTES, dims: [1]}\nnodes:\n  - name: image2\n  - name: 'image'\n    op: x\n";
+        let l = Locator::new(text);
+        assert_eq!(l.entry("inputs", "image"), Some(2));
+        assert_eq!(l.entry("nodes", "image"), Some(5));
+        assert_eq!(l.entry("nodes", "nope"), None);
+        assert_eq!(l.find_after(5, "op:"), Some(6));
+    }
+}
