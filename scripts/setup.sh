@@ -71,6 +71,14 @@ for pair in ocr_det:ch_PP-OCRv4_det_infer ocr_cls:ch_ppocr_mobile_v2.0_cls_infer
   cmp -s "$src" "$dir/model.onnx" || cp "$src" "$dir/model.onnx"
 done
 
+# The detect_crop_classify example's detector: YOLO-shaped, random weights, 2 MB.
+if [ ! -f models/detector/model.onnx ]; then
+  echo "setup: generating models/detector/model.onnx (random weights)"
+  mkdir -p models/detector
+  "$VENV/bin/python" scripts/gen_detector.py models/detector/model.onnx.tmp
+  mv models/detector/model.onnx.tmp models/detector/model.onnx
+fi
+
 if [ "${SLUICE_SKIP_RESNET:-0}" != 1 ] && [ ! -f models/resnet50/model.onnx ]; then
   echo "setup: generating models/resnet50/model.onnx (random weights, ~100 MB)"
   mkdir -p models/resnet50

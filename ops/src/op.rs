@@ -66,7 +66,22 @@ impl BuildContext<'_> {
     }
 }
 
-type Builder = fn(&BuildContext) -> Result<Box<dyn Op>, String>;
+/// Builds an op from its parameters.
+pub type Builder = fn(&BuildContext) -> Result<Box<dyn Op>, String>;
+
+/// Ops registered at run time by programs that embed sluice (custom ops).
+static CUSTOM: std::sync::RwLock<Vec<(&str, Builder, &str)>> = std::sync::RwLock::new(Vec::new());
+
+/// Adds a custom op under `name` for pipelines compiled from now on. Names of built-in
+/// or already registered ops are refused.
+pub fn register(name: &'static str, description: &'static str, build: Builder) -> Result<(), String> {
+    let mut custom = CUSTOM.write().unwrap_or_else(|e| e.into_inner());
+    if REGISTRY.iter().chain(custom.iter()).any(|(n, _, _)| *n == name) {
+        return Err(format!("an op named '{name}' already exists"));
+    }
+    custom.push((name, build, description));
+    Ok(())
+}
 
 /// Every op a pipeline can name, with a one-line description.
 const REGISTRY: &[(&str, Builder, &str)] = &[
@@ -86,19 +101,24 @@ const REGISTRY: &[(&str, Builder, &str)] = &[
 
 /// Builds the op `name` with its parameters.
 pub fn build(name: &str, ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
-    match REGISTRY.iter().find(|(n, _, _)| *n == name) {
-        Some((_, build, _)) => build(ctx),
+    let found = REGISTRY.iter().find(|(n, _, _)| *n == name).map(|(_, b, _)| *b).or_else(|| {
+        let custom = CUSTOM.read().unwrap_or_else(|e| e.into_inner());
+        custom.iter().find(|(n, _, _)| *n == name).map(|(_, b, _)| *b)
+    });
+    match found {
+        Some(build) => build(ctx),
         None => Err(format!("unknown op '{name}'; known ops: {}", op_names().join(", "))),
     }
 }
 
 pub fn op_names() -> Vec<&'static str> {
-    REGISTRY.iter().map(|(n, _, _)| *n).collect()
+    op_list().into_iter().map(|(n, _)| n).collect()
 }
 
-/// (name, description) of every op.
-pub fn op_list() -> impl Iterator<Item = (&'static str, &'static str)> {
-    REGISTRY.iter().map(|(n, _, d)| (*n, *d))
+/// (name, description) of every op, built-in first.
+pub fn op_list() -> Vec<(&'static str, &'static str)> {
+    let custom = CUSTOM.read().unwrap_or_else(|e| e.into_inner());
+    REGISTRY.iter().chain(custom.iter()).map(|(n, _, d)| (*n, *d)).collect()
 }
 
 /// The `i`th input, which the executor guarantees has the declared kind.

@@ -50,6 +50,18 @@ pub mod onnx {
         pub name: String,
         #[prost(string, tag = "4")]
         pub op_type: String,
+        #[prost(message, repeated, tag = "5")]
+        pub attribute: Vec<AttributeProto>,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    pub struct AttributeProto {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(int64, repeated, tag = "8")]
+        pub ints: Vec<i64>,
+        /// 7: INTS
+        #[prost(int32, tag = "20")]
+        pub r#type: i32,
     }
     #[derive(Clone, PartialEq, Message)]
     pub struct TensorProto {
@@ -59,6 +71,8 @@ pub mod onnx {
         pub data_type: i32,
         #[prost(float, repeated, tag = "4")]
         pub float_data: Vec<f32>,
+        #[prost(int64, repeated, tag = "7")]
+        pub int64_data: Vec<i64>,
         #[prost(string, tag = "8")]
         pub name: String,
     }
@@ -114,8 +128,36 @@ pub mod onnx {
         }
     }
 
+    pub const INT64: i32 = 7;
+
     pub fn scalar(name: &str, v: f32) -> TensorProto {
-        TensorProto { dims: vec![], data_type: FLOAT, float_data: vec![v], name: name.into() }
+        floats(name, &[], &[v])
+    }
+
+    pub fn floats(name: &str, dims: &[i64], v: &[f32]) -> TensorProto {
+        TensorProto {
+            dims: dims.to_vec(),
+            data_type: FLOAT,
+            float_data: v.to_vec(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    pub fn int64s(name: &str, v: &[i64]) -> TensorProto {
+        TensorProto {
+            dims: vec![v.len() as i64],
+            data_type: INT64,
+            int64_data: v.to_vec(),
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// `node` with an INTS attribute.
+    pub fn with_ints(mut n: NodeProto, name: &str, v: &[i64]) -> NodeProto {
+        n.attribute.push(AttributeProto { name: name.into(), ints: v.to_vec(), r#type: 7 });
+        n
     }
 
     pub fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
@@ -124,6 +166,7 @@ pub mod onnx {
             output: outputs.iter().map(|s| s.to_string()).collect(),
             name: format!("{op}_{}", outputs[0]),
             op_type: op.into(),
+            attribute: vec![],
         }
     }
 
@@ -158,6 +201,75 @@ pub fn affine_reference(x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (x.iter().map(|v| 2.0 * v + 1.0).collect(), x.iter().map(|v| -v).collect())
 }
 
+/// Weights of [`tiny_classifier`]: logit k = sum over channels c of mean(c) * w(c, k).
+pub fn tiny_classifier_weight(c: usize, k: usize) -> f32 {
+    ((k + 1) as f32 * (c + 1) as f32 * 0.37).sin() * 5.0
+}
+
+/// A stand-in for ResNet-50 with its interface and almost none of its cost: "input"
+/// FP32 [N,3,224,224] -> global average pool -> a fixed [3,1000] matrix -> "logits"
+/// FP32 [N,1000]. Its classes depend on the image's mean colour.
+pub fn tiny_classifier() -> Vec<u8> {
+    use onnx::*;
+    let w: Vec<f32> = (0..3).flat_map(|c| (0..1000).map(move |k| tiny_classifier_weight(c, k))).collect();
+    model(GraphProto {
+        name: "tiny_classifier".into(),
+        node: vec![
+            node("GlobalAveragePool", &["input"], &["gap"]),
+            node("Flatten", &["gap"], &["flat"]),
+            node("MatMul", &["flat", "w"], &["logits"]),
+        ],
+        initializer: vec![floats("w", &[3, 1000], &w)],
+        input: vec![value("input", &[None, Some(3), Some(224), Some(224)])],
+        output: vec![value("logits", &[None, Some(1000)])],
+    })
+    .encode_to_vec()
+}
+
+/// A stand-in detector with the example detector's interface whose detections are
+/// known: "images" FP32 [N,3,320,320] is cut into 10x10 cells of 32 pixels; each cell
+/// is one prediction row (centre x, centre y, 32, 32, objectness = mean red, class 0 =
+/// 1 - mean green, class 1 = mean green) -> "predictions" FP32 [N,100,7]. A pure red
+/// cell is a detection of class 0 with score 1 and exactly the cell as its box.
+pub fn tiny_detector() -> Vec<u8> {
+    use onnx::*;
+    let mut a = vec![0f32; 3 * 7];
+    a[4] = 1.0; // red -> objectness
+    a[7 + 5] = -1.0; // green -> class 0 = 1 - green
+    a[7 + 6] = 1.0; // green -> class 1
+    let b: Vec<f32> = (0..100)
+        .flat_map(|k| {
+            let (x, y) = ((k % 10) as f32, (k / 10) as f32);
+            [(x + 0.5) * 32.0, (y + 0.5) * 32.0, 32.0, 32.0, 0.0, 1.0, 0.0]
+        })
+        .collect();
+    let pool = with_ints(node("AveragePool", &["images"], &["cells"]), "kernel_shape", &[32, 32]);
+    model(GraphProto {
+        name: "tiny_detector".into(),
+        node: vec![
+            with_ints(pool, "strides", &[32, 32]),
+            node("Reshape", &["cells", "shape"], &["flat"]),
+            with_ints(node("Transpose", &["flat"], &["rows"]), "perm", &[0, 2, 1]),
+            node("MatMul", &["rows", "a"], &["mixed"]),
+            node("Add", &["mixed", "b"], &["predictions"]),
+        ],
+        initializer: vec![int64s("shape", &[0, 3, 100]), floats("a", &[3, 7], &a), floats("b", &[100, 7], &b)],
+        input: vec![value("images", &[None, Some(3), Some(320), Some(320)])],
+        output: vec![value("predictions", &[None, Some(100), Some(7)])],
+    })
+    .encode_to_vec()
+}
+
+/// An RGB image as PNG bytes.
+pub fn png(img: &sluice_ops::Image) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, img.width, img.height);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.write_header().and_then(|mut w| w.write_image_data(&img.data)).expect("PNG encoding");
+    out
+}
+
 /// The ONNX Runtime library the set-up step installs (or `ORT_DYLIB_PATH`).
 pub fn ort_dylib() -> PathBuf {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
@@ -176,18 +288,34 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
-/// A model repository in a temporary folder.
+/// A model repository (and a pipelines folder) in temporary folders.
 pub struct Repo {
     pub dir: tempfile::TempDir,
+    pub pipelines: tempfile::TempDir,
 }
 
 impl Repo {
     pub fn new() -> Repo {
-        Repo { dir: tempfile::tempdir().expect("temp dir") }
+        Repo { dir: tempfile::tempdir().expect("temp dir"), pipelines: tempfile::tempdir().expect("temp dir") }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn pipelines_path(&self) -> &Path {
+        self.pipelines.path()
+    }
+
+    /// Writes `pipelines/<name>.yaml`.
+    pub fn pipeline(&self, name: &str, yaml: &str) -> &Self {
+        std::fs::write(self.pipelines.path().join(format!("{name}.yaml")), yaml).expect("pipeline file");
+        self
+    }
+
+    /// The server config for this repository with its pipelines.
+    pub fn config(&self) -> ServerConfig {
+        ServerConfig { pipelines_dir: Some(self.pipelines_path().to_path_buf()), ..config(self.path()) }
     }
 
     /// Adds `models/<name>/` with the given ONNX bytes and model.yaml text.

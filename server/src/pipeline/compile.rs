@@ -266,7 +266,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
                 let &di = by_name.get(n).ok_or_else(|| format!("unknown reference '{r}': no node '{n}'"))?;
                 let d = &drafts[di];
                 if !d.ok {
-                    return Err(format!("reference '{r}': node '{n}' has errors"));
+                    return Err(String::new()); // the node's own error is reported
                 }
                 d.out_ports.iter().position(|(p, _)| p == o).map(|oi| RawSrc::Node(di, oi)).ok_or_else(|| {
                     let outs: Vec<&str> = d.out_ports.iter().map(|(p, _)| p.as_str()).collect();
@@ -293,6 +293,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
                         }
                         w[pi] = Some(src);
                     }
+                    Err(e) if e.is_empty() => {}
                     Err(e) => errors.add(l, node, e),
                 }
             }
@@ -329,6 +330,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         }
         match resolve(&o.from) {
             Ok(src) => outputs_raw.push((o.name.clone(), src, line)),
+            Err(e) if e.is_empty() => {}
             Err(e) => errors.add(line, None, format!("output '{}': {e}", o.name)),
         }
     }
@@ -387,6 +389,13 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         }
     };
     let mut nodes: Vec<PlanNode> = Vec::new();
+    // Output types by position in `order`; a node that fails its check gives `Any`, so
+    // the nodes after it are still checked without cascading errors.
+    let mut types: Vec<Vec<ValueType>> = Vec::new();
+    let names: Vec<(String, Vec<String>)> = order
+        .iter()
+        .map(|&di| (drafts[di].yaml.name.clone(), drafts[di].out_ports.iter().map(|p| p.0.clone()).collect()))
+        .collect();
     for &di in &order {
         let op = drafts[di].op.take();
         let d = &drafts[di];
@@ -396,15 +405,16 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
             .iter()
             .map(|s| match *s {
                 Src::Input(i) => input_type(&inputs[i]),
-                Src::Node { node, output } => nodes[node].output_types[output].clone(),
+                Src::Node { node, output } => types[node][output].clone(),
             })
             .collect();
+        types.push(vec![ValueType::Any; d.out_ports.len()]);
         // A list where the port takes one element: the node runs once per element.
         let mut mapped = false;
         let mut mapped_inputs = Vec::new();
         let mut element_types = Vec::new();
         for (((port, want), got), src) in d.in_ports.iter().zip(&given).zip(&srcs) {
-            let from = src_name(*src, &inputs, &nodes);
+            let from = src_name(*src, &inputs, &names);
             mapped_inputs.push(false);
             if want.accepts(got) {
                 element_types.push(got.clone());
@@ -433,9 +443,11 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
             Some(mut o) => {
                 // infer may record what it learns about its inputs (gather's element shape).
                 match o.infer(&element_types) {
-                    Ok(types) => {
-                        let out = types.into_iter().map(|t| if mapped { ValueType::List(Box::new(t)) } else { t });
-                        nodes.push(plan_node(d, NodeKind::Op(Arc::from(o)), srcs, out.collect(), mapped_inputs));
+                    Ok(out) => {
+                        let out: Vec<_> =
+                            out.into_iter().map(|t| if mapped { ValueType::List(Box::new(t)) } else { t }).collect();
+                        *types.last_mut().expect("pushed above") = out.clone();
+                        nodes.push(plan_node(d, NodeKind::Op(Arc::from(o)), srcs, out, mapped_inputs));
                     }
                     Err(e) => errors.add(d.line, node, e),
                 }
@@ -446,9 +458,13 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
                 NodeKind::Model { model, sig }
             }
         };
-        let out =
-            d.out_ports.iter().map(|(_, t)| if mapped { ValueType::List(Box::new(t.clone())) } else { t.clone() });
-        nodes.push(plan_node(d, kind, srcs, out.collect(), mapped_inputs));
+        let out: Vec<_> = d
+            .out_ports
+            .iter()
+            .map(|(_, t)| if mapped { ValueType::List(Box::new(t.clone())) } else { t.clone() })
+            .collect();
+        *types.last_mut().expect("pushed above") = out.clone();
+        nodes.push(plan_node(d, kind, srcs, out, mapped_inputs));
     }
     if !errors.0.is_empty() {
         return Err(fail(errors.0));
@@ -538,10 +554,10 @@ fn plan_node(
     }
 }
 
-fn src_name(s: Src, inputs: &[PlanInput], nodes: &[PlanNode]) -> String {
+fn src_name(s: Src, inputs: &[PlanInput], names: &[(String, Vec<String>)]) -> String {
     match s {
         Src::Input(i) => inputs[i].name.clone(),
-        Src::Node { node, output } => format!("{}.{}", nodes[node].name, nodes[node].output_names[output]),
+        Src::Node { node, output } => format!("{}.{}", names[node].0, names[node].1[output]),
     }
 }
 
@@ -622,5 +638,156 @@ impl Plan {
             g.add_edge(at(o.src), out, ty_of(o.src));
         }
         format!("{}", petgraph::dot::Dot::new(&g))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A classifier taking FP32 [N,3,8,8] and a model that is broken on disk.
+    struct Fake;
+    impl Catalog for Fake {
+        fn model(&self, name: &str) -> Option<Result<ModelSig, String>> {
+            let t = |name: &str, dtype, dims: &[i64]| TensorInfo { name: name.into(), dtype, dims: dims.to_vec() };
+            match name {
+                "cls" => Some(Ok(ModelSig {
+                    inputs: vec![t("x", DataType::F32, &[-1, 3, 8, 8])],
+                    outputs: vec![t("logits", DataType::F32, &[-1, 10])],
+                    max_batch_size: 8,
+                })),
+                "broken" => Some(Err("model.onnx: not a valid ONNX file".into())),
+                _ => None,
+            }
+        }
+        fn pools(&self) -> Vec<String> {
+            vec!["default".into(), "pre".into()]
+        }
+    }
+
+    const HEAD: &str = "inputs:\n  - {name: image, dtype: BYTES, dims: [1]}\n";
+
+    fn compile_str(text: &str) -> Result<Plan, String> {
+        compile("p", Path::new("pipelines/p.yaml"), text, &Fake).map_err(|e| e.to_string())
+    }
+
+    fn errors_of(text: &str) -> String {
+        compile_str(text).err().expect("the pipeline should not compile")
+    }
+
+    /// decode -> resize 8x8 -> normalize -> cls -> top3, with `extra` appended to nodes.
+    fn good(extra: &str) -> String {
+        format!(
+            "{HEAD}outputs:\n  - {{name: top, from: top.classes}}\nnodes:\n  - name: decode\n    op: decode_image\n    inputs: {{bytes: image}}\n  - name: resize\n    op: resize\n    inputs: {{image: decode.image}}\n    params: {{mode: stretch, width: 8, height: 8}}\n  - name: norm\n    op: normalize\n    inputs: {{image: resize.image}}\n  - name: cls\n    model: cls\n    inputs: {{x: norm.tensor}}\n  - name: top\n    op: topk\n    inputs: {{scores: cls.logits}}\n    params: {{k: 3}}\n{extra}"
+        )
+    }
+
+    #[test]
+    fn a_good_pipeline_compiles_in_topological_order() {
+        let plan = compile_str(&good("")).unwrap();
+        let names: Vec<&str> = plan.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["decode", "resize", "norm", "cls", "top"]);
+        assert_eq!(plan.outputs[0].dtype, DataType::I64);
+        assert_eq!(plan.outputs[0].dims, vec![3]);
+        assert!(plan.warnings.is_empty());
+        assert!(plan.to_dot().contains("tensor FP32 [3,8,8]"));
+    }
+
+    #[test]
+    fn yaml_syntax_and_unknown_keys_have_line_numbers() {
+        let e = errors_of(&format!("{HEAD}outputs: []\nnodes:\n  - name: a\n    opp: x\n"));
+        assert!(e.starts_with("pipelines/p.yaml:6: nodes[0]: unknown field `opp`"), "{e}");
+        assert!(e.contains("unknown field `opp`"), "{e}");
+        let e = errors_of("inputs: [\n");
+        assert!(e.starts_with("pipelines/p.yaml:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_op_model_and_reference_are_each_reported() {
+        let extra = "  - name: a\n    op: sharpen\n    inputs: {image: decode.image}\n  - name: b\n    model: nope\n    inputs: {x: norm.tensor}\n  - name: c\n    model: broken\n  - name: d\n    op: rotate180\n    inputs: {image: decod.image}\n  - name: e\n    op: rotate180\n    inputs: {image: decode.picture}\n";
+        let e = errors_of(&good(extra));
+        assert!(
+            e.contains("pipelines/p.yaml:24: node 'a': op 'sharpen': unknown op 'sharpen'; known ops: decode_image"),
+            "{e}"
+        );
+        assert!(e.contains("pipelines/p.yaml:27: node 'b': unknown model 'nope'"), "{e}");
+        assert!(e.contains("node 'c': model 'broken' cannot be used: model.onnx: not a valid ONNX file"), "{e}");
+        assert!(e.contains("node 'd': unknown reference 'decod.image': no node 'decod'"), "{e}");
+        assert!(e.contains("node 'e': unknown reference 'decode.picture': node 'decode' has outputs image"), "{e}");
+        assert_eq!(e.lines().count(), 5, "{e}");
+    }
+
+    #[test]
+    fn bad_params_and_unknown_pools_name_the_node() {
+        let extra = "  - name: r\n    op: resize\n    inputs: {image: decode.image}\n    params: {mode: stretch, widht: 4}\n    pool: gpu\n";
+        let e = errors_of(&good(extra));
+        assert!(e.contains("node 'r': op 'resize': bad params: unknown field `widht`"), "{e}");
+        assert!(e.contains("node 'r': unknown pool 'gpu'; the server's pools: default, pre"), "{e}");
+    }
+
+    #[test]
+    fn a_cycle_is_shown_as_a_path() {
+        let text = format!(
+            "{HEAD}outputs:\n  - {{name: o, from: c.image}}\nnodes:\n  - name: a\n    op: rotate180\n    inputs: {{image: c.image}}\n  - name: b\n    op: rotate180\n    inputs: {{image: a.image}}\n  - name: c\n    op: rotate180\n    inputs: {{image: b.image}}\n"
+        );
+        let e = errors_of(&text);
+        assert!(e.contains("pipelines/p.yaml:6: node 'a': cycle: a -> b -> c -> a"), "{e}");
+    }
+
+    #[test]
+    fn dtype_and_rank_mismatches_name_both_ends() {
+        // The model takes FP32 [3,8,8] per item; to_tensor gives UINT8 [8,8,3].
+        let text = good("").replace("op: normalize", "op: to_tensor");
+        let e = errors_of(&text);
+        assert!(
+            e.contains(
+                "node 'cls': input 'x' expects tensor FP32 [3,8,8], but 'norm.tensor' gives tensor UINT8 [8,8,3]"
+            ),
+            "{e}"
+        );
+        let text = good("").replace("{mode: stretch, width: 8, height: 8}", "{mode: stretch, width: 8, height: 9}");
+        let e = errors_of(&text);
+        assert!(e.contains("expects tensor FP32 [3,8,8], but 'norm.tensor' gives tensor FP32 [3,9,8]"), "{e}");
+    }
+
+    #[test]
+    fn outputs_must_be_produced_tensors() {
+        let text = good("").replace("from: top.classes", "from: top.nothing");
+        let e = errors_of(&text);
+        assert!(
+            e.contains("output 'top': unknown reference 'top.nothing': node 'top' has outputs scores, classes, labels"),
+            "{e}"
+        );
+        let text = good("").replace("from: top.classes", "from: decode.image");
+        let e = errors_of(&text);
+        assert!(e.contains("output 'top' must be a tensor of a known dtype, but it is image"), "{e}");
+    }
+
+    #[test]
+    fn unused_nodes_are_warned_about_and_pruned() {
+        let extra = "  - name: spare\n    op: rotate180\n    inputs: {image: decode.image}\n";
+        let plan = compile_str(&good(extra)).unwrap();
+        assert!(plan.nodes.iter().all(|n| n.name != "spare"));
+        let w = Located(Path::new("p.yaml"), &plan.warnings[0]).to_string();
+        assert_eq!(w, "p.yaml:23: node 'spare': unused: its outputs feed nothing; it will not run");
+    }
+
+    #[test]
+    fn lists_fan_out_and_a_list_output_asks_for_a_gather() {
+        let text = format!(
+            "{HEAD}outputs:\n  - {{name: o, from: cls.logits}}\nnodes:\n  - name: decode\n    op: decode_image\n    inputs: {{bytes: image}}\n  - name: boxes\n    op: detect_yolo\n    inputs: {{predictions: cls.logits, image: decode.image}}\n    params: {{width: 8, height: 8}}\n  - name: crop\n    op: crop_boxes\n    inputs: {{image: decode.image, boxes: boxes.boxes}}\n    params: {{resize: [8, 8]}}\n  - name: norm\n    op: normalize\n    inputs: {{image: crop.crops}}\n  - name: cls\n    model: cls\n    inputs: {{x: norm.tensor}}\n"
+        );
+        // cls feeds boxes, boxes feeds crop feeds norm feeds cls: a cycle.
+        assert!(errors_of(&text).contains("cycle: boxes -> crop -> norm -> cls -> boxes"));
+        let text = text.replace("predictions: cls.logits", "predictions: preds").replacen(
+            "outputs:",
+            "  - {name: preds, dtype: FP32, dims: [4, 7]}\noutputs:",
+            1,
+        );
+        let e = errors_of(&text);
+        assert!(
+            e.contains("output 'o' is a list of tensor FP32 [10]; collect it into one tensor with a `gather` node"),
+            "{e}"
+        );
     }
 }

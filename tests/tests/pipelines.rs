@@ -1,0 +1,363 @@
+//! Pipelines end to end: the example pipeline files served by a real server, checked
+//! against the same steps run by hand (the ops called directly, the models run in ONNX
+//! Runtime directly), over the wire with the project's client.
+//!
+//! The models are small stand-ins with the example models' interfaces (see
+//! `tiny_classifier` and `tiny_detector`), so the tests run the real pipeline files
+//! without ResNet-50's cost.
+
+use sluice_client::{ClientError, InferOptions, Tensor};
+use sluice_ops::{op, BuildContext, Image, Op, Value};
+use sluice_server::backend::Backend;
+use sluice_server::repository::{model_yaml::ModelYaml, onnx::read_signature};
+use sluice_tests::{ort_dylib, png, repo_root, start, tiny_classifier, tiny_detector, Repo};
+use std::collections::HashMap;
+use std::time::Duration;
+use tonic::Code;
+
+const CLASSIFIER_YAML: &str = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 5000\n";
+const DETECTOR_YAML: &str = "max_batch_size: 4\ndynamic_batching:\n  max_queue_delay_us: 2000\n";
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(repo_root().join("pipelines").join(format!("{name}.yaml"))).expect("example pipeline")
+}
+
+/// A repository with the stand-in models under the example models' names.
+fn example_repo(pipelines: &[&str]) -> Repo {
+    let repo = Repo::new();
+    repo.add("resnet50", &tiny_classifier(), CLASSIFIER_YAML);
+    repo.add("detector", &tiny_detector(), DETECTOR_YAML);
+    for p in pipelines {
+        repo.pipeline(p, &example(p));
+    }
+    repo
+}
+
+/// The steps of a pipeline file, run by hand: its ops built from the file's params.
+struct ByHand {
+    ops: HashMap<String, Box<dyn Op>>,
+    models: HashMap<String, Box<dyn Backend>>,
+}
+
+impl ByHand {
+    fn new(pipeline: &str, repo: &Repo) -> ByHand {
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&example(pipeline)).unwrap();
+        let mut ops = HashMap::new();
+        let mut models: HashMap<String, Box<dyn Backend>> = HashMap::new();
+        for n in doc["nodes"].as_sequence().unwrap() {
+            let name = n["name"].as_str().unwrap().to_string();
+            if let Some(o) = n["op"].as_str() {
+                let params = serde_json::to_value(&n["params"]).unwrap();
+                let ctx = BuildContext { params, base_dir: &repo_root().join("pipelines") };
+                ops.insert(name, op::build(o, &ctx).unwrap());
+            } else {
+                let m = n["model"].as_str().unwrap();
+                let dir = repo.path().join(m);
+                let sig = read_signature(&std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
+                let cfg = ModelYaml::parse(&dir.join("model.yaml"), "").unwrap();
+                let b = sluice_server::backend::ort::load(
+                    &ort_dylib(),
+                    &dir.join("model.onnx"),
+                    &cfg,
+                    &sig.inputs,
+                    &sig.outputs,
+                )
+                .unwrap();
+                models.insert(name, Box::new(b));
+            }
+        }
+        ByHand { ops, models }
+    }
+
+    fn op(&self, node: &str, inputs: &[Value]) -> Vec<Value> {
+        self.ops[node].run(inputs).unwrap_or_else(|e| panic!("{node}: {e}"))
+    }
+
+    /// Runs a model node on one item (adding and removing the batch dimension).
+    fn model(&mut self, node: &str, item: &Value) -> Vec<Tensor> {
+        let t = item.as_tensor().unwrap();
+        let mut shape = vec![1];
+        shape.extend(&t.shape);
+        let batch = Tensor { dtype: t.dtype, shape, data: t.data.clone() };
+        let outs = self.models.get_mut(node).unwrap().run(&[batch]).unwrap();
+        outs.into_iter().map(|o| Tensor { dtype: o.dtype, shape: o.shape[1..].to_vec(), data: o.data }).collect()
+    }
+}
+
+fn tensor(v: &Value) -> &Tensor {
+    v.as_tensor().unwrap()
+}
+
+fn bytes_input(images: &[Vec<u8>]) -> Tensor {
+    let mut t = Tensor::from_bytes_elements(vec![images.len()], images);
+    t.shape = vec![images.len(), 1];
+    t
+}
+
+fn assert_close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= 1e-5 + 1e-5 * w.abs(), "{what}[{i}]: got {g}, want {w}");
+    }
+}
+
+/// A test image: a colour gradient that differs per seed (so classes differ).
+fn picture(w: u32, h: u32, seed: u32) -> Image {
+    let data = (0..h)
+        .flat_map(|y| {
+            (0..w).flat_map(move |x| {
+                [
+                    ((x * 255 / w + seed * 40) % 256) as u8,
+                    ((y * 255 / h + seed * 90) % 256) as u8,
+                    (seed * 67 % 256) as u8,
+                ]
+            })
+        })
+        .collect();
+    Image::new(w, h, data)
+}
+
+/// classify's steps by hand: (top-5 scores, top-5 classes).
+fn classify_by_hand(h: &mut ByHand, encoded: &[u8]) -> (Vec<f32>, Vec<i64>) {
+    let img = h.op("decode", &[Value::Bytes(encoded.to_vec().into())]);
+    let img = h.op("resize", &img);
+    let x = h.op("normalize", &img);
+    let logits = h.model("classifier", &x[0]);
+    let top = h.op("top5", &[Value::Tensor(logits[0].clone())]);
+    (tensor(&top[0]).to_f32().unwrap(), tensor(&top[1]).to_i64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_matches_the_steps_run_by_hand_in_input_order_under_concurrency() {
+    let repo = example_repo(&["classify"]);
+    let s = start(repo.config()).await;
+    let mut by_hand = ByHand::new("classify", &repo);
+    let images: Vec<Vec<u8>> = (0..12).map(|i| png(&picture(200 + i * 16, 300 - i * 8, i))).collect();
+    let want: Vec<(Vec<f32>, Vec<i64>)> = images.iter().map(|i| classify_by_hand(&mut by_hand, i)).collect();
+    assert!(want.windows(2).any(|w| w[0].1 != w[1].1), "the test images should not all classify alike");
+
+    // One request with three images: outputs come back per image, in order.
+    let batch = bytes_input(&images[..3]);
+    let out = s.client.infer("classify", &[("image", &batch)], InferOptions::default()).await.unwrap();
+    assert_eq!(out[0].0, "scores");
+    assert_eq!(out[0].1.shape, vec![3, 5]);
+    let (scores, classes) = (out[0].1.to_f32().unwrap(), out[1].1.to_i64().unwrap());
+    for (k, (ws, wc)) in want[..3].iter().enumerate() {
+        assert_eq!(&classes[k * 5..k * 5 + 5], &wc[..], "image {k}");
+        assert_close(&scores[k * 5..k * 5 + 5], ws, &format!("image {k}"));
+    }
+
+    // Twelve concurrent requests: each gets its own image's result, and the model's
+    // batches mixed items of different requests.
+    let calls = images.iter().map(|img| {
+        let client = s.client.clone();
+        let t = bytes_input(std::slice::from_ref(img));
+        async move { client.infer("classify", &[("image", &t)], InferOptions::default()).await }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (k, (r, (ws, wc))) in results.into_iter().zip(&want).enumerate() {
+        let out = r.unwrap();
+        assert_eq!(out[1].1.to_i64().unwrap(), *wc, "request {k}");
+        assert_close(&out[0].1.to_f32().unwrap(), ws, &format!("request {k}"));
+    }
+    let stats = s.client.model_statistics("resnet50").await.unwrap();
+    let max_batch = stats[0].batch_stats.iter().map(|b| b.batch_size).max().unwrap();
+    assert!(max_batch > 1, "items of concurrent requests share batches: {:?}", stats[0].batch_stats);
+    let pstats = s.client.model_statistics("classify").await.unwrap();
+    assert_eq!(pstats[0].inference_stats.unwrap().success.unwrap().count, 13);
+}
+
+/// A 320x320 black image with pure red cells (10x10 grid of 32 px), each with its own
+/// blue level so the crops classify differently.
+fn cells_image(cells: &[(u32, u32)]) -> Image {
+    let mut img = Image::filled(320, 320, [0, 0, 0]);
+    for (i, &(cx, cy)) in cells.iter().enumerate() {
+        for y in cy * 32..cy * 32 + 32 {
+            for x in cx * 32..cx * 32 + 32 {
+                let p = ((y * 320 + x) * 3) as usize;
+                img.data[p..p + 3].copy_from_slice(&[255, 0, (i as u8) * 90]);
+            }
+        }
+    }
+    img
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detect_crop_classify_fans_out_over_zero_one_and_many_boxes() {
+    let repo = example_repo(&["detect_crop_classify"]);
+    let s = start(repo.config()).await;
+    let mut h = ByHand::new("detect_crop_classify", &repo);
+    let layouts: [&[(u32, u32)]; 3] = [&[], &[(2, 3)], &[(0, 0), (5, 1), (9, 9)]];
+    let images: Vec<Vec<u8>> = layouts.iter().map(|l| png(&cells_image(l))).collect();
+
+    for (layout, encoded) in layouts.iter().zip(&images) {
+        // By hand: decode, letterbox, normalize, detector, NMS, then per crop.
+        let img = h.op("decode", &[Value::Bytes(encoded.clone().into())]);
+        let lb = h.op("letterbox", &img);
+        let x = h.op("to_input", &lb);
+        let preds = h.model("detector", &x[0]);
+        let nms = h.op("nms", &[Value::Tensor(preds[0].clone()), img[0].clone()]);
+        let crops = h.op("crop", &[img[0].clone(), nms[0].clone()]);
+        let mut crop_scores = Vec::new();
+        let mut crop_classes = Vec::new();
+        for c in crops[0].as_list().unwrap().iter() {
+            let x = h.op("crop_input", std::slice::from_ref(c));
+            let logits = h.model("classifier", &x[0]);
+            let top = h.op("top5", &[Value::Tensor(logits[0].clone())]);
+            crop_scores.extend(tensor(&top[0]).to_f32().unwrap());
+            crop_classes.extend(tensor(&top[1]).to_i64().unwrap());
+        }
+
+        let out = s
+            .client
+            .infer(
+                "detect_crop_classify",
+                &[("image", &bytes_input(std::slice::from_ref(encoded)))],
+                InferOptions::default(),
+            )
+            .await
+            .unwrap();
+        let out: HashMap<String, Tensor> = out.into_iter().collect();
+        let n = layout.len();
+        assert_eq!(out["count"].to_i64().unwrap(), vec![n as i64]);
+        assert_eq!(out["boxes"].shape, vec![1, n, 4]);
+        // The stand-in detector's boxes are exactly the red cells, best (all 1.0) first
+        // in cell order.
+        let want_boxes: Vec<f32> = layout
+            .iter()
+            .flat_map(|&(cx, cy)| [cx * 32, cy * 32, cx * 32 + 32, cy * 32 + 32].map(|v| v as f32))
+            .collect();
+        assert_eq!(out["boxes"].to_f32().unwrap(), want_boxes);
+        assert_eq!(out["boxes"].to_f32().unwrap(), tensor(&nms[0]).to_f32().unwrap());
+        assert_eq!(out["box_classes"].to_i64().unwrap(), vec![0; n]);
+        assert_eq!(out["crop_scores"].shape, vec![1, n, 5]);
+        assert_eq!(out["crop_classes"].to_i64().unwrap(), crop_classes);
+        assert_close(&out["crop_scores"].to_f32().unwrap(), &crop_scores, "crop scores");
+        if n == 3 {
+            assert_ne!(crop_classes[..5], crop_classes[5..10], "crops differ, so order is visible");
+        }
+    }
+
+    // All three images in one request: per-image results padded to the longest list.
+    let out = s
+        .client
+        .infer("detect_crop_classify", &[("image", &bytes_input(&images))], InferOptions::default())
+        .await
+        .unwrap();
+    let out: HashMap<String, Tensor> = out.into_iter().collect();
+    assert_eq!(out["count"].to_i64().unwrap(), vec![0, 1, 3]);
+    assert_eq!(out["boxes"].shape, vec![3, 3, 4]);
+    let boxes = out["boxes"].to_f32().unwrap();
+    assert_eq!(&boxes[..12], &[0.0; 12], "image 0 has no boxes: all padding");
+    assert_eq!(&boxes[12..16], &[64.0, 96.0, 96.0, 128.0]);
+    assert_eq!(&boxes[24..28], &[0.0, 0.0, 32.0, 32.0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_image_fails_only_its_request_naming_the_node() {
+    let repo = example_repo(&["classify"]);
+    let s = start(repo.config()).await;
+    let good = png(&picture(64, 48, 1));
+    let mut truncated = good.clone();
+    truncated.truncate(good.len() / 2);
+    for (bad, says) in [(b"not an image".to_vec(), "not a JPEG or PNG"), (truncated, "cannot decode PNG")] {
+        let err =
+            s.client.infer("classify", &[("image", &bytes_input(&[bad]))], InferOptions::default()).await.unwrap_err();
+        let ClientError::Status(st) = &err else { panic!("{err}") };
+        assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+        assert!(st.message().contains("pipeline 'classify', node 'decode'"), "{}", st.message());
+        assert!(st.message().contains(says), "{}", st.message());
+    }
+    // One bad image in a request of two fails that request; the server keeps serving.
+    let mixed = bytes_input(&[good.clone(), b"junk".to_vec()]);
+    assert!(s.client.infer("classify", &[("image", &mixed)], InferOptions::default()).await.is_err());
+    let ok = s.client.infer("classify", &[("image", &bytes_input(&[good]))], InferOptions::default()).await.unwrap();
+    assert_eq!(ok[1].1.shape, vec![1, 5]);
+    // Wrong inputs are the request's fault too.
+    let wrong = Tensor::from_f32(vec![1, 1], &[0.0]);
+    let err = s.client.infer("classify", &[("image", &wrong)], InferOptions::default()).await.unwrap_err();
+    assert!(err.to_string().contains("input 'image': expected datatype BYTES, got FP32"), "{err}");
+}
+
+/// An op that panics: registered as a custom op, as an embedding program would.
+struct Panics;
+impl Op for Panics {
+    fn inputs(&self) -> Vec<sluice_ops::Port> {
+        vec![op::port("value", sluice_ops::ValueType::Any)]
+    }
+    fn outputs(&self) -> Vec<sluice_ops::Port> {
+        vec![op::port("value", sluice_ops::ValueType::Any)]
+    }
+    fn infer(&mut self, inputs: &[sluice_ops::ValueType]) -> Result<Vec<sluice_ops::ValueType>, String> {
+        Ok(inputs.to_vec())
+    }
+    fn run(&self, _: &[Value]) -> op::OpResult {
+        panic!("index out of bounds in a custom op")
+    }
+}
+
+const TENSOR_PIPELINE: &str = "max_batch_size: 0\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: last.value}\nnodes:\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_panic_fails_its_request_with_internal_and_the_server_keeps_serving() {
+    let _ = op::register("test_panics", "panics", |_| Ok(Box::new(Panics)));
+    let repo = Repo::new();
+    repo.pipeline("boom", &format!("{TENSOR_PIPELINE}  - name: last\n    op: test_panics\n    inputs: {{value: x}}\n"));
+    repo.pipeline(
+        "fine",
+        &format!("{TENSOR_PIPELINE}  - name: last\n    op: delay\n    inputs: {{value: x}}\n    params: {{ms: 0}}\n"),
+    );
+    let s = start(repo.config()).await;
+    let x = Tensor::from_f32(vec![4], &[1.0, 2.0, 3.0, 4.0]);
+    for _ in 0..3 {
+        let err = s.client.infer("boom", &[("x", &x)], InferOptions::default()).await.unwrap_err();
+        let ClientError::Status(st) = &err else { panic!("{err}") };
+        assert_eq!(st.code(), Code::Internal, "{}", st.message());
+        assert_eq!(st.message(), "pipeline 'boom', node 'last': op panicked: index out of bounds in a custom op");
+    }
+    let out = s.client.infer("fine", &[("x", &x)], InferOptions::default()).await.unwrap();
+    assert_eq!(out[0].1.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_pipeline_is_reported_and_the_others_still_serve() {
+    let repo = Repo::new();
+    repo.pipeline(
+        "fine",
+        &format!("{TENSOR_PIPELINE}  - name: last\n    op: delay\n    inputs: {{value: x}}\n    params: {{ms: 0}}\n"),
+    );
+    repo.pipeline("typo", &format!("{TENSOR_PIPELINE}  - name: last\n    op: dealy\n    inputs: {{value: x}}\n"));
+    let s = start(repo.config()).await;
+    let index = s.client.repository_index().await.unwrap();
+    let typo = index.iter().find(|m| m.name == "typo").unwrap();
+    assert_eq!(typo.state, "UNAVAILABLE");
+    assert!(typo.reason.contains("typo.yaml:8: node 'last': op 'dealy': unknown op 'dealy'"), "{}", typo.reason);
+    let err = s.client.infer("typo", &[], InferOptions::default()).await.unwrap_err();
+    assert!(err.to_string().contains("unknown op 'dealy'"), "{err}");
+    let x = Tensor::from_f32(vec![4], &[1.0; 4]);
+    assert!(s.client.infer("fine", &[("x", &x)], InferOptions::default()).await.is_ok());
+    assert!(!s.client.server_ready().await.unwrap(), "a server with a broken pipeline is not ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_its_deadline_fails_and_its_remaining_work_is_skipped() {
+    let repo = Repo::new();
+    let slow = "  - name: first\n    op: delay\n    inputs: {value: x}\n    params: {ms: 300}\n  - name: last\n    op: delay\n    inputs: {value: first.value}\n    params: {ms: 0}\n";
+    repo.pipeline("slow", &format!("{TENSOR_PIPELINE}{slow}"));
+    // The server's default deadline (a client-side timeout would race it).
+    let cfg = sluice_server::ServerConfig { request_timeout: Some(Duration::from_millis(100)), ..repo.config() };
+    let s = start(cfg).await;
+    let x = Tensor::from_f32(vec![4], &[1.0; 4]);
+    let err = s.client.infer("slow", &[("x", &x)], InferOptions::default()).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let metrics = reqwest::get(format!("{}/metrics", s.http)).await.unwrap().text().await.unwrap();
+    let items = |node: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with("sluice_node_items_total") && l.contains(&format!("node=\"{node}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert_eq!(items("first"), Some(1));
+    assert_eq!(items("last"), Some(0), "the node after the deadline never ran");
+}
