@@ -1,0 +1,72 @@
+//! The ops against independent references: fixtures written by OpenCV, Pillow and numpy
+//! (scripts/gen_op_fixtures.py), the libraries models are trained with.
+
+use sluice_ops::image_ops::{decode_image, resize_to};
+use sluice_ops::op::{build, BuildContext};
+use sluice_ops::{Image, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let p: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+fn decode(name: &str) -> Image {
+    decode_image(&fixture(name), 1 << 24).unwrap()
+}
+
+/// Largest and mean absolute difference between two 8-bit buffers.
+fn diff(a: &[u8], b: &[u8]) -> (u8, f64) {
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    let d: Vec<u8> = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).collect();
+    (*d.iter().max().unwrap(), d.iter().map(|&x| x as f64).sum::<f64>() / d.len() as f64)
+}
+
+#[test]
+fn png_decoding_is_lossless() {
+    let img = decode("src.png");
+    assert_eq!((img.width, img.height), (37, 23));
+}
+
+#[test]
+fn bilinear_resize_matches_opencv_inter_linear_within_one_level() {
+    let src = decode("src.png");
+    for (name, w, h) in [("resize_up.rgb", 53, 31), ("resize_down.rgb", 17, 11)] {
+        let ours = resize_to(&src, w, h).unwrap();
+        let (max, mean) = diff(&ours.data, &fixture(name));
+        assert!(max <= 1, "{name}: max difference {max} levels (mean {mean:.3})");
+    }
+}
+
+#[test]
+fn jpeg_decoding_matches_libjpeg() {
+    let ours = decode("photo.jpg");
+    assert_eq!((ours.width, ours.height), (64, 48));
+    let (max, mean) = diff(&ours.data, &fixture("photo.rgb"));
+    // Decoders round their IDCT differently: a few pixels differ by up to 3 levels.
+    assert!(max <= 3 && mean < 0.05, "max {max}, mean {mean:.3}");
+}
+
+#[test]
+fn exif_orientation_matches_pillow_exif_transpose() {
+    let ours = decode("photo_orient6.jpg");
+    assert_eq!((ours.width, ours.height), (48, 64), "orientation 6 turns the image upright");
+    let (max, mean) = diff(&ours.data, &fixture("photo_orient6.rgb"));
+    assert!(max <= 3 && mean < 0.05, "max {max}, mean {mean:.3}");
+}
+
+#[test]
+fn normalize_matches_numpy() {
+    let src = decode("src.png");
+    let params = serde_json::json!({"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]});
+    let op = build("normalize", &BuildContext { params, base_dir: Path::new(".") }).unwrap();
+    let out = op.run(&[Value::Image(Arc::new(src))]).unwrap();
+    let t = out[0].as_tensor().unwrap();
+    assert_eq!(t.shape, vec![3, 23, 37]);
+    let want: Vec<f32> =
+        fixture("normalize_nchw.f32").chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let got = t.to_f32().unwrap();
+    let max = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(max < 1e-5, "max difference {max}");
+}
