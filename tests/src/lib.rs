@@ -260,6 +260,44 @@ pub fn tiny_detector() -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// A model that takes real compute time: "x" FP32 [1,512] multiplied `rounds` times by
+/// one 512x512 permutation matrix (so values stay as they are) -> "y" FP32 [1,512].
+/// No batch dimension (max_batch_size 0).
+pub fn busy_model(rounds: usize) -> Vec<u8> {
+    use onnx::*;
+    let n = 512;
+    let perm: Vec<f32> = (0..n * n).map(|i| if (i / n + 1) % n == i % n { 1.0 } else { 0.0 }).collect();
+    let names: Vec<String> = (0..=rounds)
+        .map(|i| {
+            if i == 0 {
+                "x".into()
+            } else if i == rounds {
+                "y".into()
+            } else {
+                format!("h{i}")
+            }
+        })
+        .collect();
+    let nodes = (0..rounds).map(|i| node("MatMul", &[names[i].as_str(), "p"], &[names[i + 1].as_str()])).collect();
+    model(GraphProto {
+        name: "busy".into(),
+        node: nodes,
+        initializer: vec![floats("p", &[n as i64, n as i64], &perm)],
+        input: vec![value("x", &[Some(1), Some(n as i64)])],
+        output: vec![value("y", &[Some(1), Some(n as i64)])],
+    })
+    .encode_to_vec()
+}
+
+/// The value of a Prometheus series (`name{labels}` as the server renders it).
+pub async fn metric(http: &str, series_prefix: &str, labels: &[&str]) -> f64 {
+    let text = reqwest::get(format!("{http}/metrics")).await.expect("GET /metrics").text().await.expect("metrics body");
+    text.lines()
+        .find(|l| l.starts_with(series_prefix) && labels.iter().all(|lab| l.contains(lab)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no series {series_prefix} {labels:?} in /metrics"))
+}
+
 /// An RGB image as PNG bytes.
 pub fn png(img: &sluice_ops::Image) -> Vec<u8> {
     let mut out = Vec::new();
