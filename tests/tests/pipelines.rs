@@ -421,3 +421,28 @@ async fn the_model_stays_busy_while_cpu_work_queues_on_its_own_pool() {
     assert!(pre_queue > 2.0 * pre_ms / 1000.0, "CPU work queued: {:.1} ms per item", pre_queue * 1e3);
     assert!(fraction >= 0.85, "the model was busy {fraction:.2} of the time while CPU work queued");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fused_layout_gives_the_same_results_as_the_split_one() {
+    let repo = example_repo(&["classify", "detect_crop_classify"]);
+    repo.pipeline("classify_fused", &format!("layout: fused\n{}", example("classify")));
+    repo.pipeline("dcc_fused", &format!("layout: fused\n{}", example("detect_crop_classify")));
+    let s = start(repo.config()).await;
+    let images: Vec<Vec<u8>> = (0..3).map(|i| png(&picture(120, 90, i))).collect();
+    let input = bytes_input(&images);
+    let split = s.client.infer("classify", &[("image", &input)], InferOptions::default()).await.unwrap();
+    let fused = s.client.infer("classify_fused", &[("image", &input)], InferOptions::default()).await.unwrap();
+    assert_eq!(split[1].1.to_i64().unwrap(), fused[1].1.to_i64().unwrap());
+    assert_close(&fused[0].1.to_f32().unwrap(), &split[0].1.to_f32().unwrap(), "scores");
+    let cells = bytes_input(&[png(&cells_image(&[(1, 1), (4, 4)]))]);
+    let split = s.client.infer("detect_crop_classify", &[("image", &cells)], InferOptions::default()).await.unwrap();
+    let fused = s.client.infer("dcc_fused", &[("image", &cells)], InferOptions::default()).await.unwrap();
+    for ((name, a), (_, b)) in split.iter().zip(&fused) {
+        assert_eq!(a.shape, b.shape, "{name}");
+        if a.dtype == sluice_ops::DataType::I64 {
+            assert_eq!(a.to_i64(), b.to_i64(), "{name}");
+        } else {
+            assert_close(&b.to_f32().unwrap(), &a.to_f32().unwrap(), name);
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! the graph checked for cycles and type-checked edge by edge. All errors are collected,
 //! not just the first, each with file:line and the node it is about.
 
-use super::schema::{Locator, NodeYaml, PipelineYaml};
+use super::schema::{Layout, Locator, NodeYaml, PipelineYaml};
 use crate::repository::onnx::TensorInfo;
 use petgraph::graph::{DiGraph, NodeIndex};
 use sluice_ops::{op, DataType, Op, ValueType};
@@ -127,6 +127,9 @@ pub struct Plan {
     pub file: PathBuf,
     pub description: String,
     pub max_batch_size: usize,
+    pub layout: Layout,
+    /// The pool a fused pipeline's items run on.
+    pub pool: String,
     pub inputs: Vec<PlanInput>,
     pub outputs: Vec<PlanOutput>,
     pub nodes: Vec<PlanNode>,
@@ -179,6 +182,21 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
 
     // Build every node.
     let pools = catalog.pools();
+    let pipeline_pool = yaml.pool.clone().unwrap_or_else(|| crate::sched::pool::PoolConfig::DEFAULT_NAME.to_string());
+    if !pools.contains(&pipeline_pool) {
+        errors.add(
+            loc.top_key("pool"),
+            None,
+            format!("unknown pool '{pipeline_pool}'; the server's pools: {}", pools.join(", ")),
+        );
+    }
+    if yaml.pool.is_some() && yaml.layout != Layout::Fused {
+        errors.add(
+            loc.top_key("pool"),
+            None,
+            "`pool` is for `layout: fused`; in a split pipeline each node names its pool".into(),
+        );
+    }
     let mut drafts: Vec<Draft> = Vec::new();
     for n in &yaml.nodes {
         let line = loc.entry("nodes", &n.name);
@@ -509,6 +527,8 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         file: file.to_path_buf(),
         description: yaml.description,
         max_batch_size: yaml.max_batch_size,
+        layout: yaml.layout,
+        pool: pipeline_pool,
         inputs,
         outputs,
         nodes,

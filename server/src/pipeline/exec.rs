@@ -4,6 +4,7 @@
 //! instance threads, where items from every in-flight request share batches.
 
 use super::compile::{NodeKind, Plan, PlanNode, Src};
+use super::schema::Layout;
 use crate::engine::{InferRequest, InferResponse, LoadedModel, ModelSlot, NamedTensor, DEFAULT_VERSION};
 use crate::error::Error;
 use crate::metrics::{Metrics, ModelMetrics, NodeMetrics};
@@ -12,6 +13,7 @@ use crate::stats::ModelStats;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sluice_ops::{Op, OpError, Tensor, Value};
 use std::collections::{BTreeMap, HashMap};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::Semaphore;
@@ -31,6 +33,8 @@ struct Runner {
 pub struct Pipeline {
     pub plan: Plan,
     runners: Vec<Runner>,
+    /// Where a fused pipeline's items run; `None` for split pipelines.
+    fused_pool: Option<Arc<CpuPool>>,
     pub stats: Arc<ModelStats>,
     pub metrics: ModelMetrics,
 }
@@ -65,13 +69,17 @@ impl Pipeline {
                 })
             })
             .collect::<Result<_, String>>()?;
+        let fused_pool = match plan.layout {
+            Layout::Split => None,
+            Layout::Fused => Some(pools.get(&plan.pool).ok_or_else(|| format!("no pool '{}'", plan.pool))?.clone()),
+        };
         let model_metrics = metrics.for_model(&plan.name);
-        Ok(Pipeline { plan, runners, stats: Arc::default(), metrics: model_metrics })
+        Ok(Pipeline { plan, runners, fused_pool, stats: Arc::default(), metrics: model_metrics })
     }
 
     /// Runs one request: checks and splits its inputs into items, walks every item
     /// through the plan concurrently, and stacks the items' outputs back.
-    pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
+    pub async fn infer(self: &Arc<Self>, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let start = Instant::now();
         let result = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), self.run(req, deadline))
@@ -89,11 +97,32 @@ impl Pipeline {
         result
     }
 
-    async fn run(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
+    async fn run(self: &Arc<Self>, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let wanted = self.check_outputs(&req.outputs)?;
         let items = self.split_items(req.inputs)?;
-        let walks = items.into_iter().map(|values| self.walk(values, deadline));
-        let per_item = futures::future::try_join_all(walks).await?;
+        let per_item = match &self.fused_pool {
+            None => futures::future::try_join_all(items.into_iter().map(|values| self.walk(values, deadline))).await?,
+            Some(pool) => {
+                let jobs = items
+                    .into_iter()
+                    .map(|values| {
+                        let this = self.clone();
+                        pool.spawn(deadline, move || this.walk_fused(values, deadline))
+                    })
+                    .collect::<Result<Vec<_>, Error>>()?;
+                let mut per_item = Vec::with_capacity(jobs.len());
+                for rx in jobs {
+                    match rx.await {
+                        Err(_) => return Err(Error::DeadlineExceeded { model: self.plan.name.clone() }),
+                        Ok(Err(panic)) => {
+                            return Err(Error::Internal(format!("pipeline '{}': {panic}", self.plan.name)))
+                        }
+                        Ok(Ok(t)) => per_item.push(t.value?),
+                    }
+                }
+                per_item
+            }
+        };
         let mut outputs = Vec::new();
         for (oi, o) in self.plan.outputs.iter().enumerate() {
             if !wanted.contains(&oi) {
@@ -320,21 +349,16 @@ impl Pipeline {
         deadline: Option<Instant>,
     ) -> Result<Vec<Value>, Error> {
         let rx = pool.spawn(deadline, move || op.run(&inputs))?;
-        let timed = match rx.await {
+        let outcome = match rx.await {
             Err(_) => return Err(Error::DeadlineExceeded { model: self.plan.name.clone() }),
-            Ok(Err(panic)) => {
-                tracing::error!(pipeline = %self.plan.name, node = %node.name, "op panicked: {panic}");
-                return Err(self.node_failed(node, format!("op panicked: {panic}")));
+            Ok(Err(panic)) => Err(panic),
+            Ok(Ok(t)) => {
+                m.queue.observe(t.queued.as_secs_f64());
+                m.compute.observe(t.ran.as_secs_f64());
+                Ok(t.value)
             }
-            Ok(Ok(t)) => t,
         };
-        m.queue.observe(timed.queued.as_secs_f64());
-        m.compute.observe(timed.ran.as_secs_f64());
-        match timed.value {
-            Ok(v) => Ok(v),
-            Err(OpError::Invalid(msg)) => Err(self.node_invalid(node, msg)),
-            Err(OpError::Internal(msg)) => Err(self.node_failed(node, msg)),
-        }
+        self.op_outcome(node, outcome)
     }
 
     async fn run_model(
@@ -345,6 +369,15 @@ impl Pipeline {
         inputs: Vec<Value>,
         deadline: Option<Instant>,
     ) -> Result<Vec<Value>, Error> {
+        let tensors = self.model_inputs(node, model, inputs)?;
+        let rx = model.submit(tensors, 1, deadline)?;
+        let computed =
+            rx.await.map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;
+        Ok(model_outputs(model, m, computed))
+    }
+
+    /// Checks one item's tensors against the model's inputs; adds the batch dimension.
+    fn model_inputs(&self, node: &PlanNode, model: &LoadedModel, inputs: Vec<Value>) -> Result<Vec<Tensor>, Error> {
         let spec = &model.spec;
         let batched = spec.config.max_batch_size > 0;
         let mut tensors = Vec::with_capacity(inputs.len());
@@ -374,24 +407,132 @@ impl Pipeline {
             }
             tensors.push(if batched { with_batch_dim(t) } else { t });
         }
-        let rx = model.submit(tensors, 1, deadline)?;
-        let computed = rx.await.map_err(|_| Error::Internal(format!("model '{}': instance stopped", spec.name)))??;
-        m.queue.observe(computed.queued.as_secs_f64());
-        m.compute.observe(computed.compute.as_secs_f64());
-        m.batch_size.observe(computed.batch_rows as f64);
-        Ok(computed
-            .outputs
-            .into_iter()
-            .map(|t| {
-                if batched {
-                    let shape = t.shape[1..].to_vec();
-                    Value::Tensor(reshape(t, shape))
-                } else {
-                    Value::Tensor(t)
-                }
-            })
-            .collect())
+        Ok(tensors)
     }
+
+    /// Maps an op's outcome (or its panic) to the node's result.
+    fn op_outcome(
+        &self,
+        node: &PlanNode,
+        outcome: Result<sluice_ops::op::OpResult, String>,
+    ) -> Result<Vec<Value>, Error> {
+        match outcome {
+            Err(panic) => {
+                tracing::error!(pipeline = %self.plan.name, node = %node.name, "op panicked: {panic}");
+                Err(self.node_failed(node, format!("op panicked: {panic}")))
+            }
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(OpError::Invalid(msg))) => Err(self.node_invalid(node, msg)),
+            Ok(Err(OpError::Internal(msg))) => Err(self.node_failed(node, msg)),
+        }
+    }
+
+    /// The fused layout: every step of one item in turn on the calling pool thread,
+    /// which blocks while its model runs. Kept to measure what the split layout gains.
+    fn walk_fused(&self, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Tensor>, Error> {
+        let plan = &self.plan;
+        let mut values: Vec<Vec<Value>> = Vec::with_capacity(plan.nodes.len());
+        let value_of = |values: &[Vec<Value>], s: &Src| match *s {
+            Src::Input(i) => inputs[i].clone(),
+            Src::Node { node, output } => values[node][output].clone(),
+        };
+        for (i, node) in plan.nodes.iter().enumerate() {
+            let args: Vec<Value> = node.inputs.iter().map(|s| value_of(&values, s)).collect();
+            let outs = if node.mapped {
+                let len = args
+                    .iter()
+                    .zip(&node.mapped_inputs)
+                    .find(|(_, m)| **m)
+                    .and_then(|(v, _)| v.as_list())
+                    .map_or(0, |l| l.len());
+                let mut per_output: Vec<Vec<Value>> = vec![Vec::with_capacity(len); node.output_names.len()];
+                for k in 0..len {
+                    let el: Vec<Value> = args
+                        .iter()
+                        .zip(&node.mapped_inputs)
+                        .map(|(v, &m)| match (m, v) {
+                            (true, Value::List(l)) => l.get(k).cloned().ok_or_else(|| {
+                                self.node_failed(node, "the lists it is mapped over differ in length".into())
+                            }),
+                            _ => Ok(v.clone()),
+                        })
+                        .collect::<Result<_, _>>()?;
+                    for (o, v) in per_output.iter_mut().zip(self.run_item_blocking(i, el, deadline)?) {
+                        o.push(v);
+                    }
+                }
+                per_output.into_iter().map(|o| Value::List(Arc::new(o))).collect()
+            } else {
+                self.run_item_blocking(i, args, deadline)?
+            };
+            values.push(outs);
+        }
+        plan.outputs
+            .iter()
+            .map(|o| match value_of(&values, &o.src) {
+                Value::Tensor(t) => Ok(t),
+                other => Err(Error::Internal(format!("output '{}' is {}, not a tensor", o.name, other.kind()))),
+            })
+            .collect()
+    }
+
+    fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Value>, Error> {
+        let node = &self.plan.nodes[i];
+        let runner = &self.runners[i];
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::DeadlineExceeded { model: self.plan.name.clone() });
+        }
+        let m = &runner.metrics;
+        m.items.inc();
+        let result = match &runner.target {
+            Target::Op { op, .. } => {
+                let start = Instant::now();
+                let outcome = catch_unwind(AssertUnwindSafe(|| op.run(&inputs))).map_err(panic_message);
+                m.queue.observe(0.0);
+                m.compute.observe(start.elapsed().as_secs_f64());
+                self.op_outcome(node, outcome)
+            }
+            Target::Model(model) => self.model_inputs(node, model, inputs).and_then(|tensors| {
+                let rx = model.submit(tensors, 1, deadline)?;
+                let computed = rx
+                    .blocking_recv()
+                    .map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;
+                Ok(model_outputs(model, m, computed))
+            }),
+        };
+        if result.is_err() {
+            m.errors.inc();
+        }
+        result
+    }
+}
+
+/// A model's outputs for one item, without the batch dimension; records the node's
+/// queue, compute and batch metrics.
+fn model_outputs(model: &LoadedModel, m: &NodeMetrics, computed: crate::sched::Computed) -> Vec<Value> {
+    m.queue.observe(computed.queued.as_secs_f64());
+    m.compute.observe(computed.compute.as_secs_f64());
+    m.batch_size.observe(computed.batch_rows as f64);
+    let batched = model.spec.config.max_batch_size > 0;
+    computed
+        .outputs
+        .into_iter()
+        .map(|t| {
+            if batched {
+                let shape = t.shape[1..].to_vec();
+                Value::Tensor(reshape(t, shape))
+            } else {
+                Value::Tensor(t)
+            }
+        })
+        .collect()
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn join(d: &[i64]) -> String {

@@ -12,9 +12,26 @@ pub struct PipelineYaml {
     /// carry exactly one item and inputs have no batch dimension.
     #[serde(default = "default_max_batch")]
     pub max_batch_size: usize,
+    /// How requests run: `split` (each op on its node's pool, each model on its batcher,
+    /// independent steps concurrently) or `fused` (every step of an item in turn on one
+    /// thread of `pool`, which waits while the model runs; the layout most servers use,
+    /// kept for comparison).
+    #[serde(default)]
+    pub layout: Layout,
+    /// The pool a `fused` pipeline's items run on.
+    #[serde(default)]
+    pub pool: Option<String>,
     pub inputs: Vec<InputYaml>,
     pub outputs: Vec<OutputYaml>,
     pub nodes: Vec<NodeYaml>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    #[default]
+    Split,
+    Fused,
 }
 
 fn default_max_batch() -> usize {
