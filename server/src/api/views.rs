@@ -220,30 +220,14 @@ fn duration(d: &crate::stats::Duration64) -> pb::StatisticDuration {
 
 pub fn statistics_of(e: Endpoint) -> pb::ModelStatistics {
     match e {
-        Endpoint::Model(m) => model_statistics(m),
-        Endpoint::Pipeline(p) => {
-            let s = &p.stats;
-            pb::ModelStatistics {
-                name: p.plan.name.clone(),
-                version: DEFAULT_VERSION.to_string(),
-                last_inference: s.last_inference_ms.load(Relaxed),
-                inference_count: s.inference_count.load(Relaxed),
-                execution_count: s.execution_count.load(Relaxed),
-                inference_stats: Some(pb::InferStatistics {
-                    success: Some(duration(&s.success)),
-                    fail: Some(duration(&s.fail)),
-                    ..Default::default()
-                }),
-                batch_stats: vec![],
-            }
-        }
+        Endpoint::Model(m) => model_statistics(&m.spec.name, &m.stats),
+        Endpoint::Pipeline(p) => model_statistics(&p.plan.name, &p.stats),
     }
 }
 
-pub fn model_statistics(m: &LoadedModel) -> pb::ModelStatistics {
-    let s = &m.stats;
+pub fn model_statistics(name: &str, s: &crate::stats::ModelStats) -> pb::ModelStatistics {
     pb::ModelStatistics {
-        name: m.spec.name.clone(),
+        name: name.to_string(),
         version: DEFAULT_VERSION.to_string(),
         last_inference: s.last_inference_ms.load(Relaxed),
         inference_count: s.inference_count.load(Relaxed),
@@ -309,7 +293,7 @@ pub fn statistics_json(stats: &[pb::ModelStatistics]) -> Value {
 pub fn statistics(engine: &Engine, name: &str, version: &str) -> Result<Vec<pb::ModelStatistics>, crate::error::Error> {
     if name.is_empty() {
         let models = engine.models().filter_map(|(_, s)| match s {
-            ModelSlot::Ready(m) => Some(model_statistics(m)),
+            ModelSlot::Ready(m) => Some(model_statistics(&m.spec.name, &m.stats)),
             ModelSlot::Unavailable { .. } => None,
         });
         let pipelines = engine.pipelines().filter_map(|(_, s)| match s {

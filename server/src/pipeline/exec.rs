@@ -89,6 +89,15 @@ impl Pipeline {
         };
         let elapsed = start.elapsed();
         self.stats.record_request(result.is_ok(), elapsed);
+        if result.is_ok() {
+            // A pipeline has no queue of its own (its nodes' waits are in the per-node
+            // metrics): its compute is the whole walk. Clients such as perf_analyzer look
+            // for these counts to move.
+            self.stats.queue.add(std::time::Duration::ZERO);
+            self.stats.compute_input.add(std::time::Duration::ZERO);
+            self.stats.compute_infer.add(elapsed);
+            self.stats.compute_output.add(std::time::Duration::ZERO);
+        }
         self.metrics.requests.inc();
         self.metrics.request_duration.observe(elapsed.as_secs_f64());
         if let Err(e) = &result {
@@ -123,6 +132,9 @@ impl Pipeline {
                 per_item
             }
         };
+        // As Triton counts ensembles: inferences are items, executions are requests.
+        self.stats.inference_count.fetch_add(per_item.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats.execution_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut outputs = Vec::new();
         for (oi, o) in self.plan.outputs.iter().enumerate() {
             if !wanted.contains(&oi) {
