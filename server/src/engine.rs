@@ -53,14 +53,16 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Queues already checked tensors (in the model's input order) for a batch.
+    /// Queues already checked tensors (in the model's input order) for a batch;
+    /// `max_delay` overrides the model's max_queue_delay for this item.
     pub fn submit(
         &self,
         inputs: Vec<Tensor>,
         rows: usize,
         deadline: Option<Instant>,
+        max_delay: Option<Duration>,
     ) -> Result<tokio::sync::oneshot::Receiver<crate::sched::Reply>, Error> {
-        self.scheduler.submit(inputs, rows, deadline)
+        self.scheduler.submit_with_delay(inputs, rows, deadline, max_delay)
     }
 }
 

@@ -446,3 +446,24 @@ async fn the_fused_layout_gives_the_same_results_as_the_split_one() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_node_may_shorten_its_models_batching_delay() {
+    let repo = Repo::new();
+    // The model waits up to 2 s for a batch to fill; the pipeline's node will not.
+    repo.add(
+        "affine",
+        &sluice_tests::affine_model(4),
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 2000000\n",
+    );
+    let node = |delay: &str| {
+        format!("max_batch_size: 0\ninputs:\n  - {{name: x, dtype: FP32, dims: [4]}}\noutputs:\n  - {{name: y, from: m.y}}\nnodes:\n  - name: m\n    model: affine\n    inputs: {{x: x}}\n{delay}")
+    };
+    repo.pipeline("eager", &node("    max_queue_delay_us: 0\n"));
+    let s = start(repo.config()).await;
+    let x = Tensor::from_f32(vec![4], &[1.0, 2.0, 3.0, 4.0]);
+    let t0 = std::time::Instant::now();
+    let out = s.client.infer("eager", &[("x", &x)], InferOptions::default()).await.unwrap();
+    assert_eq!(out[0].1.to_f32().unwrap(), vec![3.0, 5.0, 7.0, 9.0]);
+    assert!(t0.elapsed() < Duration::from_secs(1), "the node's 0 µs limit cut the batch, not the model's 2 s");
+}

@@ -98,6 +98,8 @@ pub struct PlanNode {
     pub mapped_inputs: Vec<bool>,
     pub pool: String,
     pub concurrency: usize,
+    /// A model node's override of its model's max_queue_delay.
+    pub max_queue_delay: Option<std::time::Duration>,
     pub line: Option<usize>,
 }
 
@@ -229,6 +231,9 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
                         node,
                         format!("op '{op_name}': {e}"),
                     ),
+                }
+                if n.max_queue_delay_us.is_some() {
+                    errors.add(line, node, "`max_queue_delay_us` is for model nodes".into());
                 }
                 if let Some(p) = &n.pool {
                     if !pools.contains(p) {
@@ -570,6 +575,7 @@ fn plan_node(
         mapped_inputs,
         pool: d.yaml.pool.clone().unwrap_or_else(|| crate::sched::pool::PoolConfig::DEFAULT_NAME.to_string()),
         concurrency: d.yaml.concurrency,
+        max_queue_delay: d.yaml.max_queue_delay_us.map(std::time::Duration::from_micros),
         line: d.line,
     }
 }

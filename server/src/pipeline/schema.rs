@@ -79,6 +79,12 @@ pub struct NodeYaml {
     /// Most items of this node in flight at once, across all requests (0: no limit).
     #[serde(default)]
     pub concurrency: usize,
+    /// Model nodes: how long this node's items may wait for their batch, overriding the
+    /// model's `dynamic_batching.max_queue_delay_us` (the batch is cut when any of its
+    /// items has waited its limit). The model's other batching settings are shared by
+    /// everything that uses the model, since they share its batches.
+    #[serde(default)]
+    pub max_queue_delay_us: Option<u64>,
 }
 
 /// Finds lines in the pipeline's text, for error messages. serde does not keep

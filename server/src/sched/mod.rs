@@ -38,6 +38,7 @@ pub struct Pending {
     key: Vec<Vec<usize>>,
     enqueued: Instant,
     deadline: Option<Instant>,
+    max_delay: Option<Duration>,
     reply: oneshot::Sender<Reply>,
     span: tracing::Span,
 }
@@ -54,6 +55,9 @@ impl Item for Pending {
     }
     fn enqueued(&self) -> Instant {
         self.enqueued
+    }
+    fn max_delay(&self) -> Option<Duration> {
+        self.max_delay
     }
 }
 
@@ -141,6 +145,17 @@ impl ModelScheduler {
         rows: usize,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<Reply>, Error> {
+        self.submit_with_delay(inputs, rows, deadline, None)
+    }
+
+    /// [`submit`](Self::submit) with this item's own limit on waiting for its batch.
+    pub fn submit_with_delay(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+        deadline: Option<Instant>,
+        max_delay: Option<Duration>,
+    ) -> Result<oneshot::Receiver<Reply>, Error> {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
@@ -153,6 +168,7 @@ impl ModelScheduler {
             key,
             enqueued: Instant::now(),
             deadline,
+            max_delay,
             reply: tx,
             span: tracing::Span::current(),
         };

@@ -15,6 +15,11 @@ pub trait Item {
     /// The caller went away (timed out, cancelled): drop before computing.
     fn is_abandoned(&self) -> bool;
     fn enqueued(&self) -> Instant;
+    /// This item's own limit on waiting for its batch (a pipeline node's override of
+    /// the model's max_queue_delay); `None`: the model's.
+    fn max_delay(&self) -> Option<Duration> {
+        None
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +92,6 @@ impl<T: Item> BatchQueue<T> {
 
         // Walk the queue in order, taking compatible items while they fit.
         let key = first.batch_key().to_vec();
-        let deadline = first.enqueued() + self.policy.max_queue_delay;
         let mut picked = Vec::new();
         let mut rows = 0;
         let mut full = false;
@@ -107,6 +111,13 @@ impl<T: Item> BatchQueue<T> {
             }
         }
 
+        // Cut when any item of the batch has waited as long as it may.
+        let deadline = picked
+            .iter()
+            .map(|&i| &self.items[i])
+            .map(|it| it.enqueued() + it.max_delay().unwrap_or(self.policy.max_queue_delay))
+            .min()
+            .expect("the first item is always picked");
         let take = if full || flush || now >= deadline {
             picked.len()
         } else if let Some(n) = self.preferred_prefix(&picked) {
@@ -153,8 +164,12 @@ mod tests {
         key: Vec<Vec<usize>>,
         at: Instant,
         gone: bool,
+        delay: Option<Duration>,
     }
     impl Item for It {
+        fn max_delay(&self) -> Option<Duration> {
+            self.delay
+        }
         fn rows(&self) -> usize {
             self.rows
         }
@@ -179,7 +194,7 @@ mod tests {
     }
 
     fn it(id: u32, rows: usize, at: Instant) -> It {
-        It { id, rows, key: vec![vec![3]], at, gone: false }
+        It { id, rows, key: vec![vec![3]], at, gone: false, delay: None }
     }
 
     fn ids(p: Poll<It>) -> Vec<u32> {
@@ -295,5 +310,19 @@ mod tests {
         q.push(it(1, 1, t0)).unwrap();
         q.push(it(2, 1, t0)).unwrap();
         assert_eq!(ids(q.poll(t0, false)), vec![1]);
+    }
+
+    #[test]
+    fn an_item_with_a_shorter_delay_cuts_the_batch_sooner() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 10, vec![], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        let mut urgent = it(2, 1, t0 + Duration::from_millis(1));
+        urgent.delay = Some(Duration::from_millis(2));
+        q.push(urgent).unwrap();
+        assert!(
+            matches!(q.poll(t0 + Duration::from_millis(2), false), Poll::Wait(Some(d)) if d == t0 + Duration::from_millis(3))
+        );
+        assert_eq!(ids(q.poll(t0 + Duration::from_millis(3), false)), vec![1, 2], "cut at the urgent item's limit");
     }
 }
