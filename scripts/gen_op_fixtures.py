@@ -43,3 +43,12 @@ Image.fromarray(photo).save(out / "photo_orient6.jpg", quality=92, subsampling=0
 upright = ImageOps.exif_transpose(Image.open(out / "photo_orient6.jpg")).convert("RGB")
 (out / "photo_orient6.rgb").write_bytes(np.asarray(upright).tobytes())
 print("upright size", upright.size)
+
+# A rotated quadrilateral warped upright, as PaddleOCR crops text boxes.
+quad = np.float32([[5, 3], [30, 6], [28, 19], [4, 15]])
+qw = int(round(max(np.linalg.norm(quad[0] - quad[1]), np.linalg.norm(quad[3] - quad[2]))))
+qh = int(round(max(np.linalg.norm(quad[0] - quad[3]), np.linalg.norm(quad[1] - quad[2]))))
+m = cv2.getPerspectiveTransform(quad, np.float32([[0, 0], [qw, 0], [qw, qh], [0, qh]]))
+warped = cv2.warpPerspective(src, m, (qw, qh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+(out / "quad.rgb").write_bytes(warped.tobytes())
+(out / "quad.json").write_text(f'{{"quad": {quad.tolist()}, "width": {qw}, "height": {qh}}}')

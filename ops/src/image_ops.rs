@@ -69,7 +69,8 @@ pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
         dec.decode_headers().map_err(|e| bad("JPEG", &e))?;
         let (w, h) = dec.dimensions().ok_or_else(|| bad("JPEG", &"no dimensions"))?;
         check_pixels(w, h, max_pixels)?;
-        let mut buf = vec![0u8; dec.output_buffer_size().ok_or_else(|| bad("JPEG", &"size overflow"))?];
+        let mut buf =
+            crate::value::pixel_buffer(dec.output_buffer_size().ok_or_else(|| bad("JPEG", &"size overflow"))?);
         dec.decode_into(&mut buf).map_err(|e| bad("JPEG", &e))?;
         let orientation = dec.exif().and_then(|e| exif_orientation(e)).unwrap_or(1);
         Ok(orient(Image::new(w as u32, h as u32, buf), orientation))
@@ -79,7 +80,8 @@ pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
         let mut reader = dec.read_info().map_err(|e| bad("PNG", &e))?;
         let (w, h) = (reader.info().width, reader.info().height);
         check_pixels(w as usize, h as usize, max_pixels)?;
-        let mut buf = vec![0u8; reader.output_buffer_size().ok_or_else(|| bad("PNG", &"size overflow"))?];
+        let mut buf =
+            crate::value::pixel_buffer(reader.output_buffer_size().ok_or_else(|| bad("PNG", &"size overflow"))?);
         let frame = reader.next_frame(&mut buf).map_err(|e| bad("PNG", &e))?;
         buf.truncate(frame.buffer_size());
         let rgb = match frame.color_type {
@@ -238,7 +240,7 @@ pub fn resize_to(src: &Image, w: u32, h: u32) -> Result<Image, OpError> {
         return Ok(src.clone());
     }
     let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
-    let mut out = vec![0u8; w as usize * h as usize * 3];
+    let mut out = crate::value::pixel_buffer(w as usize * h as usize * 3);
     let mut d = TypedImage::<U8x3>::from_buffer(w, h, &mut out).map_err(internal)?;
     RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)?;
     Ok(Image::new(w, h, out))
@@ -699,5 +701,189 @@ mod tests {
         let img = Arc::new(Image::new(2, 1, vec![1, 2, 3, 4, 5, 6]));
         let out = Rotate180.run(&[Value::Image(img)]).unwrap();
         assert_eq!(out[0].as_image().unwrap().data, vec![4, 5, 6, 1, 2, 3]);
+    }
+}
+
+// ---- perspective crops of quadrilaterals (rotated text boxes) ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuadParams {
+    /// Turn crops at least this many times taller than wide by 90 degrees (vertical text);
+    /// 0: never.
+    #[serde(default)]
+    rotate_tall_ratio: f32,
+}
+
+/// One upright crop per quadrilateral (x,y of its 4 corners, clockwise from the top left,
+/// as [n,4,2] or [n,8]): the quad is warped onto a rectangle as wide as its longer
+/// top/bottom edge and as tall as its longer left/right edge, with bilinear sampling and
+/// edge pixels replicated outside the image (OpenCV's warpPerspective with
+/// BORDER_REPLICATE, which text recognisers are trained on). A fan-out.
+struct CropQuads {
+    rotate_tall_ratio: f32,
+}
+
+pub(crate) fn build_crop_quads(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    let p: QuadParams = ctx.params()?;
+    Ok(Box::new(CropQuads { rotate_tall_ratio: p.rotate_tall_ratio }))
+}
+
+impl Op for CropQuads {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image()), port("quads", ValueType::tensor_of(DataType::F32))]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![port("crops", ValueType::List(Box::new(ValueType::image())))]
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        let img = image_in(inputs, 0)?;
+        let quads = input(inputs, 1, "a tensor", Value::as_tensor)?;
+        let ok_shape = matches!(quads.shape.as_slice(), [_, 4, 2] | [_, 8]);
+        let v = quads.to_f32().filter(|_| ok_shape).ok_or_else(|| {
+            OpError::Invalid(format!("quads must be FP32 [n,4,2] or [n,8], got {} {:?}", quads.dtype, quads.shape))
+        })?;
+        let crops = v
+            .chunks_exact(8)
+            .map(|q| {
+                let pts: [(f32, f32); 4] = std::array::from_fn(|i| (q[2 * i], q[2 * i + 1]));
+                let crop = warp_quad(img, pts)?;
+                let tall =
+                    self.rotate_tall_ratio > 0.0 && crop.height as f32 >= crop.width as f32 * self.rotate_tall_ratio;
+                Ok(Value::Image(Arc::new(if tall { rotate90_ccw(&crop) } else { crop })))
+            })
+            .collect::<Result<Vec<_>, OpError>>()?;
+        Ok(vec![Value::List(Arc::new(crops))])
+    }
+}
+
+fn dist(a: (f32, f32), b: (f32, f32)) -> f32 {
+    ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2)).sqrt()
+}
+
+/// Warps the quad (top-left, top-right, bottom-right, bottom-left) onto an upright image.
+pub fn warp_quad(img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
+    let w = dist(q[0], q[1]).max(dist(q[3], q[2])).round().max(1.0) as u32;
+    let h = dist(q[0], q[3]).max(dist(q[1], q[2])).round().max(1.0) as u32;
+    if !q.iter().all(|p| p.0.is_finite() && p.1.is_finite()) || w as u64 * h as u64 > 64 << 20 {
+        return Err(OpError::Invalid(format!("quad {q:?} is not a usable box")));
+    }
+    let dst = [(0.0, 0.0), (w as f32, 0.0), (w as f32, h as f32), (0.0, h as f32)];
+    let m = homography(dst, q).ok_or_else(|| OpError::Invalid(format!("quad {q:?} is degenerate")))?;
+    let (iw, ih) = (img.width as i64, img.height as i64);
+    let px = |x: i64, y: i64| {
+        let i = (y.clamp(0, ih - 1) * iw + x.clamp(0, iw - 1)) as usize * 3;
+        [img.data[i] as f32, img.data[i + 1] as f32, img.data[i + 2] as f32]
+    };
+    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in 0..h {
+        for x in 0..w {
+            let (xf, yf) = (x as f64, y as f64);
+            let d = m[6] * xf + m[7] * yf + 1.0;
+            let u = ((m[0] * xf + m[1] * yf + m[2]) / d) as f32;
+            let v = ((m[3] * xf + m[4] * yf + m[5]) / d) as f32;
+            let (x0, y0) = (u.floor(), v.floor());
+            let (fx, fy) = (u - x0, v - y0);
+            let (x0, y0) = (x0 as i64, y0 as i64);
+            let (a, b, c, e) = (px(x0, y0), px(x0 + 1, y0), px(x0, y0 + 1), px(x0 + 1, y0 + 1));
+            for ch in 0..3 {
+                let top = a[ch] + (b[ch] - a[ch]) * fx;
+                let bottom = c[ch] + (e[ch] - c[ch]) * fx;
+                out.push((top + (bottom - top) * fy).round().clamp(0.0, 255.0) as u8);
+            }
+        }
+    }
+    Ok(Image::new(w, h, out))
+}
+
+/// The 3x3 perspective transform (row-major, last element 1) taking each `from` point to
+/// its `to` point, by solving the 8x8 linear system with partial pivoting.
+fn homography(from: [(f32, f32); 4], to: [(f32, f32); 4]) -> Option<[f64; 8]> {
+    let mut a = [[0f64; 9]; 8];
+    for i in 0..4 {
+        let (x, y) = (from[i].0 as f64, from[i].1 as f64);
+        let (u, v) = (to[i].0 as f64, to[i].1 as f64);
+        a[2 * i] = [x, y, 1.0, 0.0, 0.0, 0.0, -x * u, -y * u, u];
+        a[2 * i + 1] = [0.0, 0.0, 0.0, x, y, 1.0, -x * v, -y * v, v];
+    }
+    for col in 0..8 {
+        let pivot = (col..8).max_by(|&r, &s| a[r][col].abs().total_cmp(&a[s][col].abs()))?;
+        if a[pivot][col].abs() < 1e-9 {
+            return None;
+        }
+        a.swap(col, pivot);
+        for r in 0..8 {
+            if r != col {
+                let f = a[r][col] / a[col][col];
+                let pivot_row = a[col];
+                for (x, p) in a[r][col..].iter_mut().zip(&pivot_row[col..]) {
+                    *x -= f * p;
+                }
+            }
+        }
+    }
+    Some(std::array::from_fn(|i| a[i][8] / a[i][i]))
+}
+
+/// Turns the image 90 degrees counter-clockwise.
+fn rotate90_ccw(img: &Image) -> Image {
+    let (w, h) = (img.width as usize, img.height as usize);
+    let mut out = Vec::with_capacity(img.data.len());
+    for y in 0..w {
+        for x in 0..h {
+            // Output (x, y) of a w-high, h-wide image comes from input (w - 1 - y, x).
+            let i = (x * w + (w - 1 - y)) * 3;
+            out.extend_from_slice(&img.data[i..i + 3]);
+        }
+    }
+    Image::new(h as u32, w as u32, out)
+}
+
+struct FromTensor;
+
+pub(crate) fn build_from_tensor(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+    ctx.params::<NoParams>()?;
+    Ok(Box::new(FromTensor))
+}
+
+/// A UINT8 [H,W,3] tensor as an image (the inverse of to_tensor).
+impl Op for FromTensor {
+    fn inputs(&self) -> Vec<Port> {
+        vec![port("tensor", ValueType::tensor(DataType::U8, vec![-1, -1, 3]))]
+    }
+    fn outputs(&self) -> Vec<Port> {
+        vec![port("image", ValueType::image())]
+    }
+    fn run(&self, inputs: &[Value]) -> OpResult {
+        let t = input(inputs, 0, "a tensor", Value::as_tensor)?;
+        match (t.dtype, t.shape.as_slice()) {
+            (DataType::U8, &[h, w, 3]) if h > 0 && w > 0 => {
+                Ok(vec![Value::Image(Arc::new(Image::new(w as u32, h as u32, t.data.to_vec())))])
+            }
+            _ => Err(OpError::Invalid(format!("expected UINT8 [H,W,3], got {} {:?}", t.dtype, t.shape))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod quad_tests {
+    use super::*;
+
+    #[test]
+    fn an_axis_aligned_quad_is_a_plain_crop() {
+        let data = (0..8u32 * 6).flat_map(|i| [(i * 5) as u8, (i * 3) as u8, 9]).collect();
+        let img = Image::new(8, 6, data);
+        let crop = warp_quad(&img, [(2.0, 1.0), (6.0, 1.0), (6.0, 4.0), (2.0, 4.0)]).unwrap();
+        assert_eq!((crop.width, crop.height), (4, 3));
+        assert_eq!(crop, crop_copy(&img, 2, 1, 4, 3));
+    }
+
+    #[test]
+    fn tall_crops_are_turned_and_degenerate_quads_refused() {
+        let img = Image::new(2, 1, vec![1, 1, 1, 2, 2, 2]);
+        let r = rotate90_ccw(&img);
+        assert_eq!((r.width, r.height), (1, 2));
+        assert_eq!(r.data, vec![2, 2, 2, 1, 1, 1], "the right pixel ends on top");
+        assert!(warp_quad(&img, [(0.0, 0.0); 4]).is_err());
     }
 }

@@ -91,6 +91,8 @@ const REGISTRY: &[(&str, Builder, &str)] = &[
     ("to_tensor", crate::image_ops::build_to_tensor, "image -> UINT8 tensor [H,W,3]"),
     ("rotate180", crate::image_ops::build_rotate180, "image -> image turned upside down"),
     ("crop_boxes", crate::image_ops::build_crop_boxes, "image + boxes [n,4] -> list of n crops"),
+    ("crop_quads", crate::image_ops::build_crop_quads, "image + quads [n,4,2] -> list of n perspective-warped crops"),
+    ("from_tensor", crate::image_ops::build_from_tensor, "UINT8 tensor [H,W,3] -> image"),
     ("softmax", crate::tensor_ops::build_softmax, "FP32 tensor -> softmax along the last axis"),
     ("topk", crate::tensor_ops::build_topk, "FP32 scores -> the k best: scores, classes, labels"),
     ("gather", crate::tensor_ops::build_gather, "list of tensors -> one tensor stacked along a new first axis"),
