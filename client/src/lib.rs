@@ -137,6 +137,14 @@ impl Client {
     }
 }
 
+/// Encoded files (JPEG, PNG) as a pipeline's image input: a BYTES tensor [n, 1], one
+/// file per item.
+pub fn encoded_images<B: AsRef<[u8]>>(files: &[B]) -> Tensor {
+    let mut t = Tensor::from_bytes_elements(vec![files.len()], files);
+    t.shape = vec![files.len(), 1];
+    t
+}
+
 /// Builds the protocol request for `inputs`, data in `raw_input_contents`.
 pub fn infer_request(model: &str, inputs: &[(&str, &Tensor)], opts: &InferOptions) -> proto::ModelInferRequest {
     proto::ModelInferRequest {

@@ -31,6 +31,45 @@ fn check_reports_every_bad_model_with_its_file_and_line() {
 }
 
 #[test]
+fn check_compiles_pipelines_and_graph_prints_them() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), "max_batch_size: 4\n");
+    let good = "max_batch_size: 0\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: m.y}\nnodes:\n  - name: m\n    model: affine\n    inputs: {x: x}\n  - name: spare\n    op: softmax\n    inputs: {tensor: m.neg}\n";
+    repo.pipeline("good", good);
+    let run = |args: &[&str]| {
+        sluice()
+            .args(args)
+            .arg("--models")
+            .arg(repo.path())
+            .arg("--pipelines")
+            .arg(repo.pipelines_path())
+            .output()
+            .unwrap()
+    };
+    let ok = run(&["check"]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}");
+    assert!(stdout.contains("ok     pipeline good: 1 nodes"), "{stdout}");
+    assert!(
+        stdout.contains("good.yaml:10: node 'spare': unused: its outputs feed nothing; it will not run"),
+        "{stdout}"
+    );
+
+    let dot = run(&["graph", "good"]);
+    let text = String::from_utf8_lossy(&dot.stdout);
+    assert!(dot.status.success(), "{text}");
+    assert!(text.starts_with("digraph {"), "{text}");
+    assert!(text.contains("model affine") && text.contains("x: tensor FP32 [4]"), "{text}");
+
+    repo.pipeline("bad", &good.replace("from: m.y", "from: m.z").replace("model: affine", "model: afine"));
+    let bad = run(&["check"]);
+    let stdout = String::from_utf8_lossy(&bad.stdout);
+    assert!(!bad.status.success());
+    assert!(stdout.contains("bad.yaml:8: node 'm': unknown model 'afine'"), "{stdout}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("error: 1 of 3 models and pipelines have errors"));
+}
+
+#[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let repo = Repo::new();
     repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n");

@@ -89,9 +89,7 @@ fn tensor(v: &Value) -> &Tensor {
 }
 
 fn bytes_input(images: &[Vec<u8>]) -> Tensor {
-    let mut t = Tensor::from_bytes_elements(vec![images.len()], images);
-    t.shape = vec![images.len(), 1];
-    t
+    sluice_client::encoded_images(images)
 }
 
 fn assert_close(got: &[f32], want: &[f32], what: &str) {
