@@ -6,6 +6,7 @@ for normalisation. Run from the repository root with the set-up step's venv:
 
     .venv/bin/python scripts/gen_op_fixtures.py ops/tests/fixtures
 """
+import json
 import sys
 from pathlib import Path
 
@@ -52,3 +53,46 @@ m = cv2.getPerspectiveTransform(quad, np.float32([[0, 0], [qw, 0], [qw, qh], [0,
 warped = cv2.warpPerspective(src, m, (qw, qh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 (out / "quad.rgb").write_bytes(warped.tobytes())
 (out / "quad.json").write_text(f'{{"quad": {quad.tolist()}, "width": {qw}, "height": {qh}}}')
+
+# Resize modes, each from OpenCV's INTER_LINEAR plus numpy slicing / padding.
+def letterbox(img, dw, dh, pad):
+    h, w = img.shape[:2]
+    scale = min(dw / w, dh / h)
+    nw, nh = min(max(round(w * scale), 1), dw), min(max(round(h * scale), 1), dh)
+    left, top = (dw - nw) // 2, (dh - nh) // 2
+    canvas = np.full((dh, dw, 3), pad, np.uint8)
+    canvas[top:top + nh, left:left + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return canvas
+
+
+def shorter_side_crop(img, shorter, cw, ch):
+    h, w = img.shape[:2]
+    scale = shorter / min(w, h)
+    rw, rh = max(round(w * scale), cw), max(round(h * scale), ch)
+    r = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR)
+    left, top = (rw - cw) // 2, (rh - ch) // 2
+    return r[top:top + ch, left:left + cw]
+
+
+(out / "letterbox_32x32.rgb").write_bytes(letterbox(src, 32, 32, 114).tobytes())
+(out / "shorter_crop_16.rgb").write_bytes(shorter_side_crop(src, 20, 16, 16).tobytes())
+(out / "rotate180.rgb").write_bytes(np.rot90(src, 2).copy().tobytes())
+
+# Scores for softmax / top-k, and detections for class-wise NMS (OpenCV's NMSBoxesBatched).
+logits = rng.normal(0, 2, 50).astype(np.float32)
+e = np.exp(logits - logits.max())
+probs = e / e.sum()
+top = np.argsort(-probs, kind="stable")[:5]
+n = 60
+xy = rng.uniform(0, 40, (n, 2))
+wh = rng.uniform(8, 30, (n, 2))
+boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+scores = rng.uniform(0.3, 1.0, n).astype(np.float32)
+classes = rng.integers(0, 3, n)
+xywh = [[float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])] for b in boxes]
+kept = cv2.dnn.NMSBoxesBatched(xywh, scores.tolist(), classes.tolist(), 0.0, 0.45)
+kept = sorted(np.array(kept).reshape(-1).tolist(), key=lambda i: -scores[i])
+(out / "tensors.json").write_text(json.dumps({
+    "logits": logits.tolist(), "softmax": probs.tolist(), "top5": top.tolist(),
+    "boxes": boxes.reshape(-1).tolist(), "scores": scores.tolist(), "classes": classes.tolist(), "nms_kept": kept,
+}))

@@ -90,3 +90,60 @@ fn quad_crops_match_opencv_warp_perspective() {
     // OpenCV samples at 1/32 pixel steps with fixed-point weights; this samples exactly.
     assert!(max <= 3 && mean < 0.5, "max {max}, mean {mean:.3}");
 }
+
+fn run_op(name: &str, params: serde_json::Value, inputs: &[Value]) -> Vec<Value> {
+    build(name, &BuildContext { params, base_dir: Path::new(".") }).unwrap().run(inputs).unwrap()
+}
+
+fn image_out(v: &[Value]) -> Arc<Image> {
+    v[0].as_image().unwrap().clone()
+}
+
+#[test]
+fn resize_modes_match_opencv_with_numpy_crops_and_padding() {
+    let src = Value::Image(Arc::new(decode("src.png")));
+    let lb = image_out(&run_op(
+        "resize",
+        serde_json::json!({"mode": "letterbox", "width": 32, "height": 32, "pad": 114}),
+        std::slice::from_ref(&src),
+    ));
+    let (max, _) = diff(&lb.data, &fixture("letterbox_32x32.rgb"));
+    assert!(max <= 1, "letterbox: {max}");
+    let crop = image_out(&run_op(
+        "resize",
+        serde_json::json!({"mode": "shorter_side_crop", "shorter": 20, "width": 16, "height": 16}),
+        std::slice::from_ref(&src),
+    ));
+    let (max, _) = diff(&crop.data, &fixture("shorter_crop_16.rgb"));
+    assert!(max <= 1, "shorter side + centre crop: {max}");
+    let r = image_out(&run_op("rotate180", serde_json::Value::Null, &[src]));
+    assert_eq!(r.data, fixture("rotate180.rgb"));
+}
+
+#[test]
+fn softmax_topk_and_nms_match_numpy_and_opencv() {
+    let d: serde_json::Value = serde_json::from_slice(&fixture("tensors.json")).unwrap();
+    let f32s = |k: &str| -> Vec<f32> { d[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect() };
+    let ints = |k: &str| -> Vec<i64> { d[k].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect() };
+    let logits = sluice_ops::Tensor::from_f32(vec![50], &f32s("logits"));
+    let sm = run_op("softmax", serde_json::Value::Null, &[Value::Tensor(logits.clone())]);
+    let got = sm[0].as_tensor().unwrap().to_f32().unwrap();
+    assert!(got.iter().zip(f32s("softmax")).all(|(a, b)| (a - b).abs() < 1e-6));
+    let top = run_op("topk", serde_json::json!({"k": 5, "softmax": true}), &[Value::Tensor(logits)]);
+    assert_eq!(top[1].as_tensor().unwrap().to_i64().unwrap(), ints("top5"));
+
+    let boxes = f32s("boxes");
+    let scores = f32s("scores");
+    let classes = ints("classes");
+    let dets: Vec<sluice_ops::detect::Detection> = (0..scores.len())
+        .map(|i| sluice_ops::detect::Detection {
+            bbox: [boxes[4 * i], boxes[4 * i + 1], boxes[4 * i + 2], boxes[4 * i + 3]],
+            score: scores[i],
+            class: classes[i] as usize,
+        })
+        .collect();
+    let kept = sluice_ops::detect::nms(dets.clone(), 0.45, 1000);
+    let kept_idx: Vec<i64> = kept.iter().map(|k| dets.iter().position(|d| d == k).unwrap() as i64).collect();
+    assert!(kept.len() < dets.len(), "the fixture has overlapping boxes");
+    assert_eq!(kept_idx, ints("nms_kept"), "same boxes kept, best first, as cv2.dnn.NMSBoxesBatched");
+}
