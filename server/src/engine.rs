@@ -53,16 +53,16 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Queues already checked tensors (in the model's input order) for a batch;
-    /// `max_delay` overrides the model's max_queue_delay for this item.
+    /// Queues already checked tensors (in the model's input order) for a batch, with
+    /// the item's own batching limits (a pipeline node's overrides).
     pub fn submit(
         &self,
         inputs: Vec<Tensor>,
         rows: usize,
         deadline: Option<Instant>,
-        max_delay: Option<Duration>,
+        limits: crate::sched::ItemLimits,
     ) -> Result<tokio::sync::oneshot::Receiver<crate::sched::Reply>, Error> {
-        self.scheduler.submit_with_delay(inputs, rows, deadline, max_delay)
+        self.scheduler.submit_with(inputs, rows, deadline, limits)
     }
 }
 

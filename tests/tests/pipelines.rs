@@ -465,3 +465,29 @@ async fn a_model_node_may_shorten_its_models_batching_delay() {
     assert_eq!(out[0].1.to_f32().unwrap(), vec![3.0, 5.0, 7.0, 9.0]);
     assert!(t0.elapsed() < Duration::from_secs(1), "the node's 0 µs limit cut the batch, not the model's 2 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_node_may_cap_its_batch_size() {
+    let repo = Repo::new();
+    repo.add(
+        "affine",
+        &sluice_tests::affine_model(4),
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 200000\n",
+    );
+    let yaml = "max_batch_size: 0\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: m.y}\nnodes:\n  - name: m\n    model: affine\n    inputs: {x: x}\n    max_batch_size: 2\n";
+    repo.pipeline("small", yaml);
+    let s = start(repo.config()).await;
+    let calls = (0..6).map(|i| {
+        let client = s.client.clone();
+        async move {
+            let x = Tensor::from_f32(vec![4], &[i as f32; 4]);
+            client.infer("small", &[("x", &x)], InferOptions::default()).await.unwrap()
+        }
+    });
+    for (i, out) in futures::future::join_all(calls).await.into_iter().enumerate() {
+        assert_eq!(out[0].1.to_f32().unwrap(), vec![2.0 * i as f32 + 1.0; 4]);
+    }
+    let stats = s.client.model_statistics("affine").await.unwrap();
+    let sizes: Vec<u64> = stats[0].batch_stats.iter().map(|b| b.batch_size).collect();
+    assert_eq!(sizes, vec![2], "6 items ran as batches of exactly 2: {sizes:?}");
+}

@@ -98,8 +98,8 @@ pub struct PlanNode {
     pub mapped_inputs: Vec<bool>,
     pub pool: String,
     pub concurrency: usize,
-    /// A model node's override of its model's max_queue_delay.
-    pub max_queue_delay: Option<std::time::Duration>,
+    /// A model node's overrides of its model's batching.
+    pub batching: crate::sched::ItemLimits,
     pub line: Option<usize>,
 }
 
@@ -232,8 +232,8 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
                         format!("op '{op_name}': {e}"),
                     ),
                 }
-                if n.max_queue_delay_us.is_some() {
-                    errors.add(line, node, "`max_queue_delay_us` is for model nodes".into());
+                if n.max_queue_delay_us.is_some() || n.max_batch_size.is_some() {
+                    errors.add(line, node, "`max_queue_delay_us` and `max_batch_size` are for model nodes".into());
                 }
                 if let Some(p) = &n.pool {
                     if !pools.contains(p) {
@@ -247,6 +247,13 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
                 match catalog.model(model) {
                     None => errors.add(l, node, format!("unknown model '{model}'")),
                     Some(Err(reason)) => errors.add(l, node, format!("model '{model}' cannot be used: {reason}")),
+                    Some(Ok(sig)) if n.max_batch_size.is_some_and(|b| b == 0 || b > sig.max_batch_size) => {
+                        let why = match sig.max_batch_size {
+                            0 => format!("model '{model}' does not batch (its max_batch_size is 0)"),
+                            n => format!("model '{model}' takes batches of 1..={n}"),
+                        };
+                        errors.add(line, node, format!("max_batch_size {}: {why}", n.max_batch_size.unwrap_or(0)));
+                    }
                     Some(Ok(sig)) => {
                         let strip = |t: &TensorInfo| {
                             let dims = if sig.max_batch_size > 0 { t.dims[1..].to_vec() } else { t.dims.clone() };
@@ -575,7 +582,10 @@ fn plan_node(
         mapped_inputs,
         pool: d.yaml.pool.clone().unwrap_or_else(|| crate::sched::pool::PoolConfig::DEFAULT_NAME.to_string()),
         concurrency: d.yaml.concurrency,
-        max_queue_delay: d.yaml.max_queue_delay_us.map(std::time::Duration::from_micros),
+        batching: crate::sched::ItemLimits {
+            max_queue_delay: d.yaml.max_queue_delay_us.map(std::time::Duration::from_micros),
+            max_batch_size: d.yaml.max_batch_size,
+        },
         line: d.line,
     }
 }
@@ -749,6 +759,11 @@ mod tests {
         let e = errors_of(&good(extra));
         assert!(e.contains("node 'r': op 'resize': bad params: unknown field `widht`"), "{e}");
         assert!(e.contains("node 'r': unknown pool 'gpu'; the server's pools: default, pre"), "{e}");
+        let text =
+            good("").replace("    inputs: {x: norm.tensor}\n", "    inputs: {x: norm.tensor}\n    max_batch_size: 9\n");
+        assert!(errors_of(&text).contains("node 'cls': max_batch_size 9: model 'cls' takes batches of 1..=8"));
+        let text = good("").replace("    params: {k: 3}\n", "    params: {k: 3}\n    max_queue_delay_us: 5\n");
+        assert!(errors_of(&text).contains("node 'top': `max_queue_delay_us` and `max_batch_size` are for model nodes"));
     }
 
     #[test]

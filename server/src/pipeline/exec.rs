@@ -382,7 +382,7 @@ impl Pipeline {
         deadline: Option<Instant>,
     ) -> Result<Vec<Value>, Error> {
         let tensors = self.model_inputs(node, model, inputs)?;
-        let rx = model.submit(tensors, 1, deadline, node.max_queue_delay)?;
+        let rx = model.submit(tensors, 1, deadline, node.batching)?;
         let computed =
             rx.await.map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;
         Ok(model_outputs(model, m, computed))
@@ -505,7 +505,7 @@ impl Pipeline {
                 self.op_outcome(node, outcome)
             }
             Target::Model(model) => self.model_inputs(node, model, inputs).and_then(|tensors| {
-                let rx = model.submit(tensors, 1, deadline, node.max_queue_delay)?;
+                let rx = model.submit(tensors, 1, deadline, node.batching)?;
                 let computed = rx
                     .blocking_recv()
                     .map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;

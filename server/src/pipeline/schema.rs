@@ -81,10 +81,13 @@ pub struct NodeYaml {
     pub concurrency: usize,
     /// Model nodes: how long this node's items may wait for their batch, overriding the
     /// model's `dynamic_batching.max_queue_delay_us` (the batch is cut when any of its
-    /// items has waited its limit). The model's other batching settings are shared by
-    /// everything that uses the model, since they share its batches.
+    /// items has waited its limit).
     #[serde(default)]
     pub max_queue_delay_us: Option<u64>,
+    /// Model nodes: run this node's items in batches of at most this many rows (at most
+    /// the model's max_batch_size), for example to bound latency.
+    #[serde(default)]
+    pub max_batch_size: Option<usize>,
 }
 
 /// Finds lines in the pipeline's text, for error messages. serde does not keep

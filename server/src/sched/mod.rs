@@ -31,6 +31,15 @@ pub struct Computed {
 
 pub type Reply = Result<Computed, Error>;
 
+/// A pipeline node's overrides of its model's batching, for the items it submits.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ItemLimits {
+    /// Cut the batch once this item has waited this long.
+    pub max_queue_delay: Option<Duration>,
+    /// Run this item in batches of at most this many rows.
+    pub max_batch_size: Option<usize>,
+}
+
 /// One request waiting for its batch.
 pub struct Pending {
     inputs: Vec<Tensor>,
@@ -39,6 +48,7 @@ pub struct Pending {
     enqueued: Instant,
     deadline: Option<Instant>,
     max_delay: Option<Duration>,
+    max_batch: Option<usize>,
     reply: oneshot::Sender<Reply>,
     span: tracing::Span,
 }
@@ -58,6 +68,9 @@ impl Item for Pending {
     }
     fn max_delay(&self) -> Option<Duration> {
         self.max_delay
+    }
+    fn max_batch(&self) -> Option<usize> {
+        self.max_batch
     }
 }
 
@@ -145,16 +158,16 @@ impl ModelScheduler {
         rows: usize,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<Reply>, Error> {
-        self.submit_with_delay(inputs, rows, deadline, None)
+        self.submit_with(inputs, rows, deadline, ItemLimits::default())
     }
 
-    /// [`submit`](Self::submit) with this item's own limit on waiting for its batch.
-    pub fn submit_with_delay(
+    /// [`submit`](Self::submit) with this item's own batching limits.
+    pub fn submit_with(
         &self,
         inputs: Vec<Tensor>,
         rows: usize,
         deadline: Option<Instant>,
-        max_delay: Option<Duration>,
+        limits: ItemLimits,
     ) -> Result<oneshot::Receiver<Reply>, Error> {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -168,7 +181,8 @@ impl ModelScheduler {
             key,
             enqueued: Instant::now(),
             deadline,
-            max_delay,
+            max_delay: limits.max_queue_delay,
+            max_batch: limits.max_batch_size,
             reply: tx,
             span: tracing::Span::current(),
         };

@@ -20,6 +20,11 @@ pub trait Item {
     fn max_delay(&self) -> Option<Duration> {
         None
     }
+    /// The largest batch this item may run in (a pipeline node's override, at most the
+    /// model's max_batch_size); `None`: the model's.
+    fn max_batch(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -90,22 +95,26 @@ impl<T: Item> BatchQueue<T> {
             return Poll::Batch(vec![self.items.pop_front().expect("non-empty")]);
         }
 
-        // Walk the queue in order, taking compatible items while they fit.
+        // Walk the queue in order, taking compatible items while they fit. The batch may
+        // be no larger than the smallest limit of the items in it.
         let key = first.batch_key().to_vec();
         let mut picked = Vec::new();
         let mut rows = 0;
+        let mut limit = max;
         let mut full = false;
         for (i, it) in self.items.iter().enumerate() {
             if it.batch_key() != key.as_slice() {
                 continue;
             }
-            if rows + it.rows() > max {
+            let with_it = limit.min(it.max_batch().unwrap_or(max)).max(1);
+            if rows + it.rows() > with_it && !picked.is_empty() {
                 full = true;
                 break;
             }
+            limit = with_it;
             rows += it.rows();
             picked.push(i);
-            if rows == max {
+            if rows >= limit {
                 full = true;
                 break;
             }
@@ -165,10 +174,14 @@ mod tests {
         at: Instant,
         gone: bool,
         delay: Option<Duration>,
+        cap: Option<usize>,
     }
     impl Item for It {
         fn max_delay(&self) -> Option<Duration> {
             self.delay
+        }
+        fn max_batch(&self) -> Option<usize> {
+            self.cap
         }
         fn rows(&self) -> usize {
             self.rows
@@ -194,7 +207,7 @@ mod tests {
     }
 
     fn it(id: u32, rows: usize, at: Instant) -> It {
-        It { id, rows, key: vec![vec![3]], at, gone: false, delay: None }
+        It { id, rows, key: vec![vec![3]], at, gone: false, delay: None, cap: None }
     }
 
     fn ids(p: Poll<It>) -> Vec<u32> {
@@ -324,5 +337,18 @@ mod tests {
             matches!(q.poll(t0 + Duration::from_millis(2), false), Poll::Wait(Some(d)) if d == t0 + Duration::from_millis(3))
         );
         assert_eq!(ids(q.poll(t0 + Duration::from_millis(3), false)), vec![1, 2], "cut at the urgent item's limit");
+    }
+
+    #[test]
+    fn an_item_with_a_smaller_batch_limit_caps_its_batch() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 10, vec![], 16);
+        q.push(it(1, 1, t0)).unwrap();
+        let mut capped = it(2, 1, t0);
+        capped.cap = Some(2);
+        q.push(capped).unwrap();
+        q.push(it(3, 1, t0)).unwrap();
+        assert_eq!(ids(q.poll(t0, false)), vec![1, 2], "full at the capped item's limit of 2");
+        assert_eq!(ids(q.poll(t0 + Duration::from_millis(10), false)), vec![3]);
     }
 }
