@@ -491,3 +491,59 @@ async fn a_model_node_may_cap_its_batch_size() {
     let sizes: Vec<u64> = stats[0].batch_stats.iter().map(|b| b.batch_size).collect();
     assert_eq!(sizes, vec![2], "6 items ran as batches of exactly 2: {sizes:?}");
 }
+
+/// Counts how many of its runs overlap, to observe a node's concurrency limit.
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static MOST_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct Tracks;
+impl Op for Tracks {
+    fn inputs(&self) -> Vec<sluice_ops::Port> {
+        vec![op::port("value", sluice_ops::ValueType::Any)]
+    }
+    fn outputs(&self) -> Vec<sluice_ops::Port> {
+        vec![op::port("value", sluice_ops::ValueType::Any)]
+    }
+    fn infer(&mut self, inputs: &[sluice_ops::ValueType]) -> Result<Vec<sluice_ops::ValueType>, String> {
+        Ok(inputs.to_vec())
+    }
+    fn run(&self, inputs: &[Value]) -> op::OpResult {
+        use std::sync::atomic::Ordering::SeqCst;
+        let now = RUNNING.fetch_add(1, SeqCst) + 1;
+        MOST_RUNNING.fetch_max(now, SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        RUNNING.fetch_sub(1, SeqCst);
+        Ok(inputs.to_vec())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nodes_concurrency_limit_holds_across_requests() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let _ = op::register("test_tracks", "counts overlapping runs", |_| Ok(Box::new(Tracks)));
+    let repo = Repo::new();
+    let node = |limit: usize| {
+        format!("{TENSOR_PIPELINE}  - name: last\n    op: test_tracks\n    pool: wide\n    concurrency: {limit}\n    inputs: {{value: x}}\n")
+    };
+    repo.pipeline("limited", &node(1));
+    repo.pipeline("free", &node(0));
+    let mut cfg = repo.config();
+    cfg.pools = vec![sluice_server::sched::pool::PoolConfig { name: "wide".into(), threads: 4, queue: 64 }];
+    let s = start(cfg).await;
+    let x = Tensor::from_f32(vec![4], &[1.0; 4]);
+    for (pipeline, most) in [("limited", 1), ("free", 4)] {
+        MOST_RUNNING.store(0, SeqCst);
+        let calls = (0..6).map(|_| {
+            let client = s.client.clone();
+            let x = x.clone();
+            async move { client.infer(pipeline, &[("x", &x)], InferOptions::default()).await.unwrap() }
+        });
+        futures::future::join_all(calls).await;
+        let seen = MOST_RUNNING.load(SeqCst);
+        if most == 1 {
+            assert_eq!(seen, 1, "concurrency: 1 let {seen} runs overlap");
+        } else {
+            assert!(seen > 1, "without a limit, the 4 pool threads run items together (saw {seen})");
+        }
+    }
+}
