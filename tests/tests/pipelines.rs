@@ -277,9 +277,10 @@ async fn a_corrupt_image_fails_only_its_request_naming_the_node() {
     assert!(err.to_string().contains("input 'image': expected datatype BYTES, got FP32"), "{err}");
 }
 
-/// An op that panics: registered as a custom op, as an embedding program would.
-struct Panics;
-impl Op for Panics {
+/// A custom op (registered at run time, as an embedding program would) that passes its
+/// input through after calling `f`.
+struct PassThrough(fn());
+impl Op for PassThrough {
     fn inputs(&self) -> Vec<sluice_ops::Port> {
         vec![op::port("value", sluice_ops::ValueType::Any)]
     }
@@ -289,8 +290,9 @@ impl Op for Panics {
     fn infer(&mut self, inputs: &[sluice_ops::ValueType]) -> Result<Vec<sluice_ops::ValueType>, String> {
         Ok(inputs.to_vec())
     }
-    fn run(&self, _: &[Value]) -> op::OpResult {
-        panic!("index out of bounds in a custom op")
+    fn run(&self, inputs: &[Value]) -> op::OpResult {
+        (self.0)();
+        Ok(inputs.to_vec())
     }
 }
 
@@ -298,7 +300,9 @@ const TENSOR_PIPELINE: &str = "max_batch_size: 0\ninputs:\n  - {name: x, dtype: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_panic_fails_its_request_with_internal_and_the_server_keeps_serving() {
-    let _ = op::register("test_panics", "panics", |_| Ok(Box::new(Panics)));
+    let _ = op::register("test_panics", "panics", |_| {
+        Ok(Box::new(PassThrough(|| panic!("index out of bounds in a custom op"))))
+    });
     let repo = Repo::new();
     repo.pipeline("boom", &format!("{TENSOR_PIPELINE}  - name: last\n    op: test_panics\n    inputs: {{value: x}}\n"));
     repo.pipeline(
@@ -496,31 +500,19 @@ async fn a_model_node_may_cap_its_batch_size() {
 static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static MOST_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-struct Tracks;
-impl Op for Tracks {
-    fn inputs(&self) -> Vec<sluice_ops::Port> {
-        vec![op::port("value", sluice_ops::ValueType::Any)]
-    }
-    fn outputs(&self) -> Vec<sluice_ops::Port> {
-        vec![op::port("value", sluice_ops::ValueType::Any)]
-    }
-    fn infer(&mut self, inputs: &[sluice_ops::ValueType]) -> Result<Vec<sluice_ops::ValueType>, String> {
-        Ok(inputs.to_vec())
-    }
-    fn run(&self, inputs: &[Value]) -> op::OpResult {
-        use std::sync::atomic::Ordering::SeqCst;
-        let now = RUNNING.fetch_add(1, SeqCst) + 1;
-        MOST_RUNNING.fetch_max(now, SeqCst);
-        std::thread::sleep(Duration::from_millis(20));
-        RUNNING.fetch_sub(1, SeqCst);
-        Ok(inputs.to_vec())
-    }
+/// Sleeps 20 ms, recording how many runs overlap.
+fn track() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let now = RUNNING.fetch_add(1, SeqCst) + 1;
+    MOST_RUNNING.fetch_max(now, SeqCst);
+    std::thread::sleep(Duration::from_millis(20));
+    RUNNING.fetch_sub(1, SeqCst);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_concurrency_limit_holds_across_requests() {
     use std::sync::atomic::Ordering::SeqCst;
-    let _ = op::register("test_tracks", "counts overlapping runs", |_| Ok(Box::new(Tracks)));
+    let _ = op::register("test_tracks", "counts overlapping runs", |_| Ok(Box::new(PassThrough(track))));
     let repo = Repo::new();
     let node = |limit: usize| {
         format!("{TENSOR_PIPELINE}  - name: last\n    op: test_tracks\n    pool: wide\n    concurrency: {limit}\n    inputs: {{value: x}}\n")

@@ -271,9 +271,15 @@ impl Pipeline {
                 }
             }
         }
-        plan.outputs
+        self.outputs_of(|src| value_of(&values, src))
+    }
+
+    /// The pipeline's outputs for one item, from its computed values.
+    fn outputs_of(&self, value_of: impl Fn(&Src) -> Value) -> Result<Vec<Tensor>, Error> {
+        self.plan
+            .outputs
             .iter()
-            .map(|o| match value_of(&values, &o.src) {
+            .map(|o| match value_of(&o.src) {
                 Value::Tensor(t) => Ok(t),
                 other => Err(Error::Internal(format!("output '{}' is {}, not a tensor", o.name, other.kind()))),
             })
@@ -479,13 +485,7 @@ impl Pipeline {
             };
             values.push(outs);
         }
-        plan.outputs
-            .iter()
-            .map(|o| match value_of(&values, &o.src) {
-                Value::Tensor(t) => Ok(t),
-                other => Err(Error::Internal(format!("output '{}' is {}, not a tensor", o.name, other.kind()))),
-            })
-            .collect()
+        self.outputs_of(|src| value_of(&values, src))
     }
 
     fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Value>, Error> {
