@@ -34,17 +34,22 @@ mkdir -p .sluice/lib .sluice/bin
 ort_lib=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
 [ "$(readlink .sluice/lib/libonnxruntime.so)" = "$ort_lib" ] || ln -sfn "$ort_lib" .sluice/lib/libonnxruntime.so
 
-# perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64 and libcudart.so.12,
-# even on hosts without a GPU; libcudart comes from nvidia-cuda-runtime-cu12 (see wrapper).
-if [ ! -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ]; then
+# Debian packages: perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64, even
+# on hosts without a GPU (its libcudart comes from nvidia-cuda-runtime-cu12, see wrapper);
+# the OCR tests render text with DejaVu (Latin) and WenQuanYi Micro Hei (Chinese).
+debs=()
+[ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] || debs+=(libb64-0d)
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || debs+=(fonts-dejavu-core)
+[ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || debs+=(fonts-wqy-microhei)
+if [ ${#debs[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then command -v sudo >/dev/null && sudo=sudo || sudo=none; fi
   if [ "$sudo" = none ]; then
-    echo "setup: WARNING: libb64-0d is missing and we are not root (no sudo): perf_analyzer will not run" >&2
+    echo "setup: WARNING: ${debs[*]} missing and we are not root (no sudo): perf_analyzer or the OCR tests will fail" >&2
   else
-    echo "setup: installing Debian's libb64-0d for perf_analyzer"
+    echo "setup: installing Debian's ${debs[*]}"
     $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libb64-0d >/dev/null
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${debs[@]}" >/dev/null
   fi
 fi
 pa=$(ls "$VENV"/bin/perf_analyzer "$SITE"/tritonclient/bin/perf_analyzer 2>/dev/null | head -n 1 || true)

@@ -177,10 +177,10 @@ mod tests {
 
     #[test]
     fn boxes_map_back_through_the_letterbox() {
-        let ctx = BuildContext {
-            params: serde_json::json!({"width": 64, "height": 64, "score_threshold": 0.5}),
-            base_dir: std::path::Path::new("."),
-        };
+        let ctx = BuildContext::new(
+            serde_json::json!({"width": 64, "height": 64, "score_threshold": 0.5}),
+            std::path::Path::new("."),
+        );
         let op = build_detect_yolo(&ctx).unwrap();
         // A 128x64 image letterboxed into 64x64: scale 0.5, 16 rows of padding on top.
         // One confident box centred at (32, 32) sized 20x10, one below the threshold.

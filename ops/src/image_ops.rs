@@ -179,7 +179,10 @@ pub enum ResizeMode {
     Letterbox,
     /// Scale the shorter side to `shorter`, then cut the centre width x height.
     ShorterSideCrop,
-    /// Scale so the longer side is at most `max_side`, each side rounded to a multiple of `multiple`.
+    /// Scale up so the shorter side is at least `min_side` and down so the longer side is
+    /// at most `max_side` (either may be left out; no scaling up without `min_side`), then
+    /// round each side to a multiple of `multiple` (halves to even, as Python's round does,
+    /// so PaddleOCR's detector sees the sizes it was tuned with).
     FitMultiple,
 }
 
@@ -199,6 +202,8 @@ struct ResizeParams {
     multiple: u32,
     #[serde(default)]
     max_side: Option<u32>,
+    #[serde(default)]
+    min_side: Option<u32>,
 }
 
 fn default_multiple() -> u32 {
@@ -212,8 +217,12 @@ struct Resize {
 pub(crate) fn build_resize(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
     let p: ResizeParams = ctx.params()?;
     match p.mode {
-        ResizeMode::FitMultiple if p.multiple == 0 || p.max_side.is_none_or(|m| m < p.multiple) => {
-            return Err("bad params: fit_multiple needs max_side >= multiple > 0".into());
+        ResizeMode::FitMultiple
+            if p.multiple == 0
+                || (p.max_side.is_none() && p.min_side.is_none())
+                || p.max_side.is_some_and(|m| m < p.multiple) =>
+        {
+            return Err("bad params: fit_multiple needs multiple > 0 and max_side >= multiple and/or min_side".into());
         }
         ResizeMode::FitMultiple => {}
         _ if p.width == 0 || p.height == 0 => return Err("bad params: width and height must be > 0".into()),
@@ -292,13 +301,8 @@ impl Resize {
                 Ok(crop_copy(&resized, (rw - p.width) / 2, (rh - p.height) / 2, p.width, p.height))
             }
             ResizeMode::FitMultiple => {
-                let max_side = p.max_side.unwrap_or(u32::MAX) as f32;
-                let scale = (max_side / src.width.max(src.height) as f32).min(1.0);
-                let round = |v: u32| {
-                    let m = p.multiple as f32;
-                    (((v as f32 * scale) / m).round() * m).max(m) as u32
-                };
-                resize_to(src, round(src.width), round(src.height))
+                let (w, h) = fit_multiple(src.width, src.height, p.min_side, p.max_side, p.multiple);
+                resize_to(src, w, h)
             }
         }
     }
@@ -315,6 +319,24 @@ impl Op for Resize {
     fn run(&self, inputs: &[Value]) -> OpResult {
         Ok(vec![Value::Image(Arc::new(self.apply(image_in(inputs, 0)?)?))])
     }
+}
+
+/// The size `fit_multiple` resizes a `w` x `h` image to.
+pub fn fit_multiple(w: u32, h: u32, min_side: Option<u32>, max_side: Option<u32>, multiple: u32) -> (u32, u32) {
+    let mut scale = 1.0f64;
+    if let Some(min) = min_side {
+        if w.min(h) < min {
+            scale = min as f64 / w.min(h) as f64;
+        }
+    }
+    if let Some(max) = max_side {
+        if w.max(h) as f64 * scale > max as f64 {
+            scale = max as f64 / w.max(h) as f64;
+        }
+    }
+    let m = multiple as f64;
+    let side = |v: u32| (((v as f64 * scale).floor() / m).round_ties_even() * m).max(m) as u32;
+    (side(w), side(h))
 }
 
 /// Copies the rectangle (left, top, w, h) out of `src`.
@@ -611,6 +633,7 @@ mod tests {
                 pad: 114,
                 multiple: 32,
                 max_side: None,
+                min_side: None,
             },
         };
         let out = op.apply(&Image::filled(16, 8, [200, 100, 50])).unwrap();
@@ -632,6 +655,7 @@ mod tests {
                 pad: 0,
                 multiple: 32,
                 max_side: None,
+                min_side: None,
             },
         };
         let src = gradient(8, 4);
@@ -650,7 +674,10 @@ mod tests {
             pad: 0,
             multiple: 32,
             max_side: Some(960),
+            min_side: None,
         };
+        assert_eq!(fit_multiple(640, 480, Some(736), None, 32), (992, 736), "PaddleOCR's limit_type min, 736");
+        assert_eq!(fit_multiple(48, 100, Some(736), Some(2000), 32), (736, 1536));
         let out = Resize { p }.apply(&gradient(100, 50)).unwrap();
         assert_eq!((out.width, out.height), (96, 64));
     }

@@ -3,6 +3,7 @@
 
 pub mod detect;
 pub mod image_ops;
+pub mod ocr;
 pub mod op;
 pub mod tensor;
 pub mod tensor_ops;

@@ -47,15 +47,37 @@ pub trait Op: Send + Sync + 'static {
     fn run(&self, inputs: &[Value]) -> OpResult;
 }
 
+/// Looks up a model's ONNX metadata value: (model, key) -> value.
+pub type MetadataLookup<'a> = &'a dyn Fn(&str, &str) -> Option<String>;
+
 /// What the registry passes to an op's constructor.
 pub struct BuildContext<'a> {
     /// Parameters as written in the pipeline file (null when none).
     pub params: serde_json::Value,
     /// Folder of the pipeline file: relative paths in parameters (label files) resolve here.
     pub base_dir: &'a Path,
+    /// The repository's model metadata, for ops configured from a model (a recogniser's
+    /// character list); `None` where no repository is at hand.
+    pub metadata: Option<MetadataLookup<'a>>,
 }
 
-impl BuildContext<'_> {
+impl<'a> BuildContext<'a> {
+    pub fn new(params: serde_json::Value, base_dir: &'a Path) -> BuildContext<'a> {
+        BuildContext { params, base_dir, metadata: None }
+    }
+
+    pub fn with_metadata(mut self, lookup: MetadataLookup<'a>) -> BuildContext<'a> {
+        self.metadata = Some(lookup);
+        self
+    }
+
+    /// A model's metadata value, or an error saying which is missing.
+    pub fn model_metadata(&self, model: &str, key: &str) -> Result<String, String> {
+        let lookup = self.metadata.ok_or_else(|| format!("no model repository to read '{model}' metadata from"))?;
+        lookup(model, key)
+            .ok_or_else(|| format!("model '{model}' has no metadata '{key}' (or is not in the repository)"))
+    }
+
     /// Decodes the parameters into an op's typed parameter struct.
     pub fn params<P: DeserializeOwned>(&self) -> Result<P, String> {
         let v = match &self.params {
@@ -99,6 +121,15 @@ const REGISTRY: &[(&str, Builder, &str)] = &[
     ("count", crate::tensor_ops::build_count, "list -> its length as INT64 [1]"),
     ("delay", crate::tensor_ops::build_delay, "passes its input through after a fixed time (tests, benchmarks)"),
     ("detect_yolo", crate::detect::build_detect_yolo, "YOLO-style predictions -> boxes, scores, classes after NMS"),
+    ("db_postprocess", crate::ocr::build_db_postprocess, "text probability map -> text quads in reading order (DB)"),
+    (
+        "text_line_tensor",
+        crate::ocr::build_text_line_tensor,
+        "text line image -> FP32 [3,48,W] for classifier/recogniser",
+    ),
+    ("orient180", crate::ocr::build_orient180, "image + direction probabilities -> image turned upright"),
+    ("ctc_decode", crate::ocr::build_ctc_decode, "recogniser probabilities -> text and confidence (CTC greedy)"),
+    ("ocr_lines", crate::ocr::build_ocr_lines, "quads + texts + scores -> the confident lines"),
 ];
 
 /// Builds the op `name` with its parameters.

@@ -289,7 +289,7 @@ mod tests {
     fn topk_orders_best_first_with_labels() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("l.txt"), "cat\ndog\nbird\nfish\n").unwrap();
-        let ctx = BuildContext { params: serde_json::json!({"k": 2, "labels": "l.txt"}), base_dir: dir.path() };
+        let ctx = BuildContext::new(serde_json::json!({"k": 2, "labels": "l.txt"}), dir.path());
         let op = build_topk(&ctx).unwrap();
         let scores = Tensor::from_f32(vec![1, 4], &[0.1, 0.7, 0.05, 0.15]);
         let out = op.run(&[Value::Tensor(scores)]).unwrap();

@@ -44,11 +44,12 @@ impl ByHand {
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&example(pipeline)).unwrap();
         let mut ops = HashMap::new();
         let mut models: HashMap<String, Box<dyn Backend>> = HashMap::new();
+        let pipelines_dir = repo_root().join("pipelines");
         for n in doc["nodes"].as_sequence().unwrap() {
             let name = n["name"].as_str().unwrap().to_string();
             if let Some(o) = n["op"].as_str() {
                 let params = serde_json::to_value(&n["params"]).unwrap();
-                let ctx = BuildContext { params, base_dir: &repo_root().join("pipelines") };
+                let ctx = BuildContext::new(params, &pipelines_dir);
                 ops.insert(name, op::build(o, &ctx).unwrap());
             } else {
                 let m = n["model"].as_str().unwrap();

@@ -23,6 +23,8 @@ pub struct ModelSig {
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
     pub max_batch_size: usize,
+    /// The ONNX file's metadata (key, value), for ops configured from a model.
+    pub metadata: Vec<(String, String)>,
 }
 
 /// One problem in a pipeline file.
@@ -182,6 +184,10 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         errors.add(loc.top_key("inputs"), None, "a pipeline needs at least one input".into());
     }
 
+    let metadata = |model: &str, key: &str| {
+        let sig = catalog.model(model)?.ok()?;
+        sig.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    };
     // Build every node.
     let pools = catalog.pools();
     let pipeline_pool = yaml.pool.clone().unwrap_or_else(|| crate::sched::pool::PoolConfig::DEFAULT_NAME.to_string());
@@ -216,9 +222,9 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         match (&n.op, &n.model) {
             (Some(op_name), None) => {
                 let params = n.params.as_ref().map_or(Ok(serde_json::Value::Null), serde_json::to_value);
-                let built = params
-                    .map_err(|e| format!("params: {e}"))
-                    .and_then(|params| op::build(op_name, &op::BuildContext { params, base_dir }));
+                let built = params.map_err(|e| format!("params: {e}")).and_then(|params| {
+                    op::build(op_name, &op::BuildContext::new(params, base_dir).with_metadata(&metadata))
+                });
                 match built {
                     Ok(o) => {
                         d.in_ports = o.inputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
@@ -691,6 +697,7 @@ mod tests {
                     inputs: vec![t("x", DataType::F32, &[-1, 3, 8, 8])],
                     outputs: vec![t("logits", DataType::F32, &[-1, 10])],
                     max_batch_size: 8,
+                    metadata: vec![],
                 })),
                 "broken" => Some(Err("model.onnx: not a valid ONNX file".into())),
                 _ => None,

@@ -29,6 +29,7 @@ impl ModelSpec {
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
             max_batch_size: self.config.max_batch_size,
+            metadata: self.metadata.clone(),
         }
     }
 }
