@@ -24,6 +24,24 @@ enum Command {
     Check(CheckArgs),
     /// Print a pipeline's compiled graph in Graphviz DOT (`| dot -Tsvg > p.svg`).
     Graph(GraphArgs),
+    /// Read the text in images with a running server's OCR pipeline and print the lines.
+    Ocr(OcrArgs),
+}
+
+#[derive(Args)]
+struct OcrArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
+    url: String,
+    /// The pipeline to call (it takes `image` and gives `boxes`, `texts`, `scores`).
+    #[arg(long, default_value = "ocr")]
+    pipeline: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Image files (JPEG or PNG).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -98,6 +116,7 @@ fn run() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Graph(args) => graph(args),
+        Command::Ocr(args) => ocr(args),
     }
 }
 
@@ -239,5 +258,83 @@ fn graph(args: GraphArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let plan = pipeline::compile(&name, &file, &text, &scanned).map_err(|e| anyhow::anyhow!("{e}"))?;
     print!("{}", plan.to_dot());
+    Ok(())
+}
+
+/// One recognised line.
+struct Line {
+    text: String,
+    score: f32,
+    corners: Vec<(f32, f32)>,
+}
+
+fn ocr(args: OcrArgs) -> anyhow::Result<()> {
+    use sluice_client::{encoded_images, Client, InferOptions};
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let results = rt.block_on(async {
+        let client = Client::connect(args.url.clone()).await.with_context(|| format!("connecting to {}", args.url))?;
+        let calls = args.images.iter().map(|path| {
+            let client = client.clone();
+            let pipeline = args.pipeline.clone();
+            async move {
+                let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let out = client
+                    .infer(&pipeline, &[("image", &encoded_images(&[data]))], InferOptions::default())
+                    .await
+                    .with_context(|| format!("{}", path.display()))?;
+                let get = |name: &str| {
+                    out.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| {
+                        anyhow::anyhow!("pipeline '{pipeline}' gave no output '{name}' (it needs boxes, texts, scores)")
+                    })
+                };
+                let texts = get("texts")?.bytes_elements().map_err(|e| anyhow::anyhow!("texts: {e}"))?;
+                let scores = get("scores")?.to_f32().context("scores are not FP32")?;
+                let boxes = get("boxes")?.to_f32().context("boxes are not FP32")?;
+                let lines: Vec<Line> = texts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| Line {
+                        text: String::from_utf8_lossy(t).into_owned(),
+                        score: scores.get(i).copied().unwrap_or(0.0),
+                        corners: boxes.get(i * 8..i * 8 + 8).unwrap_or(&[]).chunks(2).map(|c| (c[0], c[1])).collect(),
+                    })
+                    .collect();
+                anyhow::Ok(lines)
+            }
+        });
+        anyhow::Ok(futures::future::join_all(calls).await)
+    })?;
+    let mut failed = 0;
+    let mut json = Vec::new();
+    for (path, result) in args.images.iter().zip(results) {
+        match result {
+            Ok(lines) if args.json => json.push(serde_json::json!({
+                "image": path.display().to_string(),
+                "lines": lines.iter().map(|l| serde_json::json!({
+                    "text": l.text,
+                    "score": l.score,
+                    "box": l.corners.iter().map(|&(x, y)| [x, y]).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })),
+            Ok(lines) => {
+                println!("{}", path.display());
+                for l in &lines {
+                    let corners: Vec<String> = l.corners.iter().map(|(x, y)| format!("({x:.0},{y:.0})")).collect();
+                    println!("  {:.3}  {}  {}", l.score, corners.join(" "), l.text);
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images failed", args.images.len());
+    }
     Ok(())
 }

@@ -69,6 +69,30 @@ fn check_compiles_pipelines_and_graph_prints_them() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("error: 1 of 3 models and pipelines have errors"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ocr_prints_the_lines_a_server_reads() {
+    let repo = sluice_tests::ocr_repo();
+    let images = tempfile::tempdir().unwrap();
+    sluice_tests::render_text(images.path());
+    let s = sluice_tests::start(repo.config()).await;
+    let url = format!("http://{}", s.server.grpc_addr);
+    let (a, b) = (images.path().join("three_lines.png"), images.path().join("chinese.png"));
+    let run =
+        |args: Vec<std::ffi::OsString>| tokio::task::spawn_blocking(move || sluice().args(args).output().unwrap());
+    let out =
+        run(vec!["ocr".into(), "--url".into(), url.clone().into(), a.clone().into(), b.clone().into()]).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], a.display().to_string());
+    assert!(lines[1].ends_with("  First line here") && lines[3].ends_with("  Third 3"), "{stdout}");
+    assert!(lines[5].ends_with("  你好世界"), "{stdout}");
+    let out = run(vec!["ocr".into(), "--json".into(), "--url".into(), url.into(), b.into()]).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["lines"][0]["text"], "你好世界");
+    assert_eq!(v[0]["lines"][0]["box"].as_array().unwrap().len(), 4);
+}
+
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let repo = Repo::new();

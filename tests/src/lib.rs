@@ -298,6 +298,43 @@ pub async fn metric(http: &str, series_prefix: &str, labels: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("no series {series_prefix} {labels:?} in /metrics"))
 }
 
+/// A repository with the set-up step's OCR models and the example `ocr` pipeline.
+pub fn ocr_repo() -> Repo {
+    let repo = Repo::new();
+    for m in ["ocr_det", "ocr_cls", "ocr_rec"] {
+        let dir = repo_root().join("models").join(m);
+        let onnx = std::fs::read(dir.join("model.onnx"))
+            .unwrap_or_else(|e| panic!("{}/model.onnx: {e}: run scripts/setup.sh first", dir.display()));
+        repo.add(m, &onnx, &std::fs::read_to_string(dir.join("model.yaml")).expect("model.yaml"));
+    }
+    let pipeline = std::fs::read_to_string(repo_root().join("pipelines/ocr.yaml")).expect("pipelines/ocr.yaml");
+    repo.pipeline("ocr", &pipeline);
+    repo
+}
+
+/// Renders the OCR test images (tests/python/render_text.py) into `dir`; returns each
+/// file with the lines it shows, in reading order.
+pub fn render_text(dir: &Path) -> Vec<(String, Vec<String>)> {
+    let out = std::process::Command::new(repo_root().join(".venv/bin/python"))
+        .arg(repo_root().join("tests/python/render_text.py"))
+        .arg(dir)
+        .output()
+        .expect("the set-up step's Python runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cases.json")).expect("cases.json")).expect("JSON");
+    cases
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|c| {
+            let lines =
+                c["lines"].as_array().expect("lines").iter().map(|l| l.as_str().unwrap_or("").to_string()).collect();
+            (c["file"].as_str().unwrap_or("").to_string(), lines)
+        })
+        .collect()
+}
+
 /// An RGB image as PNG bytes.
 pub fn png(img: &sluice_ops::Image) -> Vec<u8> {
     let mut out = Vec::new();

@@ -4,43 +4,8 @@
 
 use serde_json::{json, Value};
 use sluice_client::{encoded_images, InferOptions, Tensor};
-use sluice_tests::{repo_root, start, Repo};
+use sluice_tests::{ocr_repo, render_text as render, start};
 use std::collections::HashMap;
-use std::path::Path;
-use std::process::Command;
-
-/// A repository with the set-up step's OCR models and the example ocr pipeline.
-fn ocr_repo() -> Repo {
-    let repo = Repo::new();
-    for m in ["ocr_det", "ocr_cls", "ocr_rec"] {
-        let dir = repo_root().join("models").join(m);
-        let onnx = std::fs::read(dir.join("model.onnx"))
-            .unwrap_or_else(|e| panic!("{}/model.onnx: {e}: run scripts/setup.sh first", dir.display()));
-        repo.add(m, &onnx, &std::fs::read_to_string(dir.join("model.yaml")).unwrap());
-    }
-    repo.pipeline("ocr", &std::fs::read_to_string(repo_root().join("pipelines/ocr.yaml")).unwrap());
-    repo
-}
-
-/// Renders the test images (tests/python/render_text.py) into `dir`; returns the cases.
-fn render(dir: &Path) -> Vec<(String, Vec<String>)> {
-    let out = Command::new(repo_root().join(".venv/bin/python"))
-        .arg(repo_root().join("tests/python/render_text.py"))
-        .arg(dir)
-        .output()
-        .expect("the set-up step's Python runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let cases: Value = serde_json::from_slice(&std::fs::read(dir.join("cases.json")).unwrap()).unwrap();
-    cases
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let lines = c["lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()).collect();
-            (c["file"].as_str().unwrap().to_string(), lines)
-        })
-        .collect()
-}
 
 /// Character error rate: edit distance over the reference's length.
 fn cer(got: &str, want: &str) -> f64 {
