@@ -369,3 +369,110 @@ mod tests {
         assert_eq!(err, TensorError::BytesTruncated { index: 0, len: 5, left: 1 });
     }
 }
+
+// ---- the v2 protocol's JSON form of tensor data ----
+
+use bytes::BufMut;
+use serde_json::{json, Value};
+
+/// Flattens a (possibly nested) JSON array into tensor bytes.
+pub fn json_to_bytes(dtype: DataType, data: &Value) -> Result<Bytes, String> {
+    fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
+        match v {
+            Value::Array(a) => a.iter().for_each(|x| flatten(x, out)),
+            other => out.push(other),
+        }
+    }
+    let mut elems = Vec::new();
+    flatten(data, &mut elems);
+    if dtype == DataType::Bytes {
+        let strs = elems
+            .iter()
+            .map(|v| v.as_str().map(str::as_bytes).ok_or("BYTES data must be strings"))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(encode_bytes_elements(&strs));
+    }
+    let mut b = BytesMut::with_capacity(elems.len() * dtype.size().unwrap_or(1));
+    for (i, v) in elems.iter().enumerate() {
+        let bad = || format!("element {i} ({v}) is not a valid {dtype}");
+        macro_rules! int {
+            ($t:ty, $get:ident) => {
+                b.put_slice(&<$t>::try_from(v.$get().ok_or_else(bad)?).map_err(|_| bad())?.to_le_bytes())
+            };
+        }
+        match dtype {
+            DataType::Bool => b.put_u8(v.as_bool().ok_or_else(bad)? as u8),
+            DataType::I8 => int!(i8, as_i64),
+            DataType::I16 => int!(i16, as_i64),
+            DataType::I32 => int!(i32, as_i64),
+            DataType::I64 => b.put_slice(&v.as_i64().ok_or_else(bad)?.to_le_bytes()),
+            DataType::U8 => int!(u8, as_u64),
+            DataType::U16 => int!(u16, as_u64),
+            DataType::U32 => int!(u32, as_u64),
+            DataType::U64 => b.put_slice(&v.as_u64().ok_or_else(bad)?.to_le_bytes()),
+            DataType::F16 => b.put_slice(&half::f16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes()),
+            DataType::BF16 => b.put_slice(&half::bf16::from_f64(v.as_f64().ok_or_else(bad)?).to_le_bytes()),
+            DataType::F32 => b.put_slice(&(v.as_f64().ok_or_else(bad)? as f32).to_le_bytes()),
+            DataType::F64 => b.put_slice(&v.as_f64().ok_or_else(bad)?.to_le_bytes()),
+            DataType::Bytes => unreachable!("handled above"),
+        }
+    }
+    Ok(b.freeze())
+}
+
+/// Tensor bytes as a flat JSON array (BYTES elements as UTF-8 strings, lossily).
+pub fn tensor_to_json(t: &Tensor) -> Value {
+    macro_rules! nums {
+        ($t:ty, $n:expr) => {
+            t.data.chunks_exact($n).map(|c| json!(<$t>::from_le_bytes(c.try_into().expect("exact chunk")))).collect()
+        };
+    }
+    let v: Vec<Value> = match t.dtype {
+        DataType::Bool => t.data.iter().map(|&b| json!(b != 0)).collect(),
+        DataType::U8 => nums!(u8, 1),
+        DataType::U16 => nums!(u16, 2),
+        DataType::U32 => nums!(u32, 4),
+        DataType::U64 => nums!(u64, 8),
+        DataType::I8 => nums!(i8, 1),
+        DataType::I16 => nums!(i16, 2),
+        DataType::I32 => nums!(i32, 4),
+        DataType::I64 => nums!(i64, 8),
+        DataType::F32 => nums!(f32, 4),
+        DataType::F64 => nums!(f64, 8),
+        DataType::F16 => {
+            t.data.chunks_exact(2).map(|c| json!(half::f16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
+        }
+        DataType::BF16 => {
+            t.data.chunks_exact(2).map(|c| json!(half::bf16::from_le_bytes([c[0], c[1]]).to_f32())).collect()
+        }
+        DataType::Bytes => {
+            t.bytes_elements().unwrap_or_default().iter().map(|e| json!(String::from_utf8_lossy(e))).collect()
+        }
+    };
+    Value::Array(v)
+}
+
+impl Tensor {
+    /// The data as a flat JSON array, as the v2 protocol's JSON tensors carry it.
+    pub fn to_json(&self) -> Value {
+        tensor_to_json(self)
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn json_data_round_trips_and_names_bad_elements() {
+        let t = Tensor::from_f32(vec![2, 2], &[1.0, 2.5, -3.0, 4.0]);
+        let v = t.to_json();
+        assert_eq!(v, json!([1.0, 2.5, -3.0, 4.0]));
+        assert_eq!(json_to_bytes(DataType::F32, &json!([[1.0, 2.5], [-3.0, 4.0]])).unwrap(), t.data);
+        let b = Tensor::new(DataType::Bytes, vec![2], json_to_bytes(DataType::Bytes, &json!(["a", "bc"])).unwrap())
+            .unwrap();
+        assert_eq!(b.to_json(), json!(["a", "bc"]));
+        let e = json_to_bytes(DataType::U8, &json!([1, 300])).unwrap_err();
+        assert!(e.contains("element 1 (300) is not a valid UINT8"), "{e}");
+    }
+}

@@ -26,6 +26,43 @@ enum Command {
     Graph(GraphArgs),
     /// Read the text in images with a running server's OCR pipeline and print the lines.
     Ocr(OcrArgs),
+    /// List a running server's models and pipelines with their state.
+    Models(ModelsArgs),
+    /// Send images or tensors from files to a model or pipeline; print the outputs as JSON.
+    Infer(InferArgs),
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
+    url: String,
+}
+
+#[derive(Args)]
+struct InferArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
+    url: String,
+    /// The model or pipeline.
+    model: String,
+    /// Image files, sent as one BYTES input [n, 1] (a pipeline's encoded images).
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// The input the images go to (default: the model's only BYTES input).
+    #[arg(long)]
+    image_input: Option<String>,
+    /// A tensor input: NAME=FILE, the file holding v2 JSON: {"datatype", "shape", "data"}.
+    #[arg(long = "input", value_parser = parse_named_file)]
+    inputs: Vec<(String, PathBuf)>,
+    /// Deadline in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+}
+
+fn parse_named_file(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, file) = s.split_once('=').ok_or_else(|| format!("'{s}': expected NAME=FILE"))?;
+    Ok((name.to_string(), PathBuf::from(file)))
 }
 
 #[derive(Args)]
@@ -117,6 +154,8 @@ fn run() -> anyhow::Result<()> {
         Command::Check(args) => check(args),
         Command::Graph(args) => graph(args),
         Command::Ocr(args) => ocr(args),
+        Command::Models(args) => models(args),
+        Command::Infer(args) => infer(args),
     }
 }
 
@@ -336,5 +375,83 @@ fn ocr(args: OcrArgs) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} of {} images failed", args.images.len());
     }
+    Ok(())
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
+}
+
+async fn connect(url: &str) -> anyhow::Result<sluice_client::Client> {
+    sluice_client::Client::connect(url.to_string()).await.with_context(|| format!("connecting to {url}"))
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    let index =
+        client_runtime()?.block_on(async { anyhow::Ok(connect(&args.url).await?.repository_index().await?) })?;
+    let width = index.iter().map(|m| m.name.len()).max().unwrap_or(4).max(4);
+    println!("{:width$}  {:11}  REASON", "NAME", "STATE");
+    for m in &index {
+        // A reason can span lines (every compile error of a pipeline): indent the rest.
+        let reason = m.reason.replace('\n', &format!("\n{:1$}", "", width + 15));
+        println!("{:width$}  {:11}  {reason}", m.name, m.state);
+    }
+    Ok(())
+}
+
+fn infer(args: InferArgs) -> anyhow::Result<()> {
+    use sluice_client::{encoded_images, InferOptions, Tensor};
+    use sluice_ops::DataType;
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    for (name, file) in &args.inputs {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+        let dtype_name = v["datatype"].as_str().with_context(|| format!("{}: no \"datatype\"", file.display()))?;
+        let dtype = DataType::parse(dtype_name)
+            .with_context(|| format!("{}: unknown datatype {dtype_name}", file.display()))?;
+        let shape: Vec<usize> =
+            serde_json::from_value(v["shape"].clone()).with_context(|| format!("{}: bad \"shape\"", file.display()))?;
+        let data = sluice_ops::tensor::json_to_bytes(dtype, &v["data"])
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let t = Tensor::new(dtype, shape, data).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        tensors.push((name.clone(), t));
+    }
+    let rt = client_runtime()?;
+    let outputs = rt.block_on(async {
+        let client = connect(&args.url).await?;
+        if !args.images.is_empty() {
+            let name = match &args.image_input {
+                Some(n) => n.clone(),
+                None => {
+                    let md = client.model_metadata(&args.model).await?;
+                    let bytes: Vec<_> = md.inputs.iter().filter(|i| i.datatype == "BYTES").collect();
+                    match bytes.as_slice() {
+                        [one] => one.name.clone(),
+                        _ => bail!("'{}' has {} BYTES inputs; name one with --image-input", args.model, bytes.len()),
+                    }
+                }
+            };
+            let files = args
+                .images
+                .iter()
+                .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            tensors.push((name, encoded_images(&files)));
+        }
+        let inputs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let opts = InferOptions { timeout: args.timeout_ms.map(Duration::from_millis), ..Default::default() };
+        anyhow::Ok(client.infer(&args.model, &inputs, opts).await?)
+    })?;
+    let json = serde_json::json!({
+        "model": args.model,
+        "outputs": outputs.iter().map(|(name, t)| serde_json::json!({
+            "name": name,
+            "datatype": t.dtype.as_str(),
+            "shape": t.shape,
+            "data": t.to_json(),
+        })).collect::<Vec<_>>(),
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(())
 }

@@ -93,6 +93,80 @@ async fn ocr_prints_the_lines_a_server_reads() {
     assert_eq!(v[0]["lines"][0]["box"].as_array().unwrap().len(), 4);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_lists_states_and_infer_prints_json_outputs() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), "max_batch_size: 4\n");
+    repo.add("resnet50", &sluice_tests::tiny_classifier(), "max_batch_size: 8\n");
+    repo.pipeline(
+        "classify",
+        &std::fs::read_to_string(sluice_tests::repo_root().join("pipelines/classify.yaml")).unwrap(),
+    );
+    repo.pipeline("typo", "inputs: []\noutputs: []\nnodes: []\n");
+    let s = sluice_tests::start(repo.config()).await;
+    let url = format!("http://{}", s.server.grpc_addr);
+    let run = |args: Vec<String>| tokio::task::spawn_blocking(move || sluice().args(args).output().unwrap());
+    let text = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).into_owned();
+
+    let out = run(vec!["models".into(), "--url".into(), url.clone()]).await.unwrap();
+    assert!(out.status.success());
+    let listing = text(&out);
+    assert!(listing.lines().any(|l| l.starts_with("affine") && l.contains("READY")), "{listing}");
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("typo") && l.contains("UNAVAILABLE") && l.contains("needs at least one input")),
+        "{listing}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let x = dir.path().join("x.json");
+    std::fs::write(&x, r#"{"datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}"#).unwrap();
+    let out = run(vec![
+        "infer".into(),
+        "--url".into(),
+        url.clone(),
+        "affine".into(),
+        "--input".into(),
+        format!("x={}", x.display()),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text(&out)).unwrap();
+    assert_eq!(v["outputs"][0]["name"], "y");
+    assert_eq!(v["outputs"][0]["data"], serde_json::json!([3.0, 5.0, 7.0, 9.0]));
+
+    let img = dir.path().join("a.png");
+    std::fs::write(&img, sluice_tests::png(&sluice_ops::Image::filled(40, 30, [200, 30, 90]))).unwrap();
+    let out = run(vec![
+        "infer".into(),
+        "--url".into(),
+        url.clone(),
+        "classify".into(),
+        "--image".into(),
+        img.display().to_string(),
+    ])
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&text(&out)).unwrap();
+    assert_eq!(v["outputs"][1]["name"], "classes");
+    assert_eq!(v["outputs"][1]["shape"], serde_json::json!([1, 5]));
+
+    std::fs::write(&x, r#"{"datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}"#).unwrap();
+    let out =
+        run(vec!["infer".into(), "--url".into(), url, "affine".into(), "--input".into(), format!("x={}", x.display())])
+            .await
+            .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let repo = Repo::new();
