@@ -12,6 +12,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bench;
+
 use bytes::Bytes;
 pub use sluice_ops::{DataType, Tensor};
 pub use sluice_proto as proto;

@@ -30,6 +30,51 @@ enum Command {
     Models(ModelsArgs),
     /// Send images or tensors from files to a model or pipeline; print the outputs as JSON.
     Infer(InferArgs),
+    /// Load-test a model or pipeline on any v2 server (sluice, Triton): closed loop over
+    /// concurrencies or open loop over request rates.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
+    url: String,
+    /// The model or pipeline.
+    model: String,
+    /// Closed loop: requests in flight, one step per value (default 1,2,4,8,16 unless --rate).
+    #[arg(long, value_delimiter = ',')]
+    concurrency: Vec<usize>,
+    /// Open loop: requests per second, one step per value.
+    #[arg(long, value_delimiter = ',')]
+    rate: Vec<f64>,
+    /// Open loop with Poisson arrivals (default: evenly spaced).
+    #[arg(long)]
+    poisson: bool,
+    /// Measured seconds per step.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Unmeasured seconds before each step.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// gRPC connections to spread requests over.
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
+    /// Items per request along the batch dimension (generated inputs).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Image files for the model's BYTES input (one image per request, cycling is not needed: the same request repeats).
+    #[arg(long = "image")]
+    images: Vec<PathBuf>,
+    /// A tensor input: NAME=FILE with v2 JSON {"datatype", "shape", "data"}; other inputs are generated.
+    #[arg(long = "input", value_parser = parse_named_file)]
+    inputs: Vec<(String, PathBuf)>,
+    /// table, markdown, csv or json.
+    #[arg(long, default_value = "table")]
+    format: String,
+    /// Also write the result here (format from the extension: .md, .csv, .json).
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -156,6 +201,7 @@ fn run() -> anyhow::Result<()> {
         Command::Ocr(args) => ocr(args),
         Command::Models(args) => models(args),
         Command::Infer(args) => infer(args),
+        Command::Bench(args) => bench(args),
     }
 }
 
@@ -401,22 +447,7 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
 
 fn infer(args: InferArgs) -> anyhow::Result<()> {
     use sluice_client::{encoded_images, InferOptions, Tensor};
-    use sluice_ops::DataType;
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (name, file) in &args.inputs {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
-        let dtype_name = v["datatype"].as_str().with_context(|| format!("{}: no \"datatype\"", file.display()))?;
-        let dtype = DataType::parse(dtype_name)
-            .with_context(|| format!("{}: unknown datatype {dtype_name}", file.display()))?;
-        let shape: Vec<usize> =
-            serde_json::from_value(v["shape"].clone()).with_context(|| format!("{}: bad \"shape\"", file.display()))?;
-        let data = sluice_ops::tensor::json_to_bytes(dtype, &v["data"])
-            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-        let t = Tensor::new(dtype, shape, data).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-        tensors.push((name.clone(), t));
-    }
+    let mut tensors = read_tensor_files(&args.inputs)?;
     let rt = client_runtime()?;
     let outputs = rt.block_on(async {
         let client = connect(&args.url).await?;
@@ -453,5 +484,139 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
     });
     println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+/// Tensors from v2 JSON files ({"datatype", "shape", "data"}), by input name.
+fn read_tensor_files(files: &[(String, PathBuf)]) -> anyhow::Result<Vec<(String, sluice_client::Tensor)>> {
+    use sluice_client::{DataType, Tensor};
+    files
+        .iter()
+        .map(|(name, file)| {
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+            let dtype_name = v["datatype"].as_str().with_context(|| format!("{}: no \"datatype\"", file.display()))?;
+            let dtype = DataType::parse(dtype_name)
+                .with_context(|| format!("{}: unknown datatype {dtype_name}", file.display()))?;
+            let shape: Vec<usize> = serde_json::from_value(v["shape"].clone())
+                .with_context(|| format!("{}: bad \"shape\"", file.display()))?;
+            let data = sluice_ops::tensor::json_to_bytes(dtype, &v["data"])
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let t = Tensor::new(dtype, shape, data).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            Ok((name.clone(), t))
+        })
+        .collect()
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use sluice_client::bench::{self, BenchSpec, Load};
+    use sluice_client::{encoded_images, DataType, Tensor};
+    if args.seconds <= 0.0 || args.connections == 0 || args.batch == 0 {
+        bail!("--seconds, --connections and --batch must be positive");
+    }
+    let loads: Vec<Load> = if args.rate.is_empty() {
+        let c = if args.concurrency.is_empty() { vec![1, 2, 4, 8, 16] } else { args.concurrency.clone() };
+        c.into_iter().map(Load::Closed).collect()
+    } else {
+        args.rate.iter().map(|&rate| Load::Open { rate, poisson: args.poisson }).collect()
+    };
+    // The whole runtime is the client here: several threads so it is not the bottleneck.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let steps = rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..args.connections {
+            clients.push(connect(&args.url).await?);
+        }
+        let md = clients[0].model_metadata(&args.model).await?;
+        let batched = clients[0].model_config(&args.model).await.map(|c| c.max_batch_size > 0).unwrap_or(true);
+        let mut inputs = read_tensor_files(&args.inputs)?;
+        for i in &md.inputs {
+            if inputs.iter().any(|(n, _)| n == &i.name) {
+                continue;
+            }
+            let dtype =
+                DataType::parse(&i.datatype).with_context(|| format!("input '{}': datatype {}", i.name, i.datatype))?;
+            if dtype == DataType::Bytes {
+                if args.images.is_empty() {
+                    bail!("input '{}' is BYTES: give --image FILE (or --input {}=FILE)", i.name, i.name);
+                }
+                let files = args
+                    .images
+                    .iter()
+                    .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let mut t = encoded_images(&files[..1]);
+                if args.batch > 1 {
+                    let many: Vec<&Vec<u8>> = files.iter().cycle().take(args.batch).collect();
+                    t = encoded_images(&many);
+                }
+                inputs.push((i.name.clone(), t));
+                continue;
+            }
+            // Generated data: the batch size for the batch dimension, 1 for other variable dims.
+            let shape: Vec<usize> = i
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(k, &d)| {
+                    if k == 0 && batched {
+                        args.batch
+                    } else if d < 0 {
+                        1
+                    } else {
+                        d as usize
+                    }
+                })
+                .collect();
+            let n: usize = shape.iter().product();
+            let size = dtype.size().unwrap_or(1);
+            // Deterministic values in [0, 1) for floats; zeros for other types.
+            let data: Vec<u8> = if dtype == DataType::F32 {
+                (0..n).flat_map(|k| ((k * 7919 % 1000) as f32 / 1000.0).to_le_bytes()).collect()
+            } else {
+                vec![0; n * size]
+            };
+            inputs.push((i.name.clone(), Tensor::new(dtype, shape, data.into()).map_err(|e| anyhow::anyhow!("{e}"))?));
+        }
+        let spec = BenchSpec {
+            model: args.model.clone(),
+            inputs,
+            warmup: Duration::from_secs_f64(args.warmup),
+            duration: Duration::from_secs_f64(args.seconds),
+            timeout: None,
+            batch: args.batch,
+        };
+        let mut steps = Vec::new();
+        for (k, load) in loads.iter().enumerate() {
+            eprint!("bench: step {}/{} {load:?} ... ", k + 1, loads.len());
+            let step = bench::run_step(&clients, &spec, *load).await;
+            eprintln!("{:.1} req/s, p50 {:.2} ms, {} errors", step.throughput, step.p50_ms, step.errors);
+            if let Some(e) = &step.first_error {
+                eprintln!("bench: first error: {e}");
+            }
+            steps.push(step);
+        }
+        anyhow::Ok(steps)
+    })?;
+    let render = |format: &str| -> anyhow::Result<String> {
+        Ok(match format {
+            "table" => bench::table(&steps),
+            "markdown" | "md" => bench::markdown(&steps),
+            "csv" => bench::csv(&steps),
+            "json" => serde_json::to_string_pretty(&bench::to_json(&steps))?,
+            other => bail!("unknown format '{other}' (table, markdown, csv, json)"),
+        })
+    };
+    print!("{}", render(&args.format)?);
+    if let Some(out) = &args.out {
+        let format = match out.extension().and_then(|e| e.to_str()) {
+            Some("md") => "markdown",
+            Some("csv") => "csv",
+            Some("json") => "json",
+            _ => "table",
+        };
+        std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
+    }
     Ok(())
 }

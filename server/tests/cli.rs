@@ -167,6 +167,35 @@ async fn models_lists_states_and_infer_prints_json_outputs() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_sweeps_concurrency_and_writes_tables() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), "max_batch_size: 8\n");
+    let s = sluice_tests::start(repo.config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("out.csv");
+    let args: Vec<String> =
+        ["bench", "affine", "--concurrency", "1,2", "--seconds", "0.5", "--warmup", "0.1", "--format", "markdown"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([
+                "--url".into(),
+                format!("http://{}", s.server.grpc_addr),
+                "--out".into(),
+                csv.display().to_string(),
+            ])
+            .collect();
+    let out = tokio::task::spawn_blocking(move || sluice().args(args).output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = stdout.lines().collect();
+    assert!(rows[0].starts_with("| concurrency | requests |"), "{stdout}");
+    assert!(rows[2].starts_with("| 1 | ") && rows[3].starts_with("| 2 | "), "{stdout}");
+    let written = std::fs::read_to_string(&csv).unwrap();
+    assert!(written.starts_with("concurrency,requests,errors,req/s"), "{written}");
+    assert_eq!(written.lines().count(), 3);
+}
+
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let repo = Repo::new();

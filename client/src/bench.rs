@@ -1,0 +1,334 @@
+//! A load generator for any KServe v2 server (sluice, Triton): closed loop (a fixed number
+//! of requests in flight) and open loop (requests sent on a schedule, Poisson or evenly
+//! spaced, whatever the server does). Open-loop latency is measured from each request's
+//! scheduled send time, so a server that falls behind shows it in its latency instead
+//! of quietly slowing the client down (coordinated omission).
+
+use crate::{Client, InferOptions, Tensor};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// How load is offered in one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Load {
+    /// `n` requests in flight at all times.
+    Closed(usize),
+    /// `rate` requests per second on a schedule: Poisson arrivals, or evenly spaced.
+    Open { rate: f64, poisson: bool },
+}
+
+/// What to send, and for how long.
+#[derive(Clone)]
+pub struct BenchSpec {
+    pub model: String,
+    /// One request's inputs.
+    pub inputs: Vec<(String, Tensor)>,
+    /// Load is offered but not measured for this long first.
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Per-request deadline sent to the server.
+    pub timeout: Option<Duration>,
+    /// Items per request (for the items/s column): the inputs' batch size.
+    pub batch: usize,
+}
+
+/// The measurements of one step.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub load: Load,
+    /// Requests scheduled in the measured window that succeeded (some may finish after it:
+    /// their latency counts, their completion does not count towards throughput).
+    pub requests: u64,
+    pub errors: u64,
+    /// Every request sent, warm-up included (what the server saw).
+    pub sent: u64,
+    pub seconds: f64,
+    /// Requests per second that succeeded within the window.
+    pub throughput: f64,
+    pub items_per_second: f64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p80_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Open loop: throughput / the requested rate.
+    pub service_rate: Option<f64>,
+    /// Open loop: p50 of the requests scheduled in the first and last third of the window
+    /// (rising when the server cannot keep up).
+    pub p50_first_third_ms: f64,
+    pub p50_last_third_ms: f64,
+    /// From the server's statistics over the step, per request, when it reports them.
+    pub server_queue_ms: Option<f64>,
+    pub server_compute_ms: Option<f64>,
+    pub first_error: Option<String>,
+}
+
+struct Recorder {
+    all: Histogram<u64>,
+    thirds: [Histogram<u64>; 3],
+    errors: u64,
+    sent: u64,
+    /// Successes that also finished inside the window: the throughput.
+    done_in_window: u64,
+    first_error: Option<String>,
+}
+
+impl Recorder {
+    fn new() -> Recorder {
+        let h = || Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
+        Recorder { all: h(), thirds: [h(), h(), h()], errors: 0, sent: 0, done_in_window: 0, first_error: None }
+    }
+}
+
+/// The server's cumulative (requests, queue ns, compute ns) for the model, if it reports them.
+async fn server_counts(client: &Client, model: &str) -> Option<(u64, u64, u64)> {
+    let stats = client.model_statistics(model).await.ok()?;
+    let s = stats.first()?.inference_stats?;
+    let (q, c) = (s.queue?, s.compute_infer?);
+    Some((s.success?.count, q.ns, c.ns))
+}
+
+/// Runs one step against `clients` (several connections, used in turn).
+pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step {
+    let rec = Arc::new(Mutex::new(Recorder::new()));
+    let before = server_counts(&clients[0], &spec.model).await;
+    let t0 = Instant::now();
+    let measure_from = t0 + spec.warmup;
+    let end = measure_from + spec.duration;
+    let third = spec.duration.as_secs_f64() / 3.0;
+    let spec = Arc::new(spec.clone());
+
+    // Sends one request; records it if it was scheduled inside the measured window.
+    let (rec_all, spec_all) = (rec.clone(), spec.clone());
+    let send = move |client: Client, scheduled: Instant| {
+        let rec = rec_all.clone();
+        let spec = spec_all.clone();
+        async move {
+            let inputs: Vec<(&str, &Tensor)> = spec.inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+            let opts = InferOptions { timeout: spec.timeout, ..Default::default() };
+            let result = client.infer(&spec.model, &inputs, opts).await;
+            let done = Instant::now();
+            let latency = done - scheduled;
+            let mut r = rec.lock().await;
+            r.sent += 1;
+            if scheduled < measure_from || scheduled >= end {
+                return;
+            }
+            match result {
+                Ok(_) => {
+                    r.done_in_window += u64::from(done < end);
+                    let us = latency.as_micros().max(1) as u64;
+                    r.all.saturating_record(us);
+                    let k = (((scheduled - measure_from).as_secs_f64() / third) as usize).min(2);
+                    r.thirds[k].saturating_record(us);
+                }
+                Err(e) => {
+                    r.errors += 1;
+                    r.first_error.get_or_insert_with(|| e.to_string());
+                }
+            }
+        }
+    };
+
+    match load {
+        Load::Closed(n) => {
+            let tasks: Vec<_> = (0..n)
+                .map(|i| {
+                    let client = clients[i % clients.len()].clone();
+                    let send = send.clone();
+                    tokio::spawn(async move {
+                        while Instant::now() < end {
+                            send(client.clone(), Instant::now()).await;
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        Load::Open { rate, poisson } => {
+            let mut rng = SplitMix(0x5eed ^ rate.to_bits());
+            let mut next = t0;
+            let mut in_flight = Vec::new();
+            let mut k = 0usize;
+            while next < end {
+                tokio::time::sleep_until(next.into()).await;
+                in_flight.push(tokio::spawn(send(clients[k % clients.len()].clone(), next)));
+                k += 1;
+                let gap = if poisson { -(1.0 - rng.next_f64()).ln() / rate } else { 1.0 / rate };
+                next += Duration::from_secs_f64(gap);
+                in_flight.retain(|h| !h.is_finished());
+            }
+            for h in in_flight {
+                let _ = h.await;
+            }
+        }
+    }
+
+    let after = server_counts(&clients[0], &spec.model).await;
+    let r = rec.lock().await;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let secs = spec.duration.as_secs_f64();
+    let requests = r.all.len();
+    let throughput = r.done_in_window as f64 / secs;
+    let (server_queue_ms, server_compute_ms) = match (before, after) {
+        (Some(b), Some(a)) if a.0 > b.0 => {
+            let n = (a.0 - b.0) as f64;
+            (Some((a.1 - b.1) as f64 / n / 1e6), Some((a.2 - b.2) as f64 / n / 1e6))
+        }
+        _ => (None, None),
+    };
+    Step {
+        load,
+        requests,
+        errors: r.errors,
+        sent: r.sent,
+        seconds: secs,
+        throughput,
+        items_per_second: throughput * spec.batch as f64,
+        mean_ms: r.all.mean() / 1000.0,
+        p50_ms: ms(r.all.value_at_quantile(0.5)),
+        p80_ms: ms(r.all.value_at_quantile(0.8)),
+        p90_ms: ms(r.all.value_at_quantile(0.9)),
+        p99_ms: ms(r.all.value_at_quantile(0.99)),
+        max_ms: ms(r.all.max()),
+        service_rate: match load {
+            Load::Open { rate, .. } => Some(throughput / rate),
+            Load::Closed(_) => None,
+        },
+        p50_first_third_ms: ms(r.thirds[0].value_at_quantile(0.5)),
+        p50_last_third_ms: ms(r.thirds[2].value_at_quantile(0.5)),
+        server_queue_ms,
+        server_compute_ms,
+        first_error: r.first_error.clone(),
+    }
+}
+
+/// A small, seedable generator for arrival gaps (no need for a crate).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_f64(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn load_label(l: &Load) -> (String, String) {
+    match l {
+        Load::Closed(n) => ("concurrency".into(), n.to_string()),
+        Load::Open { rate, poisson } => {
+            (if *poisson { "poisson rate/s" } else { "constant rate/s" }.into(), format!("{rate}"))
+        }
+    }
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.digits$}"))
+}
+
+const COLUMNS: &[&str] = &[
+    "requests",
+    "errors",
+    "req/s",
+    "items/s",
+    "mean ms",
+    "p50 ms",
+    "p80 ms",
+    "p90 ms",
+    "p99 ms",
+    "service rate",
+    "server queue ms",
+    "server compute ms",
+];
+
+fn row(s: &Step) -> Vec<String> {
+    vec![
+        s.requests.to_string(),
+        s.errors.to_string(),
+        format!("{:.2}", s.throughput),
+        format!("{:.2}", s.items_per_second),
+        format!("{:.2}", s.mean_ms),
+        format!("{:.2}", s.p50_ms),
+        format!("{:.2}", s.p80_ms),
+        format!("{:.2}", s.p90_ms),
+        format!("{:.2}", s.p99_ms),
+        opt(s.service_rate, 3),
+        opt(s.server_queue_ms, 2),
+        opt(s.server_compute_ms, 2),
+    ]
+}
+
+/// The steps as a Markdown table.
+pub fn markdown(steps: &[Step]) -> String {
+    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
+    let mut out = format!("| {first} | {} |\n|---|{}\n", COLUMNS.join(" | "), "---|".repeat(COLUMNS.len()));
+    for s in steps {
+        out += &format!("| {} | {} |\n", load_label(&s.load).1, row(s).join(" | "));
+    }
+    out
+}
+
+/// The steps as an aligned terminal table.
+pub fn table(steps: &[Step]) -> String {
+    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
+    let mut rows = vec![std::iter::once(first).chain(COLUMNS.iter().map(|c| c.to_string())).collect::<Vec<_>>()];
+    rows.extend(steps.iter().map(|s| std::iter::once(load_label(&s.load).1).chain(row(s)).collect()));
+    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
+    rows.iter()
+        .map(|r| r.iter().zip(&widths).map(|(v, w)| format!("{v:>w$}")).collect::<Vec<_>>().join("  ") + "\n")
+        .collect()
+}
+
+/// The steps as CSV, one row per step.
+pub fn csv(steps: &[Step]) -> String {
+    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
+    let mut out = format!("{first},{}\n", COLUMNS.join(","));
+    for s in steps {
+        out += &format!("{},{}\n", load_label(&s.load).1, row(s).join(","));
+    }
+    out
+}
+
+/// The steps as JSON.
+pub fn to_json(steps: &[Step]) -> Value {
+    Value::Array(
+        steps
+            .iter()
+            .map(|s| {
+                let (kind, value) = load_label(&s.load);
+                json!({
+                    "load": kind, "value": value, "requests": s.requests, "errors": s.errors, "sent": s.sent,
+                    "seconds": s.seconds, "throughput": s.throughput, "items_per_second": s.items_per_second,
+                    "mean_ms": s.mean_ms, "p50_ms": s.p50_ms, "p80_ms": s.p80_ms, "p90_ms": s.p90_ms,
+                    "p99_ms": s.p99_ms, "max_ms": s.max_ms, "service_rate": s.service_rate,
+                    "p50_first_third_ms": s.p50_first_third_ms, "p50_last_third_ms": s.p50_last_third_ms,
+                    "server_queue_ms": s.server_queue_ms, "server_compute_ms": s.server_compute_ms,
+                    "first_error": s.first_error,
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrival_gaps_average_to_the_rate() {
+        let mut rng = SplitMix(1);
+        let rate = 200.0;
+        let n = 20_000;
+        let total: f64 = (0..n).map(|_| -(1.0 - rng.next_f64()).ln() / rate).sum();
+        assert!((total / n as f64 * rate - 1.0).abs() < 0.03, "mean gap {} s", total / n as f64);
+    }
+}
