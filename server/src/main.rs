@@ -69,6 +69,10 @@ struct BenchArgs {
     /// A tensor input: NAME=FILE with v2 JSON {"datatype", "shape", "data"}; other inputs are generated.
     #[arg(long = "input", value_parser = parse_named_file)]
     inputs: Vec<(String, PathBuf)>,
+    /// Generated inputs are all zeros (default: values spread over [0, 1)); matches
+    /// perf_analyzer's `--input-data zero` for a like-for-like comparison.
+    #[arg(long)]
+    zero_data: bool,
     /// table, markdown, csv or json.
     #[arg(long, default_value = "table")]
     format: String,
@@ -572,7 +576,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             let n: usize = shape.iter().product();
             let size = dtype.size().unwrap_or(1);
             // Deterministic values in [0, 1) for floats; zeros for other types.
-            let data: Vec<u8> = if dtype == DataType::F32 {
+            let data: Vec<u8> = if dtype == DataType::F32 && !args.zero_data {
                 (0..n).flat_map(|k| ((k * 7919 % 1000) as f32 / 1000.0).to_le_bytes()).collect()
             } else {
                 vec![0; n * size]
