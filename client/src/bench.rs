@@ -319,6 +319,67 @@ pub fn to_json(steps: &[Step]) -> Value {
     )
 }
 
+/// The steps as an SVG plot: throughput (top) and p50/p90/p99 latency (bottom) against
+/// the offered load (concurrency or rate).
+pub fn svg_plot(steps: &[Step], title: &str) -> Result<String, String> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
+    if steps.is_empty() {
+        return Err("plot: no steps".into());
+    }
+    let xs: Vec<f64> = steps
+        .iter()
+        .map(|s| match s.load {
+            Load::Closed(n) => n as f64,
+            Load::Open { rate, .. } => rate,
+        })
+        .collect();
+    let x_label = load_label(&steps[0].load).0;
+    let (x0, x1) = (xs.iter().cloned().fold(f64::MAX, f64::min), xs.iter().cloned().fold(f64::MIN, f64::max));
+    let x_range = if x1 > x0 { x0..x1 } else { x0 - 1.0..x1 + 1.0 };
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 640)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let root = root.titled(title, ("sans-serif", 22)).map_err(|e| err(&e))?;
+        let (top, bottom) = root.split_vertically(300);
+
+        let max_tp = steps.iter().map(|s| s.throughput).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let mut c = ChartBuilder::on(&top)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_range.clone(), 0.0..max_tp)
+            .map_err(|e| err(&e))?;
+        c.configure_mesh().x_desc(x_label.as_str()).y_desc("requests/s").draw().map_err(|e| err(&e))?;
+        let tp: Vec<(f64, f64)> = xs.iter().zip(steps).map(|(&x, s)| (x, s.throughput)).collect();
+        c.draw_series(LineSeries::new(tp.clone(), BLUE.stroke_width(2))).map_err(|e| err(&e))?.label("throughput");
+        c.draw_series(tp.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(|e| err(&e))?;
+
+        let max_lat = steps.iter().map(|s| s.p99_ms).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let mut c = ChartBuilder::on(&bottom)
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_range, 0.0..max_lat)
+            .map_err(|e| err(&e))?;
+        c.configure_mesh().x_desc(x_label.as_str()).y_desc("latency ms").draw().map_err(|e| err(&e))?;
+        type Pick = fn(&Step) -> f64;
+        let series: [(&str, RGBColor, Pick); 3] =
+            [("p50", GREEN, |s| s.p50_ms), ("p90", RGBColor(230, 150, 0), |s| s.p90_ms), ("p99", RED, |s| s.p99_ms)];
+        for (name, color, pick) in series {
+            let pts: Vec<(f64, f64)> = xs.iter().zip(steps).map(|(&x, s)| (x, pick(s))).collect();
+            c.draw_series(LineSeries::new(pts, color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        }
+        c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

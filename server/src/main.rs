@@ -79,6 +79,9 @@ struct BenchArgs {
     /// Also write the result here (format from the extension: .md, .csv, .json).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Write an SVG plot of throughput and latency percentiles against the load.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -621,6 +624,10 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             _ => "table",
         };
         std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if let Some(plot) = &args.plot {
+        let svg = bench::svg_plot(&steps, &format!("sluice bench: {}", args.model)).map_err(anyhow::Error::msg)?;
+        std::fs::write(plot, svg).with_context(|| format!("writing {}", plot.display()))?;
     }
     Ok(())
 }

@@ -174,6 +174,7 @@ async fn bench_sweeps_concurrency_and_writes_tables() {
     let s = sluice_tests::start(repo.config()).await;
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("out.csv");
+    let svg = dir.path().join("plot.svg");
     let args: Vec<String> =
         ["bench", "affine", "--concurrency", "1,2", "--seconds", "0.5", "--warmup", "0.1", "--format", "markdown"]
             .iter()
@@ -183,6 +184,8 @@ async fn bench_sweeps_concurrency_and_writes_tables() {
                 format!("http://{}", s.server.grpc_addr),
                 "--out".into(),
                 csv.display().to_string(),
+                "--plot".into(),
+                svg.display().to_string(),
             ])
             .collect();
     let out = tokio::task::spawn_blocking(move || sluice().args(args).output().unwrap()).await.unwrap();
@@ -194,6 +197,15 @@ async fn bench_sweeps_concurrency_and_writes_tables() {
     let written = std::fs::read_to_string(&csv).unwrap();
     assert!(written.starts_with("concurrency,requests,errors,req/s"), "{written}");
     assert_eq!(written.lines().count(), 3);
+    // The plot is well-formed SVG (checked with Python's XML parser).
+    let check = std::process::Command::new(sluice_tests::repo_root().join(".venv/bin/python"))
+        .args(["-c", "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); assert r.tag.endswith('svg'), r.tag; print(len(list(r.iter())))"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let elements: usize = String::from_utf8_lossy(&check.stdout).trim().parse().unwrap();
+    assert!(elements > 20, "a plot with axes and series, not an empty page ({elements} elements)");
 }
 
 #[test]
