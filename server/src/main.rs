@@ -596,8 +596,27 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         let mut steps = Vec::new();
         for (k, load) in loads.iter().enumerate() {
-            eprint!("bench: step {}/{} {load:?} ... ", k + 1, loads.len());
+            let label = format!("bench: step {}/{} {load:?}", k + 1, loads.len());
+            eprint!("{label} ... ");
+            // On a terminal, a live progress line while the step runs.
+            let total = (spec.warmup + spec.duration).as_secs_f64();
+            let started = std::time::Instant::now();
+            let ticker = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let label = label.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                        let t = started.elapsed().as_secs_f64().min(total);
+                        let done = (t / total * 30.0) as usize;
+                        eprint!("\r{label} [{}{}] {t:.1}/{total:.1} s ", "#".repeat(done), " ".repeat(30 - done));
+                    }
+                })
+            });
             let step = bench::run_step(&clients, &spec, *load).await;
+            if let Some(t) = ticker {
+                t.abort();
+                eprint!("\r{label} ... ");
+            }
             eprintln!("{:.1} req/s, p50 {:.2} ms, {} errors", step.throughput, step.p50_ms, step.errors);
             if let Some(e) = &step.first_error {
                 eprintln!("bench: first error: {e}");
