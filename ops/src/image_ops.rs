@@ -516,10 +516,14 @@ impl Op for Rotate180 {
         Ok(vec![inputs[0].clone()])
     }
     fn run(&self, inputs: &[Value]) -> OpResult {
-        let img = image_in(inputs, 0)?;
-        let data: Vec<u8> = img.data.chunks_exact(3).rev().flatten().copied().collect();
-        Ok(vec![Value::Image(Arc::new(Image::new(img.width, img.height, data)))])
+        Ok(vec![Value::Image(Arc::new(rotate_180(image_in(inputs, 0)?)))])
     }
+}
+
+/// The image turned upside down: its pixels in reverse order.
+pub fn rotate_180(img: &Image) -> Image {
+    let data: Vec<u8> = img.data.chunks_exact(3).rev().flatten().copied().collect();
+    Image::new(img.width, img.height, data)
 }
 
 #[derive(Deserialize)]

@@ -4,10 +4,10 @@
 //! final per-line filter. Written from the published algorithms; parameters default to
 //! those PaddleOCR's models are tuned with.
 
-use crate::image_ops::resize_to;
+use crate::image_ops::{resize_to, rotate_180};
 use crate::op::{input, port, BuildContext, Op, OpError, OpResult, Port};
 use crate::tensor::{DataType, Tensor};
-use crate::value::{Image, Value, ValueType};
+use crate::value::{Value, ValueType};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -444,8 +444,7 @@ impl Op for Orient180 {
             .filter(|p| p.len() == 2)
             .ok_or_else(|| OpError::Invalid("expected FP32 [2] direction probabilities".into()))?;
         if probs[1] > probs[0] && probs[1] > self.threshold {
-            let data: Vec<u8> = img.data.chunks_exact(3).rev().flatten().copied().collect();
-            return Ok(vec![Value::Image(Arc::new(Image::new(img.width, img.height, data)))]);
+            return Ok(vec![Value::Image(Arc::new(rotate_180(img)))]);
         }
         Ok(vec![Value::Image(img.clone())])
     }
@@ -628,6 +627,7 @@ impl Op for OcrLines {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::value::Image;
 
     #[test]
     fn min_area_rect_of_a_rotated_rectangle() {

@@ -29,6 +29,14 @@ pub enum Error {
     Internal(String),
 }
 
+/// The message of a caught panic (`&str` or `String` payloads; others have none).
+pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 fn version_suffix(v: &Option<String>) -> String {
     v.as_ref().map(|v| format!(" (version {v})")).unwrap_or_default()
 }

@@ -139,6 +139,8 @@ pub struct Plan {
     pub nodes: Vec<PlanNode>,
     /// For each node, the nodes that consume its outputs.
     pub dependents: Vec<Vec<usize>>,
+    /// For each node, how many distinct nodes it waits for.
+    pub dep_counts: Vec<usize>,
     /// Nodes dropped because no output depends on them, and other non-fatal findings.
     pub warnings: Vec<Diagnostic>,
 }
@@ -531,11 +533,13 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         return Err(fail(errors.0));
     }
     let mut dependents = vec![Vec::new(); nodes.len()];
+    let mut dep_counts = vec![0; nodes.len()];
     for (i, n) in nodes.iter().enumerate() {
         for s in &n.inputs {
             if let Src::Node { node, .. } = s {
                 if !dependents[*node].contains(&i) {
                     dependents[*node].push(i);
+                    dep_counts[i] += 1;
                 }
             }
         }
@@ -551,6 +555,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         outputs,
         nodes,
         dependents,
+        dep_counts,
         warnings,
     })
 }

@@ -234,20 +234,7 @@ impl Pipeline {
     async fn walk(&self, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Tensor>, Error> {
         let plan = &self.plan;
         let mut values: Vec<Option<Vec<Value>>> = vec![None; plan.nodes.len()];
-        let mut waiting: Vec<usize> = plan
-            .nodes
-            .iter()
-            .map(|n| {
-                let mut deps: Vec<usize> = n
-                    .inputs
-                    .iter()
-                    .filter_map(|s| if let Src::Node { node, .. } = s { Some(*node) } else { None })
-                    .collect();
-                deps.sort_unstable();
-                deps.dedup();
-                deps.len()
-            })
-            .collect();
+        let mut waiting = plan.dep_counts.clone();
         let value_of = |values: &[Option<Vec<Value>>], s: &Src| match *s {
             Src::Input(i) => inputs[i].clone(),
             Src::Node { node, output } => {
@@ -499,7 +486,7 @@ impl Pipeline {
         let result = match &runner.target {
             Target::Op { op, .. } => {
                 let start = Instant::now();
-                let outcome = catch_unwind(AssertUnwindSafe(|| op.run(&inputs))).map_err(panic_message);
+                let outcome = catch_unwind(AssertUnwindSafe(|| op.run(&inputs))).map_err(crate::error::panic_message);
                 m.queue.observe(0.0);
                 m.compute.observe(start.elapsed().as_secs_f64());
                 self.op_outcome(node, outcome)
@@ -538,13 +525,6 @@ fn model_outputs(model: &LoadedModel, m: &NodeMetrics, computed: crate::sched::C
             }
         })
         .collect()
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
 
 fn join(d: &[i64]) -> String {

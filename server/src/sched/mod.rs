@@ -299,11 +299,7 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
         Ok((per_item, t_infer - t_input, t_output - t_infer, t_end - t_output))
     }))
     .unwrap_or_else(|panic| {
-        let msg = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".into());
+        let msg = crate::error::panic_message(panic);
         tracing::error!(model = %shared.name, "backend panicked: {msg}");
         Err(Error::Backend { model: shared.name.clone(), message: format!("panicked: {msg}") })
     });

@@ -103,12 +103,7 @@ impl CpuPool {
             if reply.is_closed() || deadline.is_some_and(|d| d <= start) {
                 return; // the receiver sees the sender dropped
             }
-            let out = catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
-                p.downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into())
-            });
+            let out = catch_unwind(AssertUnwindSafe(f)).map_err(crate::error::panic_message);
             let ran = start.elapsed();
             busy.inc_by(ran.as_secs_f64());
             let _ = reply.send(out.map(|value| Timed { value, queued: start - queued_at, ran }));
