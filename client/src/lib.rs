@@ -121,6 +121,22 @@ impl Client {
         Ok(self.raw().repository_index(req).await?.into_inner().models)
     }
 
+    /// Loads, or loads again, a model or pipeline from the server's repository (and the
+    /// pipelines that use it). sluice reloads the whole repository, loading only what
+    /// changed, when `name` is empty. Errors name what failed to load and why.
+    pub async fn repository_load(&self, name: &str) -> Result<(), ClientError> {
+        let req = proto::RepositoryModelLoadRequest { model_name: name.into(), ..Default::default() };
+        self.raw().repository_model_load(req).await?;
+        Ok(())
+    }
+
+    /// Stops serving a model or pipeline; requests already running finish.
+    pub async fn repository_unload(&self, name: &str) -> Result<(), ClientError> {
+        let req = proto::RepositoryModelUnloadRequest { model_name: name.into(), ..Default::default() };
+        self.raw().repository_model_unload(req).await?;
+        Ok(())
+    }
+
     /// Runs one inference; tensors travel as raw little-endian bytes. Returns the
     /// outputs in the server's order, by name.
     pub async fn infer(

@@ -28,7 +28,10 @@ fn main() -> anyhow::Result<()> {
     let dylib = std::env::var_os("ORT_DYLIB_PATH")
         .map_or_else(|| PathBuf::from(".sluice/lib/libonnxruntime.so"), PathBuf::from);
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-    let spec = repository::read_spec(&dir, &name).map_err(anyhow::Error::msg)?;
+    let model = repository::read_dir(&dir, &name).map_err(anyhow::Error::msg)?;
+    let (version, onnx) = model.versions.last().ok_or_else(|| anyhow::anyhow!("{name}: no version"))?;
+    let onnx = onnx.clone().map_err(anyhow::Error::msg)?;
+    let spec = repository::read_spec(&model, *version, &onnx).map_err(anyhow::Error::msg)?;
     let mut b = backend::ort::load(&dylib, &spec.onnx_path, &spec.config, &spec.inputs, &spec.outputs)
         .map_err(anyhow::Error::msg)?;
     println!(

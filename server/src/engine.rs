@@ -4,13 +4,15 @@
 use crate::backend::{self, Backend};
 use crate::error::Error;
 use crate::metrics::{Metrics, ModelMetrics};
-use crate::pipeline::{self, exec::Pipeline, Catalog, ModelSig};
-use crate::repository::{self, model_yaml::Warmup, onnx::TensorInfo, ModelSpec};
+use crate::pipeline::exec::Pipeline;
+use crate::repository::{model_yaml::Warmup, onnx::TensorInfo, Fingerprint, ModelSpec};
 use crate::sched::pool::{CpuPool, PoolConfig};
 use crate::sched::{queue::BatchPolicy, ModelScheduler};
 use crate::stats::ModelStats;
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
 use sluice_ops::{DataType, Tensor};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,9 +68,62 @@ impl LoadedModel {
     }
 }
 
+/// Why something in the repository cannot be served (or not in its newest form), and
+/// the files that failed, so a reload does not retry files that have not changed.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub reason: String,
+    pub(crate) fingerprint: Option<Fingerprint>,
+}
+
+/// One version of a model.
+#[derive(Clone)]
 pub enum ModelSlot {
-    Ready(Arc<LoadedModel>),
-    Unavailable { reason: String },
+    /// Serving. `stale`: newer files on disk failed to load; this version keeps serving.
+    Ready {
+        model: Arc<LoadedModel>,
+        stale: Option<Failure>,
+    },
+    Unavailable(Failure),
+}
+
+/// A model's served versions.
+#[derive(Clone, Default)]
+pub struct ModelEntry {
+    pub versions: BTreeMap<u64, ModelSlot>,
+    /// A problem with the whole model (its model.yaml, its folder) found by the last
+    /// reload; the versions loaded before it keep serving.
+    pub problem: Option<String>,
+}
+
+impl ModelEntry {
+    /// The newest ready version, or the named one.
+    pub fn ready(&self, version: Option<u64>) -> Option<&Arc<LoadedModel>> {
+        fn ready(s: &ModelSlot) -> Option<&Arc<LoadedModel>> {
+            match s {
+                ModelSlot::Ready { model, .. } => Some(model),
+                ModelSlot::Unavailable(_) => None,
+            }
+        }
+        match version {
+            Some(v) => self.versions.get(&v).and_then(ready),
+            None => self.versions.values().rev().find_map(ready),
+        }
+    }
+
+    /// Why no version can serve: the first failure there is.
+    pub(crate) fn reason(&self) -> String {
+        self.problem.clone().unwrap_or_else(|| {
+            self.versions
+                .values()
+                .rev()
+                .find_map(|s| match s {
+                    ModelSlot::Unavailable(f) => Some(f.reason.clone()),
+                    ModelSlot::Ready { .. } => None,
+                })
+                .unwrap_or_else(|| "no version is loaded".into())
+        })
+    }
 }
 
 pub struct EngineConfig {
@@ -79,9 +134,17 @@ pub struct EngineConfig {
     pub pools: Vec<PoolConfig>,
 }
 
+#[derive(Clone)]
 pub enum PipelineSlot {
-    Ready(Arc<Pipeline>),
-    Unavailable { reason: String },
+    /// Serving. `stale`: the file on disk changed and did not compile (or its models
+    /// changed and it no longer fits them); this version keeps serving.
+    Ready {
+        pipeline: Arc<Pipeline>,
+        stale: Option<String>,
+    },
+    Unavailable {
+        reason: String,
+    },
 }
 
 /// What a request or metadata call names: a model or a pipeline (served alike).
@@ -91,94 +154,31 @@ pub enum Endpoint<'a> {
     Pipeline(&'a Arc<Pipeline>),
 }
 
-pub struct Engine {
-    // Pipelines hold the models and pools they use: declared first, dropped first.
-    pipelines: BTreeMap<String, PipelineSlot>,
-    models: BTreeMap<String, ModelSlot>,
-    pools: HashMap<String, Arc<CpuPool>>,
-    pub metrics: Metrics,
+/// Everything served at one moment. Requests take the current snapshot when they
+/// start and keep what they use of it to the end; a reload builds a new snapshot
+/// and swaps it in whole.
+#[derive(Default)]
+pub struct Snapshot {
+    // Pipelines hold the models they use: declared first, dropped first.
+    pub(crate) pipelines: BTreeMap<String, PipelineSlot>,
+    pub(crate) models: BTreeMap<String, ModelEntry>,
+    /// Names unloaded through the API, kept out until loaded again.
+    pub(crate) unloaded: BTreeSet<String>,
 }
 
-/// The signatures a pipeline compiles against: the engine's loaded models.
-struct Loaded<'a> {
-    models: &'a BTreeMap<String, ModelSlot>,
-    pools: Vec<String>,
-}
-
-impl Catalog for Loaded<'_> {
-    fn model(&self, name: &str) -> Option<Result<ModelSig, String>> {
-        self.models.get(name).map(|slot| match slot {
-            ModelSlot::Ready(m) => Ok(m.spec.signature()),
-            ModelSlot::Unavailable { reason } => Err(reason.clone()),
-        })
-    }
-    fn pools(&self) -> Vec<String> {
-        self.pools.clone()
-    }
-}
-
-impl Engine {
-    /// Loads every model of the repository. A model that fails is kept as unavailable,
-    /// with its reason, and the others still load.
-    pub fn load(cfg: &EngineConfig, metrics: Metrics) -> Result<Engine, String> {
-        let mut models = BTreeMap::new();
-        for (name, spec) in repository::scan(&cfg.models_dir)? {
-            let slot = match spec.and_then(|spec| load_model(spec, &cfg.ort_dylib, &metrics)) {
-                Ok(m) => {
-                    tracing::info!(model = %name, devices = ?m.devices, "model ready");
-                    metrics.model_loads.with_label_values(&[&name, "ok"]).inc();
-                    ModelSlot::Ready(Arc::new(m))
-                }
-                Err(reason) => {
-                    tracing::error!(model = %name, "model failed to load: {reason}");
-                    metrics.model_loads.with_label_values(&[&name, "error"]).inc();
-                    ModelSlot::Unavailable { reason }
-                }
-            };
-            models.insert(name, slot);
-        }
-        let mut pools = HashMap::new();
-        for p in &cfg.pools {
-            pools.insert(p.name.clone(), Arc::new(CpuPool::start(p.clone(), &metrics)));
-        }
-        let mut pipelines = BTreeMap::new();
-        if let Some(dir) = &cfg.pipelines_dir {
-            let catalog = Loaded { models: &models, pools: cfg.pools.iter().map(|p| p.name.clone()).collect() };
-            for (name, file) in pipeline::list_files(dir)? {
-                let slot = if models.contains_key(&name) {
-                    Err(format!("{}: a model is named '{name}' too; rename one of them", file.display()))
-                } else {
-                    std::fs::read_to_string(&file)
-                        .map_err(|e| format!("{}: {e}", file.display()))
-                        .and_then(|text| pipeline::compile(&name, &file, &text, &catalog).map_err(|e| e.to_string()))
-                        .and_then(|plan| Pipeline::bind(plan, &models, &pools, &metrics))
-                };
-                let slot = match slot {
-                    Ok(p) => {
-                        for w in &p.plan.warnings {
-                            tracing::warn!("{}", pipeline::compile::Located(&file, w));
-                        }
-                        tracing::info!(pipeline = %name, nodes = p.plan.nodes.len(), "pipeline ready");
-                        PipelineSlot::Ready(Arc::new(p))
-                    }
-                    Err(reason) => {
-                        tracing::error!(pipeline = %name, "pipeline failed to load:\n{reason}");
-                        PipelineSlot::Unavailable { reason }
-                    }
-                };
-                pipelines.insert(name, slot);
-            }
-        }
-        Ok(Engine { pipelines, models, pools, metrics })
-    }
-
+impl Snapshot {
     /// Every pipeline, ready or not, sorted by name.
     pub fn pipelines(&self) -> impl Iterator<Item = (&str, &PipelineSlot)> {
         self.pipelines.iter().map(|(n, s)| (n.as_str(), s))
     }
 
-    pub fn pool(&self, name: &str) -> Option<&Arc<CpuPool>> {
-        self.pools.get(name)
+    /// Every model of the repository, ready or not, sorted by name.
+    pub fn models(&self) -> impl Iterator<Item = (&str, &ModelEntry)> {
+        self.models.iter().map(|(n, s)| (n.as_str(), s))
+    }
+
+    pub fn unloaded(&self) -> impl Iterator<Item = &str> {
+        self.unloaded.iter().map(String::as_str)
     }
 
     /// A ready model or pipeline by name and version ("" for the default).
@@ -188,47 +188,115 @@ impl Engine {
             Some(_) if !version.is_empty() && version != DEFAULT_VERSION => {
                 Err(Error::ModelNotFound { model: name.to_string(), version: Some(version.to_string()) })
             }
-            Some(PipelineSlot::Ready(p)) => Ok(Endpoint::Pipeline(p)),
+            Some(PipelineSlot::Ready { pipeline, .. }) => Ok(Endpoint::Pipeline(pipeline)),
             Some(PipelineSlot::Unavailable { reason }) => {
                 Err(Error::ModelNotReady { model: name.to_string(), reason: reason.clone() })
             }
         }
     }
 
-    /// Every model of the repository, ready or not, sorted by name.
-    pub fn models(&self) -> impl Iterator<Item = (&str, &ModelSlot)> {
-        self.models.iter().map(|(n, s)| (n.as_str(), s))
-    }
-
-    /// The server is ready when every model in the repository is.
+    /// The server is ready when every model version and pipeline it has is.
     pub fn ready(&self) -> bool {
-        self.models.values().all(|s| matches!(s, ModelSlot::Ready(_)))
-            && self.pipelines.values().all(|s| matches!(s, PipelineSlot::Ready(_)))
+        self.models
+            .values()
+            .all(|e| !e.versions.is_empty() && e.versions.values().all(|s| matches!(s, ModelSlot::Ready { .. })))
+            && self.pipelines.values().all(|s| matches!(s, PipelineSlot::Ready { .. }))
     }
 
-    /// A ready model by name and version ("" for the default).
+    /// A ready model by name and version ("" for the newest ready version).
     pub fn model(&self, name: &str, version: &str) -> Result<&Arc<LoadedModel>, Error> {
         let not_found = || Error::ModelNotFound {
             model: name.to_string(),
             version: (!version.is_empty()).then(|| version.to_string()),
         };
-        if !version.is_empty() && version != DEFAULT_VERSION {
-            return Err(not_found());
+        let entry = self.models.get(name).ok_or_else(not_found)?;
+        if version.is_empty() {
+            return entry
+                .ready(None)
+                .ok_or_else(|| Error::ModelNotReady { model: name.to_string(), reason: entry.reason() });
         }
-        match self.models.get(name) {
-            Some(ModelSlot::Ready(m)) => Ok(m),
-            Some(ModelSlot::Unavailable { reason }) => {
-                Err(Error::ModelNotReady { model: name.to_string(), reason: reason.clone() })
+        let v: u64 = version.parse().map_err(|_| not_found())?;
+        match entry.versions.get(&v) {
+            Some(ModelSlot::Ready { model, .. }) => Ok(model),
+            Some(ModelSlot::Unavailable(f)) => {
+                Err(Error::ModelNotReady { model: format!("{name}' version '{v}"), reason: f.reason.clone() })
             }
             None => Err(not_found()),
         }
+    }
+}
+
+pub struct Engine {
+    current: ArcSwap<Snapshot>,
+    pub(crate) cfg: EngineConfig,
+    pub(crate) pools: HashMap<String, Arc<CpuPool>>,
+    pub metrics: Metrics,
+    /// Held while a reload builds its snapshot: one reload at a time.
+    pub(crate) reloading: Mutex<()>,
+    /// Models and pipelines replaced by a reload that requests may still be using. Their
+    /// last owner drops them here, off the async runtime (dropping a model joins its
+    /// instance threads).
+    pub(crate) retired: Mutex<Vec<Retired>>,
+}
+
+pub(crate) enum Retired {
+    Model(Arc<LoadedModel>),
+    Pipeline(Arc<Pipeline>),
+}
+
+impl Retired {
+    fn in_use(&self) -> bool {
+        match self {
+            Retired::Model(m) => Arc::strong_count(m) > 1,
+            Retired::Pipeline(p) => Arc::strong_count(p) > 1,
+        }
+    }
+}
+
+impl Engine {
+    /// Loads every model and pipeline of the repository. One that fails is kept as
+    /// unavailable, with its reason, and the others still load.
+    pub fn load(cfg: EngineConfig, metrics: Metrics) -> Result<Engine, String> {
+        let pools = cfg.pools.iter().map(|p| (p.name.clone(), Arc::new(CpuPool::start(p.clone(), &metrics)))).collect();
+        let engine = Engine {
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            cfg,
+            pools,
+            metrics,
+            reloading: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
+        };
+        engine.reload(&crate::reload::Scope::All)?;
+        Ok(engine)
+    }
+
+    /// What is served now. Hold it only as long as a request needs it.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    pub(crate) fn swap(&self, next: Snapshot) -> Arc<Snapshot> {
+        self.current.swap(Arc::new(next))
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<CpuPool>> {
+        self.pools.get(name)
+    }
+
+    /// Drops replaced models and pipelines that no request uses any more.
+    pub fn reap(&self) {
+        // Pipelines go first and free their models for the next call.
+        let mut retired = std::mem::take(&mut *self.retired.lock());
+        retired.retain(Retired::in_use);
+        self.retired.lock().extend(retired);
     }
 
     /// Counts a request for `model` that was malformed on the wire and never reached it,
     /// so statistics and metrics see every failure. Unknown models are not counted: their
     /// names come from clients and would make unbounded metric labels.
     pub fn record_rejected(&self, model: &str, version: &str, e: &Error) {
-        let (stats, metrics) = match self.endpoint(model, version) {
+        let snapshot = self.current.load();
+        let (stats, metrics) = match snapshot.endpoint(model, version) {
             Ok(Endpoint::Model(m)) => (&m.stats, &m.metrics),
             Ok(Endpoint::Pipeline(p)) => (&p.stats, &p.metrics),
             Err(_) => return,
@@ -238,11 +306,19 @@ impl Engine {
         metrics.failure(e.error_type());
     }
 
-    /// Runs one inference request through the model's batcher.
+    /// Runs one inference request through the model's batcher (or the pipeline), on
+    /// the snapshot current when it starts.
     pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
-        let model = match self.endpoint(&req.model_name, &req.model_version)? {
-            Endpoint::Pipeline(p) => return p.clone().infer(req, deadline).await,
-            Endpoint::Model(m) => m.clone(),
+        let model = {
+            let snapshot = self.current.load();
+            match snapshot.endpoint(&req.model_name, &req.model_version)? {
+                Endpoint::Pipeline(p) => Err(p.clone()),
+                Endpoint::Model(m) => Ok(m.clone()),
+            }
+        };
+        let model = match model {
+            Ok(m) => m,
+            Err(pipeline) => return pipeline.infer(req, deadline).await,
         };
         let start = Instant::now();
         let result = run(&model, req, deadline).await;
@@ -261,6 +337,18 @@ impl Engine {
                 Err(e)
             }
         }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Pipelines before the models they hold.
+        self.current.store(Arc::new(Snapshot::default()));
+        let retired = std::mem::take(&mut *self.retired.lock());
+        let (pipelines, models): (Vec<_>, Vec<_>) =
+            retired.into_iter().partition(|r| matches!(r, Retired::Pipeline(_)));
+        drop(pipelines);
+        drop(models);
     }
 }
 
@@ -283,7 +371,7 @@ async fn run(
     let computed = reply.map_err(|_| Error::Internal(format!("model '{}': instance stopped", spec.name)))??;
     let resp = InferResponse {
         model_name: spec.name.clone(),
-        model_version: DEFAULT_VERSION.to_string(),
+        model_version: spec.version.to_string(),
         id: req.id,
         outputs: spec
             .outputs
@@ -389,7 +477,7 @@ fn check_outputs(spec: &ModelSpec, requested: &[String]) -> Result<Vec<usize>, E
         .collect()
 }
 
-fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -> Result<LoadedModel, String> {
+pub(crate) fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -> Result<LoadedModel, String> {
     let cfg = &spec.config;
     let mut instances: Vec<Box<dyn Backend>> = Vec::with_capacity(cfg.instances);
     let mut devices = Vec::with_capacity(cfg.instances);

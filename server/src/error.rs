@@ -23,6 +23,9 @@ pub enum Error {
     DeadlineExceeded { model: String },
     #[error("model '{model}': backend failed: {message}")]
     Backend { model: String, message: String },
+    /// A repository request (load, unload) that cannot be done as asked.
+    #[error("{0}")]
+    Repository(String),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -53,6 +56,7 @@ impl Error {
             Error::NodeFailed { .. } => "node_failed",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::Backend { .. } => "backend",
+            Error::Repository(_) => "repository",
             Error::ShuttingDown => "shutting_down",
             Error::Internal(_) => "internal",
         }

@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: `api` (gRPC, HTTP) -> `engine` (the loaded models, request
 //! checks) -> `sched` (per-model batch queue, instance threads) -> `backend` (ONNX
-//! Runtime). `repository` reads the model folders; `server` wires it all together.
+//! Runtime). `repository` reads the model folders, `reload` swaps in new snapshots of
+//! them while serving; `server` wires it all together.
 
 pub mod api;
 pub mod backend;
@@ -10,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod pipeline;
+pub mod reload;
 pub mod repository;
 pub mod sched;
 pub mod server;

@@ -3,7 +3,8 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use sluice_server::pipeline::{self, compile::Located, Catalog, ModelSig};
-use sluice_server::repository;
+use sluice_server::reload::ReloadMode;
+use sluice_server::repository::{self, ModelSpec};
 use sluice_server::sched::pool::PoolConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ enum Command {
     Ocr(OcrArgs),
     /// List a running server's models and pipelines with their state.
     Models(ModelsArgs),
+    /// Make a running server reload its repository now, or load or unload named models
+    /// and pipelines (the v2 repository API).
+    Reload(ReloadArgs),
     /// Send images or tensors from files to a model or pipeline; print the outputs as JSON.
     Infer(InferArgs),
     /// Load-test a model or pipeline on any v2 server (sluice, Triton): closed loop over
@@ -82,6 +86,19 @@ struct BenchArgs {
     /// Write an SVG plot of throughput and latency percentiles against the load.
     #[arg(long)]
     plot: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ReloadArgs {
+    /// The server's gRPC address.
+    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
+    url: String,
+    /// Unload the named models or pipelines instead of loading them.
+    #[arg(long)]
+    unload: bool,
+    /// Models or pipelines to load again (even if unchanged); none: reload the whole
+    /// repository, loading only what changed.
+    names: Vec<String>,
 }
 
 #[derive(Args)]
@@ -174,6 +191,13 @@ struct ServeArgs {
     /// Deadline in milliseconds for requests that carry none (0: no deadline).
     #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_MS", default_value_t = 0)]
     request_timeout_ms: u64,
+    /// How changes to the repository are picked up: watch the folders (and allow the
+    /// load/unload API), explicit (only the load/unload API and `sluice reload`), or none.
+    #[arg(long, env = "SLUICE_RELOAD", value_enum, default_value = "watch")]
+    reload: ReloadMode,
+    /// In watch mode, how long files must stay unchanged before a reload starts.
+    #[arg(long, env = "SLUICE_RELOAD_DEBOUNCE_MS", default_value_t = 500)]
+    reload_debounce_ms: u64,
     /// How long a graceful shutdown may wait for in-flight requests before exiting anyway.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     shutdown_timeout_s: u64,
@@ -207,6 +231,7 @@ fn run() -> anyhow::Result<()> {
         Command::Graph(args) => graph(args),
         Command::Ocr(args) => ocr(args),
         Command::Models(args) => models(args),
+        Command::Reload(args) => reload(args),
         Command::Infer(args) => infer(args),
         Command::Bench(args) => bench(args),
     }
@@ -222,6 +247,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http_addr: args.http_addr,
         max_message_bytes: args.max_message_mb.saturating_mul(1024 * 1024),
         request_timeout: (args.request_timeout_ms > 0).then(|| Duration::from_millis(args.request_timeout_ms)),
+        reload: args.reload,
+        reload_debounce: Duration::from_millis(args.reload_debounce_ms),
     };
     // The runtime does I/O only; models run on their own instance threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -265,15 +292,30 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Signatures for compiling pipelines without loading models: the scanned repository.
+type VersionSpec = (u64, Result<ModelSpec, String>);
+
+/// Signatures for compiling pipelines without loading models: the scanned repository,
+/// every served version of every model read and checked.
 struct Scanned {
-    models: Vec<repository::Scanned>,
+    models: Vec<(String, Result<Vec<VersionSpec>, String>)>,
     pools: Vec<String>,
 }
 
 impl Scanned {
     fn new(repo: &RepoArgs) -> anyhow::Result<Scanned> {
-        let models = repository::scan(&repo.models).map_err(anyhow::Error::msg)?;
+        let models = repository::scan(&repo.models)
+            .map_err(anyhow::Error::msg)?
+            .into_iter()
+            .map(|(name, dir)| {
+                let versions = dir.map(|dir| {
+                    dir.versions
+                        .iter()
+                        .map(|(v, onnx)| (*v, onnx.clone().and_then(|path| repository::read_spec(&dir, *v, &path))))
+                        .collect()
+                });
+                (name, versions)
+            })
+            .collect();
         let mut pools: Vec<String> = repo.pools.iter().map(|p| p.name.clone()).collect();
         if !pools.iter().any(|p| p == PoolConfig::DEFAULT_NAME) {
             pools.push(PoolConfig::DEFAULT_NAME.to_string());
@@ -283,11 +325,18 @@ impl Scanned {
 }
 
 impl Catalog for Scanned {
-    fn model(&self, name: &str) -> Option<Result<ModelSig, String>> {
-        self.models
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, spec)| spec.as_ref().map(|s| s.signature()).map_err(Clone::clone))
+    fn model(&self, name: &str, version: Option<u64>) -> Option<Result<ModelSig, String>> {
+        let (_, versions) = self.models.iter().find(|(n, _)| n == name)?;
+        Some(versions.as_ref().map_err(Clone::clone).and_then(|versions| {
+            let found = match version {
+                Some(v) => versions.iter().find(|(n, _)| *n == v),
+                None => versions.iter().rev().find(|(_, s)| s.is_ok()).or(versions.last()),
+            };
+            match found {
+                Some((_, spec)) => spec.as_ref().map(ModelSpec::signature).map_err(Clone::clone),
+                None => Err(format!("version {} is not served", version.unwrap_or(0))),
+            }
+        }))
     }
     fn pools(&self) -> Vec<String> {
         self.pools.clone()
@@ -297,22 +346,32 @@ impl Catalog for Scanned {
 fn check(args: CheckArgs) -> anyhow::Result<()> {
     let scanned = Scanned::new(&args.repo)?;
     let mut failed = 0;
-    for (name, spec) in &scanned.models {
-        match spec {
-            Ok(s) => {
-                let io = |ts: &[repository::onnx::TensorInfo]| {
-                    ts.iter().map(|t| format!("{} {}{:?}", t.name, t.dtype, t.dims)).collect::<Vec<_>>().join(", ")
-                };
-                println!(
-                    "ok     {name}: max_batch_size {}, inputs [{}], outputs [{}]",
-                    s.config.max_batch_size,
-                    io(&s.inputs),
-                    io(&s.outputs)
-                );
-            }
+    for (name, versions) in &scanned.models {
+        let versions = match versions {
+            Ok(v) => v,
             Err(e) => {
                 failed += 1;
                 println!("error  {name}: {e}");
+                continue;
+            }
+        };
+        for (v, spec) in versions {
+            match spec {
+                Ok(s) => {
+                    let io = |ts: &[repository::onnx::TensorInfo]| {
+                        ts.iter().map(|t| format!("{} {}{:?}", t.name, t.dtype, t.dims)).collect::<Vec<_>>().join(", ")
+                    };
+                    println!(
+                        "ok     {name} v{v}: max_batch_size {}, inputs [{}], outputs [{}]",
+                        s.config.max_batch_size,
+                        io(&s.inputs),
+                        io(&s.outputs)
+                    );
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("error  {name} v{v}: {e}");
+                }
             }
         }
     }
@@ -443,13 +502,41 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
     let index =
         client_runtime()?.block_on(async { anyhow::Ok(connect(&args.url).await?.repository_index().await?) })?;
     let width = index.iter().map(|m| m.name.len()).max().unwrap_or(4).max(4);
-    println!("{:width$}  {:11}  REASON", "NAME", "STATE");
+    println!("{:width$}  {:7}  {:11}  REASON", "NAME", "VERSION", "STATE");
     for m in &index {
         // A reason can span lines (every compile error of a pipeline): indent the rest.
-        let reason = m.reason.replace('\n', &format!("\n{:1$}", "", width + 15));
-        println!("{:width$}  {:11}  {reason}", m.name, m.state);
+        let reason = m.reason.replace('\n', &format!("\n{:1$}", "", width + 24));
+        println!("{:width$}  {:7}  {:11}  {reason}", m.name, m.version, m.state);
     }
     Ok(())
+}
+
+fn reload(args: ReloadArgs) -> anyhow::Result<()> {
+    client_runtime()?.block_on(async {
+        let client = connect(&args.url).await?;
+        if args.names.is_empty() {
+            if args.unload {
+                bail!("name the models or pipelines to unload");
+            }
+            client.repository_load("").await.context("reloading the repository")?;
+            println!("reloaded the repository");
+        }
+        for name in &args.names {
+            if args.unload {
+                client.repository_unload(name).await.with_context(|| format!("unloading '{name}'"))?;
+                println!("unloaded {name}");
+            } else {
+                client.repository_load(name).await.with_context(|| format!("loading '{name}'"))?;
+                println!("loaded {name}");
+            }
+        }
+        // What serves now, with the reason of anything that failed.
+        let index = client.repository_index().await?;
+        for m in index.iter().filter(|m| !m.reason.is_empty()) {
+            println!("{} {} {}: {}", m.name, m.version, m.state, m.reason);
+        }
+        anyhow::Ok(())
+    })
 }
 
 fn infer(args: InferArgs) -> anyhow::Result<()> {

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub abandoned: IntCounterVec,
     pub model_loads: IntCounterVec,
+    pub pipeline_loads: IntCounterVec,
+    pub reloads: IntCounterVec,
+    pub reload_duration: Histogram,
     pub model_busy: prometheus::CounterVec,
     pub node_queue: HistogramVec,
     pub node_compute: HistogramVec,
@@ -108,9 +111,30 @@ impl Metrics {
             ),
             model_loads: counter(
                 "sluice_model_loads_total",
-                "Model load attempts, by outcome (ok, error).",
-                &["model", "outcome"],
+                "Model version load attempts, at start and on reloads, by outcome (ok, error); version is empty when \
+                 the model's folder or model.yaml failed.",
+                &["model", "version", "outcome"],
             ),
+            pipeline_loads: counter(
+                "sluice_pipeline_loads_total",
+                "Pipeline compile-and-bind attempts, at start and on reloads, by outcome (ok, error).",
+                &["pipeline", "outcome"],
+            ),
+            reloads: counter(
+                "sluice_reloads_total",
+                "Repository reloads (start, file changes, load/unload calls), by outcome: error when anything \
+                 failed to load (what was serving stays).",
+                &["outcome"],
+            ),
+            reload_duration: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new("sluice_reload_duration_seconds", "Time a reload took, loading included.")
+                        .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .expect("valid metric. This is a bug.");
+                registry.register(Box::new(h.clone())).expect("unique metric. This is a bug.");
+                h
+            },
             model_busy: seconds(
                 "sluice_model_busy_seconds_total",
                 "Time the model's instances spent running batches (summed over instances): busy fraction = rate / instances.",

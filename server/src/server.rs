@@ -5,6 +5,7 @@
 use crate::api::{grpc::GrpcApi, http, AppState};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
+use crate::reload::{ReloadMode, Reloader};
 use crate::sched::pool::PoolConfig;
 use axum::serve::ListenerExt;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -31,6 +32,11 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Deadline for requests that carry none.
     pub request_timeout: Option<Duration>,
+    /// How changes to the repository are picked up while serving.
+    pub reload: ReloadMode,
+    /// In watch mode, how long the files must stay unchanged before a reload starts
+    /// (a model being copied in fires many events).
+    pub reload_debounce: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +53,7 @@ pub struct RunningServer {
     pub engine: Arc<Engine>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    reloader: Reloader,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -71,12 +78,17 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         pipelines_dir: cfg.pipelines_dir.clone(),
         pools,
     };
-    let engine = tokio::task::spawn_blocking(move || Engine::load(&engine_cfg, Metrics::new()))
+    let engine = tokio::task::spawn_blocking(move || Engine::load(engine_cfg, Metrics::new()))
         .await
         .map_err(|e| StartError::Repository(format!("loading the repository panicked: {e}")))?
         .map_err(StartError::Repository)?;
     let engine = Arc::new(engine);
-    let state = AppState { engine: engine.clone(), default_timeout: cfg.request_timeout };
+    let reloader = Reloader::start(engine.clone(), cfg.reload, cfg.reload_debounce).map_err(StartError::Repository)?;
+    let state = AppState {
+        engine: engine.clone(),
+        default_timeout: cfg.request_timeout,
+        model_control: cfg.reload != ReloadMode::None,
+    };
 
     let (stop, stopped) = watch::channel(false);
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
@@ -124,7 +136,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     });
 
     tracing::info!(%grpc_addr, %http_addr, "sluice is serving");
-    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task] })
+    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task], reloader })
 }
 
 impl RunningServer {
@@ -134,9 +146,14 @@ impl RunningServer {
         for t in self.tasks {
             let _ = t.await;
         }
-        // The protocol servers are gone, so the engine's last owner is here: dropping it
-        // drains each model's queue and joins its instance threads, off the runtime.
-        let engine = self.engine;
-        let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+        // The protocol servers are gone; the reload thread (which may be loading a model)
+        // goes next, so the engine's last owner is here: dropping it drains each model's
+        // queue and joins its instance threads, off the runtime.
+        let (engine, reloader) = (self.engine, self.reloader);
+        let _ = tokio::task::spawn_blocking(move || {
+            drop(reloader);
+            drop(engine)
+        })
+        .await;
     }
 }

@@ -17,7 +17,7 @@ fn check_reports_every_bad_model_with_its_file_and_line() {
     let ok = sluice().args(["check", "--models"]).arg(repo.path()).output().unwrap();
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{stdout}");
-    assert!(stdout.contains("ok     good: max_batch_size 4, inputs [x FP32[-1, 4]]"), "{stdout}");
+    assert!(stdout.contains("ok     good v1: max_batch_size 4, inputs [x FP32[-1, 4]]"), "{stdout}");
 
     repo.add("typo", &affine_model(4), "max_batch_size: 4\ninstance: 2\n");
     repo.add("corrupt", b"garbage", "");

@@ -75,4 +75,19 @@ for binary_in in (True, False):
 stats = h.get_inference_statistics(model)
 assert stats["model_stats"][0]["inference_count"] >= 18, stats
 expect_error(lambda: h.infer("missing", [hin]), "model 'missing' is not found")
+
+# The repository extension: unload, then load again, with each client's own calls.
+g.unload_model(model)
+assert not g.is_model_ready(model)
+assert [(m.name, m.state, m.reason) for m in g.get_model_repository_index().models] == [
+    (model, "UNAVAILABLE", "unloaded")
+]
+g.load_model(model)
+assert g.is_model_ready(model)
+h.unload_model(model)
+assert not h.is_model_ready(model)
+h.load_model(model)
+assert h.is_model_ready(model)
+check_outputs(g.infer(model, [inp]), ["y", "neg"])
+expect_error(lambda: g.load_model("missing"), "model 'missing' is not found")
 print("tritonclient: all checks passed")

@@ -181,6 +181,12 @@ pub mod onnx {
 
 /// `y = 2x + 1` and `neg = -x` over x: FP32 [N, width].
 pub fn affine_model(width: i64) -> Vec<u8> {
+    linear_model(width, 2.0, 1.0)
+}
+
+/// `y = a x + b` and `neg = -x` over x: FP32 [N, width]; models that differ only in
+/// what they compute, for swapping one for another.
+pub fn linear_model(width: i64, a: f32, b: f32) -> Vec<u8> {
     use onnx::*;
     model(GraphProto {
         name: "affine".into(),
@@ -189,7 +195,7 @@ pub fn affine_model(width: i64) -> Vec<u8> {
             node("Add", &["twice", "one"], &["y"]),
             node("Neg", &["x"], &["neg"]),
         ],
-        initializer: vec![scalar("two", 2.0), scalar("one", 1.0)],
+        initializer: vec![scalar("two", a), scalar("one", b)],
         input: vec![value("x", &[None, Some(width)])],
         output: vec![value("y", &[None, Some(width)]), value("neg", &[None, Some(width)])],
     })
@@ -427,6 +433,9 @@ pub fn config(models: &Path) -> ServerConfig {
         http_addr: any,
         max_message_bytes: 16 << 20,
         request_timeout: Some(Duration::from_secs(30)),
+        // Tests that change files under a running server ask for `Watch` themselves.
+        reload: sluice_server::reload::ReloadMode::Explicit,
+        reload_debounce: Duration::from_millis(200),
     }
 }
 

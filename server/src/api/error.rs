@@ -14,6 +14,8 @@ fn codes(e: &Error) -> (Code, StatusCode) {
         }
         Error::QueueFull { .. } | Error::PoolFull { .. } => (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
         Error::DeadlineExceeded { .. } => (Code::DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT),
+        // Triton answers a load that fails with 400 too.
+        Error::Repository(_) => (Code::FailedPrecondition, StatusCode::BAD_REQUEST),
         Error::ShuttingDown => (Code::Unavailable, StatusCode::SERVICE_UNAVAILABLE),
         Error::Backend { .. } | Error::Internal(_) | Error::NodeFailed { .. } => {
             (Code::Internal, StatusCode::INTERNAL_SERVER_ERROR)

@@ -146,7 +146,8 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(pb::ModelReadyResponse { ready: self.state.engine.endpoint(&r.name, &r.version).is_ok() }))
+        let ready = self.state.engine.snapshot().endpoint(&r.name, &r.version).is_ok();
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
@@ -165,8 +166,9 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = req.into_inner();
-        let e = self.state.engine.endpoint(&r.name, &r.version)?;
-        Ok(Response::new(views::metadata(e)))
+        let snapshot = self.state.engine.snapshot();
+        let e = snapshot.endpoint(&r.name, &r.version)?;
+        Ok(Response::new(views::metadata(&snapshot, e)))
     }
 
     async fn model_infer(
@@ -208,7 +210,8 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = req.into_inner();
-        let e = self.state.engine.endpoint(&r.name, &r.version)?;
+        let snapshot = self.state.engine.snapshot();
+        let e = snapshot.endpoint(&r.name, &r.version)?;
         Ok(Response::new(pb::ModelConfigResponse { config: Some(views::config(e)) }))
     }
 
@@ -218,7 +221,7 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(pb::ModelStatisticsResponse {
-            model_stats: views::statistics(&self.state.engine, &r.name, &r.version)?,
+            model_stats: views::statistics(&self.state.engine.snapshot(), &r.name, &r.version)?,
         }))
     }
 
@@ -227,7 +230,23 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::RepositoryIndexRequest>,
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         Ok(Response::new(pb::RepositoryIndexResponse {
-            models: views::repository_index(&self.state.engine, req.into_inner().ready),
+            models: views::repository_index(&self.state.engine.snapshot(), req.into_inner().ready),
         }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        req: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        self.state.load_or_unload(req.into_inner().model_name, false).await?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        req: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        self.state.load_or_unload(req.into_inner().model_name, true).await?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
     }
 }

@@ -36,6 +36,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_v))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(repository_load))
+        .route("/v2/repository/models/{model}/unload", post(repository_unload))
+        .route("/v2/repository/reload", post(repository_reload))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
@@ -64,15 +67,16 @@ async fn model_metadata_v(
     State(s): State<AppState>,
     Path((m, v)): Path<(String, String)>,
 ) -> Result<Json<Value>, Error> {
-    let e = s.engine.endpoint(&m, &v)?;
-    Ok(Json(views::metadata_json(&views::metadata(e))))
+    let snapshot = s.engine.snapshot();
+    let e = snapshot.endpoint(&m, &v)?;
+    Ok(Json(views::metadata_json(&views::metadata(&snapshot, e))))
 }
 
 async fn model_ready(State(s): State<AppState>, Path(m): Path<String>) -> StatusCode {
     model_ready_v(State(s), Path((m, String::new()))).await
 }
 async fn model_ready_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> StatusCode {
-    match s.engine.endpoint(&m, &v) {
+    match s.engine.snapshot().endpoint(&m, &v) {
         Ok(_) => StatusCode::OK,
         Err(Error::ModelNotFound { .. }) => StatusCode::NOT_FOUND,
         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -83,18 +87,19 @@ async fn model_config(State(s): State<AppState>, Path(m): Path<String>) -> Resul
     model_config_v(State(s), Path((m, String::new()))).await
 }
 async fn model_config_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> Result<Json<Value>, Error> {
-    let e = s.engine.endpoint(&m, &v)?;
+    let snapshot = s.engine.snapshot();
+    let e = snapshot.endpoint(&m, &v)?;
     Ok(Json(views::config_json(&views::config(e))))
 }
 
 async fn all_stats(State(s): State<AppState>) -> Result<Json<Value>, Error> {
-    Ok(Json(views::statistics_json(&views::statistics(&s.engine, "", "")?)))
+    Ok(Json(views::statistics_json(&views::statistics(&s.engine.snapshot(), "", "")?)))
 }
 async fn model_stats(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
     model_stats_v(State(s), Path((m, String::new()))).await
 }
 async fn model_stats_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> Result<Json<Value>, Error> {
-    Ok(Json(views::statistics_json(&views::statistics(&s.engine, &m, &v)?)))
+    Ok(Json(views::statistics_json(&views::statistics(&s.engine.snapshot(), &m, &v)?)))
 }
 
 #[derive(Deserialize, Default)]
@@ -109,7 +114,7 @@ async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json
     } else {
         serde_json::from_slice(&body).map_err(|e| Error::BadRequest(format!("repository index request: {e}")))?
     };
-    let models: Vec<Value> = views::repository_index(&s.engine, req.ready)
+    let models: Vec<Value> = views::repository_index(&s.engine.snapshot(), req.ready)
         .into_iter()
         .map(|m| {
             let mut v = json!({"name": m.name, "version": m.version, "state": m.state});
@@ -120,6 +125,23 @@ async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json
         })
         .collect();
     Ok(Json(Value::Array(models)))
+}
+
+/// Loads (or loads again) a model or pipeline; 200 with `{"changed": [...]}` when it
+/// serves, else the error (400 when its files fail to load, 404 when there are none).
+async fn repository_load(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
+    s.load_or_unload(m, false).await.map(|r| Json(json!({ "changed": r.changed })))
+}
+
+async fn repository_unload(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
+    s.load_or_unload(m, true).await.map(|r| Json(json!({ "changed": r.changed })))
+}
+
+/// sluice's extension: reload the whole repository now; lists what changed and failed.
+async fn repository_reload(State(s): State<AppState>) -> Result<Json<Value>, Error> {
+    let r = s.load_or_unload(String::new(), false).await?;
+    let failed: Vec<Value> = r.failed.iter().map(|(n, why)| json!({"name": n, "reason": why})).collect();
+    Ok(Json(json!({ "changed": r.changed, "failed": failed })))
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -7,6 +7,8 @@ pub mod http;
 pub mod views;
 
 use crate::engine::{Engine, NamedTensor};
+use crate::error::Error;
+use crate::reload::{ReloadReport, Scope};
 use bytes::Bytes;
 use sluice_ops::{DataType, Tensor};
 use std::sync::Arc;
@@ -17,11 +19,34 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     /// Deadline for requests that carry none; `None`: no deadline.
     pub default_timeout: Option<Duration>,
+    /// Whether the repository's load and unload calls are allowed (`--reload` is not `none`).
+    pub model_control: bool,
 }
 
 impl AppState {
     pub fn ready(&self) -> bool {
-        self.engine.ready()
+        self.engine.snapshot().ready()
+    }
+
+    /// Runs a repository load (`unload: false`) or unload off the async runtime: loading
+    /// runs models.
+    pub(crate) async fn load_or_unload(&self, name: String, unload: bool) -> Result<ReloadReport, Error> {
+        if !self.model_control {
+            return Err(Error::Repository("model control is off: the server runs with --reload none".into()));
+        }
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            if name.is_empty() && !unload {
+                // sluice's own extension: an empty name reloads the whole repository.
+                engine.reload(&Scope::All).map_err(Error::Repository)
+            } else if unload {
+                engine.unload(&name)
+            } else {
+                engine.load_named(&name)
+            }
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("repository call panicked: {e}")))?
     }
 }
 

@@ -1,7 +1,7 @@
 //! What the metadata, config, statistics and index endpoints report, built once from the
 //! engine in protocol types; HTTP renders the same values as JSON.
 
-use crate::engine::{Endpoint, Engine, LoadedModel, ModelSlot, PipelineSlot, DEFAULT_VERSION};
+use crate::engine::{Endpoint, LoadedModel, ModelSlot, PipelineSlot, Snapshot, DEFAULT_VERSION};
 use crate::pipeline::exec::Pipeline;
 use crate::repository::model_yaml::ExecutionProvider;
 use serde_json::{json, Value};
@@ -11,16 +11,28 @@ use std::sync::atomic::Ordering::Relaxed;
 
 pub const SERVER_NAME: &str = "sluice";
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
-/// Only what is implemented in full (the repository extension's load/unload is not yet).
-pub const EXTENSIONS: &[&str] = &["model_configuration", "statistics", "binary_tensor_data"];
+/// Only what is implemented in full.
+pub const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics", "binary_tensor_data"];
 pub const PLATFORM: &str = "onnxruntime_onnx";
 /// Pipelines are served as models of this platform (not Triton's "ensemble", which makes
 /// clients such as perf_analyzer look for ensemble steps in the config).
 pub const PIPELINE_PLATFORM: &str = "sluice_pipeline";
 
-pub fn metadata(e: Endpoint) -> pb::ModelMetadataResponse {
+/// Metadata of what `e` names; a model's lists every version the snapshot serves.
+pub fn metadata(snapshot: &Snapshot, e: Endpoint) -> pb::ModelMetadataResponse {
     match e {
-        Endpoint::Model(m) => model_metadata(m),
+        Endpoint::Model(m) => {
+            let mut md = model_metadata(m);
+            if let Some((_, entry)) = snapshot.models().find(|(n, _)| *n == m.spec.name) {
+                md.versions = entry
+                    .versions
+                    .iter()
+                    .filter(|(_, s)| matches!(s, ModelSlot::Ready { .. }))
+                    .map(|(v, _)| v.to_string())
+                    .collect();
+            }
+            md
+        }
         Endpoint::Pipeline(p) => pipeline_metadata(p),
     }
 }
@@ -91,7 +103,7 @@ pub fn model_metadata(m: &LoadedModel) -> pb::ModelMetadataResponse {
     };
     pb::ModelMetadataResponse {
         name: m.spec.name.clone(),
-        versions: vec![DEFAULT_VERSION.to_string()],
+        versions: vec![m.spec.version.to_string()],
         platform: PLATFORM.to_string(),
         inputs: m.spec.inputs.iter().map(t).collect(),
         outputs: m.spec.outputs.iter().map(t).collect(),
@@ -220,15 +232,15 @@ fn duration(d: &crate::stats::Duration64) -> pb::StatisticDuration {
 
 pub fn statistics_of(e: Endpoint) -> pb::ModelStatistics {
     match e {
-        Endpoint::Model(m) => model_statistics(&m.spec.name, &m.stats),
-        Endpoint::Pipeline(p) => model_statistics(&p.plan.name, &p.stats),
+        Endpoint::Model(m) => model_statistics(&m.spec.name, &m.spec.version.to_string(), &m.stats),
+        Endpoint::Pipeline(p) => model_statistics(&p.plan.name, DEFAULT_VERSION, &p.stats),
     }
 }
 
-pub fn model_statistics(name: &str, s: &crate::stats::ModelStats) -> pb::ModelStatistics {
+pub fn model_statistics(name: &str, version: &str, s: &crate::stats::ModelStats) -> pb::ModelStatistics {
     pb::ModelStatistics {
         name: name.to_string(),
-        version: DEFAULT_VERSION.to_string(),
+        version: version.to_string(),
         last_inference: s.last_inference_ms.load(Relaxed),
         inference_count: s.inference_count.load(Relaxed),
         execution_count: s.execution_count.load(Relaxed),
@@ -289,44 +301,65 @@ pub fn statistics_json(stats: &[pb::ModelStatistics]) -> Value {
     json!({ "model_stats": models })
 }
 
-/// Statistics for one model, or for every ready model when `name` is empty.
-pub fn statistics(engine: &Engine, name: &str, version: &str) -> Result<Vec<pb::ModelStatistics>, crate::error::Error> {
+/// Statistics for one model, or for every ready model version and pipeline when `name`
+/// is empty.
+pub fn statistics(
+    snapshot: &Snapshot,
+    name: &str,
+    version: &str,
+) -> Result<Vec<pb::ModelStatistics>, crate::error::Error> {
     if name.is_empty() {
-        let models = engine.models().filter_map(|(_, s)| match s {
-            ModelSlot::Ready(m) => Some(model_statistics(&m.spec.name, &m.stats)),
-            ModelSlot::Unavailable { .. } => None,
+        let models = snapshot.models().flat_map(|(_, e)| {
+            e.versions.values().filter_map(|s| match s {
+                ModelSlot::Ready { model, .. } => Some(statistics_of(Endpoint::Model(model))),
+                ModelSlot::Unavailable(_) => None,
+            })
         });
-        let pipelines = engine.pipelines().filter_map(|(_, s)| match s {
-            PipelineSlot::Ready(p) => Some(statistics_of(Endpoint::Pipeline(p))),
+        let pipelines = snapshot.pipelines().filter_map(|(_, s)| match s {
+            PipelineSlot::Ready { pipeline, .. } => Some(statistics_of(Endpoint::Pipeline(pipeline))),
             PipelineSlot::Unavailable { .. } => None,
         });
         let mut all: Vec<_> = models.chain(pipelines).collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         return Ok(all);
     }
-    Ok(vec![statistics_of(engine.endpoint(name, version)?)])
+    Ok(vec![statistics_of(snapshot.endpoint(name, version)?)])
 }
 
-/// Models and pipelines, sorted by name.
-pub fn repository_index(engine: &Engine, ready_only: bool) -> Vec<pb::repository_index_response::ModelIndex> {
-    let models = engine.models().map(|(name, s)| match s {
-        ModelSlot::Ready(_) => (name, None),
-        ModelSlot::Unavailable { reason } => (name, Some(reason)),
-    });
-    let pipelines = engine.pipelines().map(|(name, s)| match s {
-        PipelineSlot::Ready(_) => (name, None),
-        PipelineSlot::Unavailable { reason } => (name, Some(reason)),
-    });
-    let mut all: Vec<_> = models
-        .chain(pipelines)
-        .filter(|(_, reason)| !ready_only || reason.is_none())
-        .map(|(name, reason)| pb::repository_index_response::ModelIndex {
+/// One row per model version and pipeline, sorted by name: READY (with a reason when
+/// newer files on disk failed and the loaded version keeps serving) or UNAVAILABLE with
+/// the reason; names unloaded through the API are UNAVAILABLE, "unloaded".
+pub fn repository_index(snapshot: &Snapshot, ready_only: bool) -> Vec<pb::repository_index_response::ModelIndex> {
+    let row =
+        |name: &str, version: String, ready: bool, reason: Option<&str>| pb::repository_index_response::ModelIndex {
             name: name.to_string(),
-            version: DEFAULT_VERSION.to_string(),
-            state: if reason.is_none() { "READY" } else { "UNAVAILABLE" }.to_string(),
-            reason: reason.cloned().unwrap_or_default(),
-        })
-        .collect();
-    all.sort_by(|a, b| a.name.cmp(&b.name));
+            version,
+            state: if ready { "READY" } else { "UNAVAILABLE" }.to_string(),
+            reason: reason.unwrap_or_default().to_string(),
+        };
+    let mut all = Vec::new();
+    for (name, e) in snapshot.models() {
+        let problem = e.problem.as_deref();
+        if e.versions.is_empty() {
+            all.push(row(name, String::new(), false, problem));
+        }
+        for (v, s) in &e.versions {
+            all.push(match s {
+                ModelSlot::Ready { stale, .. } => {
+                    row(name, v.to_string(), true, stale.as_ref().map(|f| f.reason.as_str()).or(problem))
+                }
+                ModelSlot::Unavailable(f) => row(name, v.to_string(), false, Some(&f.reason)),
+            });
+        }
+    }
+    for (name, s) in snapshot.pipelines() {
+        all.push(match s {
+            PipelineSlot::Ready { stale, .. } => row(name, DEFAULT_VERSION.into(), true, stale.as_deref()),
+            PipelineSlot::Unavailable { reason } => row(name, DEFAULT_VERSION.into(), false, Some(reason)),
+        });
+    }
+    all.extend(snapshot.unloaded().map(|n| row(n, String::new(), false, Some("unloaded"))));
+    all.retain(|m| !ready_only || m.state == "READY");
+    all.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
     all
 }

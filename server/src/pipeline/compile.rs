@@ -13,13 +13,16 @@ use std::sync::Arc;
 
 /// What a pipeline may refer to: the repository's models and the server's CPU pools.
 pub trait Catalog {
-    /// The model's signature, or why it cannot be used; `None` if there is no such model.
-    fn model(&self, name: &str) -> Option<Result<ModelSig, String>>;
+    /// The signature of the model's `version` (`None`: its latest served version), or why
+    /// it cannot be used; `None` if there is no such model.
+    fn model(&self, name: &str, version: Option<u64>) -> Option<Result<ModelSig, String>>;
     fn pools(&self) -> Vec<String>;
 }
 
 #[derive(Debug, Clone)]
 pub struct ModelSig {
+    /// The version the signature is of.
+    pub version: u64,
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
     pub max_batch_size: usize,
@@ -81,7 +84,12 @@ pub enum Src {
 #[derive(Clone)]
 pub enum NodeKind {
     Op(Arc<dyn Op>),
-    Model { model: String, sig: ModelSig },
+    /// `pinned`: the version the node names (`None`: the latest, `sig.version` when compiled).
+    Model {
+        model: String,
+        pinned: Option<u64>,
+        sig: ModelSig,
+    },
 }
 
 #[derive(Clone)]
@@ -187,7 +195,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
     }
 
     let metadata = |model: &str, key: &str| {
-        let sig = catalog.model(model)?.ok()?;
+        let sig = catalog.model(model, None)?.ok()?;
         sig.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
     };
     // Build every node.
@@ -240,8 +248,12 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
                         format!("op '{op_name}': {e}"),
                     ),
                 }
-                if n.max_queue_delay_us.is_some() || n.max_batch_size.is_some() {
-                    errors.add(line, node, "`max_queue_delay_us` and `max_batch_size` are for model nodes".into());
+                if n.max_queue_delay_us.is_some() || n.max_batch_size.is_some() || n.version.is_some() {
+                    errors.add(
+                        line,
+                        node,
+                        "`max_queue_delay_us`, `max_batch_size` and `version` are for model nodes".into(),
+                    );
                 }
                 if let Some(p) = &n.pool {
                     if !pools.contains(p) {
@@ -252,7 +264,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
             }
             (None, Some(model)) => {
                 let l = loc.find_after(line.unwrap_or(0), "model:").or(line);
-                match catalog.model(model) {
+                match catalog.model(model, n.version) {
                     None => errors.add(l, node, format!("unknown model '{model}'")),
                     Some(Err(reason)) => errors.add(l, node, format!("model '{model}' cannot be used: {reason}")),
                     Some(Ok(sig)) if n.max_batch_size.is_some_and(|b| b == 0 || b > sig.max_batch_size) => {
@@ -493,7 +505,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
             }
             None => {
                 let (model, sig) = d.model.clone().expect("a built node is an op or a model");
-                NodeKind::Model { model, sig }
+                NodeKind::Model { model, pinned: d.yaml.version, sig }
             }
         };
         let out: Vec<_> = d
@@ -648,7 +660,7 @@ impl Plan {
             .map(|n| {
                 let what = match &n.kind {
                     NodeKind::Op(_) => format!("op on pool {}", n.pool),
-                    NodeKind::Model { model, .. } => format!("model {model}"),
+                    NodeKind::Model { model, sig, .. } => format!("model {model} v{}", sig.version),
                 };
                 let map = if n.mapped { " (per element)" } else { "" };
                 g.add_node(format!("{}\n{what}{map}", n.name))
@@ -695,10 +707,11 @@ mod tests {
     /// A classifier taking FP32 [N,3,8,8] and a model that is broken on disk.
     struct Fake;
     impl Catalog for Fake {
-        fn model(&self, name: &str) -> Option<Result<ModelSig, String>> {
+        fn model(&self, name: &str, _version: Option<u64>) -> Option<Result<ModelSig, String>> {
             let t = |name: &str, dtype, dims: &[i64]| TensorInfo { name: name.into(), dtype, dims: dims.to_vec() };
             match name {
                 "cls" => Some(Ok(ModelSig {
+                    version: 1,
                     inputs: vec![t("x", DataType::F32, &[-1, 3, 8, 8])],
                     outputs: vec![t("logits", DataType::F32, &[-1, 10])],
                     max_batch_size: 8,
@@ -775,7 +788,8 @@ mod tests {
             good("").replace("    inputs: {x: norm.tensor}\n", "    inputs: {x: norm.tensor}\n    max_batch_size: 9\n");
         assert!(errors_of(&text).contains("node 'cls': max_batch_size 9: model 'cls' takes batches of 1..=8"));
         let text = good("").replace("    params: {k: 3}\n", "    params: {k: 3}\n    max_queue_delay_us: 5\n");
-        assert!(errors_of(&text).contains("node 'top': `max_queue_delay_us` and `max_batch_size` are for model nodes"));
+        assert!(errors_of(&text)
+            .contains("node 'top': `max_queue_delay_us`, `max_batch_size` and `version` are for model nodes"));
     }
 
     #[test]

@@ -5,14 +5,14 @@
 
 use super::compile::{NodeKind, Plan, PlanNode, Src};
 use super::schema::Layout;
-use crate::engine::{InferRequest, InferResponse, LoadedModel, ModelSlot, NamedTensor, DEFAULT_VERSION};
+use crate::engine::{InferRequest, InferResponse, LoadedModel, NamedTensor, DEFAULT_VERSION};
 use crate::error::Error;
 use crate::metrics::{Metrics, ModelMetrics, NodeMetrics};
 use crate::sched::pool::CpuPool;
 use crate::stats::ModelStats;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sluice_ops::{Op, OpError, Tensor, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,13 +37,18 @@ pub struct Pipeline {
     fused_pool: Option<Arc<CpuPool>>,
     pub stats: Arc<ModelStats>,
     pub metrics: ModelMetrics,
+    /// The file's text it was compiled from: a reload keeps the pipeline while this and
+    /// the models it is bound to stay the same.
+    pub source: String,
 }
 
 impl Pipeline {
-    /// Binds `plan` to the engine's models and pools.
+    /// Binds `plan` (compiled from `source`) to loaded models, found by name and
+    /// version, and to the engine's pools.
     pub fn bind(
         plan: Plan,
-        models: &BTreeMap<String, ModelSlot>,
+        source: String,
+        models: &dyn Fn(&str, u64) -> Option<Arc<LoadedModel>>,
         pools: &HashMap<String, Arc<CpuPool>>,
         metrics: &Metrics,
     ) -> Result<Pipeline, String> {
@@ -57,9 +62,14 @@ impl Pipeline {
                             pools.get(&n.pool).ok_or_else(|| format!("node '{}': no pool '{}'", n.name, n.pool))?;
                         Target::Op { op: op.clone(), pool: pool.clone() }
                     }
-                    NodeKind::Model { model, .. } => match models.get(model) {
-                        Some(ModelSlot::Ready(m)) => Target::Model(m.clone()),
-                        _ => return Err(format!("node '{}': model '{model}' is not loaded", n.name)),
+                    NodeKind::Model { model, sig, .. } => match models(model, sig.version) {
+                        Some(m) => Target::Model(m),
+                        None => {
+                            return Err(format!(
+                                "node '{}': model '{model}' version {} is not loaded",
+                                n.name, sig.version
+                            ))
+                        }
                     },
                 };
                 Ok(Runner {
@@ -74,7 +84,16 @@ impl Pipeline {
             Layout::Fused => Some(pools.get(&plan.pool).ok_or_else(|| format!("no pool '{}'", plan.pool))?.clone()),
         };
         let model_metrics = metrics.for_model(&plan.name);
-        Ok(Pipeline { plan, runners, fused_pool, stats: Arc::default(), metrics: model_metrics })
+        Ok(Pipeline { plan, runners, fused_pool, stats: Arc::default(), metrics: model_metrics, source })
+    }
+
+    /// The loaded models the pipeline runs, with the version each model node names
+    /// (`None`: whichever is the latest).
+    pub fn models(&self) -> impl Iterator<Item = (&Arc<LoadedModel>, Option<u64>)> {
+        self.plan.nodes.iter().zip(&self.runners).filter_map(|(n, r)| match (&n.kind, &r.target) {
+            (NodeKind::Model { pinned, .. }, Target::Model(m)) => Some((m, *pinned)),
+            _ => None,
+        })
     }
 
     /// Runs one request: checks and splits its inputs into items, walks every item

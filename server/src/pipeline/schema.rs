@@ -70,6 +70,10 @@ pub struct NodeYaml {
     /// The node's input name -> `node.output` or a pipeline input's name.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
+    /// Model nodes: the model version to use (default: the latest served version, which
+    /// moves when a newer version is loaded).
+    #[serde(default)]
+    pub version: Option<u64>,
     /// The op's parameters.
     #[serde(default)]
     pub params: Option<serde_yaml_ng::Value>,

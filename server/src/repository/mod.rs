@@ -1,5 +1,7 @@
-//! The model repository on disk: `models/<name>/model.onnx` + `models/<name>/model.yaml`.
-//! Scanning checks everything that can be checked without running a model, so
+//! The model repository on disk. A model is a folder `models/<name>/` with its
+//! `model.yaml` and either one `model.onnx` (served as version 1) or numbered version
+//! folders `<n>/model.onnx`, of which the model.yaml's `version_policy` picks the served
+//! ones. Scanning checks everything that can be checked without running a model, so
 //! `sluice check` and the server report the same errors.
 
 pub mod model_yaml;
@@ -8,11 +10,13 @@ pub mod onnx;
 use model_yaml::ModelYaml;
 use onnx::{OnnxSignature, TensorInfo};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
-/// A model as described on disk, validated but not loaded.
+/// A model version as described on disk, validated but not loaded.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
     pub name: String,
+    pub version: u64,
     pub dir: PathBuf,
     pub onnx_path: PathBuf,
     pub config: ModelYaml,
@@ -20,12 +24,16 @@ pub struct ModelSpec {
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
     pub metadata: Vec<(String, String)>,
+    /// What the files looked like when read: a reload loads the version again only
+    /// when this changes.
+    pub fingerprint: Fingerprint,
 }
 
 impl ModelSpec {
     /// What a pipeline node sees of the model.
     pub fn signature(&self) -> crate::pipeline::ModelSig {
         crate::pipeline::ModelSig {
+            version: self.version,
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
             max_batch_size: self.config.max_batch_size,
@@ -34,10 +42,50 @@ impl ModelSpec {
     }
 }
 
-/// One entry of the repository: a spec, or why it cannot be served.
-pub type Scanned = (String, Result<ModelSpec, String>);
+/// Identifies one state of a model version's files: the model.yaml text and the ONNX
+/// file's size, modification time and inode (a file replaced by rename has a new inode
+/// even when the rest matches). Cheap to take, so every reload checks every model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    yaml: String,
+    onnx: Option<(u64, SystemTime, u64)>,
+}
 
-/// Lists `dir`'s model folders (sorted by name) and checks each.
+impl Fingerprint {
+    pub fn of(yaml: &str, onnx: &Path) -> Fingerprint {
+        let onnx = std::fs::metadata(onnx).ok().map(|m| {
+            #[cfg(unix)]
+            let ino = std::os::unix::fs::MetadataExt::ino(&m);
+            #[cfg(not(unix))]
+            let ino = 0;
+            (m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH), ino)
+        });
+        Fingerprint { yaml: yaml.to_string(), onnx }
+    }
+}
+
+/// A model folder: its configuration and the versions its policy serves.
+#[derive(Debug, Clone)]
+pub struct ModelDir {
+    pub name: String,
+    pub dir: PathBuf,
+    pub yaml_path: PathBuf,
+    pub yaml_text: String,
+    pub config: ModelYaml,
+    /// Served versions, ascending, each with its ONNX file or why it is missing.
+    pub versions: Vec<(u64, Result<PathBuf, String>)>,
+}
+
+impl ModelDir {
+    pub fn fingerprint(&self, onnx: &Path) -> Fingerprint {
+        Fingerprint::of(&self.yaml_text, onnx)
+    }
+}
+
+/// One entry of the repository: a model folder, or why it cannot be served.
+pub type Scanned = (String, Result<ModelDir, String>);
+
+/// Lists `dir`'s model folders (sorted by name) and reads each one's configuration.
 pub fn scan(dir: &Path) -> Result<Vec<Scanned>, String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read model repository {}: {e}", dir.display()))?;
     let mut names: Vec<String> = entries
@@ -50,35 +98,82 @@ pub fn scan(dir: &Path) -> Result<Vec<Scanned>, String> {
     Ok(names
         .into_iter()
         .map(|name| {
-            let spec = read_spec(&dir.join(&name), &name);
-            (name, spec)
+            let m = read_dir(&dir.join(&name), &name);
+            (name, m)
         })
         .collect())
 }
 
-/// Reads and validates one model folder.
-pub fn read_spec(dir: &Path, name: &str) -> Result<ModelSpec, String> {
+/// Reads one model folder's model.yaml and finds its versions.
+pub fn read_dir(dir: &Path, name: &str) -> Result<ModelDir, String> {
     let yaml_path = dir.join("model.yaml");
-    let onnx_path = dir.join("model.onnx");
-    let config = match std::fs::read_to_string(&yaml_path) {
-        Ok(text) => ModelYaml::parse(&yaml_path, &text)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ModelYaml::parse(&yaml_path, "")?,
+    let yaml_text = match std::fs::read_to_string(&yaml_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(format!("{}: {e}", yaml_path.display())),
     };
-    let bytes = std::fs::read(&onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
+    let config = ModelYaml::parse(&yaml_path, &yaml_text)?;
+    let flat = dir.join("model.onnx");
+    let mut numbered: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("model.onnx").is_file())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    numbered.sort_unstable();
+    let versions = match (flat.is_file(), numbered.is_empty()) {
+        (true, true) => vec![(1, Ok(flat))],
+        (true, false) => {
+            return Err(format!(
+                "{}: has both model.onnx and version folders ({numbered:?}); keep one layout",
+                dir.display()
+            ))
+        }
+        (false, true) => {
+            return Err(format!("{}: no model.onnx and no version folders (<n>/model.onnx)", dir.display()))
+        }
+        (false, false) => {
+            let (served, missing) = config.version_policy.select(&numbered);
+            let mut v: Vec<(u64, Result<PathBuf, String>)> =
+                served.into_iter().map(|v| (v, Ok(dir.join(v.to_string()).join("model.onnx")))).collect();
+            v.extend(missing.into_iter().map(|m| {
+                (
+                    m,
+                    Err(format!(
+                        "{}: version_policy names version {m}, which has no {m}/model.onnx",
+                        yaml_path.display()
+                    )),
+                )
+            }));
+            v.sort_by_key(|(v, _)| *v);
+            v
+        }
+    };
+    Ok(ModelDir { name: name.to_string(), dir: dir.to_path_buf(), yaml_path, yaml_text, config, versions })
+}
+
+/// Reads and validates one version's ONNX file against the folder's configuration.
+pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSpec, String> {
+    // Taken before reading, so a file replaced while being read shows as changed later.
+    let fingerprint = m.fingerprint(onnx_path);
+    let yaml_path = &m.yaml_path;
+    let config = m.config.clone();
+    let bytes = std::fs::read(onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let sig = onnx::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let (inputs, outputs) =
         apply_overrides(&config, sig.clone()).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     check_warmup(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     Ok(ModelSpec {
-        name: name.to_string(),
-        dir: dir.to_path_buf(),
-        onnx_path,
+        name: m.name.clone(),
+        version,
+        dir: m.dir.clone(),
+        onnx_path: onnx_path.to_path_buf(),
         config,
         inputs,
         outputs,
         metadata: sig.metadata,
+        fingerprint,
     })
 }
 
@@ -148,4 +243,53 @@ fn check_warmup(cfg: &ModelYaml, inputs: &[TensorInfo]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(files: &[&str], yaml: &str) -> (tempfile::TempDir, Result<ModelDir, String>) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("model.yaml"), yaml).unwrap();
+        for f in files {
+            let p = d.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let m = read_dir(d.path(), "m");
+        (d, m)
+    }
+
+    fn versions(m: &ModelDir) -> Vec<(u64, bool)> {
+        m.versions.iter().map(|(v, p)| (*v, p.is_ok())).collect()
+    }
+
+    #[test]
+    fn layouts_and_policies() {
+        let (_d, flat) = folder(&["model.onnx"], "");
+        assert_eq!(versions(&flat.unwrap()), vec![(1, true)]);
+        let (_d, latest) = folder(&["1/model.onnx", "2/model.onnx", "10/model.onnx", "notes/model.onnx"], "");
+        assert_eq!(versions(&latest.unwrap()), vec![(10, true)]);
+        let (_d, specific) = folder(&["1/model.onnx", "3/model.onnx"], "version_policy: {specific: [1, 2]}\n");
+        assert_eq!(versions(&specific.unwrap()), vec![(1, true), (2, false)]);
+        let (_d, both) = folder(&["model.onnx", "2/model.onnx"], "");
+        assert!(both.unwrap_err().contains("keep one layout"));
+        let (_d, none) = folder(&["2/weights.bin"], "");
+        assert!(none.unwrap_err().contains("no model.onnx and no version folders"));
+    }
+
+    #[test]
+    fn fingerprints_change_with_the_file_or_the_yaml() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("model.onnx");
+        std::fs::write(&p, b"one").unwrap();
+        let a = Fingerprint::of("max_batch_size: 4\n", &p);
+        assert_eq!(a, Fingerprint::of("max_batch_size: 4\n", &p));
+        assert_ne!(a, Fingerprint::of("max_batch_size: 8\n", &p));
+        let tmp = d.path().join("new");
+        std::fs::write(&tmp, b"two").unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        assert_ne!(a, Fingerprint::of("max_batch_size: 4\n", &p));
+    }
 }

@@ -87,6 +87,69 @@ pub struct ModelYaml {
     /// initialisation (memory arenas, kernel selection, TensorRT engine builds).
     #[serde(default)]
     pub warmup: Vec<Warmup>,
+    /// Which of the numbered version folders (`models/<name>/<n>/model.onnx`) are served.
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+}
+
+/// Triton's version policies: `{latest: N}` (the default, N = 1), `all`, or
+/// `{specific: [1, 3]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "PolicyYaml")]
+pub enum VersionPolicy {
+    Latest(usize),
+    All,
+    Specific(Vec<u64>),
+}
+
+/// The policy as written: the word `all` or a map with one key.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PolicyYaml {
+    Word(String),
+    Map(PolicyMap),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyMap {
+    latest: Option<usize>,
+    specific: Option<Vec<u64>>,
+}
+
+impl TryFrom<PolicyYaml> for VersionPolicy {
+    type Error = String;
+    fn try_from(p: PolicyYaml) -> Result<Self, String> {
+        match p {
+            PolicyYaml::Word(w) if w == "all" => Ok(VersionPolicy::All),
+            PolicyYaml::Map(PolicyMap { latest: Some(n), specific: None }) => Ok(VersionPolicy::Latest(n)),
+            PolicyYaml::Map(PolicyMap { latest: None, specific: Some(v) }) => Ok(VersionPolicy::Specific(v)),
+            _ => Err("expected `all`, `{latest: N}` or `{specific: [versions]}`".into()),
+        }
+    }
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those on disk (sorted), and the ones the policy names
+    /// that are missing.
+    pub fn select(&self, available: &[u64]) -> (Vec<u64>, Vec<u64>) {
+        match self {
+            VersionPolicy::Latest(n) => (available[available.len().saturating_sub(*n)..].to_vec(), vec![]),
+            VersionPolicy::All => (available.to_vec(), vec![]),
+            VersionPolicy::Specific(wanted) => {
+                let mut wanted = wanted.clone();
+                wanted.sort_unstable();
+                wanted.dedup();
+                wanted.into_iter().partition(|v| available.contains(v))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
@@ -164,6 +227,13 @@ impl ModelYaml {
                 self.max_batch_size
             ));
         }
+        match &self.version_policy {
+            VersionPolicy::Latest(0) => return Err("version_policy: latest must be at least 1".into()),
+            VersionPolicy::Specific(v) if v.is_empty() => {
+                return Err("version_policy: specific needs at least one version".into())
+            }
+            _ => {}
+        }
         for w in &self.warmup {
             if w.batch_size == 0 || (self.max_batch_size > 0 && w.batch_size > self.max_batch_size) {
                 return Err(format!(
@@ -236,6 +306,20 @@ mod tests {
         let err = parse("max_batch_size: 8\ndynamic_batching:\n  allowed_batch_sizes: [1, 4]\n").unwrap_err();
         assert!(err.contains("must lie in 1..=max_batch_size and include max_batch_size (8)"), "{err}");
         parse("max_batch_size: 8\ndynamic_batching:\n  allowed_batch_sizes: [1, 4, 8]\n").unwrap();
+    }
+
+    #[test]
+    fn version_policies() {
+        assert_eq!(parse("").unwrap().version_policy, VersionPolicy::Latest(1));
+        let latest = parse("version_policy: {latest: 2}\n").unwrap().version_policy;
+        assert_eq!(latest.select(&[1, 2, 5]), (vec![2, 5], vec![]));
+        let all = parse("version_policy: all\n").unwrap().version_policy;
+        assert_eq!(all.select(&[1, 2]), (vec![1, 2], vec![]));
+        let specific = parse("version_policy:\n  specific: [3, 1]\n").unwrap().version_policy;
+        assert_eq!(specific.select(&[1, 2]), (vec![1], vec![3]));
+        assert!(parse("version_policy: {latest: 0}\n").unwrap_err().contains("at least 1"));
+        let err = parse("version_policy: newest\n").unwrap_err();
+        assert!(err.starts_with("models/m/model.yaml:1:"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,518 @@
+//! Hot reload: building the next snapshot of the repository next to the one serving, and
+//! the thread that watches the folders and triggers reloads.
+//!
+//! A reload reads the repository, loads and warms up only the model versions whose files
+//! changed (the others, with their batchers, carry over as they are), compiles the
+//! pipelines whose file or models changed, and swaps the new snapshot in at once.
+//! Whatever fails keeps its previous version serving and is reported with its reason.
+
+use crate::engine::{load_model, Engine, Failure, LoadedModel, ModelEntry, ModelSlot, PipelineSlot, Retired, Snapshot};
+use crate::error::Error;
+use crate::pipeline::{self, compile::Located, exec::Pipeline, Catalog, ModelSig};
+use crate::repository::{self, ModelDir};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What a reload looks at.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// The whole repository; only what changed on disk is loaded again.
+    All,
+    /// Only these models and pipelines (and the pipelines that use a model among them),
+    /// loaded again even if their files did not change: the explicit load API.
+    Only(BTreeSet<String>),
+}
+
+impl Scope {
+    fn covers(&self, name: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Only(names) => names.contains(name),
+        }
+    }
+    fn forces(&self, name: &str) -> bool {
+        matches!(self, Scope::Only(names) if names.contains(name))
+    }
+}
+
+/// What one reload did.
+#[derive(Debug, Default, Clone)]
+pub struct ReloadReport {
+    /// Loaded, updated or removed: "model m v2 loaded", "pipeline p removed", ...
+    pub changed: Vec<String>,
+    /// Name and reason of what failed in this reload (what serves stays as it was).
+    pub failed: Vec<(String, String)>,
+}
+
+/// How the server picks up changes to the repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReloadMode {
+    /// Watch the folders and reload on changes; the load/unload API works too.
+    Watch,
+    /// Reload only when asked (the repository load/unload API, `sluice reload`).
+    Explicit,
+    /// Serve what was there at start.
+    None,
+}
+
+/// The newest ready version of a model in a set being built, or the named one.
+fn resolve(models: &BTreeMap<String, ModelEntry>, name: &str, version: Option<u64>) -> Option<Arc<LoadedModel>> {
+    models.get(name)?.ready(version).cloned()
+}
+
+/// The models a pipeline compiles against: those of the snapshot being built.
+struct Building<'a> {
+    models: &'a BTreeMap<String, ModelEntry>,
+    pools: Vec<String>,
+}
+
+impl Catalog for Building<'_> {
+    fn model(&self, name: &str, version: Option<u64>) -> Option<Result<ModelSig, String>> {
+        let entry = self.models.get(name)?;
+        Some(match entry.ready(version) {
+            Some(m) => Ok(m.spec.signature()),
+            None => Err(match version {
+                Some(v) if !entry.versions.contains_key(&v) => {
+                    let served: Vec<String> = entry.versions.keys().map(u64::to_string).collect();
+                    format!("version {v} is not served (served versions: {})", served.join(", "))
+                }
+                _ => entry.reason(),
+            }),
+        })
+    }
+    fn pools(&self) -> Vec<String> {
+        self.pools.clone()
+    }
+}
+
+/// Whether every model the pipeline runs is still what the new model set resolves to.
+fn still_bound(p: &Pipeline, models: &BTreeMap<String, ModelEntry>) -> bool {
+    p.models().all(|(m, pinned)| resolve(models, &m.spec.name, pinned).is_some_and(|n| Arc::ptr_eq(&n, m)))
+}
+
+impl Engine {
+    /// Reads the repository and swaps in a snapshot with what changed. Blocking: it loads
+    /// models. Fails only when the repository folder itself cannot be read.
+    pub fn reload(&self, scope: &Scope) -> Result<ReloadReport, String> {
+        let _one_at_a_time = self.reloading.lock();
+        let started = Instant::now();
+        let old = self.snapshot();
+        let mut report = ReloadReport::default();
+        let result = self.build(&old, scope, &mut report);
+        let outcome = match &result {
+            Ok(_) if report.failed.is_empty() => "ok",
+            _ => "error",
+        };
+        self.metrics.reloads.with_label_values(&[outcome]).inc();
+        self.metrics.reload_duration.observe(started.elapsed().as_secs_f64());
+        let next = match result {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("reload failed, nothing changed: {e}");
+                return Err(e);
+            }
+        };
+        if !report.changed.is_empty() || !report.failed.is_empty() {
+            tracing::info!(
+                changed = ?report.changed,
+                failed = report.failed.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "reload done"
+            );
+        }
+        let kept: HashSet<usize> = next
+            .models
+            .values()
+            .flat_map(|e| e.versions.values())
+            .filter_map(|s| match s {
+                ModelSlot::Ready { model, .. } => Some(Arc::as_ptr(model) as usize),
+                ModelSlot::Unavailable(_) => None,
+            })
+            .chain(next.pipelines.values().filter_map(|s| match s {
+                PipelineSlot::Ready { pipeline, .. } => Some(Arc::as_ptr(pipeline) as usize),
+                PipelineSlot::Unavailable { .. } => None,
+            }))
+            .collect();
+        let old = self.swap(next);
+        let mut retired = self.retired.lock();
+        for e in old.models.values() {
+            for s in e.versions.values() {
+                if let ModelSlot::Ready { model, .. } = s {
+                    if !kept.contains(&(Arc::as_ptr(model) as usize)) {
+                        retired.push(Retired::Model(model.clone()));
+                    }
+                }
+            }
+        }
+        for s in old.pipelines.values() {
+            if let PipelineSlot::Ready { pipeline, .. } = s {
+                if !kept.contains(&(Arc::as_ptr(pipeline) as usize)) {
+                    retired.push(Retired::Pipeline(pipeline.clone()));
+                }
+            }
+        }
+        drop(retired);
+        drop(old);
+        self.reap();
+        Ok(report)
+    }
+
+    /// Loads (or loads again) one model or pipeline by name, and the pipelines that use
+    /// it; clears an earlier unload. Blocking.
+    pub fn load_named(&self, name: &str) -> Result<ReloadReport, Error> {
+        let plain = !name.is_empty() && !name.contains(['/', '\\']) && !name.starts_with('.');
+        if !plain || !(self.cfg.models_dir.join(name).is_dir() || self.pipeline_file(name).is_some()) {
+            return Err(Error::ModelNotFound { model: name.to_string(), version: None });
+        }
+        self.set_unloaded(name, false);
+        let report = self.reload(&Scope::Only([name.to_string()].into())).map_err(Error::Repository)?;
+        match report.failed.iter().find(|(n, _)| n == name || n.starts_with(&format!("{name} v"))) {
+            Some((_, reason)) => Err(Error::Repository(format!("'{name}' failed to load: {reason}"))),
+            None => Ok(report),
+        }
+    }
+
+    /// Stops serving a model or pipeline until it is loaded again; requests already
+    /// running finish. A model that pipelines use cannot be unloaded before them.
+    pub fn unload(&self, name: &str) -> Result<ReloadReport, Error> {
+        let snapshot = self.snapshot();
+        if !snapshot.models.contains_key(name) && !snapshot.pipelines.contains_key(name) {
+            return Err(Error::ModelNotFound { model: name.to_string(), version: None });
+        }
+        let users: Vec<&str> = snapshot
+            .pipelines()
+            .filter(|(_, s)| match s {
+                PipelineSlot::Ready { pipeline, .. } => pipeline.models().any(|(m, _)| m.spec.name == name),
+                PipelineSlot::Unavailable { .. } => false,
+            })
+            .map(|(n, _)| n)
+            .collect();
+        if !users.is_empty() {
+            return Err(Error::Repository(format!(
+                "model '{name}' is used by pipelines {}: unload them first",
+                users.join(", ")
+            )));
+        }
+        drop(snapshot);
+        self.set_unloaded(name, true);
+        self.reload(&Scope::Only([name.to_string()].into())).map_err(Error::Repository)
+    }
+
+    fn set_unloaded(&self, name: &str, unloaded: bool) {
+        // The set lives in the snapshot; the next reload (run right after) carries it.
+        let _one_at_a_time = self.reloading.lock();
+        let cur = self.snapshot();
+        let mut names = cur.unloaded.clone();
+        if unloaded {
+            names.insert(name.to_string());
+        } else {
+            names.remove(name);
+        }
+        self.swap(Snapshot { pipelines: cur.pipelines.clone(), models: cur.models.clone(), unloaded: names });
+    }
+
+    fn pipeline_file(&self, name: &str) -> Option<PathBuf> {
+        let dir = self.cfg.pipelines_dir.as_ref()?;
+        ["yaml", "yml"].iter().map(|ext| dir.join(format!("{name}.{ext}"))).find(|p| p.is_file())
+    }
+
+    fn build(&self, old: &Snapshot, scope: &Scope, report: &mut ReloadReport) -> Result<Snapshot, String> {
+        let models = self.build_models(old, scope, report)?;
+        let pipelines = self.build_pipelines(old, &models, scope, report)?;
+        Ok(Snapshot { pipelines, models, unloaded: old.unloaded.clone() })
+    }
+
+    fn build_models(
+        &self,
+        old: &Snapshot,
+        scope: &Scope,
+        report: &mut ReloadReport,
+    ) -> Result<BTreeMap<String, ModelEntry>, String> {
+        let scanned: BTreeMap<String, Result<ModelDir, String>> =
+            repository::scan(&self.cfg.models_dir)?.into_iter().collect();
+        let names: BTreeSet<&String> = scanned.keys().chain(old.models.keys()).collect();
+        let mut models = BTreeMap::new();
+        for name in names {
+            if old.unloaded.contains(name) {
+                if old.models.contains_key(name) {
+                    tracing::info!(model = %name, "model unloaded");
+                    report.changed.push(format!("model {name} unloaded"));
+                }
+                continue;
+            }
+            let prev = old.models.get(name);
+            if !scope.covers(name) {
+                if let Some(e) = prev {
+                    models.insert(name.clone(), e.clone());
+                }
+                continue;
+            }
+            let entry = match scanned.get(name) {
+                None => {
+                    if prev.is_some() {
+                        tracing::info!(model = %name, "model removed from the repository");
+                        report.changed.push(format!("model {name} removed"));
+                    }
+                    continue;
+                }
+                Some(Err(reason)) => {
+                    if prev.and_then(|e| e.problem.as_ref()) != Some(reason) {
+                        tracing::error!(model = %name, "{reason}");
+                        self.metrics.model_loads.with_label_values(&[name, "", "error"]).inc();
+                        report.failed.push((name.clone(), reason.clone()));
+                    }
+                    // What was loaded keeps serving.
+                    ModelEntry {
+                        versions: prev.map(|e| e.versions.clone()).unwrap_or_default(),
+                        problem: Some(reason.clone()),
+                    }
+                }
+                Some(Ok(dir)) => {
+                    let mut versions = BTreeMap::new();
+                    for (v, onnx) in &dir.versions {
+                        let before = prev.and_then(|e| e.versions.get(v));
+                        let slot = self.version_slot(dir, *v, onnx, before, scope.forces(name), report);
+                        versions.insert(*v, slot);
+                    }
+                    if let Some(p) = prev {
+                        for v in p.versions.keys().filter(|v| !versions.contains_key(v)) {
+                            tracing::info!(model = %name, version = v, "model version no longer served");
+                            report.changed.push(format!("model {name} v{v} removed"));
+                        }
+                    }
+                    ModelEntry { versions, problem: None }
+                }
+            };
+            models.insert(name.clone(), entry);
+        }
+        Ok(models)
+    }
+
+    /// The slot of one version: carried over when its files are unchanged, else loaded.
+    fn version_slot(
+        &self,
+        dir: &ModelDir,
+        v: u64,
+        onnx: &Result<PathBuf, String>,
+        before: Option<&ModelSlot>,
+        force: bool,
+        report: &mut ReloadReport,
+    ) -> ModelSlot {
+        let name = &dir.name;
+        let fingerprint = onnx.as_ref().ok().map(|p| dir.fingerprint(p));
+        if !force {
+            match before {
+                Some(ModelSlot::Ready { model, .. }) if Some(&model.spec.fingerprint) == fingerprint.as_ref() => {
+                    return ModelSlot::Ready { model: model.clone(), stale: None };
+                }
+                Some(ModelSlot::Ready { stale: Some(f), .. }) | Some(ModelSlot::Unavailable(f))
+                    if f.fingerprint == fingerprint && (fingerprint.is_some() || onnx.is_err()) =>
+                {
+                    // The same files failed before: no point in trying them again.
+                    return before.cloned().expect("matched Some");
+                }
+                _ => {}
+            }
+        }
+        let started = Instant::now();
+        let loaded = onnx
+            .clone()
+            .and_then(|path| repository::read_spec(dir, v, &path))
+            .and_then(|spec| load_model(spec, &self.cfg.ort_dylib, &self.metrics));
+        let v_label = v.to_string();
+        match loaded {
+            Ok(m) => {
+                tracing::info!(
+                    model = %name,
+                    version = v,
+                    devices = ?m.devices,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "model ready"
+                );
+                self.metrics.model_loads.with_label_values(&[name, &v_label, "ok"]).inc();
+                let verb = if before.is_some() { "reloaded" } else { "loaded" };
+                report.changed.push(format!("model {name} v{v} {verb}"));
+                ModelSlot::Ready { model: Arc::new(m), stale: None }
+            }
+            Err(reason) => {
+                tracing::error!(model = %name, version = v, "model failed to load: {reason}");
+                self.metrics.model_loads.with_label_values(&[name, &v_label, "error"]).inc();
+                report.failed.push((format!("{name} v{v}"), reason.clone()));
+                let failure = Failure { reason, fingerprint };
+                match before {
+                    Some(ModelSlot::Ready { model, .. }) => {
+                        ModelSlot::Ready { model: model.clone(), stale: Some(failure) }
+                    }
+                    _ => ModelSlot::Unavailable(failure),
+                }
+            }
+        }
+    }
+
+    fn build_pipelines(
+        &self,
+        old: &Snapshot,
+        models: &BTreeMap<String, ModelEntry>,
+        scope: &Scope,
+        report: &mut ReloadReport,
+    ) -> Result<BTreeMap<String, PipelineSlot>, String> {
+        let files: BTreeMap<String, PathBuf> = match &self.cfg.pipelines_dir {
+            Some(dir) => pipeline::list_files(dir)?.into_iter().collect(),
+            None => BTreeMap::new(),
+        };
+        let catalog = Building { models, pools: self.cfg.pools.iter().map(|p| p.name.clone()).collect() };
+        let lookup = |name: &str, version: u64| resolve(models, name, Some(version));
+        let names: BTreeSet<&String> = files.keys().chain(old.pipelines.keys()).collect();
+        let mut pipelines = BTreeMap::new();
+        for name in names {
+            let prev = old.pipelines.get(name);
+            if old.unloaded.contains(name) {
+                if prev.is_some() {
+                    tracing::info!(pipeline = %name, "pipeline unloaded");
+                    report.changed.push(format!("pipeline {name} unloaded"));
+                }
+                continue;
+            }
+            if !scope.covers(name) {
+                match prev {
+                    None => continue,
+                    Some(PipelineSlot::Ready { pipeline, .. }) if still_bound(pipeline, models) => {
+                        pipelines.insert(name.clone(), prev.cloned().expect("matched Some"));
+                        continue;
+                    }
+                    Some(PipelineSlot::Unavailable { .. }) => {
+                        pipelines.insert(name.clone(), prev.cloned().expect("matched Some"));
+                        continue;
+                    }
+                    // A model it uses changed: compile it again.
+                    Some(PipelineSlot::Ready { .. }) => {}
+                }
+            }
+            let Some(file) = files.get(name) else {
+                if prev.is_some() {
+                    tracing::info!(pipeline = %name, "pipeline removed");
+                    report.changed.push(format!("pipeline {name} removed"));
+                }
+                continue;
+            };
+            let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()));
+            if let (Ok(text), Some(PipelineSlot::Ready { pipeline, .. })) = (&text, prev) {
+                if pipeline.source == *text && still_bound(pipeline, models) && !scope.forces(name) {
+                    pipelines.insert(name.clone(), PipelineSlot::Ready { pipeline: pipeline.clone(), stale: None });
+                    continue;
+                }
+            }
+            let built = text.and_then(|text| {
+                if models.contains_key(name) {
+                    return Err(format!("{}: a model is named '{name}' too; rename one of them", file.display()));
+                }
+                let plan = pipeline::compile(name, file, &text, &catalog).map_err(|e| e.to_string())?;
+                for w in &plan.warnings {
+                    tracing::warn!("{}", Located(file, w));
+                }
+                Pipeline::bind(plan, text, &lookup, &self.pools, &self.metrics)
+            });
+            let slot = match built {
+                Ok(p) => {
+                    tracing::info!(pipeline = %name, nodes = p.plan.nodes.len(), "pipeline ready");
+                    self.metrics.pipeline_loads.with_label_values(&[name, "ok"]).inc();
+                    let verb = if prev.is_some() { "reloaded" } else { "loaded" };
+                    report.changed.push(format!("pipeline {name} {verb}"));
+                    PipelineSlot::Ready { pipeline: Arc::new(p), stale: None }
+                }
+                Err(reason) => {
+                    let known = match prev {
+                        Some(PipelineSlot::Ready { stale, .. }) => stale.as_ref() == Some(&reason),
+                        Some(PipelineSlot::Unavailable { reason: r }) => *r == reason,
+                        None => false,
+                    };
+                    if !known || scope.forces(name) {
+                        tracing::error!(pipeline = %name, "pipeline failed to load:\n{reason}");
+                        self.metrics.pipeline_loads.with_label_values(&[name, "error"]).inc();
+                        report.failed.push((name.clone(), reason.clone()));
+                    }
+                    match prev {
+                        Some(PipelineSlot::Ready { pipeline, .. }) => {
+                            PipelineSlot::Ready { pipeline: pipeline.clone(), stale: Some(reason) }
+                        }
+                        _ => PipelineSlot::Unavailable { reason },
+                    }
+                }
+            };
+            pipelines.insert(name.clone(), slot);
+        }
+        Ok(pipelines)
+    }
+}
+
+/// Watches the repository (in `watch` mode) and reloads after changes settle; also
+/// drops replaced models once their last request is done.
+pub struct Reloader {
+    stop: crossbeam_channel::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Reloader {
+    pub fn start(engine: Arc<Engine>, mode: ReloadMode, debounce: Duration) -> Result<Reloader, String> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        // Events only set a flag's time: a burst of writes is one reload.
+        let (tx, events) = crossbeam_channel::unbounded::<()>();
+        let watcher = match mode {
+            ReloadMode::Watch => Some(watch(&engine, tx)?),
+            ReloadMode::Explicit | ReloadMode::None => None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("sluice-reload".into())
+            .spawn(move || {
+                let tick = crossbeam_channel::tick(Duration::from_millis(100));
+                let mut dirty_since: Option<Instant> = None;
+                loop {
+                    crossbeam_channel::select! {
+                        recv(stopped) -> _ => break,
+                        recv(events) -> e => if e.is_ok() { dirty_since = Some(Instant::now()) },
+                        recv(tick) -> _ => {}
+                    }
+                    if dirty_since.is_some_and(|t| t.elapsed() >= debounce) {
+                        dirty_since = None;
+                        let _ = engine.reload(&Scope::All);
+                    }
+                    engine.reap();
+                }
+            })
+            .map_err(|e| format!("cannot start the reload thread: {e}"))?;
+        Ok(Reloader { stop, thread: Some(thread), _watcher: watcher })
+    }
+}
+
+impl Drop for Reloader {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A watcher on the model repository and the pipelines folder that pings `tx` on every
+/// change to their files (reads are not changes).
+fn watch(engine: &Engine, tx: crossbeam_channel::Sender<()>) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
+        Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
+        Ok(_) => {
+            let _ = tx.send(());
+        }
+        Err(e) => tracing::warn!("watching the repository: {e}"),
+    })
+    .map_err(|e| format!("cannot watch the repository: {e}"))?;
+    let mut dirs = vec![engine.cfg.models_dir.clone()];
+    dirs.extend(engine.cfg.pipelines_dir.iter().filter(|d| d.is_dir()).cloned());
+    for d in &dirs {
+        watcher.watch(d, RecursiveMode::Recursive).map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
+    }
+    tracing::info!(dirs = ?dirs, "watching the repository for changes");
+    Ok(watcher)
+}
