@@ -33,6 +33,17 @@ pub struct BenchSpec {
     pub timeout: Option<Duration>,
     /// Items per request (for the items/s column): the inputs' batch size.
     pub batch: usize,
+    /// Keep every measured request in [`Step::samples`] (for latency over time).
+    pub keep_samples: bool,
+}
+
+/// One measured request: when it was scheduled (seconds into the measured window), its
+/// latency from that moment, and whether it succeeded.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at_s: f64,
+    pub latency_ms: f64,
+    pub ok: bool,
 }
 
 /// The measurements of one step.
@@ -65,6 +76,8 @@ pub struct Step {
     pub server_queue_ms: Option<f64>,
     pub server_compute_ms: Option<f64>,
     pub first_error: Option<String>,
+    /// Every measured request, in completion order, when [`BenchSpec::keep_samples`].
+    pub samples: Vec<Sample>,
 }
 
 struct Recorder {
@@ -75,12 +88,21 @@ struct Recorder {
     /// Successes that also finished inside the window: the throughput.
     done_in_window: u64,
     first_error: Option<String>,
+    samples: Vec<Sample>,
 }
 
 impl Recorder {
     fn new() -> Recorder {
         let h = || Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
-        Recorder { all: h(), thirds: [h(), h(), h()], errors: 0, sent: 0, done_in_window: 0, first_error: None }
+        Recorder {
+            all: h(),
+            thirds: [h(), h(), h()],
+            errors: 0,
+            sent: 0,
+            done_in_window: 0,
+            first_error: None,
+            samples: Vec::new(),
+        }
     }
 }
 
@@ -117,6 +139,11 @@ pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step 
             r.sent += 1;
             if scheduled < measure_from || scheduled >= end {
                 return;
+            }
+            if spec.keep_samples {
+                let at_s = (scheduled - measure_from).as_secs_f64();
+                let sample = Sample { at_s, latency_ms: latency.as_secs_f64() * 1000.0, ok: result.is_ok() };
+                r.samples.push(sample);
             }
             match result {
                 Ok(_) => {
@@ -206,7 +233,17 @@ pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step 
         server_queue_ms,
         server_compute_ms,
         first_error: r.first_error.clone(),
+        samples: r.samples.clone(),
     }
+}
+
+/// Samples as CSV: `at_s,latency_ms,ok`.
+pub fn samples_csv(samples: &[Sample]) -> String {
+    let mut out = String::from("at_s,latency_ms,ok\n");
+    for s in samples {
+        out.push_str(&format!("{:.6},{:.3},{}\n", s.at_s, s.latency_ms, u8::from(s.ok)));
+    }
+    out
 }
 
 /// A small, seedable generator for arrival gaps (no need for a crate).

@@ -195,11 +195,11 @@ impl Snapshot {
         }
     }
 
-    /// The server is ready when every model version and pipeline it has is.
+    /// The server is ready when every model has a version serving and every pipeline is
+    /// serving (a new version that failed to load does not make it unready while the
+    /// previous one serves).
     pub fn ready(&self) -> bool {
-        self.models
-            .values()
-            .all(|e| !e.versions.is_empty() && e.versions.values().all(|s| matches!(s, ModelSlot::Ready { .. })))
+        self.models.values().all(|e| e.ready(None).is_some())
             && self.pipelines.values().all(|s| matches!(s, PipelineSlot::Ready { .. }))
     }
 

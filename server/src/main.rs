@@ -86,6 +86,10 @@ struct BenchArgs {
     /// Write an SVG plot of throughput and latency percentiles against the load.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Write every measured request as CSV (step, at_s from the window's start,
+    /// latency_ms from its scheduled send, ok), for latency over time.
+    #[arg(long)]
+    samples: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -680,6 +684,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             duration: Duration::from_secs_f64(args.seconds),
             timeout: None,
             batch: args.batch,
+            keep_samples: args.samples.is_some(),
         };
         let mut steps = Vec::new();
         for (k, load) in loads.iter().enumerate() {
@@ -730,6 +735,16 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             _ => "table",
         };
         std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if let Some(path) = &args.samples {
+        // One file for all steps: each step's samples, step number first.
+        let mut out = String::from("step,at_s,latency_ms,ok\n");
+        for (k, step) in steps.iter().enumerate() {
+            for line in bench::samples_csv(&step.samples).lines().skip(1) {
+                out.push_str(&format!("{},{line}\n", k + 1));
+            }
+        }
+        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(plot) = &args.plot {
         let svg = bench::svg_plot(&steps, &format!("sluice bench: {}", args.model)).map_err(anyhow::Error::msg)?;

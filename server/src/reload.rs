@@ -97,10 +97,24 @@ impl Engine {
     /// models. Fails only when the repository folder itself cannot be read.
     pub fn reload(&self, scope: &Scope) -> Result<ReloadReport, String> {
         let _one_at_a_time = self.reloading.lock();
+        self.reload_locked(scope, None)
+    }
+
+    /// A reload, with the `reloading` lock held by the caller. `unloaded`: a name to add
+    /// to (true) or take from (false) the unloaded set first.
+    fn reload_locked(&self, scope: &Scope, unloaded: Option<(&str, bool)>) -> Result<ReloadReport, String> {
         let started = Instant::now();
-        let old = self.snapshot();
         let mut report = ReloadReport::default();
-        let result = self.build(&old, scope, &mut report);
+        let result = {
+            let old = self.snapshot();
+            let mut names = old.unloaded.clone();
+            match unloaded {
+                Some((name, true)) => names.insert(name.to_string()),
+                Some((name, false)) => names.remove(name),
+                None => false,
+            };
+            self.build(&old, &names, scope, &mut report)
+        };
         let outcome = match &result {
             Ok(_) if report.failed.is_empty() => "ok",
             _ => "error",
@@ -166,8 +180,9 @@ impl Engine {
         if !plain || !(self.cfg.models_dir.join(name).is_dir() || self.pipeline_file(name).is_some()) {
             return Err(Error::ModelNotFound { model: name.to_string(), version: None });
         }
-        self.set_unloaded(name, false);
-        let report = self.reload(&Scope::Only([name.to_string()].into())).map_err(Error::Repository)?;
+        let _one_at_a_time = self.reloading.lock();
+        let scope = Scope::Only([name.to_string()].into());
+        let report = self.reload_locked(&scope, Some((name, false))).map_err(Error::Internal)?;
         match report.failed.iter().find(|(n, _)| n == name || n.starts_with(&format!("{name} v"))) {
             Some((_, reason)) => Err(Error::Repository(format!("'{name}' failed to load: {reason}"))),
             None => Ok(report),
@@ -177,6 +192,8 @@ impl Engine {
     /// Stops serving a model or pipeline until it is loaded again; requests already
     /// running finish. A model that pipelines use cannot be unloaded before them.
     pub fn unload(&self, name: &str) -> Result<ReloadReport, Error> {
+        // Held from the check to the swap, so no reload binds a pipeline to it meanwhile.
+        let _one_at_a_time = self.reloading.lock();
         let snapshot = self.snapshot();
         if !snapshot.models.contains_key(name) && !snapshot.pipelines.contains_key(name) {
             return Err(Error::ModelNotFound { model: name.to_string(), version: None });
@@ -196,21 +213,12 @@ impl Engine {
             )));
         }
         drop(snapshot);
-        self.set_unloaded(name, true);
-        self.reload(&Scope::Only([name.to_string()].into())).map_err(Error::Repository)
+        self.reload_locked(&Scope::Only([name.to_string()].into()), Some((name, true))).map_err(Error::Internal)
     }
 
-    fn set_unloaded(&self, name: &str, unloaded: bool) {
-        // The set lives in the snapshot; the next reload (run right after) carries it.
-        let _one_at_a_time = self.reloading.lock();
-        let cur = self.snapshot();
-        let mut names = cur.unloaded.clone();
-        if unloaded {
-            names.insert(name.to_string());
-        } else {
-            names.remove(name);
-        }
-        self.swap(Snapshot { pipelines: cur.pipelines.clone(), models: cur.models.clone(), unloaded: names });
+    /// Replaced models and pipelines not yet dropped (some request still holds them).
+    pub fn retired(&self) -> usize {
+        self.retired.lock().len()
     }
 
     fn pipeline_file(&self, name: &str) -> Option<PathBuf> {
@@ -218,15 +226,22 @@ impl Engine {
         ["yaml", "yml"].iter().map(|ext| dir.join(format!("{name}.{ext}"))).find(|p| p.is_file())
     }
 
-    fn build(&self, old: &Snapshot, scope: &Scope, report: &mut ReloadReport) -> Result<Snapshot, String> {
-        let models = self.build_models(old, scope, report)?;
-        let pipelines = self.build_pipelines(old, &models, scope, report)?;
-        Ok(Snapshot { pipelines, models, unloaded: old.unloaded.clone() })
+    fn build(
+        &self,
+        old: &Snapshot,
+        unloaded: &BTreeSet<String>,
+        scope: &Scope,
+        report: &mut ReloadReport,
+    ) -> Result<Snapshot, String> {
+        let models = self.build_models(old, unloaded, scope, report)?;
+        let pipelines = self.build_pipelines(old, unloaded, &models, scope, report)?;
+        Ok(Snapshot { pipelines, models, unloaded: unloaded.clone() })
     }
 
     fn build_models(
         &self,
         old: &Snapshot,
+        unloaded: &BTreeSet<String>,
         scope: &Scope,
         report: &mut ReloadReport,
     ) -> Result<BTreeMap<String, ModelEntry>, String> {
@@ -235,7 +250,7 @@ impl Engine {
         let names: BTreeSet<&String> = scanned.keys().chain(old.models.keys()).collect();
         let mut models = BTreeMap::new();
         for name in names {
-            if old.unloaded.contains(name) {
+            if unloaded.contains(name) {
                 if old.models.contains_key(name) {
                     tracing::info!(model = %name, "model unloaded");
                     report.changed.push(format!("model {name} unloaded"));
@@ -258,7 +273,7 @@ impl Engine {
                     continue;
                 }
                 Some(Err(reason)) => {
-                    if prev.and_then(|e| e.problem.as_ref()) != Some(reason) {
+                    if prev.and_then(|e| e.problem.as_ref()) != Some(reason) || scope.forces(name) {
                         tracing::error!(model = %name, "{reason}");
                         self.metrics.model_loads.with_label_values(&[name, "", "error"]).inc();
                         report.failed.push((name.clone(), reason.clone()));
@@ -276,10 +291,27 @@ impl Engine {
                         let slot = self.version_slot(dir, *v, onnx, before, scope.forces(name), report);
                         versions.insert(*v, slot);
                     }
-                    if let Some(p) = prev {
-                        for v in p.versions.keys().filter(|v| !versions.contains_key(v)) {
-                            tracing::info!(model = %name, version = v, "model version no longer served");
-                            report.changed.push(format!("model {name} v{v} removed"));
+                    // Versions the policy no longer picks go, unless one it picks failed:
+                    // a broken new version must not take the serving one down.
+                    let failed = versions.values().any(|s| matches!(s, ModelSlot::Unavailable(_)));
+                    for (v, slot) in prev.iter().flat_map(|p| &p.versions) {
+                        if versions.contains_key(v) {
+                            continue;
+                        }
+                        match slot {
+                            ModelSlot::Ready { model, .. } if failed => {
+                                let failure = Failure {
+                                    reason: "no longer picked by version_policy; kept while a newer version fails \
+                                             to load"
+                                        .into(),
+                                    fingerprint: None,
+                                };
+                                versions.insert(*v, ModelSlot::Ready { model: model.clone(), stale: Some(failure) });
+                            }
+                            _ => {
+                                tracing::info!(model = %name, version = v, "model version no longer served");
+                                report.changed.push(format!("model {name} v{v} removed"));
+                            }
                         }
                     }
                     ModelEntry { versions, problem: None }
@@ -354,6 +386,7 @@ impl Engine {
     fn build_pipelines(
         &self,
         old: &Snapshot,
+        unloaded: &BTreeSet<String>,
         models: &BTreeMap<String, ModelEntry>,
         scope: &Scope,
         report: &mut ReloadReport,
@@ -368,7 +401,7 @@ impl Engine {
         let mut pipelines = BTreeMap::new();
         for name in names {
             let prev = old.pipelines.get(name);
-            if old.unloaded.contains(name) {
+            if unloaded.contains(name) {
                 if prev.is_some() {
                     tracing::info!(pipeline = %name, "pipeline unloaded");
                     report.changed.push(format!("pipeline {name} unloaded"));
@@ -382,12 +415,9 @@ impl Engine {
                         pipelines.insert(name.clone(), prev.cloned().expect("matched Some"));
                         continue;
                     }
-                    Some(PipelineSlot::Unavailable { .. }) => {
-                        pipelines.insert(name.clone(), prev.cloned().expect("matched Some"));
-                        continue;
-                    }
-                    // A model it uses changed: compile it again.
-                    Some(PipelineSlot::Ready { .. }) => {}
+                    // A model it uses changed, or it failed before (perhaps on a model
+                    // that was just loaded): compile it again.
+                    Some(_) => {}
                 }
             }
             let Some(file) = files.get(name) else {
@@ -461,12 +491,15 @@ impl Reloader {
         // Events only set a flag's time: a burst of writes is one reload.
         let (tx, events) = crossbeam_channel::unbounded::<()>();
         let watcher = match mode {
-            ReloadMode::Watch => Some(watch(&engine, tx)?),
+            ReloadMode::Watch => Some(watch(&engine, tx.clone())?),
             ReloadMode::Explicit | ReloadMode::None => None,
         };
         let thread = std::thread::Builder::new()
             .name("sluice-reload".into())
             .spawn(move || {
+                // Held so `events` never disconnects (a disconnected channel is always
+                // ready in `select!`) when nothing watches.
+                let _tx = tx;
                 let tick = crossbeam_channel::tick(Duration::from_millis(100));
                 let mut dirty_since: Option<Instant> = None;
                 loop {

@@ -83,7 +83,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         .map_err(|e| StartError::Repository(format!("loading the repository panicked: {e}")))?
         .map_err(StartError::Repository)?;
     let engine = Arc::new(engine);
-    let reloader = Reloader::start(engine.clone(), cfg.reload, cfg.reload_debounce).map_err(StartError::Repository)?;
+    let reloader = match Reloader::start(engine.clone(), cfg.reload, cfg.reload_debounce) {
+        Ok(r) => r,
+        Err(e) => {
+            // The engine's last owner: drop it (joining model threads) off the runtime.
+            let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+            return Err(StartError::Repository(e));
+        }
+    };
     let state = AppState {
         engine: engine.clone(),
         default_timeout: cfg.request_timeout,

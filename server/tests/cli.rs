@@ -155,16 +155,37 @@ async fn models_lists_states_and_infer_prints_json_outputs() {
     assert_eq!(v["outputs"][1]["shape"], serde_json::json!([1, 5]));
 
     std::fs::write(&x, r#"{"datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}"#).unwrap();
-    let out =
-        run(vec!["infer".into(), "--url".into(), url, "affine".into(), "--input".into(), format!("x={}", x.display())])
-            .await
-            .unwrap();
+    let out = run(vec![
+        "infer".into(),
+        "--url".into(),
+        url.clone(),
+        "affine".into(),
+        "--input".into(),
+        format!("x={}", x.display()),
+    ])
+    .await
+    .unwrap();
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("does not match"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // `sluice reload`: the fixed pipeline loads; names load or unload one at a time.
+    let fixed = "max_batch_size: 0\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: m.y}\nnodes:\n  - name: m\n    model: affine\n    inputs: {x: x}\n";
+    repo.pipeline("typo", fixed);
+    let out = run(vec!["reload".into(), "--url".into(), url.clone()]).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text(&out).contains("reloaded the repository"), "{}", text(&out));
+    let listing = text(&run(vec!["models".into(), "--url".into(), url.clone()]).await.unwrap());
+    assert!(listing.lines().any(|l| l.starts_with("typo") && l.contains("READY")), "{listing}");
+    let out = run(vec!["reload".into(), "--url".into(), url.clone(), "--unload".into(), "typo".into()]).await.unwrap();
+    assert!(out.status.success() && text(&out).contains("unloaded typo"), "{}", text(&out));
+    assert!(text(&out).contains("typo  UNAVAILABLE: unloaded"), "{}", text(&out));
+    let out = run(vec!["reload".into(), "--url".into(), url.clone(), "nope".into()]).await.unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model 'nope' is not found"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,6 +13,7 @@ fn spec(model: &str, inputs: Vec<(String, Tensor)>, seconds: f64) -> BenchSpec {
         duration: Duration::from_secs_f64(seconds),
         timeout: None,
         batch: 1,
+        keep_samples: true,
     }
 }
 
@@ -31,6 +32,8 @@ async fn closed_loop_counts_match_the_servers_statistics() {
     assert_eq!(step.requests, served, "every request the bench counted is one the server served");
     assert!(step.p50_ms > 0.0 && step.p50_ms <= step.p99_ms && step.p99_ms <= step.max_ms);
     assert!(step.server_compute_ms.is_some(), "the server-side split comes from its statistics");
+    assert_eq!(step.samples.len() as u64, step.requests, "one sample per measured request");
+    assert!(step.samples.iter().all(|x| x.ok && x.at_s >= 0.0 && x.at_s < 1.0 && x.latency_ms > 0.0));
     let md = bench::markdown(std::slice::from_ref(&step));
     assert!(md.starts_with("| concurrency | requests | errors | req/s |"), "{md}");
     assert!(md.contains(&format!("| 4 | {} | 0 |", step.requests)), "{md}");

@@ -195,6 +195,13 @@ async fn files_change_under_load_and_no_request_fails() {
     assert!(failures.is_empty(), "{} failed requests: {:?}", failures.len(), &failures[..failures.len().min(5)]);
     let ok = tally.ok.load(Ordering::Relaxed);
     assert!(ok > 100 && tally.not_found.load(Ordering::Relaxed) > 0, "ok {ok}");
+    // Every replaced model and pipeline is dropped once no request holds it.
+    let engine = s.server.engine.clone();
+    eventually("replaced models are dropped", || {
+        let engine = engine.clone();
+        async move { engine.retired() == 0 }
+    })
+    .await;
     s.server.shutdown().await;
 }
 
@@ -214,20 +221,44 @@ async fn explicit_reloads_keep_unchanged_models_and_finish_running_requests_on_t
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(repo.pipelines_path().join("slow.yaml"), pipeline_with("neg", None, 0)).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(reason_of(c, "slow").await, "");
+    // Longer than the debounce: a watching server would have reloaded by now.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let slow_loads = || metric(&s.http, "sluice_pipeline_loads_total", &["pipeline=\"slow\"", "outcome=\"ok\""]);
+    assert_eq!(slow_loads().await, 1.0, "explicit mode picked up a file change on its own");
     c.repository_load("").await.expect("reload");
     // New requests see the new pipeline; the one already running finishes on the old.
     assert_eq!(call(c, "slow", "", false).await.unwrap(), linear(-1.0, 0.0));
     assert!(slow_started.elapsed() < Duration::from_millis(1500), "the swap did not wait for running requests");
     assert_eq!(running.await.unwrap().unwrap(), linear(2.0, 1.0));
     assert_eq!(load_count(&s.http, "affine", "1").await, 1.0, "an unchanged model was loaded again");
-    assert_eq!(metric(&s.http, "sluice_pipeline_loads_total", &["pipeline=\"slow\"", "outcome=\"ok\""]).await, 2.0);
+    assert_eq!(slow_loads().await, 2.0);
 
-    // Loading a model by name loads it again even unchanged, and its pipelines with it.
+    // Loading a model by name loads it again even unchanged, and its pipelines with it;
+    // the replaced model is dropped once nothing holds it.
     c.repository_load("affine").await.expect("load affine");
     assert_eq!(load_count(&s.http, "affine", "1").await, 2.0);
-    assert_eq!(metric(&s.http, "sluice_pipeline_loads_total", &["pipeline=\"slow\"", "outcome=\"ok\""]).await, 3.0);
+    assert_eq!(slow_loads().await, 3.0);
+    let engine = s.server.engine.clone();
+    eventually("the replaced model and pipelines are dropped", || {
+        let engine = engine.clone();
+        async move { engine.retired() == 0 }
+    })
+    .await;
+
+    // A pipeline that cannot compile for want of a model comes back when the model loads.
+    repo.pipeline("later", &pipeline("y").replace("model: affine", "model: later_model"));
+    c.repository_load("later").await.unwrap_err();
+    repo.add("later_model", &linear_model(4, 5.0, 0.0), MODEL_YAML);
+    c.repository_load("later_model").await.expect("load the model");
+    assert_eq!(call(c, "later", "", false).await.unwrap(), linear(5.0, 0.0));
+
+    // A forced load of a model whose model.yaml is broken says so every time.
+    std::fs::write(repo.path().join("later_model/model.yaml"), "max_batch: 8\n").unwrap();
+    for _ in 0..2 {
+        let err = c.repository_load("later_model").await.unwrap_err();
+        assert!(err.to_string().contains("unknown field `max_batch`"), "{err}");
+    }
+    assert_eq!(call(c, "later_model", "", true).await.unwrap(), linear(5.0, 0.0), "the loaded version serves on");
 
     // A load whose files fail says why, over gRPC and HTTP; the old version serves on.
     std::fs::write(repo.path().join("affine/model.onnx"), b"garbage").unwrap();
@@ -315,8 +346,19 @@ async fn model_versions_follow_the_policy_and_pipelines_may_pin_one() {
     assert_eq!(call(c, "latest", "", false).await.unwrap(), linear(3.0, 0.0));
     assert_eq!(call(c, "pinned", "", false).await.unwrap(), linear(2.0, 1.0));
 
-    // A new version folder: the default and the unpinned pipeline move to it, the
-    // pinned pipeline stays, version 2 is not loaded again and version 3 goes.
+    // A broken new version folder does not take the serving ones down.
+    let dir = repo.path().join("affine/4");
+    std::fs::create_dir_all(&dir).unwrap();
+    replace(&dir.join("model.onnx"), b"truncated upload");
+    eventually("the broken version is reported", || async { reason_of(c, "affine").await.contains("4/model.onnx") })
+        .await;
+    assert_eq!(call(c, "affine", "", true).await.unwrap(), linear(3.0, 0.0));
+    assert_eq!(call(c, "affine", "2", true).await.unwrap(), linear(2.0, 1.0));
+    assert_eq!(call(c, "pinned", "", false).await.unwrap(), linear(2.0, 1.0));
+    assert!(c.server_ready().await.unwrap());
+
+    // The fixed version 4: the default and the unpinned pipeline move to it, the pinned
+    // pipeline stays on version 2, which is no longer served; 3 is not loaded again.
     add_version(&repo, 4, 4.0, 0.0);
     eventually("version 4 serves", || async { call(c, "affine", "", true).await.ok() == Some(linear(4.0, 0.0)) }).await;
     eventually("the unpinned pipeline follows", || async {

@@ -38,7 +38,7 @@ impl AppState {
         tokio::task::spawn_blocking(move || {
             if name.is_empty() && !unload {
                 // sluice's own extension: an empty name reloads the whole repository.
-                engine.reload(&Scope::All).map_err(Error::Repository)
+                engine.reload(&Scope::All).map_err(Error::Internal)
             } else if unload {
                 engine.unload(&name)
             } else {

@@ -360,6 +360,7 @@ pub fn repository_index(snapshot: &Snapshot, ready_only: bool) -> Vec<pb::reposi
     }
     all.extend(snapshot.unloaded().map(|n| row(n, String::new(), false, Some("unloaded"))));
     all.retain(|m| !ready_only || m.state == "READY");
-    all.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+    // Versions in numeric order ("2" before "10").
+    all.sort_by_cached_key(|m| (m.name.clone(), m.version.len(), m.version.clone()));
     all
 }
