@@ -2,7 +2,8 @@
 # Installs what sluice needs at run time and in its tests, all from PyPI and Debian (no
 # model hub): ONNX Runtime's shared library, the PaddleOCR det/cls/rec models shipped in
 # rapidocr-onnxruntime, a ResNet-50 generated with seeded random weights, and Triton's
-# Python client plus perf_analyzer for the compatibility tests and benchmarks.
+# Python client plus perf_analyzer for the compatibility tests and benchmarks, and
+# Chromium with selenium for the dashboard's browser test.
 # Idempotent: a second run only checks that everything is in place.
 #   SLUICE_SKIP_RESNET=1   skip generating models/resnet50/model.onnx (tests do not need it)
 set -euo pipefail
@@ -18,6 +19,7 @@ REQS=(
   "tritonclient[grpc,http]==2.41.0"
   nvidia-cuda-runtime-cu12==12.9.79
   pytest==9.2.0
+  selenium==4.50.0
 )
 stamp="$VENV/.sluice-setup-$(printf '%s\n' "${REQS[@]}" | sha256sum | cut -c1-16)"
 
@@ -36,16 +38,19 @@ ort_lib=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
 
 # Debian packages: perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64, even
 # on hosts without a GPU (its libcudart comes from nvidia-cuda-runtime-cu12, see wrapper);
-# the OCR tests render text with DejaVu (Latin) and WenQuanYi Micro Hei (Chinese).
+# the OCR tests render text with DejaVu (Latin) and WenQuanYi Micro Hei (Chinese); the
+# dashboard test drives Debian's Chromium headless through its chromedriver.
 debs=()
 [ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] || debs+=(libb64-0d)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || debs+=(fonts-dejavu-core)
 [ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || debs+=(fonts-wqy-microhei)
+[ -x /usr/bin/chromium ] || debs+=(chromium)
+[ -x /usr/bin/chromedriver ] || debs+=(chromium-driver)
 if [ ${#debs[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then command -v sudo >/dev/null && sudo=sudo || sudo=none; fi
   if [ "$sudo" = none ]; then
-    echo "setup: WARNING: ${debs[*]} missing and we are not root (no sudo): perf_analyzer or the OCR tests will fail" >&2
+    echo "setup: WARNING: ${debs[*]} missing and we are not root (no sudo): perf_analyzer, the OCR or the dashboard tests will fail" >&2
   else
     echo "setup: installing Debian's ${debs[*]}"
     $sudo apt-get update -qq

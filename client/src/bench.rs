@@ -35,6 +35,19 @@ pub struct BenchSpec {
     pub batch: usize,
     /// Keep every measured request in [`Step::samples`] (for latency over time).
     pub keep_samples: bool,
+    /// Ask the server (sluice) for each request's per-step timing: [`Step::server_steps`].
+    pub timing: bool,
+}
+
+/// The server's time per request in one step of the model or pipeline (its queue and
+/// compute summed over the step's items), averaged over the measured requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepTime {
+    pub step: String,
+    pub queue_ms: f64,
+    pub compute_ms: f64,
+    /// Items the step ran per request (fan-out nodes run many).
+    pub items: f64,
 }
 
 /// One measured request: when it was scheduled (seconds into the measured window), its
@@ -78,6 +91,8 @@ pub struct Step {
     pub first_error: Option<String>,
     /// Every measured request, in completion order, when [`BenchSpec::keep_samples`].
     pub samples: Vec<Sample>,
+    /// With [`BenchSpec::timing`]: where the server spent each request's time, per step.
+    pub server_steps: Vec<StepTime>,
 }
 
 struct Recorder {
@@ -89,6 +104,9 @@ struct Recorder {
     done_in_window: u64,
     first_error: Option<String>,
     samples: Vec<Sample>,
+    /// Per step: sums of queue µs, compute µs and items over the timed requests.
+    steps: Vec<(String, i64, i64, i64)>,
+    timed: u64,
 }
 
 impl Recorder {
@@ -102,6 +120,8 @@ impl Recorder {
             done_in_window: 0,
             first_error: None,
             samples: Vec::new(),
+            steps: Vec::new(),
+            timed: 0,
         }
     }
 }
@@ -131,8 +151,8 @@ pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step 
         let spec = spec_all.clone();
         async move {
             let inputs: Vec<(&str, &Tensor)> = spec.inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let opts = InferOptions { timeout: spec.timeout, ..Default::default() };
-            let result = client.infer(&spec.model, &inputs, opts).await;
+            let opts = InferOptions { timeout: spec.timeout, timing: spec.timing, ..Default::default() };
+            let result = client.infer_detailed(&spec.model, &inputs, opts).await;
             let done = Instant::now();
             let latency = done - scheduled;
             let mut r = rec.lock().await;
@@ -146,7 +166,20 @@ pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step 
                 r.samples.push(sample);
             }
             match result {
-                Ok(_) => {
+                Ok(resp) => {
+                    if !resp.timing.is_empty() {
+                        r.timed += 1;
+                        for t in resp.timing {
+                            match r.steps.iter_mut().find(|s| s.0 == t.step) {
+                                Some(s) => {
+                                    s.1 += t.queue_us;
+                                    s.2 += t.compute_us;
+                                    s.3 += t.items;
+                                }
+                                None => r.steps.push((t.step, t.queue_us, t.compute_us, t.items)),
+                            }
+                        }
+                    }
                     r.done_in_window += u64::from(done < end);
                     let us = latency.as_micros().max(1) as u64;
                     r.all.saturating_record(us);
@@ -234,6 +267,19 @@ pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step 
         server_compute_ms,
         first_error: r.first_error.clone(),
         samples: r.samples.clone(),
+        server_steps: r
+            .steps
+            .iter()
+            .map(|(step, q, c, n)| {
+                let per = r.timed.max(1) as f64;
+                StepTime {
+                    step: step.clone(),
+                    queue_ms: *q as f64 / per / 1000.0,
+                    compute_ms: *c as f64 / per / 1000.0,
+                    items: *n as f64 / per,
+                }
+            })
+            .collect(),
     }
 }
 
@@ -314,6 +360,29 @@ pub fn markdown(steps: &[Step]) -> String {
     out
 }
 
+/// The per-step server timing of each load step (empty unless asked for), as Markdown:
+/// one row per load step and model/pipeline step, time per request in ms.
+pub fn steps_markdown(steps: &[Step]) -> String {
+    if steps.iter().all(|s| s.server_steps.is_empty()) {
+        return String::new();
+    }
+    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
+    let mut out = format!("| {first} | step | items/request | queue ms | compute ms |\n|---|---|---|---|---|\n");
+    for s in steps {
+        for t in &s.server_steps {
+            out += &format!(
+                "| {} | {} | {:.2} | {:.3} | {:.3} |\n",
+                load_label(&s.load).1,
+                t.step,
+                t.items,
+                t.queue_ms,
+                t.compute_ms
+            );
+        }
+    }
+    out
+}
+
 /// The steps as an aligned terminal table.
 pub fn table(steps: &[Step]) -> String {
     let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
@@ -350,6 +419,9 @@ pub fn to_json(steps: &[Step]) -> Value {
                     "p50_first_third_ms": s.p50_first_third_ms, "p50_last_third_ms": s.p50_last_third_ms,
                     "server_queue_ms": s.server_queue_ms, "server_compute_ms": s.server_compute_ms,
                     "first_error": s.first_error,
+                    "server_steps": s.server_steps.iter().map(|t| json!({
+                        "step": t.step, "items": t.items, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect(),

@@ -51,6 +51,65 @@ pub struct InferOptions {
     pub id: String,
     /// Model version; empty: the server's default.
     pub version: String,
+    /// Ask sluice for where the request's time went (see [`Inferred::timing`]).
+    pub timing: bool,
+}
+
+/// Where one step of a request (a pipeline node, or the model) spent its time on the
+/// server, summed over the step's items.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepTiming {
+    pub step: String,
+    pub queue_us: i64,
+    pub compute_us: i64,
+    pub items: i64,
+}
+
+/// A response in full: outputs, the request id, and the timing when asked for.
+#[derive(Debug, Clone)]
+pub struct Inferred {
+    pub outputs: Vec<(String, Tensor)>,
+    pub id: String,
+    /// Per step, in the order the server lists them; empty unless asked for.
+    pub timing: Vec<StepTiming>,
+    /// The request's time inside the server, when timing was asked for.
+    pub total_us: Option<i64>,
+}
+
+/// Request parameter asking sluice for the per-step timing.
+pub const TIMING_PARAM: &str = "sluice_timing";
+
+/// The per-step timing in a response's parameters (`sluice_timing.<step>.queue_us`, ...).
+pub fn timing_of(resp: &proto::ModelInferResponse) -> (Vec<StepTiming>, Option<i64>) {
+    use proto::infer_parameter::ParameterChoice;
+    let prefix = format!("{TIMING_PARAM}.");
+    let mut steps: Vec<StepTiming> = Vec::new();
+    let mut total = None;
+    let mut keys: Vec<&String> = resp.parameters.keys().filter(|k| k.starts_with(&prefix)).collect();
+    keys.sort();
+    for k in keys {
+        let Some(ParameterChoice::Int64Param(v)) = resp.parameters[k].parameter_choice else { continue };
+        let rest = &k[prefix.len()..];
+        if rest == "total_us" {
+            total = Some(v);
+            continue;
+        }
+        let Some((step, field)) = rest.rsplit_once('.') else { continue };
+        let i = match steps.iter().position(|s| s.step == step) {
+            Some(i) => i,
+            None => {
+                steps.push(StepTiming { step: step.to_string(), ..Default::default() });
+                steps.len() - 1
+            }
+        };
+        match field {
+            "queue_us" => steps[i].queue_us = v,
+            "compute_us" => steps[i].compute_us = v,
+            "items" => steps[i].items = v,
+            _ => {}
+        }
+    }
+    (steps, total)
 }
 
 /// Cheap to clone: clones share one HTTP/2 connection.
@@ -145,13 +204,26 @@ impl Client {
         inputs: &[(&str, &Tensor)],
         opts: InferOptions,
     ) -> Result<Vec<(String, Tensor)>, ClientError> {
+        Ok(self.infer_detailed(model, inputs, opts).await?.outputs)
+    }
+
+    /// [`Client::infer`] with the rest of the response: the request id (the one given,
+    /// or the server's) and, with [`InferOptions::timing`], where its time went.
+    pub async fn infer_detailed(
+        &self,
+        model: &str,
+        inputs: &[(&str, &Tensor)],
+        opts: InferOptions,
+    ) -> Result<Inferred, ClientError> {
         let req = infer_request(model, inputs, &opts);
         let mut req = tonic::Request::new(req);
         if let Some(t) = opts.timeout {
             req.set_timeout(t);
         }
         let resp = self.raw().model_infer(req).await?.into_inner();
-        decode_outputs(resp)
+        let (timing, total_us) = timing_of(&resp);
+        let id = resp.id.clone();
+        Ok(Inferred { outputs: decode_outputs(resp)?, id, timing, total_us })
     }
 }
 
@@ -184,7 +256,14 @@ pub fn infer_request(model: &str, inputs: &[(&str, &Tensor)], opts: &InferOption
             .map(|o| proto::model_infer_request::InferRequestedOutputTensor { name: o.clone(), ..Default::default() })
             .collect(),
         raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
-        ..Default::default()
+        parameters: if opts.timing {
+            let on = proto::InferParameter {
+                parameter_choice: Some(proto::infer_parameter::ParameterChoice::BoolParam(true)),
+            };
+            [(TIMING_PARAM.to_string(), on)].into()
+        } else {
+            Default::default()
+        },
     }
 }
 

@@ -35,6 +35,8 @@ pub struct InferRequest {
     pub inputs: Vec<NamedTensor>,
     /// Outputs to return; empty: all of them.
     pub outputs: Vec<String>,
+    /// Return where the request's time went ([`InferResponse::timing`]).
+    pub timing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +45,20 @@ pub struct InferResponse {
     pub model_version: String,
     pub id: String,
     pub outputs: Vec<NamedTensor>,
+    /// When asked for: per step (each pipeline node, or the model itself) the time its
+    /// work waited (for a pool thread or a batch) and computed, summed over its items.
+    pub timing: Option<Vec<StepTiming>>,
+}
+
+/// Where one step of a request spent its time.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepTiming {
+    /// The pipeline node, or the model's name.
+    pub step: String,
+    pub queue: Duration,
+    pub compute: Duration,
+    /// Items (and fan-out elements) the step ran for this request.
+    pub items: u64,
 }
 
 pub struct LoadedModel {
@@ -237,6 +253,8 @@ pub struct Engine {
     /// last owner drops them here, off the async runtime (dropping a model joins its
     /// instance threads).
     pub(crate) retired: Mutex<Vec<Retired>>,
+    /// Recent latencies and counter samples for the dashboard.
+    pub live: crate::dashboard::Live,
 }
 
 pub(crate) enum Retired {
@@ -265,6 +283,7 @@ impl Engine {
             metrics,
             reloading: Mutex::new(()),
             retired: Mutex::new(Vec::new()),
+            live: Default::default(),
         };
         engine.reload(&crate::reload::Scope::All)?;
         Ok(engine)
@@ -318,11 +337,17 @@ impl Engine {
         };
         let model = match model {
             Ok(m) => m,
-            Err(pipeline) => return pipeline.infer(req, deadline).await,
+            Err(pipeline) => {
+                let start = Instant::now();
+                let result = pipeline.infer(req, deadline).await;
+                self.live.record(&pipeline.plan.name, start.elapsed(), result.is_ok());
+                return result;
+            }
         };
         let start = Instant::now();
         let result = run(&model, req, deadline).await;
         let elapsed = start.elapsed();
+        self.live.record(&model.spec.name, elapsed, result.is_ok());
         model.stats.record_request(result.is_ok(), elapsed);
         let m = &model.metrics;
         m.requests.inc();
@@ -369,10 +394,19 @@ async fn run(
         None => rx.await,
     };
     let computed = reply.map_err(|_| Error::Internal(format!("model '{}': instance stopped", spec.name)))??;
+    let timing = req.timing.then(|| {
+        vec![StepTiming {
+            step: spec.name.clone(),
+            queue: computed.queued,
+            compute: computed.compute,
+            items: rows as u64,
+        }]
+    });
     let resp = InferResponse {
         model_name: spec.name.clone(),
         model_version: spec.version.to_string(),
         id: req.id,
+        timing,
         outputs: spec
             .outputs
             .iter()
@@ -497,6 +531,8 @@ pub(crate) fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -
     let model_metrics = metrics.for_model(&spec.name);
     let allowed = cfg.dynamic_batching.allowed_batch_sizes.clone();
     let outputs = spec.outputs.iter().map(|o| o.name.clone()).collect();
+    metrics.instances.with_label_values(&[&spec.name]).set(instances.len() as i64);
+    let instances = instances.into_iter().enumerate().map(|(i, b)| (b, metrics.for_instance(&spec.name, i))).collect();
     let scheduler =
         ModelScheduler::start(&spec.name, instances, policy, allowed, outputs, stats.clone(), model_metrics.clone());
     Ok(LoadedModel { spec, metrics: model_metrics, stats, devices, scheduler })

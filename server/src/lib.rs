@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod metrics;

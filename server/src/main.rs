@@ -15,6 +15,16 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as plain text or as JSON objects (one per line, with the span fields:
+    /// request id, model, pipeline node). Levels: SLUICE_LOG, e.g. `info,sluice_server=debug`.
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "plain")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -86,6 +96,10 @@ struct BenchArgs {
     /// Write an SVG plot of throughput and latency percentiles against the load.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Ask sluice for each request's per-step timing (pipeline nodes' queue and compute)
+    /// and report its mean per step.
+    #[arg(long)]
+    timing: bool,
     /// Write every measured request as CSV (step, at_s from the window's start,
     /// latency_ms from its scheduled send, ok), for latency over time.
     #[arg(long)]
@@ -222,14 +236,17 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Plain => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
+    }
+    match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Graph(args) => graph(args),
@@ -685,6 +702,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             timeout: None,
             batch: args.batch,
             keep_samples: args.samples.is_some(),
+            timing: args.timing,
         };
         let mut steps = Vec::new();
         for (k, load) in loads.iter().enumerate() {
@@ -717,10 +735,15 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(steps)
     })?;
+    let with_steps = |table: String| match bench::steps_markdown(&steps) {
+        per_step if per_step.is_empty() => table,
+        per_step => format!("{table}\nserver time per request, by step:\n\n{per_step}"),
+    };
     let render = |format: &str| -> anyhow::Result<String> {
         Ok(match format {
-            "table" => bench::table(&steps),
-            "markdown" | "md" => bench::markdown(&steps),
+            // Where the server's time went, per step, below the table when asked for.
+            "table" => with_steps(bench::table(&steps)),
+            "markdown" | "md" => with_steps(bench::markdown(&steps)),
             "csv" => bench::csv(&steps),
             "json" => serde_json::to_string_pretty(&bench::to_json(&steps))?,
             other => bail!("unknown format '{other}' (table, markdown, csv, json)"),

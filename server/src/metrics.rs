@@ -15,6 +15,7 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.005, 0.01,
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+const FANOUT_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -38,6 +39,13 @@ pub struct Metrics {
     pub node_batch_size: HistogramVec,
     pub node_items: IntCounterVec,
     pub node_errors: IntCounterVec,
+    pub node_duration: HistogramVec,
+    pub node_in_flight: IntGaugeVec,
+    pub node_fanout: HistogramVec,
+    pub instance_busy: prometheus::CounterVec,
+    pub instance_executions: IntCounterVec,
+    pub instance_inferences: IntCounterVec,
+    pub instances: IntGaugeVec,
     pub pool_depth: IntGaugeVec,
     pub pool_busy: prometheus::CounterVec,
 }
@@ -73,6 +81,15 @@ impl Metrics {
             registry.register(Box::new(c.clone())).expect("unique metric. This is a bug.");
             c
         };
+        // CPU seconds, resident and virtual memory, open files, threads of this process,
+        // as sluice_process_*.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "sluice",
+            )))
+            .expect("unique metric. This is a bug.");
         let queue_depth = gauge("sluice_queue_depth", "Requests waiting in the model's batch queue.", &["model"]);
         let node = &["pipeline", "node"];
         Metrics {
@@ -159,7 +176,44 @@ impl Metrics {
                 node,
             ),
             node_items: counter("sluice_node_items_total", "Items a pipeline node processed.", node),
-            node_errors: counter("sluice_node_errors_total", "Items a pipeline node failed.", node),
+            node_errors: counter(
+                "sluice_node_errors_total",
+                "Items a pipeline node failed, by error type.",
+                &["pipeline", "node", "error_type"],
+            ),
+            node_duration: histogram_by(
+                "sluice_node_duration_seconds",
+                "Time from a pipeline node's item being ready to its result (queue and compute).",
+                LATENCY_BUCKETS,
+                node,
+            ),
+            node_in_flight: gauge(
+                "sluice_node_in_flight_items",
+                "Items a pipeline node is working on or waiting for, now.",
+                node,
+            ),
+            node_fanout: histogram_by(
+                "sluice_node_fanout_items",
+                "Elements of the list a mapped (fan-out) node ran over, per item.",
+                FANOUT_BUCKETS,
+                node,
+            ),
+            instance_busy: seconds(
+                "sluice_instance_busy_seconds_total",
+                "Time one model instance spent running batches: busy fraction = rate.",
+                &["model", "instance"],
+            ),
+            instance_executions: counter(
+                "sluice_instance_executions_total",
+                "Batches one model instance ran.",
+                &["model", "instance"],
+            ),
+            instance_inferences: counter(
+                "sluice_instance_inferences_total",
+                "Rows (requests' items, padding not counted) one model instance ran.",
+                &["model", "instance"],
+            ),
+            instances: gauge("sluice_model_instances", "Instances of the model serving now.", &["model"]),
             pool_depth: gauge("sluice_pool_queue_depth", "Jobs waiting for a thread of the CPU pool.", &["pool"]),
             pool_busy: seconds(
                 "sluice_pool_busy_seconds_total",
@@ -196,7 +250,22 @@ impl Metrics {
             compute: self.node_compute.with_label_values(&l),
             batch_size: self.node_batch_size.with_label_values(&l),
             items: self.node_items.with_label_values(&l),
-            errors: self.node_errors.with_label_values(&l),
+            duration: self.node_duration.with_label_values(&l),
+            in_flight: self.node_in_flight.with_label_values(&l),
+            fanout: self.node_fanout.with_label_values(&l),
+            errors: self.node_errors.clone(),
+            labels: [pipeline.to_string(), node.to_string()],
+        }
+    }
+
+    /// One model instance's series.
+    pub fn for_instance(&self, model: &str, instance: usize) -> InstanceMetrics {
+        let i = instance.to_string();
+        let l = [model, i.as_str()];
+        InstanceMetrics {
+            busy: self.instance_busy.with_label_values(&l),
+            executions: self.instance_executions.with_label_values(&l),
+            inferences: self.instance_inferences.with_label_values(&l),
         }
     }
 
@@ -239,5 +308,23 @@ pub struct NodeMetrics {
     pub compute: Histogram,
     pub batch_size: Histogram,
     pub items: IntCounter,
-    pub errors: IntCounter,
+    pub duration: Histogram,
+    pub in_flight: IntGauge,
+    pub fanout: Histogram,
+    errors: IntCounterVec,
+    labels: [String; 2],
+}
+
+impl NodeMetrics {
+    pub fn failure(&self, error_type: &str) {
+        self.errors.with_label_values(&[&self.labels[0], &self.labels[1], error_type]).inc();
+    }
+}
+
+/// The series of one model instance.
+#[derive(Clone)]
+pub struct InstanceMetrics {
+    pub busy: prometheus::Counter,
+    pub executions: IntCounter,
+    pub inferences: IntCounter,
 }

@@ -478,7 +478,8 @@ impl Engine {
 }
 
 /// Watches the repository (in `watch` mode) and reloads after changes settle; also
-/// drops replaced models once their last request is done.
+/// drops replaced models once their last request is done and samples the dashboard's
+/// counters once a second.
 pub struct Reloader {
     stop: crossbeam_channel::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -502,6 +503,8 @@ impl Reloader {
                 let _tx = tx;
                 let tick = crossbeam_channel::tick(Duration::from_millis(100));
                 let mut dirty_since: Option<Instant> = None;
+                // The dashboard's once-a-second counter samples are taken here too.
+                let mut sampled = Instant::now() - Duration::from_secs(1);
                 loop {
                     crossbeam_channel::select! {
                         recv(stopped) -> _ => break,
@@ -513,6 +516,10 @@ impl Reloader {
                         let _ = engine.reload(&Scope::All);
                     }
                     engine.reap();
+                    if sampled.elapsed() >= Duration::from_secs(1) {
+                        sampled = Instant::now();
+                        engine.live.sample(&engine.snapshot());
+                    }
                 }
             })
             .map_err(|e| format!("cannot start the reload thread: {e}"))?;

@@ -227,6 +227,17 @@ async fn bench_sweeps_concurrency_and_writes_tables() {
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
     let elements: usize = String::from_utf8_lossy(&check.stdout).trim().parse().unwrap();
     assert!(elements > 20, "a plot with axes and series, not an empty page ({elements} elements)");
+
+    // --timing: the server's time per request, by step, below the table.
+    let url = format!("http://{}", s.server.grpc_addr);
+    let args =
+        ["bench", "affine", "--concurrency", "1", "--seconds", "0.3", "--warmup", "0", "--timing", "--url", &url]
+            .map(String::from);
+    let out = tokio::task::spawn_blocking(move || sluice().args(args).output().unwrap()).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let step = stdout.lines().skip_while(|l| !l.starts_with("server time per request, by step")).nth(4);
+    assert!(step.is_some_and(|l| l.starts_with("| 1 | affine | 1.00 | ")), "{stdout}");
 }
 
 #[test]

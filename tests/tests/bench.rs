@@ -14,6 +14,7 @@ fn spec(model: &str, inputs: Vec<(String, Tensor)>, seconds: f64) -> BenchSpec {
         timeout: None,
         batch: 1,
         keep_samples: true,
+        timing: false,
     }
 }
 

@@ -10,7 +10,7 @@ use sluice_client::{ClientError, InferOptions, Tensor};
 use sluice_ops::{op, BuildContext, Image, Op, Value};
 use sluice_server::backend::Backend;
 use sluice_server::repository::{model_yaml::ModelYaml, onnx::read_signature};
-use sluice_tests::{ort_dylib, png, repo_root, start, tiny_classifier, tiny_detector, Repo};
+use sluice_tests::{metric, ort_dylib, png, repo_root, start, tiny_classifier, tiny_detector, Repo};
 use std::collections::HashMap;
 use std::time::Duration;
 use tonic::Code;
@@ -250,6 +250,12 @@ async fn detect_crop_classify_fans_out_over_zero_one_and_many_boxes() {
     assert_eq!(&boxes[..12], &[0.0; 12], "image 0 has no boxes: all padding");
     assert_eq!(&boxes[12..16], &[64.0, 96.0, 96.0, 128.0]);
     assert_eq!(&boxes[24..28], &[0.0, 0.0, 32.0, 32.0]);
+
+    // Six images went through, with 0, 1 and 3 boxes twice: the fan-out histogram of
+    // each node mapped over the crops says so.
+    let labels = ["pipeline=\"detect_crop_classify\"", "node=\"classifier\""];
+    assert_eq!(metric(&s.http, "sluice_node_fanout_items_count", &labels).await, 6.0);
+    assert_eq!(metric(&s.http, "sluice_node_fanout_items_sum", &labels).await, 8.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

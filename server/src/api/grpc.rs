@@ -1,6 +1,9 @@
 //! gRPC: `inference.GRPCInferenceService`, translating protocol messages to engine calls.
 
-use super::{deadline_after, named_input, tensor_header, views, AppState};
+use super::{
+    deadline_after, named_input, request_id, tensor_header, timing_params, views, AppState, REQUEST_ID_HEADER,
+    TIMING_PARAM,
+};
 use crate::engine::InferRequest;
 use crate::error::Error;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -9,6 +12,7 @@ use sluice_proto as pb;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceService;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub struct GrpcApi {
     pub state: AppState,
@@ -119,12 +123,17 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
             named_input(i.name, dtype, shape, data).map_err(invalid)
         })
         .collect::<Result<Vec<_>, Error>>()?;
+    let timing = matches!(
+        req.parameters.get(TIMING_PARAM).and_then(|p| p.parameter_choice.as_ref()),
+        Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
+    );
     Ok(InferRequest {
         model_name: req.model_name,
         model_version: req.model_version,
         id: req.id,
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+        timing,
     })
 }
 
@@ -176,11 +185,15 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let deadline = deadline_after(grpc_timeout(&req), self.state.default_timeout);
-        let req = req.into_inner();
+        let header_id = req.metadata().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let started = std::time::Instant::now();
+        let mut req = req.into_inner();
+        req.id = request_id(std::mem::take(&mut req.id), header_id.as_deref());
+        let span = tracing::info_span!("request", model = %req.model_name, id = %req.id);
         let (model, version) = (req.model_name.clone(), req.model_version.clone());
         let engine_req =
             to_engine_request(req).inspect_err(|e| self.state.engine.record_rejected(&model, &version, e))?;
-        let resp = self.state.engine.infer(engine_req, deadline).await?;
+        let resp = self.state.engine.infer(engine_req, deadline).instrument(span).await?;
         let mut raw = Vec::with_capacity(resp.outputs.len());
         let outputs = resp
             .outputs
@@ -195,14 +208,35 @@ impl GrpcInferenceService for GrpcApi {
                 }
             })
             .collect();
-        Ok(Response::new(pb::ModelInferResponse {
+        let parameters = resp
+            .timing
+            .as_deref()
+            .map(|steps| {
+                timing_params(steps, started.elapsed())
+                    .into_iter()
+                    .map(|(k, v)| {
+                        (
+                            k,
+                            pb::InferParameter {
+                                parameter_choice: Some(pb::infer_parameter::ParameterChoice::Int64Param(v)),
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut response = Response::new(pb::ModelInferResponse {
             model_name: resp.model_name,
             model_version: resp.model_version,
-            id: resp.id,
-            parameters: Default::default(),
+            id: resp.id.clone(),
+            parameters,
             outputs,
             raw_output_contents: raw,
-        }))
+        });
+        if let Ok(v) = resp.id.parse() {
+            response.metadata_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        Ok(response)
     }
 
     async fn model_config(

@@ -1,7 +1,10 @@
 //! HTTP/REST: the v2 protocol's JSON endpoints plus the binary tensor data extension
 //! (`Inference-Header-Content-Length`: a JSON header followed by raw tensor bytes).
 
-use super::{deadline_after, named_input, tensor_header, views, AppState};
+use super::{
+    deadline_after, named_input, request_id, tensor_header, timing_params, views, AppState, REQUEST_ID_HEADER,
+    TIMING_PARAM,
+};
 use crate::engine::{InferRequest, InferResponse};
 use crate::error::Error;
 use axum::body::Bytes;
@@ -14,6 +17,7 @@ use bytes::{BufMut, BytesMut};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::time::Duration;
+use tracing::Instrument;
 
 const HEADER_LEN: &str = "inference-header-content-length";
 /// Per-request deadline in milliseconds (the gRPC API uses `grpc-timeout`).
@@ -40,6 +44,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v2/repository/models/{model}/unload", post(repository_unload))
         .route("/v2/repository/reload", post(repository_reload))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(|| async { axum::response::Html(crate::dashboard::PAGE) }))
+        .route("/dashboard/data", get(dashboard_data))
+        .route("/dashboard/events", get(dashboard_events))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -144,6 +151,22 @@ async fn repository_reload(State(s): State<AppState>) -> Result<Json<Value>, Err
     Ok(Json(json!({ "changed": r.changed, "failed": failed })))
 }
 
+async fn dashboard_data(State(s): State<AppState>) -> Json<Value> {
+    Json(crate::dashboard::frame(&s.engine, &s.engine.live))
+}
+
+/// A frame every second, as server-sent events, for as long as the page is open.
+async fn dashboard_events(
+    State(s): State<AppState>,
+) -> axum::response::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)));
+    let frames = tokio_stream::StreamExt::map(ticks, move |_| {
+        Ok(Event::default().data(crate::dashboard::frame(&s.engine, &s.engine.live).to_string()))
+    });
+    Sse::new(frames).keep_alive(KeepAlive::default())
+}
+
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.engine.metrics.render())
 }
@@ -193,10 +216,14 @@ async fn infer_v(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_millis);
-        let (req, binary_out) = parse_infer(&model, &version, &headers, body)
+        let started = std::time::Instant::now();
+        let (mut req, binary_out) = parse_infer(&model, &version, &headers, body)
             .inspect_err(|e| s.engine.record_rejected(&model, &version, e))?;
-        let resp = s.engine.infer(req, deadline_after(timeout, s.default_timeout)).await?;
-        encode_infer(resp, &binary_out)
+        let header_id = headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
+        req.id = request_id(std::mem::take(&mut req.id), header_id);
+        let span = tracing::info_span!("request", model = %req.model_name, id = %req.id);
+        let resp = s.engine.infer(req, deadline_after(timeout, s.default_timeout)).instrument(span).await?;
+        encode_infer(resp, &binary_out, started)
     };
     match run.await {
         Ok(r) => r,
@@ -289,12 +316,13 @@ fn parse_infer(
             id: req.id,
             inputs,
             outputs: req.outputs.into_iter().map(|o| o.name).collect(),
+            timing: flag(&req.parameters, TIMING_PARAM).unwrap_or(false),
         },
         binary_out,
     ))
 }
 
-fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Result<Response, Error> {
+fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, started: std::time::Instant) -> Result<Response, Error> {
     let mut blobs = Vec::new();
     let outputs: Vec<Value> = resp
         .outputs
@@ -314,15 +342,21 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Result<Response,
             v
         })
         .collect();
-    let header = serde_json::to_vec(&json!({
+    let mut head = json!({
         "model_name": resp.model_name,
         "model_version": resp.model_version,
         "id": resp.id,
         "outputs": outputs,
-    }))
-    .map_err(|e| Error::Internal(format!("encoding the response: {e}")))?;
+    });
+    if let Some(steps) = &resp.timing {
+        let params: Map<String, Value> =
+            timing_params(steps, started.elapsed()).into_iter().map(|(k, v)| (k, json!(v))).collect();
+        head["parameters"] = Value::Object(params);
+    }
+    let header = serde_json::to_vec(&head).map_err(|e| Error::Internal(format!("encoding the response: {e}")))?;
+    let id_header = (header::HeaderName::from_static(REQUEST_ID_HEADER), resp.id.clone());
     if blobs.is_empty() {
-        return Ok(([(header::CONTENT_TYPE, "application/json")], header).into_response());
+        return Ok(([(header::CONTENT_TYPE, "application/json".to_string()), id_header], header).into_response());
     }
     let header_len = header.len();
     let mut body = BytesMut::with_capacity(header_len + blobs.iter().map(|b| b.len()).sum::<usize>());
@@ -334,6 +368,7 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs) -> Result<Response,
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             (header::HeaderName::from_static(HEADER_LEN), header_len.to_string()),
+            id_header,
         ],
         body.freeze(),
     )

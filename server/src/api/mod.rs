@@ -50,6 +50,38 @@ impl AppState {
     }
 }
 
+/// Request parameter (bool) asking for the per-step timing in the response.
+pub const TIMING_PARAM: &str = "sluice_timing";
+/// gRPC metadata / HTTP header carrying the request id when the body has none.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The request's id: the one in its body, else its `x-request-id`, else a new one, so
+/// every request can be found in the logs and is answered with its id.
+pub(crate) fn request_id(given: String, header: Option<&str>) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    if !given.is_empty() {
+        return given;
+    }
+    match header.filter(|h| !h.is_empty()) {
+        Some(h) => h.to_string(),
+        None => format!("sluice-{:x}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)),
+    }
+}
+
+/// The response parameters of a request's timing: per step `sluice_timing.<step>.queue_us`,
+/// `.compute_us` and `.items` (sums over the step's items), and `sluice_timing.total_us`.
+pub(crate) fn timing_params(steps: &[crate::engine::StepTiming], total: Duration) -> Vec<(String, i64)> {
+    let us = |d: Duration| d.as_micros().min(i64::MAX as u128) as i64;
+    let mut out = vec![(format!("{TIMING_PARAM}.total_us"), us(total))];
+    for s in steps {
+        out.push((format!("{TIMING_PARAM}.{}.queue_us", s.step), us(s.queue)));
+        out.push((format!("{TIMING_PARAM}.{}.compute_us", s.step), us(s.compute)));
+        out.push((format!("{TIMING_PARAM}.{}.items", s.step), s.items as i64));
+    }
+    out
+}
+
 /// The request's own timeout, else the server default, as an instant.
 pub(crate) fn deadline_after(own: Option<Duration>, default: Option<Duration>) -> Option<Instant> {
     own.or(default).and_then(|d| Instant::now().checked_add(d))

@@ -95,6 +95,8 @@ pub enum NodeKind {
 #[derive(Clone)]
 pub struct PlanNode {
     pub name: String,
+    /// What it runs as written: the op's name, or the model's.
+    pub what: String,
     pub kind: NodeKind,
     /// In the order of the op's (or model's) inputs.
     pub inputs: Vec<Src>,
@@ -596,6 +598,7 @@ fn plan_node(
 ) -> PlanNode {
     PlanNode {
         name: d.yaml.name.clone(),
+        what: d.yaml.op.clone().or_else(|| d.yaml.model.clone()).unwrap_or_default(),
         kind,
         inputs,
         input_names: d.in_ports.iter().map(|(p, _)| p.clone()).collect(),

@@ -5,7 +5,7 @@
 
 use super::compile::{NodeKind, Plan, PlanNode, Src};
 use super::schema::Layout;
-use crate::engine::{InferRequest, InferResponse, LoadedModel, NamedTensor, DEFAULT_VERSION};
+use crate::engine::{InferRequest, InferResponse, LoadedModel, NamedTensor, StepTiming, DEFAULT_VERSION};
 use crate::error::Error;
 use crate::metrics::{Metrics, ModelMetrics, NodeMetrics};
 use crate::sched::pool::CpuPool;
@@ -15,8 +15,64 @@ use sluice_ops::{Op, OpError, Tensor, Value};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+/// What every step of one request shares: its deadline and, when the client asked for
+/// it, where its time goes.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    deadline: Option<Instant>,
+    timing: Option<&'a Timing>,
+}
+
+impl Call<'_> {
+    /// Records one node run in the node's metrics and the request's timing.
+    fn record(&self, i: usize, m: &NodeMetrics, queue: Duration, compute: Duration) {
+        m.queue.observe(queue.as_secs_f64());
+        m.compute.observe(compute.as_secs_f64());
+        if let Some(t) = self.timing {
+            let mut steps = t.0.lock();
+            let s = &mut steps[i];
+            s.queue += queue;
+            s.compute += compute;
+            s.items += 1;
+        }
+    }
+}
+
+/// One request's time per node.
+struct Timing(parking_lot::Mutex<Vec<StepTiming>>);
+
+impl Timing {
+    fn new(plan: &Plan) -> Timing {
+        Timing(parking_lot::Mutex::new(
+            plan.nodes.iter().map(|n| StepTiming { step: n.name.clone(), ..Default::default() }).collect(),
+        ))
+    }
+
+    /// The nodes that ran, in plan order.
+    fn steps(&self) -> Vec<StepTiming> {
+        self.0.lock().iter().filter(|s| s.items > 0).cloned().collect()
+    }
+}
+
+/// Counts an item in a node's in-flight gauge while it lives.
+struct InFlight<'a>(&'a NodeMetrics);
+
+impl<'a> InFlight<'a> {
+    fn new(m: &'a NodeMetrics) -> InFlight<'a> {
+        m.in_flight.inc();
+        InFlight(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
 
 enum Target {
     Op { op: Arc<dyn Op>, pool: Arc<CpuPool> },
@@ -27,6 +83,14 @@ struct Runner {
     target: Target,
     metrics: NodeMetrics,
     limit: Option<Arc<Semaphore>>,
+}
+
+/// A node of a bound pipeline, for views of it (the dashboard).
+pub struct NodeView<'a> {
+    pub node: &'a PlanNode,
+    pub metrics: &'a NodeMetrics,
+    pub model: Option<&'a Arc<LoadedModel>>,
+    pub pool: Option<&'a Arc<CpuPool>>,
 }
 
 /// A plan bound to the loaded models and CPU pools it runs on.
@@ -87,6 +151,14 @@ impl Pipeline {
         Ok(Pipeline { plan, runners, fused_pool, stats: Arc::default(), metrics: model_metrics, source })
     }
 
+    /// Each node with its live metrics and what it runs on, in plan order.
+    pub fn nodes(&self) -> impl Iterator<Item = NodeView<'_>> {
+        self.plan.nodes.iter().zip(&self.runners).map(|(node, r)| match &r.target {
+            Target::Op { pool, .. } => NodeView { node, metrics: &r.metrics, model: None, pool: Some(pool) },
+            Target::Model(m) => NodeView { node, metrics: &r.metrics, model: Some(m), pool: None },
+        })
+    }
+
     /// The loaded models the pipeline runs, with the version each model node names
     /// (`None`: whichever is the latest).
     pub fn models(&self) -> impl Iterator<Item = (&Arc<LoadedModel>, Option<u64>)> {
@@ -128,14 +200,18 @@ impl Pipeline {
     async fn run(self: &Arc<Self>, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let wanted = self.check_outputs(&req.outputs)?;
         let items = self.split_items(req.inputs)?;
+        let timing = req.timing.then(|| Arc::new(Timing::new(&self.plan)));
+        let cx = Call { deadline, timing: timing.as_deref() };
         let per_item = match &self.fused_pool {
-            None => futures::future::try_join_all(items.into_iter().map(|values| self.walk(values, deadline))).await?,
+            None => futures::future::try_join_all(items.into_iter().map(|values| self.walk(values, cx))).await?,
             Some(pool) => {
                 let jobs = items
                     .into_iter()
                     .map(|values| {
-                        let this = self.clone();
-                        pool.spawn(deadline, move || this.walk_fused(values, deadline))
+                        let (this, timing) = (self.clone(), timing.clone());
+                        pool.spawn(deadline, move || {
+                            this.walk_fused(values, Call { deadline, timing: timing.as_deref() })
+                        })
                     })
                     .collect::<Result<Vec<_>, Error>>()?;
                 let mut per_item = Vec::with_capacity(jobs.len());
@@ -173,6 +249,7 @@ impl Pipeline {
             model_version: DEFAULT_VERSION.to_string(),
             id: req.id,
             outputs,
+            timing: timing.map(|t| t.steps()),
         })
     }
 
@@ -250,7 +327,7 @@ impl Pipeline {
     }
 
     /// Walks one item through the plan; returns its pipeline outputs.
-    async fn walk(&self, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Tensor>, Error> {
+    async fn walk(&self, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Tensor>, Error> {
         let plan = &self.plan;
         let mut values: Vec<Option<Vec<Value>>> = vec![None; plan.nodes.len()];
         let mut waiting = plan.dep_counts.clone();
@@ -260,7 +337,7 @@ impl Pipeline {
                 values[node].as_ref().expect("a ready node's inputs are computed")[output].clone()
             }
         };
-        let launch = |i: usize, args: Vec<Value>| async move { (i, self.run_node(i, args, deadline).await) };
+        let launch = |i: usize, args: Vec<Value>| async move { (i, self.run_node(i, args, cx).await) };
         let mut running = FuturesUnordered::new();
         for (i, n) in plan.nodes.iter().enumerate() {
             if waiting[i] == 0 {
@@ -292,10 +369,10 @@ impl Pipeline {
             .collect()
     }
 
-    async fn run_node(&self, i: usize, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Value>, Error> {
+    async fn run_node(&self, i: usize, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         if !node.mapped {
-            return self.run_item(i, inputs, deadline).await;
+            return self.run_item(i, inputs, cx).await;
         }
         let lists: Vec<&Arc<Vec<Value>>> = inputs
             .iter()
@@ -306,6 +383,7 @@ impl Pipeline {
             })
             .collect::<Result<_, _>>()?;
         let len = lists[0].len();
+        self.runners[i].metrics.fanout.observe(len as f64);
         if lists.iter().any(|l| l.len() != len) {
             let lens: Vec<usize> = lists.iter().map(|l| l.len()).collect();
             return Err(self.node_failed(node, format!("the lists it is mapped over differ in length: {lens:?}")));
@@ -319,7 +397,7 @@ impl Pipeline {
                     _ => v.clone(),
                 })
                 .collect();
-            self.run_item(i, args, deadline)
+            self.run_item(i, args, cx)
         });
         let results = futures::future::try_join_all(elements).await?;
         // Transpose: per element outputs -> per output lists, in element order.
@@ -341,63 +419,67 @@ impl Pipeline {
     }
 
     /// Runs node `i` on one set of (element) inputs.
-    async fn run_item(&self, i: usize, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Value>, Error> {
+    async fn run_item(&self, i: usize, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        if cx.deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Error::DeadlineExceeded { model: self.plan.name.clone() });
         }
+        let m = &runner.metrics;
+        let _in_flight = InFlight::new(m);
+        let start = Instant::now();
         let _permit = match &runner.limit {
             Some(s) => Some(s.acquire().await.map_err(|_| Error::ShuttingDown)?),
             None => None,
         };
-        let m = &runner.metrics;
         m.items.inc();
+        let span = tracing::debug_span!("node", pipeline = %self.plan.name, node = %node.name);
         let result = match &runner.target {
-            Target::Op { op, pool } => self.run_op(node, m, op.clone(), pool, inputs, deadline).await,
-            Target::Model(model) => self.run_model(node, m, model, inputs, deadline).await,
+            Target::Op { op, pool } => self.run_op(i, m, op.clone(), pool, inputs, cx).instrument(span).await,
+            Target::Model(model) => self.run_model(i, m, model, inputs, cx).instrument(span).await,
         };
-        if result.is_err() {
-            m.errors.inc();
+        m.duration.observe(start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            m.failure(e.error_type());
         }
         result
     }
 
     async fn run_op(
         &self,
-        node: &PlanNode,
+        i: usize,
         m: &NodeMetrics,
         op: Arc<dyn Op>,
         pool: &CpuPool,
         inputs: Vec<Value>,
-        deadline: Option<Instant>,
+        cx: Call<'_>,
     ) -> Result<Vec<Value>, Error> {
-        let rx = pool.spawn(deadline, move || op.run(&inputs))?;
+        let rx = pool.spawn(cx.deadline, move || op.run(&inputs))?;
         let outcome = match rx.await {
             Err(_) => return Err(Error::DeadlineExceeded { model: self.plan.name.clone() }),
             Ok(Err(panic)) => Err(panic),
             Ok(Ok(t)) => {
-                m.queue.observe(t.queued.as_secs_f64());
-                m.compute.observe(t.ran.as_secs_f64());
+                cx.record(i, m, t.queued, t.ran);
                 Ok(t.value)
             }
         };
-        self.op_outcome(node, outcome)
+        self.op_outcome(&self.plan.nodes[i], outcome)
     }
 
     async fn run_model(
         &self,
-        node: &PlanNode,
+        i: usize,
         m: &NodeMetrics,
         model: &LoadedModel,
         inputs: Vec<Value>,
-        deadline: Option<Instant>,
+        cx: Call<'_>,
     ) -> Result<Vec<Value>, Error> {
+        let node = &self.plan.nodes[i];
         let tensors = self.model_inputs(node, model, inputs)?;
-        let rx = model.submit(tensors, 1, deadline, node.batching)?;
+        let rx = model.submit(tensors, 1, cx.deadline, node.batching)?;
         let computed =
             rx.await.map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;
-        Ok(model_outputs(model, m, computed))
+        Ok(model_outputs(model, m, computed, i, cx))
     }
 
     /// Checks one item's tensors against the model's inputs; adds the batch dimension.
@@ -453,7 +535,7 @@ impl Pipeline {
 
     /// The fused layout: every step of one item in turn on the calling pool thread,
     /// which blocks while its model runs. Kept to measure what the split layout gains.
-    fn walk_fused(&self, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Tensor>, Error> {
+    fn walk_fused(&self, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Tensor>, Error> {
         let plan = &self.plan;
         let mut values: Vec<Vec<Value>> = Vec::with_capacity(plan.nodes.len());
         let value_of = |values: &[Vec<Value>], s: &Src| match *s {
@@ -481,33 +563,34 @@ impl Pipeline {
                             _ => Ok(v.clone()),
                         })
                         .collect::<Result<_, _>>()?;
-                    for (o, v) in per_output.iter_mut().zip(self.run_item_blocking(i, el, deadline)?) {
+                    for (o, v) in per_output.iter_mut().zip(self.run_item_blocking(i, el, cx)?) {
                         o.push(v);
                     }
                 }
                 per_output.into_iter().map(|o| Value::List(Arc::new(o))).collect()
             } else {
-                self.run_item_blocking(i, args, deadline)?
+                self.run_item_blocking(i, args, cx)?
             };
             values.push(outs);
         }
         self.outputs_of(|src| value_of(&values, src))
     }
 
-    fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, deadline: Option<Instant>) -> Result<Vec<Value>, Error> {
+    fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
+        let deadline = cx.deadline;
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Error::DeadlineExceeded { model: self.plan.name.clone() });
         }
         let m = &runner.metrics;
+        let _in_flight = InFlight::new(m);
+        let start = Instant::now();
         m.items.inc();
         let result = match &runner.target {
             Target::Op { op, .. } => {
-                let start = Instant::now();
                 let outcome = catch_unwind(AssertUnwindSafe(|| op.run(&inputs))).map_err(crate::error::panic_message);
-                m.queue.observe(0.0);
-                m.compute.observe(start.elapsed().as_secs_f64());
+                cx.record(i, m, std::time::Duration::ZERO, start.elapsed());
                 self.op_outcome(node, outcome)
             }
             Target::Model(model) => self.model_inputs(node, model, inputs).and_then(|tensors| {
@@ -515,11 +598,12 @@ impl Pipeline {
                 let computed = rx
                     .blocking_recv()
                     .map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;
-                Ok(model_outputs(model, m, computed))
+                Ok(model_outputs(model, m, computed, i, cx))
             }),
         };
-        if result.is_err() {
-            m.errors.inc();
+        m.duration.observe(start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            m.failure(e.error_type());
         }
         result
     }
@@ -527,9 +611,14 @@ impl Pipeline {
 
 /// A model's outputs for one item, without the batch dimension; records the node's
 /// queue, compute and batch metrics.
-fn model_outputs(model: &LoadedModel, m: &NodeMetrics, computed: crate::sched::Computed) -> Vec<Value> {
-    m.queue.observe(computed.queued.as_secs_f64());
-    m.compute.observe(computed.compute.as_secs_f64());
+fn model_outputs(
+    model: &LoadedModel,
+    m: &NodeMetrics,
+    computed: crate::sched::Computed,
+    i: usize,
+    cx: Call<'_>,
+) -> Vec<Value> {
+    cx.record(i, m, computed.queued, computed.compute);
     m.batch_size.observe(computed.batch_rows as f64);
     let batched = model.spec.config.max_batch_size > 0;
     computed

@@ -7,7 +7,7 @@ pub mod queue;
 
 use crate::backend::Backend;
 use crate::error::Error;
-use crate::metrics::ModelMetrics;
+use crate::metrics::{InstanceMetrics, ModelMetrics};
 use crate::stats::ModelStats;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use queue::{BatchPolicy, BatchQueue, Item, Poll};
@@ -113,7 +113,7 @@ pub struct ModelScheduler {
 impl ModelScheduler {
     pub fn start(
         name: &str,
-        instances: Vec<Box<dyn Backend>>,
+        instances: Vec<(Box<dyn Backend>, InstanceMetrics)>,
         policy: BatchPolicy,
         allowed_sizes: Vec<usize>,
         output_names: Vec<String>,
@@ -139,11 +139,11 @@ impl ModelScheduler {
         let threads = instances
             .into_iter()
             .enumerate()
-            .map(|(i, backend)| {
+            .map(|(i, (backend, im))| {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("model-{name}-{i}"))
-                    .spawn(move || instance_loop(&shared, backend))
+                    .spawn(move || instance_loop(&shared, backend, &im))
                     .expect("spawning an instance thread")
             })
             .collect();
@@ -210,7 +210,7 @@ impl Drop for ModelScheduler {
     }
 }
 
-fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>) {
+fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>, im: &InstanceMetrics) {
     loop {
         let batch = {
             let mut q = shared.queue.lock();
@@ -242,7 +242,7 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>) {
                 }
             }
         };
-        run_batch(shared, backend.as_mut(), batch);
+        run_batch(shared, backend.as_mut(), batch, im);
     }
 }
 
@@ -266,7 +266,7 @@ fn watch_for_work(shared: &Shared) -> bool {
     }
 }
 
-fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
+fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im: &InstanceMetrics) {
     let start = Instant::now();
     // Work whose caller's deadline has passed is not worth computing.
     let (batch, late): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.deadline.is_none_or(|d| d > start));
@@ -304,7 +304,11 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>) {
         Err(Error::Backend { model: shared.name.clone(), message: format!("panicked: {msg}") })
     });
 
-    shared.metrics.busy.inc_by(start.elapsed().as_secs_f64());
+    let busy = start.elapsed().as_secs_f64();
+    shared.metrics.busy.inc_by(busy);
+    im.busy.inc_by(busy);
+    im.executions.inc();
+    im.inferences.inc_by(rows as u64);
     match result {
         Ok((per_item, input, infer, output)) => {
             shared.stats.record_batch(rows, executed, batch.len(), input, infer, output);
@@ -413,8 +417,10 @@ mod tests {
             preferred: vec![],
             max_queue_size: 16,
         };
-        let metrics = Metrics::new().for_model("m");
-        ModelScheduler::start("m", vec![Box::new(Doubler)], policy, allowed, vec!["y".into()], Arc::default(), metrics)
+        let all = Metrics::new();
+        let (metrics, mut instance) = (all.for_model("m"), vec![all.for_instance("m", 0)]);
+        let instances: Vec<(Box<dyn Backend>, _)> = vec![(Box::new(Doubler), instance.remove(0))];
+        ModelScheduler::start("m", instances, policy, allowed, vec!["y".into()], Arc::default(), metrics)
     }
 
     #[tokio::test]
@@ -444,15 +450,15 @@ mod tests {
     async fn an_output_without_the_batch_dimension_is_named_in_the_error() {
         let policy =
             BatchPolicy { max_batch_size: 8, max_queue_delay: Duration::ZERO, preferred: vec![], max_queue_size: 4 };
-        let metrics = Metrics::new().for_model("m");
+        let all = Metrics::new();
         let s = ModelScheduler::start(
             "m",
-            vec![Box::new(OneRow)],
+            vec![(Box::new(OneRow), all.for_instance("m", 0))],
             policy,
             vec![],
             vec!["y".into()],
             Arc::default(),
-            metrics,
+            all.for_model("m"),
         );
         let rx = s.submit(vec![Tensor::from_f32(vec![2, 2], &[1.0; 4])], 2, None).unwrap();
         let err = rx.await.unwrap().err().expect("a batch-of-2 request cannot get one row back");

@@ -65,6 +65,16 @@ pub struct CpuPool {
 }
 
 impl CpuPool {
+    /// Jobs waiting for a thread now.
+    pub fn queued(&self) -> usize {
+        self.tx.as_ref().map_or(0, Sender::len)
+    }
+
+    /// Time the threads have spent running jobs, summed over threads.
+    pub fn busy_seconds(&self) -> f64 {
+        self.busy.get()
+    }
+
     pub fn start(config: PoolConfig, metrics: &Metrics) -> CpuPool {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue);
         let depth = metrics.pool_depth.with_label_values(&[&config.name]);
