@@ -12,11 +12,12 @@ Run by scripts/bench_reload.sh (which builds and sets up first).
 Each change runs REPEAT times (default 3): a p99 over 10 s at this rate
 is the 16th-slowest of ~1600 requests, and it moves by 10-20% between quiet windows.
 
-usage: bench_reload.py OUT_DIR [REPEAT]
+usage: bench_reload.py OUT_DIR [REPEAT]     (ONLY=none,detector runs only those changes)
 """
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -124,6 +125,8 @@ try:
         ("detector model file replaced", lambda: replace_model("detector"), repeat),
         ("another model (ResNet-50) replaced", lambda: replace_model("resnet50"), repeat),
     ]
+    only = [w for w in os.environ.get("ONLY", "").split(",") if w]  # e.g. ONLY=none,detector
+    changes = [c for c in changes if not only or any(w in c[0] for w in only)]
     runs = [(name, change) for name, change, n in changes for _ in range(n)]
     rows = []
     for name, change in runs:
