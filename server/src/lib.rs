@@ -11,6 +11,7 @@ pub mod dashboard;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod otlp;
 pub mod pipeline;
 pub mod reload;
 pub mod repository;

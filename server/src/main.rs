@@ -19,6 +19,10 @@ struct Cli {
     /// request id, model, pipeline node). Levels: SLUICE_LOG, e.g. `info,sluice_server=debug`.
     #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "plain")]
     log_format: LogFormat,
+    /// Export spans (request, node, batch) over OpenTelemetry's OTLP/HTTP (protobuf) to
+    /// this collector, e.g. http://127.0.0.1:4318 (spans go to its /v1/traces).
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -236,16 +240,25 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,ort=warn".into()),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Plain => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).init(),
-    }
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,ort=warn".into());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match cli.log_format {
+        LogFormat::Plain => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).boxed(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).boxed(),
+    };
+    // Spans to an OpenTelemetry collector; flushed when the command returns.
+    let (otlp, _flush) = match &cli.otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, flush) = sluice_server::otlp::layer(endpoint).map_err(anyhow::Error::msg)?;
+            (Some(layer), Some(flush))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(filter).with(logs).with(otlp).init();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),

@@ -289,3 +289,74 @@ fn wait_until_queued(http: &str) {
     }
     panic!("the request never reached the queue");
 }
+
+/// A stand-in OpenTelemetry collector: answers every HTTP request with 200 and keeps
+/// (path, body).
+fn fake_collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let (mut request_line, mut len) = (String::new(), 0usize);
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            let _ = reader.read_exact(&mut body);
+            let path = request_line.split_whitespace().nth(1).unwrap_or("").to_string();
+            keep.lock().unwrap().push((path, body));
+            let mut conn = conn;
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (url, got)
+}
+
+#[test]
+fn serve_exports_request_spans_over_otlp() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), "max_batch_size: 8\n");
+    let (collector, got) = fake_collector();
+    let mut child = sluice()
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--otlp-endpoint", &collector])
+        .arg("--models")
+        .arg(repo.path())
+        .arg("--ort-dylib")
+        .arg(ort_dylib())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let grpc = line.split_whitespace().nth(4).unwrap().to_string();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = Client::connect(format!("http://{grpc}")).await.unwrap();
+        let t = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
+        let opts = InferOptions { id: "otlp-check-7".into(), ..Default::default() };
+        client.infer("affine", &[("x", &t)], opts).await.unwrap();
+    });
+    // Spans go out in batches; the rest on exit.
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(child.wait().unwrap().success());
+    let got = got.lock().unwrap();
+    let traces: Vec<&Vec<u8>> = got.iter().filter(|(p, _)| p == "/v1/traces").map(|(_, b)| b).collect();
+    let has = |needle: &[u8]| traces.iter().any(|b| b.windows(needle.len()).any(|w| w == needle));
+    assert!(!traces.is_empty(), "no POST to /v1/traces: {:?}", got.iter().map(|(p, _)| p).collect::<Vec<_>>());
+    assert!(
+        has(b"request") && has(b"otlp-check-7") && has(b"affine") && has(b"sluice"),
+        "the request span is exported"
+    );
+}
