@@ -290,9 +290,11 @@ fn wait_until_queued(http: &str) {
     panic!("the request never reached the queue");
 }
 
-/// A stand-in OpenTelemetry collector: answers every HTTP request with 200 and keeps
-/// (path, body).
-fn fake_collector() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+/// Requests a stand-in collector received: (path, body).
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A stand-in OpenTelemetry collector: answers every HTTP request with 200 and keeps it.
+fn fake_collector() -> (String, Received) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
