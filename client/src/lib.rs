@@ -70,7 +70,7 @@ pub struct StepTiming {
 pub struct Inferred {
     pub outputs: Vec<(String, Tensor)>,
     pub id: String,
-    /// Per step, in the order the server lists them; empty unless asked for.
+    /// Per step, sorted by step name (parameters have no order); empty unless asked for.
     pub timing: Vec<StepTiming>,
     /// The request's time inside the server, when timing was asked for.
     pub total_us: Option<i64>,

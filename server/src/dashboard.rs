@@ -54,7 +54,7 @@ impl Live {
             None => windows.entry(name.to_string()).or_default(),
         };
         if seconds.back().is_none_or(|s| s.at != now) {
-            while seconds.front().is_some_and(|s| s.at + WINDOW_S <= now) {
+            while seconds.front().is_some_and(|s| s.at + WINDOW_S < now) {
                 seconds.pop_front();
             }
             let h = Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds");
@@ -69,20 +69,26 @@ impl Live {
         }
     }
 
-    /// (requests/s, error fraction, p50, p90, p99 ms) over the window.
+    /// (requests/s, error fraction, p50, p90, p99 ms) over the window: the last
+    /// [`WINDOW_S`] whole seconds (the one under way would make the rate read low), or
+    /// the first second itself while there is no whole one yet.
     fn summary(&self, name: &str) -> (f64, f64, Option<[f64; 3]>) {
-        let now = self.start.elapsed().as_secs();
+        let up = self.start.elapsed();
+        let now = up.as_secs();
+        let (from, until, span) = match now {
+            0 => (0, 1, up.as_secs_f64().max(0.001)),
+            n => (n.saturating_sub(WINDOW_S), n, n.min(WINDOW_S) as f64),
+        };
         let windows = self.windows.lock();
         let Some(seconds) = windows.get(name) else { return (0.0, 0.0, None) };
         let mut all = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds");
         let (mut ok, mut failed) = (0, 0);
-        for s in seconds.iter().filter(|s| s.at + WINDOW_S > now) {
+        for s in seconds.iter().filter(|s| s.at >= from && s.at < until) {
             let _ = all.add(&s.latency_us);
             ok += s.ok;
             failed += s.failed;
         }
-        // The window is as long as the server has been up, at most WINDOW_S.
-        let span = self.start.elapsed().as_secs_f64().clamp(1.0, WINDOW_S as f64);
+        drop(windows);
         let n = ok + failed;
         let error_rate = if n > 0 { failed as f64 / n as f64 } else { 0.0 };
         let pct = (!all.is_empty()).then(|| [0.5, 0.9, 0.99].map(|q| all.value_at_quantile(q) as f64 / 1000.0));
@@ -291,6 +297,20 @@ pub fn frame(engine: &Engine, live: &Live) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rate_counts_whole_seconds() {
+        let live = Live { start: Instant::now() - Duration::from_millis(3500), ..Default::default() };
+        // Two whole seconds ago and one a second ago: 30 and 10 requests; 5 in the current one.
+        {
+            let mut w = live.windows.lock();
+            let h = || Histogram::new_with_bounds(1, 3_600_000_000, 2).unwrap();
+            let s = |at, ok| Second { at, latency_us: h(), ok, failed: 0 };
+            w.insert("m".into(), VecDeque::from([s(0, 20), s(1, 10), s(2, 10), s(3, 5)]));
+        }
+        let (rps, _, _) = live.summary("m");
+        assert!((rps - 40.0 / 3.0).abs() < 1e-9, "{rps}");
+    }
 
     #[test]
     fn the_window_summarises_recorded_requests() {

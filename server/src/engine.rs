@@ -323,6 +323,7 @@ impl Engine {
         stats.record_request(false, Duration::ZERO);
         metrics.requests.inc();
         metrics.failure(e.error_type());
+        self.live.record(model, Duration::ZERO, false);
     }
 
     /// Runs one inference request through the model's batcher (or the pipeline), on

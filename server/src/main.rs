@@ -244,21 +244,25 @@ fn run() -> anyhow::Result<()> {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,ort=warn".into());
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,ort=warn".into());
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match cli.log_format {
         LogFormat::Plain => logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).boxed(),
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(true).boxed(),
     };
-    // Spans to an OpenTelemetry collector; flushed when the command returns.
+    // Spans to an OpenTelemetry collector, with a filter of their own (node and batch
+    // spans are debug level: made only when exported); flushed when the command returns.
     let (otlp, _flush) = match &cli.otlp_endpoint {
         Some(endpoint) => {
             let (layer, flush) = sluice_server::otlp::layer(endpoint).map_err(anyhow::Error::msg)?;
-            (Some(layer), Some(flush))
+            let spans =
+                EnvFilter::try_from_env("SLUICE_OTLP_LOG").unwrap_or_else(|_| "info,sluice_server=debug".into());
+            (Some(layer.with_filter(spans)), Some(flush))
         }
         None => (None, None),
     };
-    tracing_subscriber::registry().with(filter).with(logs).with(otlp).init();
+    tracing_subscriber::registry().with(logs.with_filter(filter)).with(otlp).init();
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),

@@ -91,13 +91,14 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
             return Err(StartError::Repository(e));
         }
     };
+    let (stop, stopped) = watch::channel(false);
     let state = AppState {
         engine: engine.clone(),
         default_timeout: cfg.request_timeout,
         model_control: cfg.reload != ReloadMode::None,
+        stopping: stopped.clone(),
     };
 
-    let (stop, stopped) = watch::channel(false);
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };

@@ -361,4 +361,5 @@ fn serve_exports_request_spans_over_otlp() {
         has(b"request") && has(b"otlp-check-7") && has(b"affine") && has(b"sluice"),
         "the request span is exported"
     );
+    assert!(has(b"batch"), "the model's batch span is exported too");
 }

@@ -180,3 +180,22 @@ async fn the_dashboard_page_shows_live_numbers_that_match_the_metrics() {
     }
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_sends_frames_and_ends_at_shutdown() {
+    let s = start(repo().config()).await;
+    let mut events = reqwest::get(format!("{}/dashboard/events", s.http)).await.unwrap();
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    // One frame, as an SSE `data:` line holding the same JSON as /dashboard/data.
+    let mut text = String::new();
+    while !text.contains("\n\n") {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), events.chunk()).await.unwrap().unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("a frame")));
+    }
+    let frame: serde_json::Value = serde_json::from_str(text.trim().strip_prefix("data:").unwrap().trim()).unwrap();
+    assert_eq!(find(&frame["pipelines"], "p")["nodes"].as_array().unwrap().len(), 2);
+    // A page left open must not hold up a graceful shutdown.
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.server.shutdown())
+        .await
+        .expect("shutdown finishes with an event stream open");
+}

@@ -189,7 +189,7 @@ impl GrpcInferenceService for GrpcApi {
         let started = std::time::Instant::now();
         let mut req = req.into_inner();
         req.id = request_id(std::mem::take(&mut req.id), header_id.as_deref());
-        let span = tracing::info_span!("request", model = %req.model_name, id = %req.id);
+        let span = tracing::info_span!("request", model = %req.model_name, id = ?req.id);
         let (model, version) = (req.model_name.clone(), req.model_version.clone());
         let engine_req =
             to_engine_request(req).inspect_err(|e| self.state.engine.record_rejected(&model, &version, e))?;

@@ -161,10 +161,14 @@ async fn dashboard_events(
 ) -> axum::response::Sse<impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     let ticks = tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(Duration::from_secs(1)));
+    let mut stopping = s.stopping.clone();
+    let stopped = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
     let frames = tokio_stream::StreamExt::map(ticks, move |_| {
         Ok(Event::default().data(crate::dashboard::frame(&s.engine, &s.engine.live).to_string()))
     });
-    Sse::new(frames).keep_alive(KeepAlive::default())
+    Sse::new(futures::StreamExt::take_until(frames, stopped)).keep_alive(KeepAlive::default())
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -221,7 +225,7 @@ async fn infer_v(
             .inspect_err(|e| s.engine.record_rejected(&model, &version, e))?;
         let header_id = headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
         req.id = request_id(std::mem::take(&mut req.id), header_id);
-        let span = tracing::info_span!("request", model = %req.model_name, id = %req.id);
+        let span = tracing::info_span!("request", model = %req.model_name, id = ?req.id);
         let resp = s.engine.infer(req, deadline_after(timeout, s.default_timeout)).instrument(span).await?;
         encode_infer(resp, &binary_out, started)
     };
@@ -354,7 +358,9 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, started: std::time:
         head["parameters"] = Value::Object(params);
     }
     let header = serde_json::to_vec(&head).map_err(|e| Error::Internal(format!("encoding the response: {e}")))?;
-    let id_header = (header::HeaderName::from_static(REQUEST_ID_HEADER), resp.id.clone());
+    // An id that is not a valid header value (control characters) stays in the body only.
+    let id = if header::HeaderValue::from_str(&resp.id).is_ok() { resp.id.clone() } else { String::new() };
+    let id_header = (header::HeaderName::from_static(REQUEST_ID_HEADER), id);
     if blobs.is_empty() {
         return Ok(([(header::CONTENT_TYPE, "application/json".to_string()), id_header], header).into_response());
     }

@@ -21,6 +21,9 @@ pub struct AppState {
     pub default_timeout: Option<Duration>,
     /// Whether the repository's load and unload calls are allowed (`--reload` is not `none`).
     pub model_control: bool,
+    /// Turns true when the server starts to shut down: endless responses (the dashboard's
+    /// event stream) end then, so a graceful shutdown does not wait on them.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {

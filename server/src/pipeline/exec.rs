@@ -551,6 +551,7 @@ impl Pipeline {
                     .find(|(_, m)| **m)
                     .and_then(|(v, _)| v.as_list())
                     .map_or(0, |l| l.len());
+                self.runners[i].metrics.fanout.observe(len as f64);
                 let mut per_output: Vec<Vec<Value>> = vec![Vec::with_capacity(len); node.output_names.len()];
                 for k in 0..len {
                     let el: Vec<Value> = args
