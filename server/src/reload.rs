@@ -339,11 +339,11 @@ impl Engine {
                 Some(ModelSlot::Ready { model, .. }) if Some(&model.spec.fingerprint) == fingerprint.as_ref() => {
                     return ModelSlot::Ready { model: model.clone(), stale: None };
                 }
-                Some(ModelSlot::Ready { stale: Some(f), .. }) | Some(ModelSlot::Unavailable(f))
+                Some(slot @ (ModelSlot::Ready { stale: Some(f), .. } | ModelSlot::Unavailable(f)))
                     if f.fingerprint == fingerprint && (fingerprint.is_some() || onnx.is_err()) =>
                 {
                     // The same files failed before: no point in trying them again.
-                    return before.cloned().expect("matched Some");
+                    return slot.clone();
                 }
                 _ => {}
             }
@@ -411,8 +411,8 @@ impl Engine {
             if !scope.covers(name) {
                 match prev {
                     None => continue,
-                    Some(PipelineSlot::Ready { pipeline, .. }) if still_bound(pipeline, models) => {
-                        pipelines.insert(name.clone(), prev.cloned().expect("matched Some"));
+                    Some(slot @ PipelineSlot::Ready { pipeline, .. }) if still_bound(pipeline, models) => {
+                        pipelines.insert(name.clone(), slot.clone());
                         continue;
                     }
                     // A model it uses changed, or it failed before (perhaps on a model
