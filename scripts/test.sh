@@ -5,3 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SLUICE_SKIP_RESNET=1 scripts/setup.sh
 cargo test --workspace --locked
+# The client's API docs (and their examples, run above as doctests) build without warnings.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p sluice-client

@@ -63,6 +63,8 @@ pub struct Sample {
 #[derive(Debug, Clone)]
 pub struct Step {
     pub load: Load,
+    /// Items per request ([`BenchSpec::batch`]).
+    pub batch: usize,
     /// Requests scheduled in the measured window that succeeded (some may finish after it:
     /// their latency counts, their completion does not count towards throughput).
     pub requests: u64,
@@ -245,6 +247,7 @@ pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step 
     };
     Step {
         load,
+        batch: spec.batch,
         requests,
         errors: r.errors,
         sent: r.sent,
@@ -350,12 +353,29 @@ fn row(s: &Step) -> Vec<String> {
     ]
 }
 
+/// The header of the leading columns: the load's kind, then the batch size.
+fn lead_header(steps: &[Step]) -> Vec<String> {
+    vec![steps.first().map(|s| load_label(&s.load).0).unwrap_or_default(), "batch".into()]
+}
+
+fn lead(s: &Step) -> Vec<String> {
+    vec![load_label(&s.load).1, s.batch.to_string()]
+}
+
+fn header(steps: &[Step]) -> Vec<String> {
+    lead_header(steps).into_iter().chain(COLUMNS.iter().map(|c| c.to_string())).collect()
+}
+
+fn full_row(s: &Step) -> Vec<String> {
+    lead(s).into_iter().chain(row(s)).collect()
+}
+
 /// The steps as a Markdown table.
 pub fn markdown(steps: &[Step]) -> String {
-    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
-    let mut out = format!("| {first} | {} |\n|---|{}\n", COLUMNS.join(" | "), "---|".repeat(COLUMNS.len()));
+    let head = header(steps);
+    let mut out = format!("| {} |\n|{}\n", head.join(" | "), "---|".repeat(head.len()));
     for s in steps {
-        out += &format!("| {} | {} |\n", load_label(&s.load).1, row(s).join(" | "));
+        out += &format!("| {} |\n", full_row(s).join(" | "));
     }
     out
 }
@@ -366,13 +386,14 @@ pub fn steps_markdown(steps: &[Step]) -> String {
     if steps.iter().all(|s| s.server_steps.is_empty()) {
         return String::new();
     }
-    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
-    let mut out = format!("| {first} | step | items/request | queue ms | compute ms |\n|---|---|---|---|---|\n");
+    let [first, batch] = <[String; 2]>::try_from(lead_header(steps)).expect("two lead columns");
+    let mut out =
+        format!("| {first} | {batch} | step | items/request | queue ms | compute ms |\n|---|---|---|---|---|---|\n");
     for s in steps {
         for t in &s.server_steps {
             out += &format!(
                 "| {} | {} | {:.2} | {:.3} | {:.3} |\n",
-                load_label(&s.load).1,
+                lead(s).join(" | "),
                 t.step,
                 t.items,
                 t.queue_ms,
@@ -385,9 +406,8 @@ pub fn steps_markdown(steps: &[Step]) -> String {
 
 /// The steps as an aligned terminal table.
 pub fn table(steps: &[Step]) -> String {
-    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
-    let mut rows = vec![std::iter::once(first).chain(COLUMNS.iter().map(|c| c.to_string())).collect::<Vec<_>>()];
-    rows.extend(steps.iter().map(|s| std::iter::once(load_label(&s.load).1).chain(row(s)).collect()));
+    let mut rows = vec![header(steps)];
+    rows.extend(steps.iter().map(full_row));
     let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
     rows.iter()
         .map(|r| r.iter().zip(&widths).map(|(v, w)| format!("{v:>w$}")).collect::<Vec<_>>().join("  ") + "\n")
@@ -396,10 +416,9 @@ pub fn table(steps: &[Step]) -> String {
 
 /// The steps as CSV, one row per step.
 pub fn csv(steps: &[Step]) -> String {
-    let first = steps.first().map(|s| load_label(&s.load).0).unwrap_or_default();
-    let mut out = format!("{first},{}\n", COLUMNS.join(","));
+    let mut out = header(steps).join(",") + "\n";
     for s in steps {
-        out += &format!("{},{}\n", load_label(&s.load).1, row(s).join(","));
+        out += &(full_row(s).join(",") + "\n");
     }
     out
 }
@@ -412,7 +431,7 @@ pub fn to_json(steps: &[Step]) -> Value {
             .map(|s| {
                 let (kind, value) = load_label(&s.load);
                 json!({
-                    "load": kind, "value": value, "requests": s.requests, "errors": s.errors, "sent": s.sent,
+                    "load": kind, "value": value, "batch": s.batch, "requests": s.requests, "errors": s.errors, "sent": s.sent,
                     "seconds": s.seconds, "throughput": s.throughput, "items_per_second": s.items_per_second,
                     "mean_ms": s.mean_ms, "p50_ms": s.p50_ms, "p80_ms": s.p80_ms, "p90_ms": s.p90_ms,
                     "p99_ms": s.p99_ms, "max_ms": s.max_ms, "service_rate": s.service_rate,
@@ -428,23 +447,33 @@ pub fn to_json(steps: &[Step]) -> Value {
     )
 }
 
-/// The steps as an SVG plot: throughput (top) and p50/p90/p99 latency (bottom) against
-/// the offered load (concurrency or rate).
+/// The steps as an SVG plot: throughput in items/s (top) and latency percentiles
+/// (bottom) against the offered load (concurrency or rate), one line per batch size.
 pub fn svg_plot(steps: &[Step], title: &str) -> Result<String, String> {
     use plotters::prelude::*;
     let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
     if steps.is_empty() {
         return Err("plot: no steps".into());
     }
-    let xs: Vec<f64> = steps
+    let x_of = |s: &Step| match s.load {
+        Load::Closed(n) => n as f64,
+        Load::Open { rate, .. } => rate,
+    };
+    let mut batches: Vec<usize> = steps.iter().map(|s| s.batch).collect();
+    batches.sort_unstable();
+    batches.dedup();
+    // Each batch size's steps, in load order.
+    let lines: Vec<(usize, Vec<&Step>)> = batches
         .iter()
-        .map(|s| match s.load {
-            Load::Closed(n) => n as f64,
-            Load::Open { rate, .. } => rate,
+        .map(|&b| {
+            let mut v: Vec<&Step> = steps.iter().filter(|s| s.batch == b).collect();
+            v.sort_by(|a, b| x_of(a).total_cmp(&x_of(b)));
+            (b, v)
         })
         .collect();
+    let palette = [BLUE, RGBColor(230, 120, 0), RGBColor(0, 150, 70), MAGENTA, CYAN, BLACK];
     let x_label = load_label(&steps[0].load).0;
-    let (x0, x1) = (xs.iter().cloned().fold(f64::MAX, f64::min), xs.iter().cloned().fold(f64::MIN, f64::max));
+    let (x0, x1) = steps.iter().map(x_of).fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
     let x_range = if x1 > x0 { x0..x1 } else { x0 - 1.0..x1 + 1.0 };
     let mut svg = String::new();
     {
@@ -453,17 +482,30 @@ pub fn svg_plot(steps: &[Step], title: &str) -> Result<String, String> {
         let root = root.titled(title, ("sans-serif", 22)).map_err(|e| err(&e))?;
         let (top, bottom) = root.split_vertically(300);
 
-        let max_tp = steps.iter().map(|s| s.throughput).fold(0.0, f64::max).max(1e-9) * 1.1;
+        let max_tp = steps.iter().map(|s| s.items_per_second).fold(0.0, f64::max).max(1e-9) * 1.1;
         let mut c = ChartBuilder::on(&top)
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(60)
             .build_cartesian_2d(x_range.clone(), 0.0..max_tp)
             .map_err(|e| err(&e))?;
-        c.configure_mesh().x_desc(x_label.as_str()).y_desc("requests/s").draw().map_err(|e| err(&e))?;
-        let tp: Vec<(f64, f64)> = xs.iter().zip(steps).map(|(&x, s)| (x, s.throughput)).collect();
-        c.draw_series(LineSeries::new(tp.clone(), BLUE.stroke_width(2))).map_err(|e| err(&e))?.label("throughput");
-        c.draw_series(tp.iter().map(|&p| Circle::new(p, 4, BLUE.filled()))).map_err(|e| err(&e))?;
+        c.configure_mesh().x_desc(x_label.as_str()).y_desc("items/s").draw().map_err(|e| err(&e))?;
+        for (k, (batch, line)) in lines.iter().enumerate() {
+            let color = palette[k % palette.len()];
+            let pts: Vec<(f64, f64)> = line.iter().map(|s| (x_of(s), s.items_per_second)).collect();
+            c.draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(format!("batch {batch}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+            c.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| err(&e))?;
+        }
+        if lines.len() > 1 {
+            c.configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| err(&e))?;
+        }
 
         let max_lat = steps.iter().map(|s| s.p99_ms).fold(0.0, f64::max).max(1e-9) * 1.1;
         let mut c = ChartBuilder::on(&bottom)
@@ -474,14 +516,32 @@ pub fn svg_plot(steps: &[Step], title: &str) -> Result<String, String> {
             .map_err(|e| err(&e))?;
         c.configure_mesh().x_desc(x_label.as_str()).y_desc("latency ms").draw().map_err(|e| err(&e))?;
         type Pick = fn(&Step) -> f64;
-        let series: [(&str, RGBColor, Pick); 3] =
-            [("p50", GREEN, |s| s.p50_ms), ("p90", RGBColor(230, 150, 0), |s| s.p90_ms), ("p99", RED, |s| s.p99_ms)];
-        for (name, color, pick) in series {
-            let pts: Vec<(f64, f64)> = xs.iter().zip(steps).map(|(&x, s)| (x, pick(s))).collect();
-            c.draw_series(LineSeries::new(pts, color.stroke_width(2)))
+        // One batch size: p50, p90 and p99 in their own colours. Several: p50 (thin) and
+        // p99 (thick) in each batch size's colour.
+        let series: Vec<(String, RGBColor, u32, Pick, &Vec<&Step>)> = match lines.as_slice() {
+            [(_, line)] => vec![
+                ("p50".into(), GREEN, 2, |s: &Step| s.p50_ms, line),
+                ("p90".into(), RGBColor(230, 150, 0), 2, |s: &Step| s.p90_ms, line),
+                ("p99".into(), RED, 2, |s: &Step| s.p99_ms, line),
+            ],
+            _ => lines
+                .iter()
+                .enumerate()
+                .flat_map(|(k, (b, line))| {
+                    let color = palette[k % palette.len()];
+                    [
+                        (format!("batch {b} p50"), color, 1, (|s: &Step| s.p50_ms) as Pick, line),
+                        (format!("batch {b} p99"), color, 3, (|s: &Step| s.p99_ms) as Pick, line),
+                    ]
+                })
+                .collect(),
+        };
+        for (name, color, width, pick, line) in series {
+            let pts: Vec<(f64, f64)> = line.iter().map(|s| (x_of(s), pick(s))).collect();
+            c.draw_series(LineSeries::new(pts, color.stroke_width(width)))
                 .map_err(|e| err(&e))?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(width)));
         }
         c.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;

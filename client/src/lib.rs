@@ -12,6 +12,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "ndarray")]
+pub mod array;
 pub mod bench;
 
 use bytes::Bytes;
@@ -19,7 +21,7 @@ pub use sluice_ops::{DataType, Tensor};
 pub use sluice_proto as proto;
 use sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -29,6 +31,8 @@ pub enum ClientError {
     Status(#[from] tonic::Status),
     #[error("malformed response: {0}")]
     Response(String),
+    #[error("TLS settings: {0}")]
+    Tls(String),
 }
 
 impl ClientError {
@@ -112,6 +116,54 @@ pub fn timing_of(resp: &proto::ModelInferResponse) -> (Vec<StepTiming>, Option<i
     (steps, total)
 }
 
+/// How to reach the server: TLS and connection timeouts.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use sluice_client::{Client, ConnectOptions, TlsOptions};
+/// let tls = TlsOptions { ca_pem: Some(std::fs::read("ca.pem")?), ..Default::default() };
+/// let opts = ConnectOptions { tls: Some(tls), ..Default::default() };
+/// let client = Client::connect_with("https://sluice.internal:8001", opts).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// TLS settings; an `https://` address without them uses the system's roots.
+    pub tls: Option<TlsOptions>,
+    /// Give up connecting after this long (default: the OS's TCP timeout).
+    pub connect_timeout: Option<Duration>,
+    /// Send HTTP/2 pings this often so idle connections through proxies stay open.
+    pub keep_alive: Option<Duration>,
+}
+
+/// TLS for a connection (rustls).
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM certificates to trust for the server; none: the system's root store.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The name to check the server's certificate against (default: the address's host).
+    pub domain: Option<String>,
+    /// Client certificate chain and private key, PEM, for servers that require one (mTLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl TlsOptions {
+    fn to_tonic(&self) -> ClientTlsConfig {
+        let mut c = ClientTlsConfig::new();
+        c = match &self.ca_pem {
+            Some(pem) => c.ca_certificate(Certificate::from_pem(pem)),
+            None => c.with_native_roots(),
+        };
+        if let Some(d) = &self.domain {
+            c = c.domain_name(d.clone());
+        }
+        if let Some((cert, key)) = &self.identity {
+            c = c.identity(Identity::from_pem(cert, key));
+        }
+        c
+    }
+}
+
 /// Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone)]
 pub struct Client {
@@ -122,10 +174,34 @@ pub struct Client {
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 impl Client {
-    /// Connects to `addr` ("http://host:port").
+    /// Connects to `addr` ("http://host:port"; "https://host:port" for TLS with the
+    /// system's roots).
     pub async fn connect(addr: impl Into<String>) -> Result<Client, ClientError> {
-        let channel = Endpoint::from_shared(addr.into())?.tcp_nodelay(true).connect().await?;
-        Ok(Client::from_channel(channel))
+        Client::connect_with(addr, ConnectOptions::default()).await
+    }
+
+    /// Connects with TLS or timeouts set (see [`ConnectOptions`]).
+    pub async fn connect_with(addr: impl Into<String>, opts: ConnectOptions) -> Result<Client, ClientError> {
+        let addr = addr.into();
+        let mut ep = Endpoint::from_shared(addr.clone())?.tcp_nodelay(true);
+        let tls = match (&opts.tls, addr.starts_with("https://")) {
+            (Some(t), true) => Some(t.to_tonic()),
+            (Some(_), false) => {
+                return Err(ClientError::Tls(format!("TLS options given for '{addr}': use an https:// address")))
+            }
+            (None, true) => Some(TlsOptions::default().to_tonic()),
+            (None, false) => None,
+        };
+        if let Some(tls) = tls {
+            ep = ep.tls_config(tls)?;
+        }
+        if let Some(t) = opts.connect_timeout {
+            ep = ep.connect_timeout(t);
+        }
+        if let Some(t) = opts.keep_alive {
+            ep = ep.http2_keep_alive_interval(t).keep_alive_while_idle(true);
+        }
+        Ok(Client::from_channel(ep.connect().await?))
     }
 
     pub fn from_channel(channel: Channel) -> Client {

@@ -18,6 +18,7 @@ pub mod repository;
 pub mod sched;
 pub mod server;
 pub mod stats;
+pub mod tls;
 
 pub use error::Error;
 pub use server::{RunningServer, ServerConfig};

@@ -53,11 +53,30 @@ enum Command {
     Bench(BenchArgs),
 }
 
+/// Where a client command finds the server, and how it authenticates it.
 #[derive(Args)]
-struct BenchArgs {
-    /// The server's gRPC address.
+struct ConnArgs {
+    /// The server's gRPC address (https://... for TLS).
     #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
     url: String,
+    /// CA certificates (PEM) to trust for the server's certificate (default: the system's).
+    #[arg(long, env = "SLUICE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry (default: the URL's host).
+    #[arg(long, env = "SLUICE_TLS_DOMAIN")]
+    tls_domain: Option<String>,
+    /// Client certificate (PEM) for servers that require one; needs --tls-key.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
     /// The model or pipeline.
     model: String,
     /// Closed loop: requests in flight, one step per value (default 1,2,4,8,16 unless --rate).
@@ -78,9 +97,10 @@ struct BenchArgs {
     /// gRPC connections to spread requests over.
     #[arg(long, default_value_t = 2)]
     connections: usize,
-    /// Items per request along the batch dimension (generated inputs).
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Items per request along the batch dimension (generated inputs and images); several
+    /// values sweep batch sizes, each over every concurrency or rate.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
     /// Image files for the model's BYTES input (one image per request, cycling is not needed: the same request repeats).
     #[arg(long = "image")]
     images: Vec<PathBuf>,
@@ -112,9 +132,8 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct ReloadArgs {
-    /// The server's gRPC address.
-    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
-    url: String,
+    #[command(flatten)]
+    conn: ConnArgs,
     /// Unload the named models or pipelines instead of loading them.
     #[arg(long)]
     unload: bool,
@@ -125,16 +144,14 @@ struct ReloadArgs {
 
 #[derive(Args)]
 struct ModelsArgs {
-    /// The server's gRPC address.
-    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
-    url: String,
+    #[command(flatten)]
+    conn: ConnArgs,
 }
 
 #[derive(Args)]
 struct InferArgs {
-    /// The server's gRPC address.
-    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
-    url: String,
+    #[command(flatten)]
+    conn: ConnArgs,
     /// The model or pipeline.
     model: String,
     /// Image files, sent as one BYTES input [n, 1] (a pipeline's encoded images).
@@ -158,9 +175,8 @@ fn parse_named_file(s: &str) -> Result<(String, PathBuf), String> {
 
 #[derive(Args)]
 struct OcrArgs {
-    /// The server's gRPC address.
-    #[arg(long, env = "SLUICE_URL", default_value = "http://127.0.0.1:8001")]
-    url: String,
+    #[command(flatten)]
+    conn: ConnArgs,
     /// The pipeline to call (it takes `image` and gives `boxes`, `texts`, `scores`).
     #[arg(long, default_value = "ocr")]
     pipeline: String,
@@ -220,6 +236,15 @@ struct ServeArgs {
     /// In watch mode, how long files must stay unchanged before a reload starts.
     #[arg(long, env = "SLUICE_RELOAD_DEBOUNCE_MS", default_value_t = 500)]
     reload_debounce_ms: u64,
+    /// Serve gRPC and HTTP over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM): mutual TLS.
+    #[arg(long, env = "SLUICE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// How long a graceful shutdown may wait for in-flight requests before exiting anyway.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     shutdown_timeout_s: u64,
@@ -287,6 +312,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: (args.request_timeout_ms > 0).then(|| Duration::from_millis(args.request_timeout_ms)),
         reload: args.reload,
         reload_debounce: Duration::from_millis(args.reload_debounce_ms),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(sluice_server::tls::TlsFiles { cert, key, client_ca: args.tls_client_ca }),
+            _ => None,
+        },
     };
     // The runtime does I/O only; models run on their own instance threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -458,11 +487,11 @@ struct Line {
 }
 
 fn ocr(args: OcrArgs) -> anyhow::Result<()> {
-    use sluice_client::{encoded_images, Client, InferOptions};
+    use sluice_client::{encoded_images, InferOptions};
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     let results = rt.block_on(async {
-        let client = Client::connect(args.url.clone()).await.with_context(|| format!("connecting to {}", args.url))?;
+        let client = connect(&args.conn).await?;
         let calls = args.images.iter().map(|path| {
             let client = client.clone();
             let pipeline = args.pipeline.clone();
@@ -532,13 +561,30 @@ fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")
 }
 
-async fn connect(url: &str) -> anyhow::Result<sluice_client::Client> {
-    sluice_client::Client::connect(url.to_string()).await.with_context(|| format!("connecting to {url}"))
+async fn connect(conn: &ConnArgs) -> anyhow::Result<sluice_client::Client> {
+    use sluice_client::{ConnectOptions, TlsOptions};
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let tls = if conn.tls_ca.is_some() || conn.tls_domain.is_some() || conn.tls_cert.is_some() {
+        let identity = match (&conn.tls_cert, &conn.tls_key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        Some(TlsOptions {
+            ca_pem: conn.tls_ca.as_ref().map(read).transpose()?,
+            domain: conn.tls_domain.clone(),
+            identity,
+        })
+    } else {
+        None
+    };
+    let opts = ConnectOptions { tls, connect_timeout: Some(Duration::from_secs(10)), ..Default::default() };
+    let url = &conn.url;
+    sluice_client::Client::connect_with(url.clone(), opts).await.with_context(|| format!("connecting to {url}"))
 }
 
 fn models(args: ModelsArgs) -> anyhow::Result<()> {
     let index =
-        client_runtime()?.block_on(async { anyhow::Ok(connect(&args.url).await?.repository_index().await?) })?;
+        client_runtime()?.block_on(async { anyhow::Ok(connect(&args.conn).await?.repository_index().await?) })?;
     let width = index.iter().map(|m| m.name.len()).max().unwrap_or(4).max(4);
     println!("{:width$}  {:7}  {:11}  REASON", "NAME", "VERSION", "STATE");
     for m in &index {
@@ -551,7 +597,7 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
 
 fn reload(args: ReloadArgs) -> anyhow::Result<()> {
     client_runtime()?.block_on(async {
-        let client = connect(&args.url).await?;
+        let client = connect(&args.conn).await?;
         if args.names.is_empty() {
             if args.unload {
                 bail!("name the models or pipelines to unload");
@@ -582,7 +628,7 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
     let mut tensors = read_tensor_files(&args.inputs)?;
     let rt = client_runtime()?;
     let outputs = rt.block_on(async {
-        let client = connect(&args.url).await?;
+        let client = connect(&args.conn).await?;
         if !args.images.is_empty() {
             let name = match &args.image_input {
                 Some(n) => n.clone(),
@@ -619,6 +665,68 @@ fn infer(args: InferArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One request's inputs for `sluice bench` at a batch size: the given tensor files, the
+/// images for a BYTES input, generated data for the rest.
+fn bench_inputs(
+    args: &BenchArgs,
+    md: &sluice_client::proto::ModelMetadataResponse,
+    batched: bool,
+    batch: usize,
+    files: &[(String, sluice_client::Tensor)],
+) -> anyhow::Result<Vec<(String, sluice_client::Tensor)>> {
+    use sluice_client::{encoded_images, DataType, Tensor};
+    let mut inputs = files.to_vec();
+    for i in &md.inputs {
+        if inputs.iter().any(|(n, _)| n == &i.name) {
+            continue;
+        }
+        let dtype =
+            DataType::parse(&i.datatype).with_context(|| format!("input '{}': datatype {}", i.name, i.datatype))?;
+        if dtype == DataType::Bytes {
+            if args.images.is_empty() {
+                bail!("input '{}' is BYTES: give --image FILE (or --input {}=FILE)", i.name, i.name);
+            }
+            let files = args
+                .images
+                .iter()
+                .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut t = encoded_images(&files[..1]);
+            if batch > 1 {
+                let many: Vec<&Vec<u8>> = files.iter().cycle().take(batch).collect();
+                t = encoded_images(&many);
+            }
+            inputs.push((i.name.clone(), t));
+            continue;
+        }
+        // Generated data: the batch size for the batch dimension, 1 for other variable dims.
+        let shape: Vec<usize> = i
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(k, &d)| {
+                if k == 0 && batched {
+                    batch
+                } else if d < 0 {
+                    1
+                } else {
+                    d as usize
+                }
+            })
+            .collect();
+        let n: usize = shape.iter().product();
+        let size = dtype.size().unwrap_or(1);
+        // Deterministic values in [0, 1) for floats; zeros for other types.
+        let data: Vec<u8> = if dtype == DataType::F32 && !args.zero_data {
+            (0..n).flat_map(|k| ((k * 7919 % 1000) as f32 / 1000.0).to_le_bytes()).collect()
+        } else {
+            vec![0; n * size]
+        };
+        inputs.push((i.name.clone(), Tensor::new(dtype, shape, data.into()).map_err(|e| anyhow::anyhow!("{e}"))?));
+    }
+    Ok(inputs)
+}
+
 /// Tensors from v2 JSON files ({"datatype", "shape", "data"}), by input name.
 fn read_tensor_files(files: &[(String, PathBuf)]) -> anyhow::Result<Vec<(String, sluice_client::Tensor)>> {
     use sluice_client::{DataType, Tensor};
@@ -643,8 +751,7 @@ fn read_tensor_files(files: &[(String, PathBuf)]) -> anyhow::Result<Vec<(String,
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use sluice_client::bench::{self, BenchSpec, Load};
-    use sluice_client::{encoded_images, DataType, Tensor};
-    if args.seconds <= 0.0 || args.connections == 0 || args.batch == 0 {
+    if args.seconds <= 0.0 || args.connections == 0 || args.batch.contains(&0) {
         bail!("--seconds, --connections and --batch must be positive");
     }
     let loads: Vec<Load> = if args.rate.is_empty() {
@@ -658,72 +765,25 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let steps = rt.block_on(async {
         let mut clients = Vec::new();
         for _ in 0..args.connections {
-            clients.push(connect(&args.url).await?);
+            clients.push(connect(&args.conn).await?);
         }
         let md = clients[0].model_metadata(&args.model).await?;
         let batched = clients[0].model_config(&args.model).await.map(|c| c.max_batch_size > 0).unwrap_or(true);
-        let mut inputs = read_tensor_files(&args.inputs)?;
-        for i in &md.inputs {
-            if inputs.iter().any(|(n, _)| n == &i.name) {
-                continue;
-            }
-            let dtype =
-                DataType::parse(&i.datatype).with_context(|| format!("input '{}': datatype {}", i.name, i.datatype))?;
-            if dtype == DataType::Bytes {
-                if args.images.is_empty() {
-                    bail!("input '{}' is BYTES: give --image FILE (or --input {}=FILE)", i.name, i.name);
-                }
-                let files = args
-                    .images
-                    .iter()
-                    .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let mut t = encoded_images(&files[..1]);
-                if args.batch > 1 {
-                    let many: Vec<&Vec<u8>> = files.iter().cycle().take(args.batch).collect();
-                    t = encoded_images(&many);
-                }
-                inputs.push((i.name.clone(), t));
-                continue;
-            }
-            // Generated data: the batch size for the batch dimension, 1 for other variable dims.
-            let shape: Vec<usize> = i
-                .shape
-                .iter()
-                .enumerate()
-                .map(|(k, &d)| {
-                    if k == 0 && batched {
-                        args.batch
-                    } else if d < 0 {
-                        1
-                    } else {
-                        d as usize
-                    }
-                })
-                .collect();
-            let n: usize = shape.iter().product();
-            let size = dtype.size().unwrap_or(1);
-            // Deterministic values in [0, 1) for floats; zeros for other types.
-            let data: Vec<u8> = if dtype == DataType::F32 && !args.zero_data {
-                (0..n).flat_map(|k| ((k * 7919 % 1000) as f32 / 1000.0).to_le_bytes()).collect()
-            } else {
-                vec![0; n * size]
-            };
-            inputs.push((i.name.clone(), Tensor::new(dtype, shape, data.into()).map_err(|e| anyhow::anyhow!("{e}"))?));
-        }
-        let spec = BenchSpec {
-            model: args.model.clone(),
-            inputs,
-            warmup: Duration::from_secs_f64(args.warmup),
-            duration: Duration::from_secs_f64(args.seconds),
-            timeout: None,
-            batch: args.batch,
-            keep_samples: args.samples.is_some(),
-            timing: args.timing,
-        };
+        let files = read_tensor_files(&args.inputs)?;
+        let runs: Vec<(usize, Load)> = args.batch.iter().flat_map(|&b| loads.iter().map(move |&l| (b, l))).collect();
         let mut steps = Vec::new();
-        for (k, load) in loads.iter().enumerate() {
-            let label = format!("bench: step {}/{} {load:?}", k + 1, loads.len());
+        for (k, &(batch, load)) in runs.iter().enumerate() {
+            let spec = BenchSpec {
+                model: args.model.clone(),
+                inputs: bench_inputs(&args, &md, batched, batch, &files)?,
+                warmup: Duration::from_secs_f64(args.warmup),
+                duration: Duration::from_secs_f64(args.seconds),
+                timeout: None,
+                batch,
+                keep_samples: args.samples.is_some(),
+                timing: args.timing,
+            };
+            let label = format!("bench: step {}/{} batch {batch} {load:?}", k + 1, runs.len());
             eprint!("{label} ... ");
             // On a terminal, a live progress line while the step runs.
             let total = (spec.warmup + spec.duration).as_secs_f64();
@@ -739,7 +799,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                     }
                 })
             });
-            let step = bench::run_step(&clients, &spec, *load).await;
+            let step = bench::run_step(&clients, &spec, load).await;
             if let Some(t) = ticker {
                 t.abort();
                 eprint!("\r{label} ... ");

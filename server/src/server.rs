@@ -7,6 +7,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
 use crate::reload::{ReloadMode, Reloader};
 use crate::sched::pool::PoolConfig;
+use crate::tls::{Tls, TlsFiles};
 use axum::serve::ListenerExt;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct ServerConfig {
     /// In watch mode, how long the files must stay unchanged before a reload starts
     /// (a model being copied in fires many events).
     pub reload_debounce: Duration,
+    /// Serve both protocols over TLS with these files.
+    pub tls: Option<TlsFiles>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Repository(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 pub struct RunningServer {
@@ -62,6 +67,8 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// Loads the repository and starts serving; returns once both listeners accept.
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
+    // Bad TLS files fail the start before anything is loaded.
+    let tls = cfg.tls.as_ref().map(Tls::load).transpose().map_err(StartError::Tls)?;
     let grpc_listener = bind(cfg.grpc_addr).await?;
     let http_listener = bind(cfg.http_addr).await?;
     let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.grpc_addr, source })?;
@@ -118,8 +125,12 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         })
     });
     let grpc_stop = wait_stop(stopped.clone());
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        grpc_builder = grpc_builder.tls_config(tls.grpc()).map_err(|e| StartError::Tls(format!("TLS: {e}")))?;
+    }
     let grpc_task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
+        let served = grpc_builder
             // Image tensors are large: the 64 KiB HTTP/2 default window costs round trips.
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
@@ -133,18 +144,39 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
 
     let app = http::router(state, cfg.max_message_bytes);
     let http_stop = wait_stop(stopped);
-    let http_task = tokio::spawn(async move {
-        let listener = http_listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let served = axum::serve(listener, app).with_graceful_shutdown(http_stop).await;
-        if let Err(e) = served {
+    let http_task = match &tls {
+        Some(tls) => {
+            let listener =
+                tls.http_listener(http_listener).map_err(|source| StartError::Bind { addr: cfg.http_addr, source })?;
+            spawn_http(listener, app, http_stop)
+        }
+        None => spawn_http(
+            http_listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            app,
+            http_stop,
+        ),
+    };
+
+    tracing::info!(%grpc_addr, %http_addr, tls = tls.is_some(), "sluice is serving");
+    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task], reloader })
+}
+
+fn spawn_http<L>(
+    listener: L,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!("HTTP server stopped: {e}");
         }
-    });
-
-    tracing::info!(%grpc_addr, %http_addr, "sluice is serving");
-    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task], reloader })
+    })
 }
 
 impl RunningServer {

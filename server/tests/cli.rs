@@ -189,35 +189,55 @@ async fn models_lists_states_and_infer_prints_json_outputs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bench_sweeps_concurrency_and_writes_tables() {
+async fn bench_sweeps_concurrency_and_batch_size_and_writes_tables() {
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), "max_batch_size: 8\n");
     let s = sluice_tests::start(repo.config()).await;
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("out.csv");
     let svg = dir.path().join("plot.svg");
-    let args: Vec<String> =
-        ["bench", "affine", "--concurrency", "1,2", "--seconds", "0.5", "--warmup", "0.1", "--format", "markdown"]
-            .iter()
-            .map(|s| s.to_string())
-            .chain([
-                "--url".into(),
-                format!("http://{}", s.server.grpc_addr),
-                "--out".into(),
-                csv.display().to_string(),
-                "--plot".into(),
-                svg.display().to_string(),
-            ])
-            .collect();
+    let args: Vec<String> = [
+        "bench",
+        "affine",
+        "--concurrency",
+        "1,2",
+        "--batch",
+        "1,3",
+        "--seconds",
+        "0.5",
+        "--warmup",
+        "0.1",
+        "--format",
+        "markdown",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        "--url".into(),
+        format!("http://{}", s.server.grpc_addr),
+        "--out".into(),
+        csv.display().to_string(),
+        "--plot".into(),
+        svg.display().to_string(),
+    ])
+    .collect();
     let out = tokio::task::spawn_blocking(move || sluice().args(args).output().unwrap()).await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let rows: Vec<&str> = stdout.lines().collect();
-    assert!(rows[0].starts_with("| concurrency | requests |"), "{stdout}");
-    assert!(rows[2].starts_with("| 1 | ") && rows[3].starts_with("| 2 | "), "{stdout}");
+    assert!(rows[0].starts_with("| concurrency | batch | requests |"), "{stdout}");
+    let leads: Vec<String> = rows[2..6].iter().map(|r| r.split(" | ").take(2).collect::<Vec<_>>().join(",")).collect();
+    assert_eq!(leads, ["| 1,1", "| 2,1", "| 1,3", "| 2,3"], "{stdout}");
     let written = std::fs::read_to_string(&csv).unwrap();
-    assert!(written.starts_with("concurrency,requests,errors,req/s"), "{written}");
-    assert_eq!(written.lines().count(), 3);
+    assert!(written.starts_with("concurrency,batch,requests,errors,req/s,items/s"), "{written}");
+    assert_eq!(written.lines().count(), 5);
+    // Batch-3 requests carry three items each: items/s is three times req/s.
+    for line in written.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let (batch, rps, items): (f64, f64, f64) =
+            (f[1].parse().unwrap(), f[4].parse().unwrap(), f[5].parse().unwrap());
+        assert!(rps > 0.0 && (items - rps * batch).abs() < 0.02 * items + 0.01, "{line}");
+    }
     // The plot is well-formed SVG (checked with Python's XML parser).
     let check = std::process::Command::new(sluice_tests::repo_root().join(".venv/bin/python"))
         .args(["-c", "import sys, xml.etree.ElementTree as E; r = E.parse(sys.argv[1]).getroot(); assert r.tag.endswith('svg'), r.tag; print(len(list(r.iter())))"])
@@ -237,7 +257,7 @@ async fn bench_sweeps_concurrency_and_writes_tables() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let step = stdout.lines().skip_while(|l| !l.starts_with("server time per request, by step")).nth(4);
-    assert!(step.is_some_and(|l| l.starts_with("| 1 | affine | 1.00 | ")), "{stdout}");
+    assert!(step.is_some_and(|l| l.starts_with("| 1 | 1 | affine | 1.00 | ")), "{stdout}");
 }
 
 #[test]

@@ -436,6 +436,7 @@ pub fn config(models: &Path) -> ServerConfig {
         // Tests that change files under a running server ask for `Watch` themselves.
         reload: sluice_server::reload::ReloadMode::Explicit,
         reload_debounce: Duration::from_millis(200),
+        tls: None,
     }
 }
 

@@ -36,8 +36,8 @@ async fn closed_loop_counts_match_the_servers_statistics() {
     assert_eq!(step.samples.len() as u64, step.requests, "one sample per measured request");
     assert!(step.samples.iter().all(|x| x.ok && x.at_s >= 0.0 && x.at_s < 1.0 && x.latency_ms > 0.0));
     let md = bench::markdown(std::slice::from_ref(&step));
-    assert!(md.starts_with("| concurrency | requests | errors | req/s |"), "{md}");
-    assert!(md.contains(&format!("| 4 | {} | 0 |", step.requests)), "{md}");
+    assert!(md.starts_with("| concurrency | batch | requests | errors | req/s |"), "{md}");
+    assert!(md.contains(&format!("| 4 | 1 | {} | 0 |", step.requests)), "{md}");
     assert_eq!(bench::csv(std::slice::from_ref(&step)).lines().count(), 2);
     assert_eq!(bench::to_json(&[step])[0]["requests"], served);
 }
