@@ -14,11 +14,18 @@
 //! ```
 
 use crate::ClientError;
+/// The ndarray version these conversions use.
+pub use ndarray;
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 use sluice_ops::{DataType, Tensor};
 
-/// Element types that map one to one onto a v2 datatype.
-pub trait Element: Copy + 'static {
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// Element types that map one to one onto a v2 datatype (the numeric ones and bool;
+/// sealed: BYTES and FP16 tensors have no fixed-width Rust element here).
+pub trait Element: sealed::Sealed + Copy + 'static {
     const DTYPE: DataType;
     /// Appends the element, little-endian.
     fn put(self, out: &mut Vec<u8>);
@@ -28,6 +35,7 @@ pub trait Element: Copy + 'static {
 
 macro_rules! numeric_element {
     ($($t:ty => $d:ident),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
         impl Element for $t {
             const DTYPE: DataType = DataType::$d;
             fn put(self, out: &mut Vec<u8>) {
@@ -46,6 +54,7 @@ numeric_element!(
     f32 => F32, f64 => F64,
 );
 
+impl sealed::Sealed for bool {}
 impl Element for bool {
     const DTYPE: DataType = DataType::Bool;
     fn put(self, out: &mut Vec<u8>) {

@@ -348,8 +348,8 @@ fn row(s: &Step) -> Vec<String> {
         format!("{:.2}", s.p90_ms),
         format!("{:.2}", s.p99_ms),
         opt(s.service_rate, 3),
-        opt(s.server_queue_ms, 2),
-        opt(s.server_compute_ms, 2),
+        opt(s.server_queue_ms, 3),
+        opt(s.server_compute_ms, 3),
     ]
 }
 

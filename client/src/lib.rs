@@ -137,7 +137,7 @@ pub struct ConnectOptions {
 }
 
 /// TLS for a connection (rustls).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct TlsOptions {
     /// PEM certificates to trust for the server; none: the system's root store.
     pub ca_pem: Option<Vec<u8>>,
@@ -145,6 +145,17 @@ pub struct TlsOptions {
     pub domain: Option<String>,
     /// Client certificate chain and private key, PEM, for servers that require one (mTLS).
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsOptions {
+    // Never print the private key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("ca_pem", &self.ca_pem.as_ref().map(|p| format!("{} bytes", p.len())))
+            .field("domain", &self.domain)
+            .field("identity", &self.identity.as_ref().map(|_| "(certificate and key)"))
+            .finish()
+    }
 }
 
 impl TlsOptions {
@@ -184,7 +195,8 @@ impl Client {
     pub async fn connect_with(addr: impl Into<String>, opts: ConnectOptions) -> Result<Client, ClientError> {
         let addr = addr.into();
         let mut ep = Endpoint::from_shared(addr.clone())?.tcp_nodelay(true);
-        let tls = match (&opts.tls, addr.starts_with("https://")) {
+        let https = ep.uri().scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("https"));
+        let tls = match (&opts.tls, https) {
             (Some(t), true) => Some(t.to_tonic()),
             (Some(_), false) => {
                 return Err(ClientError::Tls(format!("TLS options given for '{addr}': use an https:// address")))

@@ -66,10 +66,10 @@ struct ConnArgs {
     #[arg(long, env = "SLUICE_TLS_DOMAIN")]
     tls_domain: Option<String>,
     /// Client certificate (PEM) for servers that require one; needs --tls-key.
-    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "SLUICE_CLIENT_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The client certificate's private key (PEM).
-    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "SLUICE_CLIENT_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 }
 
@@ -124,8 +124,8 @@ struct BenchArgs {
     /// and report its mean per step.
     #[arg(long)]
     timing: bool,
-    /// Write every measured request as CSV (step, at_s from the window's start,
-    /// latency_ms from its scheduled send, ok), for latency over time.
+    /// Write every measured request as CSV (step, load, batch, at_s from the window's
+    /// start, latency_ms from its scheduled send, ok), for latency over time.
     #[arg(long)]
     samples: Option<PathBuf>,
 }
@@ -237,13 +237,13 @@ struct ServeArgs {
     #[arg(long, env = "SLUICE_RELOAD_DEBOUNCE_MS", default_value_t = 500)]
     reload_debounce_ms: u64,
     /// Serve gRPC and HTTP over TLS with this certificate chain (PEM); needs --tls-key.
-    #[arg(long, env = "SLUICE_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "SLUICE_SERVER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// The certificate's private key (PEM).
-    #[arg(long, env = "SLUICE_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "SLUICE_SERVER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Require client certificates signed by these CAs (PEM): mutual TLS.
-    #[arg(long, env = "SLUICE_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, env = "SLUICE_SERVER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// How long a graceful shutdown may wait for in-flight requests before exiting anyway.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
@@ -675,7 +675,22 @@ fn bench_inputs(
     files: &[(String, sluice_client::Tensor)],
 ) -> anyhow::Result<Vec<(String, sluice_client::Tensor)>> {
     use sluice_client::{encoded_images, DataType, Tensor};
-    let mut inputs = files.to_vec();
+    if !batched && batch != 1 {
+        bail!("'{}' has no batch dimension (max_batch_size 0): --batch must be 1", args.model);
+    }
+    // Tensor files hold one request's data: as given when their batch is the one asked
+    // for, their single row repeated to fill it otherwise.
+    let mut inputs = Vec::with_capacity(files.len());
+    for (name, t) in files {
+        let rows = t.shape.first().copied().unwrap_or(0);
+        let t = match (batched, rows) {
+            (false, _) => t.clone(),
+            (true, r) if r == batch => t.clone(),
+            (true, 1) => Tensor::concat_batch(&vec![t; batch]).map_err(|e| anyhow::anyhow!("input '{name}': {e}"))?,
+            (true, r) => bail!("input '{name}': the file holds a batch of {r}; give one row to sweep --batch"),
+        };
+        inputs.push((name.clone(), t));
+    }
     for i in &md.inputs {
         if inputs.iter().any(|(n, _)| n == &i.name) {
             continue;
@@ -753,6 +768,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use sluice_client::bench::{self, BenchSpec, Load};
     if args.seconds <= 0.0 || args.connections == 0 || args.batch.contains(&0) {
         bail!("--seconds, --connections and --batch must be positive");
+    }
+    for (flag, values) in [("--batch", &args.batch), ("--concurrency", &args.concurrency)] {
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = values.iter().find(|v| !seen.insert(**v)) {
+            bail!("{flag}: {dup} is given twice");
+        }
     }
     let loads: Vec<Load> = if args.rate.is_empty() {
         let c = if args.concurrency.is_empty() { vec![1, 2, 4, 8, 16] } else { args.concurrency.clone() };
@@ -837,11 +858,16 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
     }
     if let Some(path) = &args.samples {
-        // One file for all steps: each step's samples, step number first.
-        let mut out = String::from("step,at_s,latency_ms,ok\n");
+        // One file for all steps: each step's samples, after the step's number, load
+        // (concurrency or rate) and batch size.
+        let mut out = String::from("step,load,batch,at_s,latency_ms,ok\n");
         for (k, step) in steps.iter().enumerate() {
+            let load = match step.load {
+                Load::Closed(n) => n.to_string(),
+                Load::Open { rate, .. } => rate.to_string(),
+            };
             for line in bench::samples_csv(&step.samples).lines().skip(1) {
-                out.push_str(&format!("{},{line}\n", k + 1));
+                out.push_str(&format!("{},{load},{},{line}\n", k + 1, step.batch));
             }
         }
         std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;

@@ -69,6 +69,10 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     // Bad TLS files fail the start before anything is loaded.
     let tls = cfg.tls.as_ref().map(Tls::load).transpose().map_err(StartError::Tls)?;
+    let mut grpc_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        grpc_builder = grpc_builder.tls_config(tls.grpc()).map_err(|e| StartError::Tls(format!("TLS: {e}")))?;
+    }
     let grpc_listener = bind(cfg.grpc_addr).await?;
     let http_listener = bind(cfg.http_addr).await?;
     let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.grpc_addr, source })?;
@@ -125,10 +129,6 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         })
     });
     let grpc_stop = wait_stop(stopped.clone());
-    let mut grpc_builder = tonic::transport::Server::builder();
-    if let Some(tls) = &tls {
-        grpc_builder = grpc_builder.tls_config(tls.grpc()).map_err(|e| StartError::Tls(format!("TLS: {e}")))?;
-    }
     let grpc_task = tokio::spawn(async move {
         let served = grpc_builder
             // Image tensors are large: the 64 KiB HTTP/2 default window costs round trips.

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer, pki_types::PrivateKeyDer};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -23,6 +24,12 @@ pub struct TlsFiles {
     /// CA certificates, PEM: clients must present a certificate signed by one.
     pub client_ca: Option<PathBuf>,
 }
+
+/// How long a client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress on the HTTP port at most; more connections wait in the
+/// kernel's backlog (each handshake costs a signature and a file descriptor).
+const MAX_HANDSHAKES: usize = 512;
 
 /// The files, read and checked once at start-up.
 #[derive(Clone)]
@@ -55,6 +62,9 @@ impl Tls {
         let chain = certs(&cert_pem, &files.cert)?;
         let key = PrivateKeyDer::from_pem_slice(&key_pem)
             .map_err(|e| format!("TLS: {}: no usable private key: {e}", files.key.display()))?;
+        // tonic builds its gRPC acceptor with rustls's process default: make it ring, the
+        // one provider compiled in, so it never has to guess.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -82,7 +92,9 @@ impl Tls {
     /// The same material for tonic's own TLS acceptor.
     pub fn grpc(&self) -> tonic::transport::ServerTlsConfig {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut c = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        let mut c = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(HANDSHAKE_TIMEOUT);
         if let Some(ca) = &self.client_ca_pem {
             c = c.client_ca_root(Certificate::from_pem(ca));
         }
@@ -90,30 +102,43 @@ impl Tls {
     }
 
     /// An HTTP listener that hands out connections once their handshake is done. The
-    /// handshakes run in their own tasks, so a slow or stuck client never holds up the
-    /// accept loop; one that has not finished in 10 s is dropped.
+    /// handshakes run in their own tasks (at most [`MAX_HANDSHAKES`] at once), so a slow
+    /// or stuck client never holds up the accept loop; one that has not finished in 10 s
+    /// is dropped. Dropping the listener ends the accept loop and its handshakes.
     pub fn http_listener(&self, tcp: TcpListener) -> io::Result<TlsListener> {
         let local = tcp.local_addr()?;
         let acceptor = TlsAcceptor::from(self.rustls.clone());
         let (tx, rx) = mpsc::channel(64);
         let task = tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+            let mut handshakes = JoinSet::new();
             loop {
-                let (stream, peer) = match tcp.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!("HTTP accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+                let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
+                let (stream, peer) = loop {
+                    tokio::select! {
+                        accepted = tcp.accept() => match accepted {
+                            Ok(c) => break c,
+                            Err(e) => {
+                                // Out of file descriptors and the like: back off, don't spin.
+                                tracing::warn!("HTTP accept failed: {e}");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        },
+                        // Reap finished handshakes so the set stays small.
+                        Some(_) = handshakes.join_next(), if !handshakes.is_empty() => {}
                     }
                 };
                 let _ = stream.set_nodelay(true);
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
+                handshakes.spawn(async move {
+                    let _permit = permit;
+                    let handshake = async {
+                        let tls = acceptor.accept(stream).await?;
+                        // A full channel means axum is not taking connections: give up with the rest.
+                        tx.send((tls, peer)).await.map_err(|_| io::Error::other("the server is stopping"))
+                    };
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

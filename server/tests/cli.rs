@@ -209,6 +209,7 @@ async fn bench_sweeps_concurrency_and_batch_size_and_writes_tables() {
         "0.1",
         "--format",
         "markdown",
+        "--timing",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -231,7 +232,14 @@ async fn bench_sweeps_concurrency_and_batch_size_and_writes_tables() {
     let written = std::fs::read_to_string(&csv).unwrap();
     assert!(written.starts_with("concurrency,batch,requests,errors,req/s,items/s"), "{written}");
     assert_eq!(written.lines().count(), 5);
-    // Batch-3 requests carry three items each: items/s is three times req/s.
+    // Batch-3 requests reach the server with three items each (its own timing says so),
+    // and items/s is three times req/s.
+    let per_step: Vec<&str> = stdout.lines().filter(|l| l.contains(" | affine | ")).collect();
+    assert_eq!(per_step.len(), 4, "{stdout}");
+    for l in per_step {
+        let f: Vec<&str> = l.split(" | ").collect();
+        assert_eq!(f[3], if f[1] == "3" { "3.00" } else { "1.00" }, "items per request at batch {}: {l}", f[1]);
+    }
     for line in written.lines().skip(1) {
         let f: Vec<&str> = line.split(',').collect();
         let (batch, rps, items): (f64, f64, f64) =
@@ -382,4 +390,51 @@ fn serve_exports_request_spans_over_otlp() {
         "the request span is exported"
     );
     assert!(has(b"batch"), "the model's batch span is exported too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_speak_tls_with_the_given_ca_and_certificate() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), "max_batch_size: 4\n");
+    let pki = sluice_tests::pki::pki();
+    let mut cfg = repo.config();
+    cfg.tls = Some(pki.write(repo.path(), true));
+    let s = sluice_server::server::start(cfg).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let (ca, cert, key) = (file("ca.pem", &pki.ca_pem), file("c.pem", &pki.client.0), file("c.key", &pki.client.1));
+    let url = format!("https://localhost:{}", s.grpc_addr.port());
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = sluice();
+            // A developer's own settings must not leak into the test.
+            for v in
+                ["SLUICE_URL", "SLUICE_TLS_CA", "SLUICE_TLS_DOMAIN", "SLUICE_CLIENT_TLS_CERT", "SLUICE_CLIENT_TLS_KEY"]
+            {
+                cmd.env_remove(v);
+            }
+            cmd.args(args).output().unwrap()
+        })
+    };
+    let models = |extra: &[&str]| {
+        ["models", "--url", url.as_str()].iter().chain(extra).map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+
+    let ok = run(models(&["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key])).await.unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("affine"));
+
+    // The system's roots do not know the test CA; the server wants a client certificate.
+    for extra in [&[][..], &["--tls-ca", &ca][..]] {
+        let out = run(models(extra)).await.unwrap();
+        assert!(!out.status.success(), "served without {extra:?}");
+    }
+    // A certificate without its key is a usage error.
+    let out = run(models(&["--tls-ca", &ca, "--tls-cert", &cert])).await.unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"), "{}", String::from_utf8_lossy(&out.stderr));
+    s.shutdown().await;
 }

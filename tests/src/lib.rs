@@ -447,3 +447,58 @@ pub async fn start(cfg: ServerConfig) -> TestServer {
     let http = format!("http://{}", server.http_addr);
     TestServer { server, client, http }
 }
+
+/// Certificates for TLS tests, made per run (nothing secret is committed): a CA, a server
+/// certificate for localhost and 127.0.0.1, a client certificate, and a stranger CA with
+/// a client certificate of its own. Certificates and keys are PEM.
+pub mod pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+
+    pub struct Pki {
+        pub ca_pem: String,
+        /// For "localhost" and 127.0.0.1.
+        pub server: (String, String),
+        pub client: (String, String),
+        /// A CA nobody trusts, and a client certificate it signed.
+        pub stranger_ca_pem: String,
+        pub stranger_client: (String, String),
+    }
+
+    fn leaf(names: &[&str], ca: &CertifiedIssuer<'_, KeyPair>) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        (params.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
+    }
+
+    fn ca() -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    pub fn pki() -> Pki {
+        let (ca, stranger) = (ca(), ca());
+        Pki {
+            ca_pem: ca.pem(),
+            server: leaf(&["localhost", "127.0.0.1"], &ca),
+            client: leaf(&["a-client"], &ca),
+            stranger_ca_pem: stranger.pem(),
+            stranger_client: leaf(&["someone"], &stranger),
+        }
+    }
+
+    impl Pki {
+        /// Writes the server's files into `dir`: server.pem, server.key, and ca.pem (the
+        /// client CA too when `mutual`).
+        pub fn write(&self, dir: &std::path::Path, mutual: bool) -> sluice_server::tls::TlsFiles {
+            std::fs::write(dir.join("server.pem"), &self.server.0).expect("server.pem");
+            std::fs::write(dir.join("server.key"), &self.server.1).expect("server.key");
+            std::fs::write(dir.join("ca.pem"), &self.ca_pem).expect("ca.pem");
+            sluice_server::tls::TlsFiles {
+                cert: dir.join("server.pem"),
+                key: dir.join("server.key"),
+                client_ca: mutual.then(|| dir.join("ca.pem")),
+            }
+        }
+    }
+}

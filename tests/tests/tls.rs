@@ -2,60 +2,15 @@
 //! client (gRPC) and a plain TLS socket (HTTP). Certificates are made here, per run.
 
 use ndarray::array;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::KeyPair;
 use sluice_client::array::{ArrayExt, TensorExt};
 use sluice_client::{Client, ClientError, ConnectOptions, InferOptions, TlsOptions};
-use sluice_server::tls::TlsFiles;
+use sluice_tests::pki::pki;
 use sluice_tests::{affine_model, config, Repo};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::{self, pki_types::pem::PemObject};
-
-struct Pki {
-    ca_pem: String,
-    /// For "localhost" and 127.0.0.1.
-    server: (String, String),
-    client: (String, String),
-    /// A CA nobody trusts, and a client certificate it signed.
-    stranger_ca_pem: String,
-    stranger_client: (String, String),
-}
-
-fn leaf(names: &[&str], ca: &CertifiedIssuer<'_, KeyPair>) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    (params.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
-}
-
-fn ca() -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn pki() -> Pki {
-    let (ca, stranger) = (ca(), ca());
-    Pki {
-        ca_pem: ca.pem(),
-        server: leaf(&["localhost", "127.0.0.1"], &ca),
-        client: leaf(&["a-client"], &ca),
-        stranger_ca_pem: stranger.pem(),
-        stranger_client: leaf(&["someone"], &stranger),
-    }
-}
-
-fn write_files(dir: &Path, pki: &Pki, mutual: bool) -> TlsFiles {
-    std::fs::write(dir.join("server.pem"), &pki.server.0).unwrap();
-    std::fs::write(dir.join("server.key"), &pki.server.1).unwrap();
-    std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
-    TlsFiles {
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-        client_ca: mutual.then(|| dir.join("ca.pem")),
-    }
-}
 
 fn repo() -> Repo {
     let repo = Repo::new();
@@ -119,7 +74,7 @@ async fn https_get(
 async fn tls_serves_grpc_and_http_and_plain_clients_are_refused() {
     let (repo, pki) = (repo(), pki());
     let mut cfg = config(repo.path());
-    cfg.tls = Some(write_files(repo.path(), &pki, false));
+    cfg.tls = Some(pki.write(repo.path(), false));
     let server = sluice_server::server::start(cfg).await.expect("server starts");
     let grpc = format!("https://{}", server.grpc_addr);
     let trust = TlsOptions { ca_pem: Some(pki.ca_pem.clone().into()), ..Default::default() };
@@ -158,7 +113,7 @@ async fn tls_serves_grpc_and_http_and_plain_clients_are_refused() {
 async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let (repo, pki) = (repo(), pki());
     let mut cfg = config(repo.path());
-    cfg.tls = Some(write_files(repo.path(), &pki, true));
+    cfg.tls = Some(pki.write(repo.path(), true));
     let server = sluice_server::server::start(cfg).await.expect("server starts");
     let grpc = format!("https://{}", server.grpc_addr);
     let with = |identity: Option<(String, String)>| TlsOptions {
@@ -188,7 +143,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tls_files_fail_the_start_naming_the_file() {
     let (repo, pki) = (repo(), pki());
-    let mut files = write_files(repo.path(), &pki, false);
+    let mut files = pki.write(repo.path(), false);
     files.key = repo.path().join("missing.key");
     let mut cfg = config(repo.path());
     cfg.tls = Some(files.clone());
