@@ -255,6 +255,9 @@ pub struct Engine {
     pub(crate) retired: Mutex<Vec<Retired>>,
     /// Recent latencies and counter samples for the dashboard.
     pub live: crate::dashboard::Live,
+    /// Set once the first load is done: later loads run at low CPU priority so that
+    /// serving keeps the CPU (see sched::threads).
+    pub(crate) serving: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) enum Retired {
@@ -284,8 +287,10 @@ impl Engine {
             reloading: Mutex::new(()),
             retired: Mutex::new(Vec::new()),
             live: Default::default(),
+            serving: Default::default(),
         };
         engine.reload(&crate::reload::Scope::All)?;
+        engine.serving.store(true, std::sync::atomic::Ordering::Release);
         Ok(engine)
     }
 

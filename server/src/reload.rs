@@ -349,10 +349,17 @@ impl Engine {
             }
         }
         let started = Instant::now();
-        let loaded = onnx
-            .clone()
-            .and_then(|path| repository::read_spec(dir, v, &path))
-            .and_then(|spec| load_model(spec, &self.cfg.ort_dylib, &self.metrics));
+        let load = || {
+            onnx.clone()
+                .and_then(|path| repository::read_spec(dir, v, &path))
+                .and_then(|spec| load_model(spec, &self.cfg.ort_dylib, &self.metrics))
+        };
+        // While serving, a load takes only the CPU that requests leave idle.
+        let loaded = if self.serving.load(std::sync::atomic::Ordering::Acquire) {
+            crate::sched::threads::in_background(load)
+        } else {
+            load()
+        };
         let v_label = v.to_string();
         match loaded {
             Ok(m) => {

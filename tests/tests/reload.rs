@@ -382,3 +382,48 @@ async fn model_versions_follow_the_policy_and_pipelines_may_pin_one() {
     assert_eq!(call(c, "pinned", "", false).await.unwrap(), linear(2.0, 1.0));
     s.server.shutdown().await;
 }
+
+/// (thread name, nice value) of every thread of this process whose name starts with one
+/// of `prefixes`.
+#[cfg(target_os = "linux")]
+fn thread_nice(prefixes: &[&str]) -> Vec<(String, i64)> {
+    let mut found = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task").flatten() {
+        let (Ok(comm), Ok(stat)) =
+            (std::fs::read_to_string(task.path().join("comm")), std::fs::read_to_string(task.path().join("stat")))
+        else {
+            continue; // the thread ended meanwhile
+        };
+        let comm = comm.trim().to_string();
+        if !prefixes.iter().any(|p| comm.starts_with(p)) {
+            continue;
+        }
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let rest = &stat[stat.rfind(')').expect("stat has a name") + 2..];
+        let nice: i64 = rest.split(' ').nth(16).expect("nice field").parse().expect("nice is a number");
+        found.push((comm, nice));
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg(target_os = "linux")]
+async fn a_model_reloaded_while_serving_loads_at_low_priority_but_serves_at_normal() {
+    let repo = Repo::new();
+    let yaml = "max_batch_size: 8\nintra_op_threads: 2\ninstances: 2\n";
+    repo.add("prio", &linear_model(4, 2.0, 1.0), yaml);
+    let s = start(repo.config()).await;
+    let before = thread_nice(&["model-prio", "ort-intra-op"]);
+    assert_eq!(before.iter().filter(|(n, _)| n.starts_with("model-prio")).count(), 2, "{before:?}");
+    assert!(before.iter().any(|(n, _)| n == "ort-intra-op"), "ONNX Runtime's pool threads are named: {before:?}");
+
+    repo.add("prio", &linear_model(4, 3.0, 0.0), yaml);
+    s.client.repository_load("prio").await.unwrap();
+    assert_eq!(call(&s.client, "prio", "", true).await.unwrap(), linear(3.0, 0.0));
+    // The load ran on a nice-19 thread; what it started for serving did not inherit that.
+    let after = thread_nice(&["model-prio", "ort-intra-op"]);
+    let base = before[0].1;
+    assert!(after.iter().filter(|(n, _)| n.starts_with("model-prio")).count() >= 2, "{after:?}");
+    assert!(after.iter().all(|(_, nice)| *nice == base), "serving threads run at the server's priority: {after:?}");
+    s.server.shutdown().await;
+}

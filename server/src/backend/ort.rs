@@ -5,6 +5,7 @@
 use super::{Backend, BackendError};
 use crate::repository::model_yaml::{ConvSearch, ExecutionProvider, ModelYaml};
 use crate::repository::onnx::TensorInfo;
+use crate::sched::threads;
 use ort::environment::Environment;
 use ort::ep::ExecutionProvider as _;
 use ort::memory::Allocator;
@@ -55,6 +56,21 @@ pub struct OrtBackend {
 
 fn ort_err(context: &str) -> impl Fn(ort::Error<ort::session::builder::SessionBuilder>) -> String + '_ {
     move |e| format!("{context}: {e}")
+}
+
+/// Creates ONNX Runtime's intra-op threads through [`threads::spawn`].
+struct PoolThreads;
+
+impl ort::environment::ThreadManager for PoolThreads {
+    type Thread = std::thread::JoinHandle<()>;
+
+    fn create(&self, work: impl FnOnce() + Send + 'static) -> ort::Result<Self::Thread> {
+        threads::spawn("ort-intra-op".into(), work).map_err(|e| ort::Error::new(e.to_string()))
+    }
+
+    fn join(thread: Self::Thread) -> ort::Result<()> {
+        thread.join().map_err(|_| ort::Error::new("an ONNX Runtime pool thread panicked"))
+    }
 }
 
 /// Creates one session (one model instance) with the providers the model.yaml asks for.
@@ -109,7 +125,11 @@ fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml) -> Result<(Session,
         .with_intra_op_spinning(cfg.intra_op_spinning)
         .map_err(ort_err("intra-op spinning"))?
         .with_inter_op_spinning(false)
-        .map_err(ort_err("inter-op spinning"))?;
+        .map_err(ort_err("inter-op spinning"))?
+        // The intra-op pool's threads serve requests: start them at normal priority even
+        // when the session is created by a background reload (see sched::threads).
+        .with_thread_manager(PoolThreads)
+        .map_err(ort_err("thread manager"))?;
 
     let device = match register_provider(&mut builder, cfg) {
         Ok(device) => device,

@@ -4,6 +4,7 @@
 
 pub mod pool;
 pub mod queue;
+pub mod threads;
 
 use crate::backend::Backend;
 use crate::error::Error;
@@ -141,9 +142,8 @@ impl ModelScheduler {
             .enumerate()
             .map(|(i, (backend, im))| {
                 let shared = shared.clone();
-                std::thread::Builder::new()
-                    .name(format!("model-{name}-{i}"))
-                    .spawn(move || instance_loop(&shared, backend, &im))
+                // At normal priority even when a background reload loads the model.
+                threads::spawn(format!("model-{name}-{i}"), move || instance_loop(&shared, backend, &im))
                     .expect("spawning an instance thread")
             })
             .collect();
