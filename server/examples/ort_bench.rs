@@ -32,8 +32,15 @@ fn main() -> anyhow::Result<()> {
     let (version, onnx) = model.versions.last().ok_or_else(|| anyhow::anyhow!("{name}: no version"))?;
     let onnx = onnx.clone().map_err(anyhow::Error::msg)?;
     let spec = repository::read_spec(&model, *version, &onnx).map_err(anyhow::Error::msg)?;
-    let mut b = backend::ort::load(&dylib, &spec.onnx_path, &spec.config, &spec.inputs, &spec.outputs)
-        .map_err(anyhow::Error::msg)?;
+    let mut b = backend::ort::load(
+        &dylib,
+        &spec.onnx_path,
+        &spec.config,
+        spec.config.devices()[0],
+        &spec.inputs,
+        &spec.outputs,
+    )
+    .map_err(anyhow::Error::msg)?;
     println!(
         "model {name} on {}, intra_op_threads {}, {seconds} s per batch size",
         b.device(),

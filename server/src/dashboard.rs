@@ -291,6 +291,7 @@ pub fn frame(engine: &Engine, live: &Live) -> Value {
         "models": models,
         "pipelines": pipelines,
         "pools": pools,
+        "gpus": engine.gpu_samples(),
     })
 }
 

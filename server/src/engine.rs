@@ -258,6 +258,9 @@ pub struct Engine {
     /// Set once the first load is done: later loads run at low CPU priority so that
     /// serving keeps the CPU (see sched::threads).
     pub(crate) serving: std::sync::atomic::AtomicBool,
+    /// NVML, when the host has it, and the last sample of every GPU (for the dashboard).
+    gpus: crate::gpu::Gpus,
+    gpu_samples: Mutex<Vec<crate::gpu::GpuSample>>,
 }
 
 pub(crate) enum Retired {
@@ -288,10 +291,37 @@ impl Engine {
             retired: Mutex::new(Vec::new()),
             live: Default::default(),
             serving: Default::default(),
+            gpus: crate::gpu::Gpus::open(),
+            gpu_samples: Mutex::new(Vec::new()),
         };
+        // ONNX Runtime is loaded here, at normal priority, not by a later background load
+        // (whose priority the library's own threads would keep). A missing library shows
+        // up as each model's load error.
+        let _ = crate::backend::ort::init(&engine.cfg.ort_dylib);
         engine.reload(&crate::reload::Scope::All)?;
         engine.serving.store(true, std::sync::atomic::Ordering::Release);
         Ok(engine)
+    }
+
+    /// Reads every GPU's utilisation and memory into the metrics (once a second, from
+    /// the reload thread); nothing on hosts without NVML.
+    pub fn sample_gpus(&self) {
+        if !self.gpus.available() {
+            return;
+        }
+        let samples = self.gpus.sample();
+        for s in &samples {
+            let gpu = s.index.to_string();
+            self.metrics.gpu_utilization.with_label_values(&[&gpu]).set(s.utilization);
+            self.metrics.gpu_memory_used.with_label_values(&[&gpu]).set(s.memory_used_bytes as i64);
+            self.metrics.gpu_memory_total.with_label_values(&[&gpu]).set(s.memory_total_bytes as i64);
+        }
+        *self.gpu_samples.lock() = samples;
+    }
+
+    /// The last sample of every GPU (empty without NVML).
+    pub fn gpu_samples(&self) -> Vec<crate::gpu::GpuSample> {
+        self.gpu_samples.lock().clone()
     }
 
     /// What is served now. Hold it only as long as a request needs it.
@@ -521,11 +551,18 @@ pub(crate) fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -
     let cfg = &spec.config;
     let mut instances: Vec<Box<dyn Backend>> = Vec::with_capacity(cfg.instances);
     let mut devices = Vec::with_capacity(cfg.instances);
-    for _ in 0..cfg.instances {
-        let mut b = backend::ort::load(ort_dylib, &spec.onnx_path, cfg, &spec.inputs, &spec.outputs)?;
-        warm_up(&spec, &mut b)?;
-        devices.push(b.device());
-        instances.push(Box::new(b));
+    // `instances` per GPU for GPU providers; CPU models have one "device".
+    let gpus = if cfg.wants_gpu() { cfg.devices() } else { vec![0] };
+    for &gpu in &gpus {
+        for _ in 0..cfg.instances {
+            let mut b = backend::ort::load(ort_dylib, &spec.onnx_path, cfg, gpu, &spec.inputs, &spec.outputs)?;
+            warm_up(&spec, &mut b)?;
+            devices.push(b.device());
+            instances.push(Box::new(b));
+        }
+        if devices.iter().all(|d| d == "cpu") {
+            break; // fell back to CPU: `instances` in all, not per listed GPU
+        }
     }
     let stats = Arc::new(ModelStats::default());
     let policy = BatchPolicy {

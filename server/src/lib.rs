@@ -10,6 +10,7 @@ pub mod backend;
 pub mod dashboard;
 pub mod engine;
 pub mod error;
+pub mod gpu;
 pub mod metrics;
 pub mod otlp;
 pub mod pipeline;

@@ -233,6 +233,11 @@ struct ServeArgs {
     /// load/unload API), explicit (only the load/unload API and `sluice reload`), or none.
     #[arg(long, env = "SLUICE_RELOAD", value_enum, default_value = "watch")]
     reload: ReloadMode,
+    /// Nice value (1-19) of model loads while serving: they take only the CPU that
+    /// requests leave idle, at the cost of slower reloads on a saturated machine. 0 loads
+    /// at normal priority.
+    #[arg(long, env = "SLUICE_LOAD_NICE", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+    load_nice: i32,
     /// In watch mode, how long files must stay unchanged before a reload starts.
     #[arg(long, env = "SLUICE_RELOAD_DEBOUNCE_MS", default_value_t = 500)]
     reload_debounce_ms: u64,
@@ -301,6 +306,7 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    sluice_server::sched::threads::set_background_nice(args.load_nice);
     let cfg = sluice_server::ServerConfig {
         models_dir: args.repo.models,
         pipelines_dir: Some(args.repo.pipelines),

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub instances: IntGaugeVec,
     pub pool_depth: IntGaugeVec,
     pub pool_busy: prometheus::CounterVec,
+    pub gpu_utilization: prometheus::GaugeVec,
+    pub gpu_memory_used: IntGaugeVec,
+    pub gpu_memory_total: IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -220,6 +223,17 @@ impl Metrics {
                 "Time the CPU pool's threads spent running ops (summed over threads).",
                 &["pool"],
             ),
+            gpu_utilization: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new("sluice_gpu_utilization", "Fraction of the last second a kernel ran on the GPU (NVML)."),
+                    &["gpu"],
+                )
+                .expect("valid metric. This is a bug.");
+                registry.register(Box::new(g.clone())).expect("unique metric. This is a bug.");
+                g
+            },
+            gpu_memory_used: gauge("sluice_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML).", &["gpu"]),
+            gpu_memory_total: gauge("sluice_gpu_memory_total_bytes", "GPU memory in all (NVML).", &["gpu"]),
             registry,
         }
     }

@@ -349,17 +349,22 @@ impl Engine {
             }
         }
         let started = Instant::now();
-        let load = || {
-            onnx.clone()
-                .and_then(|path| repository::read_spec(dir, v, &path))
-                .and_then(|spec| load_model(spec, &self.cfg.ort_dylib, &self.metrics))
-        };
-        // While serving, a load takes only the CPU that requests leave idle.
-        let loaded = if self.serving.load(std::sync::atomic::Ordering::Acquire) {
-            crate::sched::threads::in_background(load)
-        } else {
-            load()
-        };
+        let loaded = onnx.clone().and_then(|path| repository::read_spec(dir, v, &path)).and_then(|spec| {
+            // While serving, a CPU model loads on the CPU requests leave idle. GPU models
+            // load at normal priority: the driver threads a CUDA context starts would
+            // keep a low priority for good.
+            let gpu = spec.config.wants_gpu();
+            if self.serving.load(std::sync::atomic::Ordering::Acquire) && !gpu {
+                let slow = Instant::now() + Duration::from_secs(30);
+                let loaded = crate::sched::threads::in_background(|| load_model(spec, &self.cfg.ort_dylib, &self.metrics));
+                if Instant::now() > slow {
+                    tracing::warn!(model = %name, "a background load took over 30 s: the machine is busy (see --load-nice)");
+                }
+                loaded
+            } else {
+                load_model(spec, &self.cfg.ort_dylib, &self.metrics)
+            }
+        });
         let v_label = v.to_string();
         match loaded {
             Ok(m) => {
@@ -526,6 +531,7 @@ impl Reloader {
                     if sampled.elapsed() >= Duration::from_secs(1) {
                         sampled = Instant::now();
                         engine.live.sample(&engine.snapshot());
+                        engine.sample_gpus();
                     }
                 }
             })

@@ -60,6 +60,7 @@ impl ByHand {
                     &ort_dylib(),
                     &dir.join("model.onnx"),
                     &cfg,
+                    0,
                     &sig.inputs,
                     &sig.outputs,
                 )

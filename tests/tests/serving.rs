@@ -444,6 +444,13 @@ async fn unavailable_gpu_provider_fails_the_load_unless_fallback_is_allowed() {
     let repo = Repo::new();
     repo.add("strict", &affine_model(4), "max_batch_size: 8\nexecution_provider: cuda\n");
     repo.add("lenient", &affine_model(4), "max_batch_size: 8\nexecution_provider: cuda\nallow_fallback: true\n");
+    // A preference list with every GPU option set: on this host it runs on its last entry.
+    let listed = "max_batch_size: 8\nexecution_providers: [tensorrt, cuda, cpu]\ndevice_ids: [0, 1]\ninstances: 1\n\
+                  tensorrt:\n  fp16: true\n  engine_cache: trt-cache\n  workspace_mb: 1024\n  profile:\n    \
+                  x: {min: [1, 4], opt: [4, 4], max: [8, 4]}\ncuda:\n  memory_limit_mb: 2048\n  \
+                  arena_extend_strategy: same_as_requested\n  tf32: false\n";
+    repo.add("listed", &affine_model(4), listed);
+    repo.add("gpus_only", &affine_model(4), "max_batch_size: 8\nexecution_providers: [tensorrt, cuda]\n");
     let s = start(config(repo.path())).await;
     let index = s.client.repository_index().await.unwrap();
     let strict = index.iter().find(|m| m.name == "strict").unwrap();
@@ -453,8 +460,24 @@ async fn unavailable_gpu_provider_fails_the_load_unless_fallback_is_allowed() {
             && strict.reason.contains("allow_fallback"),
         "{strict:?}"
     );
+    // Every provider's reason, in order.
+    let gpus_only = index.iter().find(|m| m.name == "gpus_only").unwrap();
+    assert_eq!(gpus_only.state, "UNAVAILABLE");
+    let (trt, cuda) = (gpus_only.reason.find("'tensorrt'"), gpus_only.reason.find("'cuda'"));
+    assert!(trt.is_some() && cuda.is_some() && trt < cuda, "{gpus_only:?}");
     let (v, t) = x(1, 2.0);
-    let out = s.client.infer("lenient", &[("x", &t)], InferOptions::default()).await.unwrap();
-    assert_eq!(out[0].1.to_f32().unwrap(), affine_reference(&v).0);
+    for name in ["lenient", "listed"] {
+        let out = s.client.infer(name, &[("x", &t)], InferOptions::default()).await.unwrap();
+        assert_eq!(out[0].1.to_f32().unwrap(), affine_reference(&v).0, "{name}");
+    }
+    // It fell back to CPU: Triton's config shows a CPU instance group, and `instances`
+    // are made once, not once per listed GPU.
+    let cfg = s.client.model_config("listed").await.unwrap();
+    let group = &cfg.instance_group[0];
+    assert_eq!((group.kind, group.gpus.len()), (proto::model_instance_group::Kind::Cpu as i32, 0), "{group:?}");
+    let stats = reqwest::get(format!("{}/dashboard/data", s.http)).await.unwrap().json::<Value>().await.unwrap();
+    let listed = stats["models"].as_array().unwrap().iter().find(|m| m["name"] == "listed").unwrap();
+    assert_eq!(listed["devices"], json!(["cpu"]), "{listed}");
+    assert!(stats["gpus"].is_array(), "GPUs are listed (none without NVML)");
     s.server.shutdown().await;
 }

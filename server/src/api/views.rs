@@ -3,7 +3,6 @@
 
 use crate::engine::{Endpoint, LoadedModel, ModelSlot, PipelineSlot, Snapshot, DEFAULT_VERSION};
 use crate::pipeline::exec::Pipeline;
-use crate::repository::model_yaml::ExecutionProvider;
 use serde_json::{json, Value};
 use sluice_ops::DataType;
 use sluice_proto as pb;
@@ -148,7 +147,8 @@ pub fn model_config(m: &LoadedModel) -> pb::ModelConfig {
     let cfg = &m.spec.config;
     let skip = usize::from(cfg.max_batch_size > 0);
     let dims = |d: &[i64]| d.iter().skip(skip).copied().collect::<Vec<_>>();
-    let gpu = cfg.execution_provider != ExecutionProvider::Cpu;
+    // Where the instances actually run (a GPU provider may have fallen back to CPU).
+    let gpu = m.devices.iter().any(|d| d != "cpu");
     pb::ModelConfig {
         name: m.spec.name.clone(),
         platform: PLATFORM.to_string(),
@@ -177,7 +177,7 @@ pub fn model_config(m: &LoadedModel) -> pb::ModelConfig {
         instance_group: vec![pb::ModelInstanceGroup {
             name: m.spec.name.clone(),
             count: cfg.instances as i32,
-            gpus: if gpu { vec![cfg.device_id] } else { vec![] },
+            gpus: if gpu { cfg.devices() } else { vec![] },
             kind: if gpu { pb::model_instance_group::Kind::Gpu } else { pb::model_instance_group::Kind::Cpu } as i32,
         }],
         default_model_filename: "model.onnx".to_string(),

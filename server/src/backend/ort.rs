@@ -3,7 +3,7 @@
 //! clear message when it is missing.
 
 use super::{Backend, BackendError};
-use crate::repository::model_yaml::{ConvSearch, ExecutionProvider, ModelYaml};
+use crate::repository::model_yaml::{ArenaExtend, ConvSearch, ExecutionProvider, ModelYaml};
 use crate::repository::onnx::TensorInfo;
 use crate::sched::threads;
 use ort::environment::Environment;
@@ -65,7 +65,9 @@ impl ort::environment::ThreadManager for PoolThreads {
     type Thread = std::thread::JoinHandle<()>;
 
     fn create(&self, work: impl FnOnce() + Send + 'static) -> ort::Result<Self::Thread> {
-        threads::spawn("ort-intra-op".into(), work).map_err(|e| ort::Error::new(e.to_string()))
+        // ONNX Runtime's own pool threads get the platform's default (8 MiB) stack.
+        let builder = std::thread::Builder::new().name("ort-intra-op".into()).stack_size(8 << 20);
+        threads::spawn(builder, work).map_err(|e| ort::Error::new(e.to_string()))
     }
 
     fn join(thread: Self::Thread) -> ort::Result<()> {
@@ -73,11 +75,13 @@ impl ort::environment::ThreadManager for PoolThreads {
     }
 }
 
-/// Creates one session (one model instance) with the providers the model.yaml asks for.
+/// Creates one model instance on `device` (a GPU id, used by GPU providers) with the
+/// providers the model.yaml asks for.
 pub fn load(
     dylib: &Path,
     model_file: &Path,
     cfg: &ModelYaml,
+    device: i32,
     inputs: &[TensorInfo],
     outputs: &[TensorInfo],
 ) -> Result<OrtBackend, String> {
@@ -88,33 +92,31 @@ pub fn load(
             t.name
         ));
     }
+    let (first, placed) = session(dylib, model_file, cfg, device)?;
     // GPU providers re-plan their kernels whenever a session's input shape changes (see
     // allowed_batch_sizes): give each allowed batch size a session of its own, so every
     // session only ever sees one shape. On CPU one session serves all sizes.
-    let sizes: Vec<Option<usize>> =
-        if cfg.execution_provider != ExecutionProvider::Cpu && !cfg.dynamic_batching.allowed_batch_sizes.is_empty() {
-            cfg.dynamic_batching.allowed_batch_sizes.iter().map(|&s| Some(s)).collect()
-        } else {
-            vec![None]
-        };
-    let mut sessions = Vec::with_capacity(sizes.len());
-    let mut device = String::new();
-    for size in sizes {
-        let (session, dev) = session(dylib, model_file, cfg)?;
-        sessions.push((size, session));
-        device = dev;
-    }
+    let allowed = &cfg.dynamic_batching.allowed_batch_sizes;
+    let sessions = if placed != "cpu" && !allowed.is_empty() {
+        let mut sessions = vec![(Some(allowed[0]), first)];
+        for &size in &allowed[1..] {
+            sessions.push((Some(size), session(dylib, model_file, cfg, device)?.0));
+        }
+        sessions
+    } else {
+        vec![(None, first)]
+    };
     Ok(OrtBackend {
         sessions,
         input_names: inputs.iter().map(|t| t.name.clone()).collect(),
         output_names: outputs.iter().map(|t| t.name.clone()).collect(),
-        device,
+        device: placed,
     })
 }
 
-/// One ONNX Runtime session with the model.yaml's options and provider; returns it with
-/// the device it runs on.
-fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml) -> Result<(Session, String), String> {
+/// One ONNX Runtime session with the model.yaml's options and providers; returns it with
+/// where it runs ("tensorrt:0+cuda:0", "cuda:1", "cpu").
+fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml, device: i32) -> Result<(Session, String), String> {
     let env = environment(dylib)?;
     let mut builder = Session::builder(env)
         .map_err(|e| format!("cannot create session options: {e}"))?
@@ -131,41 +133,93 @@ fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml) -> Result<(Session,
         .with_thread_manager(PoolThreads)
         .map_err(ort_err("thread manager"))?;
 
-    let device = match register_provider(&mut builder, cfg) {
-        Ok(device) => device,
-        Err(e) if cfg.allow_fallback => {
-            tracing::warn!(model = %model_file.display(), "{e}; falling back to CPU (allow_fallback is set)");
-            "cpu".to_string()
+    // Every provider that starts is registered, in the model.yaml's order; ONNX Runtime
+    // gives each node to the first that supports it. The CPU provider is always there
+    // underneath, so listing `cpu` only says that running on it alone is acceptable.
+    let wanted = cfg.providers();
+    let mut placed = Vec::new();
+    let mut failures = Vec::new();
+    for &p in &wanted {
+        if p == ExecutionProvider::Cpu {
+            placed.push("cpu".to_string());
+            break;
         }
-        Err(e) => return Err(format!("{e} (set allow_fallback: true to run on CPU instead)")),
-    };
+        match register_provider(&mut builder, cfg, p, device, model_file) {
+            Ok(()) => placed.push(format!("{}:{device}", p.as_str())),
+            Err(e) => failures.push(e),
+        }
+    }
+    let cpu_listed = wanted.contains(&ExecutionProvider::Cpu);
+    if placed.iter().all(|p| p == "cpu") && !failures.is_empty() && !cpu_listed {
+        return Err(format!(
+            "{} (list cpu in execution_providers, or set allow_fallback: true, to run on CPU instead)",
+            failures.join("; ")
+        ));
+    }
+    if !failures.is_empty() {
+        tracing::warn!(model = %model_file.display(), "{}; running on {}", failures.join("; "), placed.join("+"));
+    }
+    // "cpu" after a GPU provider is the fallback for nodes, not where the model runs.
+    if placed.len() > 1 {
+        placed.retain(|p| p != "cpu");
+    }
 
     let session = builder
         .commit_from_file(model_file)
         .map_err(|e| format!("ONNX Runtime cannot load {}: {e}", model_file.display()))?;
-    Ok((session, device))
+    Ok((session, placed.join("+")))
 }
 
-fn register_provider(builder: &mut ort::session::builder::SessionBuilder, cfg: &ModelYaml) -> Result<String, String> {
-    let id = cfg.device_id;
-    let (available, dispatch, wheel) = match cfg.execution_provider {
-        ExecutionProvider::Cpu => return Ok("cpu".into()),
+fn register_provider(
+    builder: &mut ort::session::builder::SessionBuilder,
+    cfg: &ModelYaml,
+    provider: ExecutionProvider,
+    id: i32,
+    model_file: &Path,
+) -> Result<(), String> {
+    let (available, dispatch, wheel) = match provider {
+        ExecutionProvider::Cpu => return Ok(()),
         ExecutionProvider::Cuda => {
             let search = match cfg.cudnn_conv_algo_search {
                 ConvSearch::Heuristic => ort::ep::cuda::ConvAlgorithmSearch::Heuristic,
                 ConvSearch::Exhaustive => ort::ep::cuda::ConvAlgorithmSearch::Exhaustive,
                 ConvSearch::Default => ort::ep::cuda::ConvAlgorithmSearch::Default,
             };
-            let cuda = ort::ep::CUDA::default().with_device_id(id).with_conv_algorithm_search(search);
+            let mut cuda = ort::ep::CUDA::default().with_device_id(id).with_conv_algorithm_search(search);
+            if let Some(mb) = cfg.cuda.memory_limit_mb {
+                cuda = cuda.with_memory_limit(mb << 20);
+            }
+            if let Some(a) = cfg.cuda.arena_extend_strategy {
+                cuda = cuda.with_arena_extend_strategy(match a {
+                    ArenaExtend::NextPowerOfTwo => ort::ep::ArenaExtendStrategy::NextPowerOfTwo,
+                    ArenaExtend::SameAsRequested => ort::ep::ArenaExtendStrategy::SameAsRequested,
+                });
+            }
+            if let Some(on) = cfg.cuda.tf32 {
+                cuda = cuda.with_tf32(on);
+            }
             (ort::ep::CUDA::is_available(), cuda.build(), "onnxruntime-gpu")
         }
-        ExecutionProvider::Tensorrt => (
-            ort::ep::TensorRT::is_available(),
-            ort::ep::TensorRT::default().with_device_id(id).build(),
-            "onnxruntime-gpu with TensorRT libraries",
-        ),
+        ExecutionProvider::Tensorrt => {
+            let t = &cfg.tensorrt;
+            let mut trt = ort::ep::TensorRT::default().with_device_id(id).with_fp16(t.fp16);
+            if let Some(dir) = &t.engine_cache {
+                let dir = model_file.parent().map(|m| m.join(dir)).unwrap_or_else(|| dir.clone());
+                trt = trt.with_engine_cache(true).with_engine_cache_path(dir.display()).with_timing_cache(true);
+            }
+            if let Some(mb) = t.workspace_mb {
+                trt = trt.with_max_workspace_size(mb << 20);
+            }
+            if !t.profile.is_empty() {
+                trt = trt
+                    .with_profile_min_shapes(t.profile_string(|p| &p.min))
+                    .with_profile_opt_shapes(t.profile_string(|p| &p.opt))
+                    .with_profile_max_shapes(t.profile_string(|p| &p.max));
+            }
+            (ort::ep::TensorRT::is_available(), trt.build(), "onnxruntime-gpu with TensorRT libraries")
+        }
     };
-    let name = cfg.execution_provider.as_str();
+    let name = provider.as_str();
     match available {
         Ok(true) => {}
         Ok(false) => {
@@ -178,8 +232,7 @@ fn register_provider(builder: &mut ort::session::builder::SessionBuilder, cfg: &
     dispatch
         .error_on_failure()
         .register(builder)
-        .map_err(|e| format!("execution provider '{name}' failed to start on device {id}: {e}"))?;
-    Ok(format!("{name}:{id}"))
+        .map_err(|e| format!("execution provider '{name}' failed to start on device {id}: {e}"))
 }
 
 fn to_ort_type(d: DataType) -> Result<TensorElementType, BackendError> {

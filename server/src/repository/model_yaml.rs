@@ -22,6 +22,10 @@ pub enum ExecutionProvider {
 }
 
 impl ExecutionProvider {
+    pub fn is_gpu(self) -> bool {
+        self != ExecutionProvider::Cpu
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ExecutionProvider::Cpu => "cpu",
@@ -46,20 +50,38 @@ pub struct ModelYaml {
     /// Only ONNX Runtime for now.
     #[serde(default)]
     pub backend: BackendKind,
-    /// Where the model runs; a GPU provider that is not available is a load error
-    /// unless `allow_fallback` is set, in which case the model runs on CPU.
+    /// Where the model runs (shorthand for a one-provider `execution_providers`); a GPU
+    /// provider that is not available is a load error unless `allow_fallback` is set, in
+    /// which case the model runs on CPU.
     #[serde(default)]
     pub execution_provider: ExecutionProvider,
+    /// Providers in order of preference, e.g. `[tensorrt, cuda, cpu]`: every one that
+    /// starts is registered with ONNX Runtime in this order, and each node of the graph
+    /// runs on the first that supports it. One that cannot start (no GPU, no TensorRT
+    /// libraries) is skipped when another one in the list starts; the model fails to load,
+    /// naming each provider's reason, only when none does.
+    #[serde(default)]
+    pub execution_providers: Vec<ExecutionProvider>,
+    /// Adds `cpu` as the last resort (the same as listing it last).
     #[serde(default)]
     pub allow_fallback: bool,
+    /// The GPU of the GPU providers (shorthand for a one-GPU `device_ids`).
     #[serde(default)]
     pub device_id: i32,
+    /// GPUs to place instances on: `instances` instances on each.
+    #[serde(default)]
+    pub device_ids: Vec<i32>,
     /// How the CUDA provider picks convolution algorithms. `exhaustive` benchmarks every
     /// algorithm for each new input shape: with dynamic batching every new batch size
     /// stalls its batch for hundreds of milliseconds. `heuristic` (the default) does not.
     #[serde(default)]
     pub cudnn_conv_algo_search: ConvSearch,
-    /// Instances of the model, each with its own session on its own thread.
+    #[serde(default)]
+    pub cuda: CudaOptions,
+    #[serde(default)]
+    pub tensorrt: TensorrtOptions,
+    /// Instances of the model (per GPU with GPU providers), each with its own session
+    /// on its own thread.
     #[serde(default = "one")]
     pub instances: usize,
     /// Largest batch the model accepts along dimension 0; 0 means the model has no
@@ -152,6 +174,71 @@ impl VersionPolicy {
     }
 }
 
+/// CUDA provider options.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CudaOptions {
+    /// Cap on the provider's memory arena, in MiB (default: no cap).
+    #[serde(default)]
+    pub memory_limit_mb: Option<usize>,
+    /// How the arena grows: `next_power_of_two` (ONNX Runtime's default) or
+    /// `same_as_requested` (less memory held, more allocations).
+    #[serde(default)]
+    pub arena_extend_strategy: Option<ArenaExtend>,
+    /// TF32 tensor cores for FP32 matmuls and convolutions (ONNX Runtime's default: on).
+    #[serde(default)]
+    pub tf32: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArenaExtend {
+    NextPowerOfTwo,
+    SameAsRequested,
+}
+
+/// TensorRT provider options.
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TensorrtOptions {
+    /// Build FP16 engines (faster, small accuracy change).
+    #[serde(default)]
+    pub fp16: bool,
+    /// Folder for built engines, relative to the model's folder unless absolute: a
+    /// restart or a second instance loads the engine instead of building it for minutes.
+    #[serde(default)]
+    pub engine_cache: Option<std::path::PathBuf>,
+    /// Builder workspace in MiB (default: TensorRT's).
+    #[serde(default)]
+    pub workspace_mb: Option<usize>,
+    /// The optimisation profile for inputs with variable dims: per input, the smallest,
+    /// the most common and the largest full shape (batch dimension included).
+    #[serde(default)]
+    pub profile: BTreeMap<String, ProfileShapes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileShapes {
+    pub min: Vec<usize>,
+    pub opt: Vec<usize>,
+    pub max: Vec<usize>,
+}
+
+impl TensorrtOptions {
+    /// ONNX Runtime's `name:1x3x224x224,other:...` form of the profile's `pick`ed shapes.
+    pub fn profile_string(&self, pick: impl Fn(&ProfileShapes) -> &Vec<usize>) -> String {
+        self.profile
+            .iter()
+            .map(|(name, p)| {
+                let dims: Vec<String> = pick(p).iter().map(|d| d.to_string()).collect();
+                format!("{name}:{}", dims.join("x"))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct DynamicBatching {
@@ -203,7 +290,60 @@ impl ModelYaml {
         Ok(cfg)
     }
 
+    /// The providers to try, in order (see `execution_providers`).
+    pub fn providers(&self) -> Vec<ExecutionProvider> {
+        let mut list = if self.execution_providers.is_empty() {
+            vec![self.execution_provider]
+        } else {
+            self.execution_providers.clone()
+        };
+        if self.allow_fallback && !list.contains(&ExecutionProvider::Cpu) {
+            list.push(ExecutionProvider::Cpu);
+        }
+        list
+    }
+
+    /// Whether the model asks for a GPU at all.
+    pub fn wants_gpu(&self) -> bool {
+        self.providers().iter().any(|p| p.is_gpu())
+    }
+
+    /// The GPUs instances go on (one entry, the CPU's, for CPU-only models).
+    pub fn devices(&self) -> Vec<i32> {
+        if self.device_ids.is_empty() {
+            vec![self.device_id]
+        } else {
+            self.device_ids.clone()
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
+        if !self.execution_providers.is_empty() && self.execution_provider != ExecutionProvider::Cpu {
+            return Err("give either execution_provider or execution_providers, not both".into());
+        }
+        let mut seen = Vec::new();
+        for p in &self.execution_providers {
+            if seen.contains(p) {
+                return Err(format!("execution_providers names {} twice", p.as_str()));
+            }
+            seen.push(*p);
+        }
+        if !self.device_ids.is_empty() && self.device_id != 0 {
+            return Err("give either device_id or device_ids, not both".into());
+        }
+        if self.device_ids.iter().any(|&d| d < 0) {
+            return Err(format!("device_ids {:?} must not be negative", self.device_ids));
+        }
+        for (name, p) in &self.tensorrt.profile {
+            let ok = p.min.len() == p.opt.len()
+                && p.opt.len() == p.max.len()
+                && p.min.iter().zip(&p.opt).zip(&p.max).all(|((a, b), c)| a <= b && b <= c);
+            if !ok {
+                return Err(format!(
+                    "tensorrt.profile.{name}: min, opt and max must have the same rank and min <= opt <= max in every dim"
+                ));
+            }
+        }
         if self.instances == 0 {
             return Err("instances must be at least 1".into());
         }
@@ -265,6 +405,38 @@ mod tests {
 
     fn parse(text: &str) -> Result<ModelYaml, String> {
         ModelYaml::parse(Path::new("models/m/model.yaml"), text)
+    }
+
+    #[test]
+    fn provider_lists_devices_and_gpu_options() {
+        let m = parse("execution_provider: cuda\nallow_fallback: true\n").unwrap();
+        assert_eq!(m.providers(), vec![ExecutionProvider::Cuda, ExecutionProvider::Cpu]);
+        assert_eq!(parse("").unwrap().providers(), vec![ExecutionProvider::Cpu]);
+        assert!(!parse("").unwrap().wants_gpu());
+        let m = parse(
+            "execution_providers: [tensorrt, cuda]\ndevice_ids: [0, 2]\ntensorrt:\n  fp16: true\n  \
+             profile:\n    x: {min: [1, 3, 32, 32], opt: [4, 3, 64, 64], max: [8, 3, 128, 128]}\n    \
+             y: {min: [1], opt: [2], max: [3]}\ncuda:\n  arena_extend_strategy: next_power_of_two\n",
+        )
+        .unwrap();
+        assert_eq!(m.providers(), vec![ExecutionProvider::Tensorrt, ExecutionProvider::Cuda]);
+        assert!(m.wants_gpu());
+        assert_eq!(m.devices(), vec![0, 2]);
+        assert_eq!(m.tensorrt.profile_string(|p| &p.opt), "x:4x3x64x64,y:2");
+        assert_eq!(m.cuda.arena_extend_strategy, Some(ArenaExtend::NextPowerOfTwo));
+        assert_eq!(parse("device_id: 3\n").unwrap().devices(), vec![3]);
+
+        for (bad, says) in [
+            ("execution_provider: cuda\nexecution_providers: [cuda]\n", "not both"),
+            ("execution_providers: [cuda, cuda]\n", "twice"),
+            ("device_id: 1\ndevice_ids: [0]\n", "not both"),
+            ("tensorrt:\n  profile:\n    x: {min: [2], opt: [1], max: [3]}\n", "min <= opt <= max"),
+            ("tensorrt:\n  fp32: true\n", "unknown field `fp32`"),
+            ("execution_providers: [rocm]\n", "unknown variant `rocm`"),
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert!(e.contains(says) && e.starts_with("models/m/model.yaml"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -143,7 +143,8 @@ impl ModelScheduler {
             .map(|(i, (backend, im))| {
                 let shared = shared.clone();
                 // At normal priority even when a background reload loads the model.
-                threads::spawn(format!("model-{name}-{i}"), move || instance_loop(&shared, backend, &im))
+                let builder = std::thread::Builder::new().name(format!("model-{name}-{i}"));
+                threads::spawn(builder, move || instance_loop(&shared, backend, &im))
                     .expect("spawning an instance thread")
             })
             .collect();

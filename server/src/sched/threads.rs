@@ -10,41 +10,60 @@
 
 use std::cell::Cell;
 use std::io;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::OnceLock;
+use std::thread::{Builder, JoinHandle};
 
-/// The nice value of background loads (lowest priority; Linux weight 15 against 1024 for
-/// nice 0: about 1.5% of a contended core, all of an idle one).
+/// The default nice value of background loads: the lowest priority (Linux weight 15
+/// against 1024 for nice 0: about 1.5% of a contended core, all of an idle one).
 pub const BACKGROUND_NICE: i32 = 19;
+
+static NICE: AtomicI32 = AtomicI32::new(BACKGROUND_NICE);
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the nice value of background loads for this process (`--load-nice`): 1..=19, or
+/// 0 to load at normal priority. Higher means less taken from serving on a busy machine,
+/// and a longer reload when the machine stays busy.
+pub fn set_background_nice(nice: i32) {
+    NICE.store(nice.clamp(0, 19), Ordering::Relaxed);
+}
+
+/// How many closures [`in_background`] has run in this process.
+pub fn background_runs() -> u64 {
+    RUNS.load(Ordering::Relaxed)
+}
 
 type Job = Box<dyn FnOnce() + Send>;
 
-static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
+static SPAWNER: OnceLock<mpsc::Sender<Job>> = OnceLock::new();
 
 thread_local! {
     static BACKGROUND: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Starts the spawner from the calling thread (whose priority its threads get), once.
-fn spawner() -> &'static Mutex<mpsc::Sender<Job>> {
-    SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("sluice-spawner".into())
-            .spawn(move || rx.into_iter().for_each(|job| job()))
-            .expect("spawning the thread spawner");
-        Mutex::new(tx)
-    })
+fn spawner() -> io::Result<&'static mpsc::Sender<Job>> {
+    if let Some(tx) = SPAWNER.get() {
+        return Ok(tx);
+    }
+    let (tx, rx) = mpsc::channel::<Job>();
+    Builder::new().name("sluice-spawner".into()).spawn(move || {
+        for job in rx {
+            // A job only spawns a thread; should that ever panic, keep serving the others.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+        }
+    })?;
+    // Two first callers at once: one spawner wins, the other's thread ends with its channel.
+    Ok(SPAWNER.get_or_init(|| tx))
 }
 
-/// Spawns a named thread at normal priority, also when called from a background load.
-pub fn spawn<F, T>(name: String, f: F) -> io::Result<JoinHandle<T>>
+/// Spawns a thread at normal priority, also when called from a background load.
+pub fn spawn<F, T>(builder: Builder, f: F) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let builder = std::thread::Builder::new().name(name);
     if !BACKGROUND.get() {
         return builder.spawn(f);
     }
@@ -53,28 +72,32 @@ where
         let _ = tx.send(builder.spawn(f));
     });
     // The spawner was started by `in_background` before this thread existed.
-    let sent = spawner().lock().unwrap_or_else(|p| p.into_inner()).send(job);
-    if sent.is_err() {
-        return Err(io::Error::other("the thread spawner has stopped"));
-    }
+    spawner()?.send(job).map_err(|_| io::Error::other("the thread spawner has stopped"))?;
     rx.recv().unwrap_or_else(|_| Err(io::Error::other("the thread spawner dropped a request")))
 }
 
-/// Runs `f` on a new thread at the lowest CPU priority and waits for it. A panic in `f`
-/// propagates to the caller.
+/// Runs `f` on a new thread at the background priority (`--load-nice`) and waits for it.
+/// A panic in `f` propagates to the caller. With the nice value set to 0, or when no
+/// thread can be started, `f` runs on the calling thread.
 pub fn in_background<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    let nice = NICE.load(Ordering::Relaxed);
     // The spawner must exist before any thread is lowered: it takes the caller's priority.
-    spawner();
+    if nice == 0 || spawner().is_err() {
+        return f();
+    }
+    RUNS.fetch_add(1, Ordering::Relaxed);
+    let f = std::sync::Mutex::new(Some(f));
+    let take = || f.lock().unwrap_or_else(|p| p.into_inner()).take();
     std::thread::scope(|s| {
-        let worker = std::thread::Builder::new()
-            .name("sluice-load".into())
-            .spawn_scoped(s, || {
-                lower_priority();
-                BACKGROUND.set(true);
-                f()
-            })
-            .expect("spawning a load thread");
-        worker.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        let spawned = Builder::new().name("sluice-load".into()).spawn_scoped(s, || {
+            lower_priority(nice);
+            BACKGROUND.set(true);
+            (take().expect("run once"))()
+        });
+        match spawned {
+            Ok(worker) => worker.join().unwrap_or_else(|p| std::panic::resume_unwind(p)),
+            Err(_) => (take().expect("not run"))(),
+        }
     })
 }
 
@@ -84,18 +107,18 @@ pub fn is_background() -> bool {
 }
 
 #[cfg(target_os = "linux")]
-fn lower_priority() {
+fn lower_priority(nice: i32) {
     // On Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value, not the
     // whole process's (threads are tasks with their own nice value).
     // SAFETY: setpriority only reads its integer arguments.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) };
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if rc != 0 {
         tracing::debug!("cannot lower the load thread's priority: {}", io::Error::last_os_error());
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
+fn lower_priority(_nice: i32) {}
 
 #[cfg(test)]
 mod tests {
@@ -113,7 +136,7 @@ mod tests {
         let base = own_nice();
         let (inside, started, direct) = in_background(|| {
             assert!(is_background());
-            let started = spawn("t-normal".into(), own_nice).unwrap().join().unwrap();
+            let started = spawn(Builder::new().name("t-normal".into()), own_nice).unwrap().join().unwrap();
             // A plain std spawn from here inherits the low priority: what `spawn` avoids.
             let direct = std::thread::spawn(own_nice).join().unwrap();
             (own_nice(), started, direct)
@@ -134,7 +157,10 @@ mod tests {
 
     #[test]
     fn spawn_outside_background_is_a_plain_thread() {
-        let name = spawn("t-plain".into(), || std::thread::current().name().map(String::from)).unwrap().join().unwrap();
+        let name = spawn(Builder::new().name("t-plain".into()), || std::thread::current().name().map(String::from))
+            .unwrap()
+            .join()
+            .unwrap();
         assert_eq!(name.as_deref(), Some("t-plain"));
     }
 }
