@@ -6,6 +6,7 @@
 # Chromium with selenium for the dashboard's browser test.
 # Idempotent: a second run only checks that everything is in place.
 #   SLUICE_SKIP_RESNET=1   skip generating models/resnet50/model.onnx (tests do not need it)
+#   SLUICE_GPU=auto|1|0    the GPU runtime (below): auto installs it when nvidia-smi sees a GPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,41 @@ SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 mkdir -p .sluice/lib .sluice/bin
 ort_lib=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
 [ "$(readlink .sluice/lib/libonnxruntime.so)" = "$ort_lib" ] || ln -sfn "$ort_lib" .sluice/lib/libonnxruntime.so
+
+# GPU hosts: ONNX Runtime's GPU build (libonnxruntime with its CUDA and TensorRT provider
+# libraries) and the CUDA 13 and cuDNN 9 runtime from PyPI wheels, in a venv of its own
+# (the CPU and GPU onnxruntime wheels cannot share one), linked as .sluice/lib-gpu/. sluice
+# loads the CUDA libraries named in .sluice/lib-gpu/sluice-preload-dirs itself before ONNX
+# Runtime, so no LD_LIBRARY_PATH is needed; the driver (libcuda.so.1) comes from the host.
+# TensorRT's wheels are fetched from NVIDIA's index (pypi.nvidia.com): where it cannot be
+# reached the TensorRT provider is reported unavailable and `execution_providers` falls
+# through to the next one.
+gpu=${SLUICE_GPU:-auto}
+if [ "$gpu" = auto ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi
+fi
+if [ "$gpu" = 1 ]; then
+  GVENV=.venv-gpu
+  GREQS=("onnxruntime-gpu[cuda,cudnn]==1.31.1")
+  TRT_REQ="tensorrt-cu13-libs==10.16.1.11"
+  gstamp="$GVENV/.sluice-setup-$(printf '%s\n' "${GREQS[@]}" | sha256sum | cut -c1-16)"
+  if [ ! -f "$gstamp" ]; then
+    [ -x "$GVENV/bin/python" ] || "$PY" -m venv "$GVENV"
+    echo "setup: installing the GPU runtime (onnxruntime-gpu, CUDA, cuDNN) into $GVENV"
+    "$GVENV/bin/python" -m pip install --disable-pip-version-check -q "${GREQS[@]}"
+    "$GVENV/bin/python" -m pip install --disable-pip-version-check -q "$TRT_REQ" \
+      || echo "setup: WARNING: no TensorRT ($TRT_REQ needs pypi.nvidia.com): the tensorrt provider will be unavailable" >&2
+    touch "$gstamp"
+  fi
+  GSITE=$("$GVENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p .sluice/lib-gpu
+  for f in "$GSITE"/onnxruntime/capi/libonnxruntime*.so*; do ln -sfn "$f" ".sluice/lib-gpu/$(basename "$f")"; done
+  ln -sfn "$(basename "$(ls "$GSITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)")" .sluice/lib-gpu/libonnxruntime.so
+  # Every folder of the CUDA, cuDNN and TensorRT wheels that holds libraries.
+  find "$GSITE/nvidia" "$GSITE/tensorrt_libs" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u \
+    > .sluice/lib-gpu/sluice-preload-dirs
+  echo "setup: GPU runtime   .sluice/lib-gpu/libonnxruntime.so (serve with --ort-dylib .sluice/lib-gpu/libonnxruntime.so)"
+fi
 
 # Debian packages: perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64, even
 # on hosts without a GPU (its libcudart comes from nvidia-cuda-runtime-cu12, see wrapper);

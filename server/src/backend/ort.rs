@@ -33,6 +33,7 @@ fn environment(dylib: &Path) -> Result<&'static Environment, String> {
                 dylib.display()
             ));
         }
+        preload_gpu_libraries(dylib);
         let env = ort::init_from(dylib)
             .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", dylib.display()))?
             .with_name("sluice")
@@ -44,6 +45,76 @@ fn environment(dylib: &Path) -> Result<&'static Environment, String> {
         Ok((_, env)) => Ok(env),
         Err(e) => Err(e.clone()),
     }
+}
+
+/// Lists folders of GPU runtime libraries (one per line), beside the ONNX Runtime library.
+/// `scripts/setup.sh` writes it on GPU hosts for the CUDA, cuDNN and TensorRT wheels.
+pub const PRELOAD_FILE: &str = "sluice-preload-dirs";
+
+/// Library name prefixes ONNX Runtime's CUDA and TensorRT providers link or open by name.
+const GPU_LIBRARIES: &[&str] = &[
+    "libcudart.so",
+    "libcublasLt.so",
+    "libcublas.so",
+    "libcufft.so",
+    "libcurand.so",
+    "libnvrtc.so",
+    "libnvJitLink.so",
+    "libcudnn",
+    "libnvinfer.so",
+    "libnvinfer_plugin.so",
+    "libnvonnxparser.so",
+];
+
+/// Loads the CUDA, cuDNN and TensorRT libraries from the folders named in
+/// [`PRELOAD_FILE`] (or `SLUICE_GPU_LIB_DIRS`, colon-separated) globally, before ONNX
+/// Runtime: its providers then find them already loaded, by soname, without the user
+/// setting LD_LIBRARY_PATH (which a running process cannot change for its own loader).
+/// Returns how many were loaded.
+pub fn preload_gpu_libraries(dylib: &Path) -> usize {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("SLUICE_GPU_LIB_DIRS").map(|v| std::env::split_paths(&v).collect()).unwrap_or_default();
+    if let Some(list) = dylib.parent().and_then(|d| std::fs::read_to_string(d.join(PRELOAD_FILE)).ok()) {
+        dirs.extend(list.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from));
+    }
+    let mut pending: Vec<PathBuf> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|entries| entries.flatten().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.contains(".so") && GPU_LIBRARIES.iter().any(|g| name.starts_with(g))
+        })
+        .collect();
+    pending.sort();
+    // Dependencies first without a table of them: retry what failed until nothing more loads.
+    let mut loaded = 0;
+    loop {
+        let before = pending.len();
+        pending.retain(|p| !dlopen_global(p));
+        loaded += before - pending.len();
+        if pending.len() == before || pending.is_empty() {
+            break;
+        }
+    }
+    if loaded > 0 || !pending.is_empty() {
+        tracing::info!(loaded, failed = ?pending, "preloaded GPU runtime libraries from {dirs:?}");
+    }
+    loaded
+}
+
+#[cfg(unix)]
+fn dlopen_global(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return false };
+    // SAFETY: a NUL-terminated path; the handle is kept for the life of the process on
+    // purpose (the libraries must stay loaded for ONNX Runtime).
+    !unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) }.is_null()
+}
+
+#[cfg(not(unix))]
+fn dlopen_global(_path: &Path) -> bool {
+    false
 }
 
 pub struct OrtBackend {
@@ -328,5 +399,30 @@ impl Backend for OrtBackend {
 
     fn device(&self) -> String {
         self.device.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn preloads_only_gpu_libraries_from_the_listed_folders() {
+        let libs = tempfile::tempdir().unwrap();
+        let ort = tempfile::tempdir().unwrap();
+        // A real shared library standing in for a CUDA one, and files to be left alone.
+        let zlib = ["/lib/x86_64-linux-gnu/libz.so.1", "/usr/lib/libz.so.1", "/lib64/libz.so.1"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists());
+        let Some(zlib) = zlib else { return };
+        std::os::unix::fs::symlink(zlib, libs.path().join("libcudart.so.99")).unwrap();
+        std::os::unix::fs::symlink(zlib, libs.path().join("libsomething.so.1")).unwrap();
+        std::fs::write(libs.path().join("libcublas.so.99"), "not an ELF file").unwrap();
+        std::fs::write(ort.path().join(PRELOAD_FILE), format!("{}\n\n/nowhere\n", libs.path().display())).unwrap();
+        assert_eq!(preload_gpu_libraries(&ort.path().join("libonnxruntime.so")), 1);
+        // Nothing listed: nothing loaded.
+        assert_eq!(preload_gpu_libraries(&libs.path().join("libonnxruntime.so")), 0);
     }
 }
