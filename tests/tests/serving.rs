@@ -481,3 +481,38 @@ async fn unavailable_gpu_provider_fails_the_load_unless_fallback_is_allowed() {
     assert!(stats["gpus"].is_array(), "GPUs are listed (none without NVML)");
     s.server.shutdown().await;
 }
+
+#[test]
+fn the_onnx_runtime_backend_stages_batches_from_their_parts() {
+    use sluice_server::backend::{Backend, BatchInput};
+    let repo = affine_repo();
+    let dir = repo.path().join("affine");
+    let sig = sluice_server::repository::onnx::read_signature(&std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
+    let cfg = sluice_server::repository::model_yaml::ModelYaml::parse(&dir.join("model.yaml"), AFFINE_YAML).unwrap();
+    let mut b = sluice_server::backend::ort::load(
+        &sluice_tests::ort_dylib(),
+        &dir.join("model.onnx"),
+        &cfg,
+        0,
+        &sig.inputs,
+        &sig.outputs,
+    )
+    .unwrap();
+    let (a, ta) = x(1, 1.0);
+    let (c, tc) = x(2, -3.0);
+    // Shapes 3+2 pad, then 1, then 3+2 again (a staged buffer reused with new data).
+    for (parts, pad) in [(vec![&ta, &tc], 2), (vec![&ta], 0), (vec![&tc, &ta], 2)] {
+        let mut staged = 0;
+        let out = b.run_batch(&[BatchInput { parts: parts.clone(), pad }], &mut || staged += 1).unwrap();
+        assert_eq!(staged, 1);
+        let rows: usize = parts.iter().map(|p| p.shape[0]).sum::<usize>() + pad;
+        assert_eq!(out[0].shape, vec![rows, 4]);
+        let mut want: Vec<f32> = Vec::new();
+        for p in &parts {
+            let v = if std::ptr::eq(*p, &ta) { &a } else { &c };
+            want.extend(affine_reference(v).0);
+        }
+        want.extend(std::iter::repeat_n(1.0, pad * 4)); // zero rows: 2 * 0 + 1
+        assert_eq!(out[0].to_f32().unwrap(), want, "parts {} pad {pad}", parts.len());
+    }
+}

@@ -2,7 +2,7 @@
 //! builds and runs without the native library; models that need it fail to load with a
 //! clear message when it is missing.
 
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, BatchInput};
 use crate::repository::model_yaml::{ArenaExtend, ConvSearch, ExecutionProvider, ModelYaml};
 use crate::repository::onnx::TensorInfo;
 use crate::sched::threads;
@@ -117,9 +117,16 @@ fn dlopen_global(_path: &Path) -> bool {
     false
 }
 
+/// Input buffers kept per input for the most recent batch shapes, so a batch is copied
+/// once, straight from the requests into memory ONNX Runtime reads, and steady traffic
+/// allocates (and page-faults) nothing.
+const STAGED_SHAPES: usize = 4;
+
 pub struct OrtBackend {
     /// One session, or one per allowed batch size (`Some(size)`) on GPU providers.
     sessions: Vec<(Option<usize>, Session)>,
+    /// Per input: (shape, buffer), most recently used first.
+    staged: Vec<Vec<(Vec<usize>, DynTensor)>>,
     input_names: Vec<String>,
     output_names: Vec<String>,
     device: String,
@@ -179,6 +186,7 @@ pub fn load(
     };
     Ok(OrtBackend {
         sessions,
+        staged: inputs.iter().map(|_| Vec::new()).collect(),
         input_names: inputs.iter().map(|t| t.name.clone()).collect(),
         output_names: outputs.iter().map(|t| t.name.clone()).collect(),
         device: placed,
@@ -374,7 +382,79 @@ fn from_output(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
     })
 }
 
+/// Copies `input`'s parts, then zeros for its padding, into `dst` (exactly its size).
+fn fill(dst: &mut [u8], input: &BatchInput<'_>) {
+    let mut at = 0;
+    for p in &input.parts {
+        dst[at..at + p.data.len()].copy_from_slice(&p.data);
+        at += p.data.len();
+    }
+    dst[at..].fill(0);
+}
+
+impl OrtBackend {
+    /// The index of the session for a batch of `rows` (one per allowed size on GPU
+    /// providers), or of the only one.
+    fn session_for(&self, rows: Option<usize>) -> usize {
+        self.sessions.iter().position(|(size, _)| size.is_some() && *size == rows).unwrap_or(0)
+    }
+
+    /// The staging buffer of input `i` for `shape`, moved to the front of its list.
+    fn staging(&mut self, i: usize, dtype: DataType, shape: &[usize]) -> Result<&mut DynTensor, BackendError> {
+        let list = &mut self.staged[i];
+        match list.iter().position(|(s, _)| s == shape) {
+            Some(k) => list[..=k].rotate_right(1),
+            None => {
+                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                let t = DynTensor::new(&Allocator::default(), to_ort_type(dtype)?, dims)
+                    .map_err(|e| BackendError(format!("cannot allocate input tensor: {e}")))?;
+                list.insert(0, (shape.to_vec(), t));
+                list.truncate(STAGED_SHAPES);
+            }
+        }
+        Ok(&mut list[0].1)
+    }
+}
+
+/// The named outputs, copied out of ONNX Runtime's buffers, in the model's order.
+fn collect_outputs(names: &[String], outputs: &ort::session::SessionOutputs<'_>) -> Result<Vec<Tensor>, BackendError> {
+    names
+        .iter()
+        .map(|n| {
+            let v = outputs
+                .get(n.as_str())
+                .ok_or_else(|| BackendError(format!("ONNX Runtime returned no output '{n}'")))?;
+            from_output(n, v)
+        })
+        .collect()
+}
+
 impl Backend for OrtBackend {
+    fn run_batch(&mut self, inputs: &[BatchInput<'_>], staged: &mut dyn FnMut()) -> Result<Vec<Tensor>, BackendError> {
+        for (i, input) in inputs.iter().enumerate() {
+            let shape = input.shape();
+            let dtype = input.parts[0].dtype;
+            let expected = sluice_ops::tensor::element_count(&shape) * dtype.size().unwrap_or(0);
+            let t = self.staging(i, dtype, &shape)?;
+            if expected > 0 {
+                // SAFETY: the tensor was allocated on the CPU for exactly this dtype and
+                // shape (`expected` bytes), and is not aliased while `dst` lives.
+                let dst = unsafe { std::slice::from_raw_parts_mut(t.data_ptr_mut().cast::<u8>(), expected) };
+                fill(dst, input);
+            }
+        }
+        staged();
+        let i = self.session_for(inputs.first().map(|b| b.shape()[0]));
+        let views: Vec<_> = self
+            .input_names
+            .iter()
+            .zip(&self.staged)
+            .map(|(n, list)| (Cow::Borrowed(n.as_str()), SessionInputValue::from(list[0].1.view())))
+            .collect();
+        let outputs = self.sessions[i].1.run(views).map_err(|e| BackendError(e.to_string()))?;
+        collect_outputs(&self.output_names, &outputs)
+    }
+
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
         let values = self
             .input_names
@@ -382,19 +462,9 @@ impl Backend for OrtBackend {
             .zip(inputs)
             .map(|(n, t)| Ok((Cow::Borrowed(n.as_str()), SessionInputValue::from(to_input(t)?))))
             .collect::<Result<Vec<_>, BackendError>>()?;
-        // The session for this batch size, or the only one.
-        let rows = inputs.first().and_then(|t| t.shape.first().copied());
-        let i = self.sessions.iter().position(|(size, _)| size.is_some() && *size == rows).unwrap_or(0);
+        let i = self.session_for(inputs.first().and_then(|t| t.shape.first().copied()));
         let outputs = self.sessions[i].1.run(values).map_err(|e| BackendError(e.to_string()))?;
-        self.output_names
-            .iter()
-            .map(|n| {
-                let v = outputs
-                    .get(n.as_str())
-                    .ok_or_else(|| BackendError(format!("ONNX Runtime returned no output '{n}'")))?;
-                from_output(n, v)
-            })
-            .collect()
+        collect_outputs(&self.output_names, &outputs)
     }
 
     fn device(&self) -> String {

@@ -6,7 +6,7 @@ pub mod pool;
 pub mod queue;
 pub mod threads;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BatchInput};
 use crate::error::Error;
 use crate::metrics::{InstanceMetrics, ModelMetrics};
 use crate::stats::ModelStats;
@@ -291,9 +291,13 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
 
     let result = catch_unwind(AssertUnwindSafe(|| -> Result<_, Error> {
         let t_input = Instant::now();
-        let inputs = assemble(shared, &batch, pad)?;
-        let t_infer = Instant::now();
-        let outputs = backend.run(&inputs).map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;
+        let inputs: Vec<BatchInput<'_>> = (0..batch[0].inputs.len())
+            .map(|i| BatchInput { parts: batch.iter().map(|p| &p.inputs[i]).collect(), pad })
+            .collect();
+        let mut t_infer = t_input;
+        let outputs = backend
+            .run_batch(&inputs, &mut || t_infer = Instant::now())
+            .map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;
         let t_output = Instant::now();
         let per_item = split(shared, &batch, outputs, pad)?;
         let t_end = Instant::now();
@@ -326,32 +330,6 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
             }
         }
     }
-}
-
-/// The batch's input tensors: each request's tensors concatenated along dimension 0.
-fn assemble(shared: &Shared, batch: &[Pending], pad: usize) -> Result<Vec<Tensor>, Error> {
-    if batch.len() == 1 && pad == 0 {
-        return Ok(batch[0].inputs.clone());
-    }
-    let n_inputs = batch[0].inputs.len();
-    (0..n_inputs)
-        .map(|i| {
-            let mut parts: Vec<&Tensor> = batch.iter().map(|p| &p.inputs[i]).collect();
-            let padding = (pad > 0).then(|| zero_rows(parts[0], pad));
-            parts.extend(padding.as_ref());
-            Tensor::concat_batch(&parts).map_err(|e| Error::Internal(format!("model '{}': {e}", shared.name)))
-        })
-        .collect()
-}
-
-/// `rows` zero rows shaped like `like`'s rows (padding up to an allowed batch size).
-fn zero_rows(like: &Tensor, rows: usize) -> Tensor {
-    let mut shape = like.shape.clone();
-    shape[0] = rows;
-    let elements = sluice_ops::tensor::element_count(&shape);
-    // A BYTES element of zero length is its 4-byte length prefix alone.
-    let bytes = elements * like.dtype.size().unwrap_or(4);
-    Tensor { dtype: like.dtype, shape, data: vec![0u8; bytes].into() }
 }
 
 /// Splits each output back into per-request pieces (zero-copy slices), dropping the
