@@ -140,6 +140,27 @@ async fn requests_carry_ids_and_timing_on_request() {
     assert_eq!(v["id"], "from-header");
     assert!(v["parameters"]["sluice_timing.pre.compute_us"].as_i64().unwrap() >= 1000, "{v}");
     assert_eq!(v["parameters"]["sluice_timing.model.items"], 1);
+
+    // Failures are answered with the id too: gRPC in the status's metadata, HTTP in the
+    // header, whether the request was malformed, named an unknown model or was refused.
+    let bad = Tensor::from_f32(vec![3], &[1.0, 2.0, 3.0]);
+    let opts = InferOptions { id: "bad-1".into(), ..Default::default() };
+    let Err(sluice_client::ClientError::Status(st)) = c.infer_detailed("p", &[("x", &bad)], opts).await else {
+        panic!("a wrong shape is refused")
+    };
+    assert_eq!(st.metadata().get("x-request-id").map(|v| v.to_str().unwrap()), Some("bad-1"), "{st:?}");
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/v2/models/p/infer", s.http))
+        .header("x-request-id", "bad-2")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!((resp.status().as_u16(), &resp.headers()["x-request-id"]), (400, &"bad-2".parse().unwrap()));
+    let resp = http.post(format!("{}/v2/models/nope/infer", s.http)).json(&body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    assert!(resp.headers()["x-request-id"].to_str().unwrap().starts_with("sluice-"), "{:?}", resp.headers());
     s.server.shutdown().await;
 }
 

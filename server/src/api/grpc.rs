@@ -189,11 +189,21 @@ impl GrpcInferenceService for GrpcApi {
         let started = std::time::Instant::now();
         let mut req = req.into_inner();
         req.id = request_id(std::mem::take(&mut req.id), header_id.as_deref());
+        let id = req.id.clone();
+        // Failures carry the request's id too, so a client can find them in the logs.
+        let with_id = |e: crate::error::Error| {
+            let mut status = Status::from(e);
+            if let Ok(v) = id.parse() {
+                status.metadata_mut().insert(REQUEST_ID_HEADER, v);
+            }
+            status
+        };
         let span = tracing::info_span!("request", model = %req.model_name, id = ?req.id);
         let (model, version) = (req.model_name.clone(), req.model_version.clone());
-        let engine_req =
-            to_engine_request(req).inspect_err(|e| self.state.engine.record_rejected(&model, &version, e))?;
-        let resp = self.state.engine.infer(engine_req, deadline).instrument(span).await?;
+        let engine_req = to_engine_request(req)
+            .inspect_err(|e| self.state.engine.record_rejected(&model, &version, e))
+            .map_err(with_id)?;
+        let resp = self.state.engine.infer(engine_req, deadline).instrument(span).await.map_err(with_id)?;
         let mut raw = Vec::with_capacity(resp.outputs.len());
         let outputs = resp
             .outputs

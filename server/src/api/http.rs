@@ -214,6 +214,9 @@ async fn infer_v(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let header_id = headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
+    // The id an error is answered with when the body never got parsed: the header's, or a new one.
+    let mut id = None;
     let run = async {
         let timeout = headers
             .get(TIMEOUT_HEADER)
@@ -223,15 +226,22 @@ async fn infer_v(
         let started = std::time::Instant::now();
         let (mut req, binary_out) = parse_infer(&model, &version, &headers, body)
             .inspect_err(|e| s.engine.record_rejected(&model, &version, e))?;
-        let header_id = headers.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok());
         req.id = request_id(std::mem::take(&mut req.id), header_id);
+        id = Some(req.id.clone());
         let span = tracing::info_span!("request", model = %req.model_name, id = ?req.id);
         let resp = s.engine.infer(req, deadline_after(timeout, s.default_timeout)).instrument(span).await?;
         encode_infer(resp, &binary_out, started)
     };
     match run.await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let mut r = e.into_response();
+            let id = id.unwrap_or_else(|| request_id(String::new(), header_id));
+            if let Ok(v) = header::HeaderValue::from_str(&id) {
+                r.headers_mut().insert(REQUEST_ID_HEADER, v);
+            }
+            r
+        }
     }
 }
 
