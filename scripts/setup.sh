@@ -46,6 +46,7 @@ ort_lib=$(ls "$SITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)
 # reached the TensorRT provider is reported unavailable and `execution_providers` falls
 # through to the next one.
 gpu=${SLUICE_GPU:-auto}
+case "$gpu" in auto | 0 | 1) ;; *) echo "setup: SLUICE_GPU must be auto, 1 or 0 (got '$gpu')" >&2; exit 1 ;; esac
 if [ "$gpu" = auto ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; else gpu=0; fi
 fi
@@ -58,17 +59,25 @@ if [ "$gpu" = 1 ]; then
     [ -x "$GVENV/bin/python" ] || "$PY" -m venv "$GVENV"
     echo "setup: installing the GPU runtime (onnxruntime-gpu, CUDA, cuDNN) into $GVENV"
     "$GVENV/bin/python" -m pip install --disable-pip-version-check -q "${GREQS[@]}"
-    "$GVENV/bin/python" -m pip install --disable-pip-version-check -q "$TRT_REQ" \
-      || echo "setup: WARNING: no TensorRT ($TRT_REQ needs pypi.nvidia.com): the tensorrt provider will be unavailable" >&2
     touch "$gstamp"
+  fi
+  # TensorRT is tried on every run until it installs (its own stamp).
+  tstamp="$GVENV/.sluice-trt-$(printf '%s' "$TRT_REQ" | sha256sum | cut -c1-16)"
+  if [ ! -f "$tstamp" ]; then
+    if "$GVENV/bin/python" -m pip install --disable-pip-version-check -q "$TRT_REQ" >"$GVENV/trt-install.log" 2>&1; then
+      touch "$tstamp"
+    else
+      echo "setup: WARNING: no TensorRT ($TRT_REQ needs pypi.nvidia.com, see $GVENV/trt-install.log): the tensorrt provider will be unavailable" >&2
+    fi
   fi
   GSITE=$("$GVENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   mkdir -p .sluice/lib-gpu
   for f in "$GSITE"/onnxruntime/capi/libonnxruntime*.so*; do ln -sfn "$f" ".sluice/lib-gpu/$(basename "$f")"; done
   ln -sfn "$(basename "$(ls "$GSITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)")" .sluice/lib-gpu/libonnxruntime.so
   # Every folder of the CUDA, cuDNN and TensorRT wheels that holds libraries.
-  find "$GSITE/nvidia" "$GSITE/tensorrt_libs" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u \
-    > .sluice/lib-gpu/sluice-preload-dirs
+  libdirs=()
+  for d in "$GSITE/nvidia" "$GSITE/tensorrt_libs"; do [ -d "$d" ] && libdirs+=("$d"); done
+  find "${libdirs[@]}" -name 'lib*.so*' -printf '%h\n' | sort -u > .sluice/lib-gpu/sluice-preload-dirs
   echo "setup: GPU runtime   .sluice/lib-gpu/libonnxruntime.so (serve with --ort-dylib .sluice/lib-gpu/libonnxruntime.so)"
 fi
 

@@ -225,7 +225,7 @@ impl Metrics {
             ),
             gpu_utilization: {
                 let g = prometheus::GaugeVec::new(
-                    Opts::new("sluice_gpu_utilization", "Fraction of the last second a kernel ran on the GPU (NVML)."),
+                    Opts::new("sluice_gpu_utilization", "Fraction of NVML's last sample period (1/6 to 1 s) in which a kernel ran on the GPU."),
                     &["gpu"],
                 )
                 .expect("valid metric. This is a bug.");

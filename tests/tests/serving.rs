@@ -516,3 +516,26 @@ fn the_onnx_runtime_backend_stages_batches_from_their_parts() {
         assert_eq!(out[0].to_f32().unwrap(), want, "parts {} pad {pad}", parts.len());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_without_a_batch_dimension_take_scalars() {
+    use prost::Message;
+    use sluice_tests::onnx::*;
+    let scalar = model(GraphProto {
+        name: "scalar".into(),
+        node: vec![node("Mul", &["x", "two"], &["twice"]), node("Add", &["twice", "one"], &["y"])],
+        initializer: vec![scalar("two", 2.0), scalar("one", 1.0)],
+        input: vec![value("x", &[])],
+        output: vec![value("y", &[])],
+    })
+    .encode_to_vec();
+    let repo = Repo::new();
+    repo.add("scalar", &scalar, "max_batch_size: 0\n");
+    let s = start(config(repo.path())).await;
+    for v in [3.0f32, -0.5] {
+        let out = s.client.infer("scalar", &[("x", &Tensor::from_f32(vec![], &[v]))], InferOptions::default()).await;
+        let out = out.unwrap();
+        assert_eq!((out[0].1.shape.clone(), out[0].1.to_f32().unwrap()), (vec![], vec![2.0 * v + 1.0]));
+    }
+    s.server.shutdown().await;
+}

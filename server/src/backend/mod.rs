@@ -17,10 +17,13 @@ pub struct BatchInput<'a> {
 }
 
 impl BatchInput<'_> {
-    /// The joined tensor's shape.
+    /// The joined tensor's shape (one request's own shape when there is nothing to join:
+    /// models without a batch dimension may take scalars).
     pub fn shape(&self) -> Vec<usize> {
         let mut shape = self.parts[0].shape.clone();
-        shape[0] = self.parts.iter().map(|p| p.shape[0]).sum::<usize>() + self.pad;
+        if self.parts.len() > 1 || self.pad > 0 {
+            shape[0] = self.parts.iter().map(|p| p.shape[0]).sum::<usize>() + self.pad;
+        }
         shape
     }
 

@@ -77,16 +77,23 @@ pub fn preload_gpu_libraries(dylib: &Path) -> usize {
     if let Some(list) = dylib.parent().and_then(|d| std::fs::read_to_string(d.join(PRELOAD_FILE)).ok()) {
         dirs.extend(list.lines().map(str::trim).filter(|l| !l.is_empty()).map(PathBuf::from));
     }
-    let mut pending: Vec<PathBuf> = dirs
-        .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flat_map(|entries| entries.flatten().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.contains(".so") && GPU_LIBRARIES.iter().any(|g| name.starts_with(g))
-        })
-        .collect();
-    pending.sort();
+    // Folders in the order given (the environment's first), files sorted within each;
+    // a library name found in two folders is loaded from the first only.
+    let mut pending: Vec<PathBuf> = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for d in &dirs {
+        let Ok(entries) = std::fs::read_dir(d) else { continue };
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name.contains(".so") && GPU_LIBRARIES.iter().any(|g| name.starts_with(g))
+            })
+            .collect();
+        files.sort();
+        pending.extend(files.into_iter().filter(|p| names.insert(p.file_name().map(|n| n.to_owned()))));
+    }
     // Dependencies first without a table of them: retry what failed until nothing more loads.
     let mut loaded = 0;
     loop {
@@ -98,7 +105,10 @@ pub fn preload_gpu_libraries(dylib: &Path) -> usize {
         }
     }
     if loaded > 0 || !pending.is_empty() {
-        tracing::info!(loaded, failed = ?pending, "preloaded GPU runtime libraries from {dirs:?}");
+        tracing::info!(loaded, failed = pending.len(), "preloaded GPU runtime libraries from {dirs:?}");
+    }
+    for p in &pending {
+        tracing::debug!("cannot preload {}: {}", p.display(), dlerror_of(p));
     }
     loaded
 }
@@ -117,16 +127,38 @@ fn dlopen_global(_path: &Path) -> bool {
     false
 }
 
-/// Input buffers kept per input for the most recent batch shapes, so a batch is copied
-/// once, straight from the requests into memory ONNX Runtime reads, and steady traffic
-/// allocates (and page-faults) nothing.
+/// Why `path` does not load (tried once more, for the message).
+#[cfg(unix)]
+fn dlerror_of(path: &Path) -> String {
+    if dlopen_global(path) {
+        return "loaded on a later try".into();
+    }
+    // SAFETY: dlerror returns a thread-local C string or null.
+    let e = unsafe { libc::dlerror() };
+    if e.is_null() {
+        return "unknown error".into();
+    }
+    // SAFETY: non-null, NUL-terminated, valid until the next dl* call on this thread.
+    unsafe { std::ffi::CStr::from_ptr(e) }.to_string_lossy().into_owned()
+}
+
+#[cfg(not(unix))]
+fn dlerror_of(_path: &Path) -> String {
+    "not supported on this platform".into()
+}
+
+/// Input buffers kept per input for the most recent batch shapes (at least one per
+/// allowed batch size), so a batch is copied once, straight from the requests into memory
+/// ONNX Runtime reads, without allocating (and page-faulting) a new buffer each time.
 const STAGED_SHAPES: usize = 4;
 
 pub struct OrtBackend {
     /// One session, or one per allowed batch size (`Some(size)`) on GPU providers.
     sessions: Vec<(Option<usize>, Session)>,
-    /// Per input: (shape, buffer), most recently used first.
-    staged: Vec<Vec<(Vec<usize>, DynTensor)>>,
+    /// Per input: (dtype, shape, buffer), most recently used first.
+    staged: Vec<Vec<(DataType, Vec<usize>, DynTensor)>>,
+    /// How many shapes `staged` keeps per input.
+    staged_shapes: usize,
     input_names: Vec<String>,
     output_names: Vec<String>,
     device: String,
@@ -187,17 +219,16 @@ pub fn load(
     Ok(OrtBackend {
         sessions,
         staged: inputs.iter().map(|_| Vec::new()).collect(),
+        staged_shapes: STAGED_SHAPES.max(allowed.len()),
         input_names: inputs.iter().map(|t| t.name.clone()).collect(),
         output_names: outputs.iter().map(|t| t.name.clone()).collect(),
         device: placed,
     })
 }
 
-/// One ONNX Runtime session with the model.yaml's options and providers; returns it with
-/// where it runs ("tensorrt:0+cuda:0", "cuda:1", "cpu").
-fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml, device: i32) -> Result<(Session, String), String> {
-    let env = environment(dylib)?;
-    let mut builder = Session::builder(env)
+/// Session options from the model.yaml, no providers yet.
+fn builder(env: &Environment, cfg: &ModelYaml) -> Result<ort::session::builder::SessionBuilder, String> {
+    Session::builder(env)
         .map_err(|e| format!("cannot create session options: {e}"))?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(ort_err("optimization level"))?
@@ -210,43 +241,76 @@ fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml, device: i32) -> Res
         // The intra-op pool's threads serve requests: start them at normal priority even
         // when the session is created by a background reload (see sched::threads).
         .with_thread_manager(PoolThreads)
-        .map_err(ort_err("thread manager"))?;
+        .map_err(ort_err("thread manager"))
+}
 
-    // Every provider that starts is registered, in the model.yaml's order; ONNX Runtime
-    // gives each node to the first that supports it. The CPU provider is always there
-    // underneath, so listing `cpu` only says that running on it alone is acceptable.
+/// One ONNX Runtime session with the model.yaml's options and providers; returns it with
+/// where it runs ("tensorrt:0+cuda:0", "cuda:1", "cpu").
+///
+/// Every provider that starts is registered, in the model.yaml's order; ONNX Runtime gives
+/// each node to the first that supports it. A provider can fail twice: when registered
+/// (its library or the CUDA runtime missing) or when the session is created (no visible
+/// GPU, a driver too old, out of memory, a TensorRT build that fails). Either way the
+/// session is tried again without it, as long as another provider in the list (or `cpu`)
+/// remains; the CPU provider is always there underneath, so listing `cpu` only says that
+/// running on it alone is acceptable.
+fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml, device: i32) -> Result<(Session, String), String> {
+    let env = environment(dylib)?;
     let wanted = cfg.providers();
-    let mut placed = Vec::new();
-    let mut failures = Vec::new();
-    for &p in &wanted {
-        if p == ExecutionProvider::Cpu {
-            placed.push("cpu".to_string());
-            break;
-        }
-        match register_provider(&mut builder, cfg, p, device, model_file) {
-            Ok(()) => placed.push(format!("{}:{device}", p.as_str())),
-            Err(e) => failures.push(e),
-        }
-    }
     let cpu_listed = wanted.contains(&ExecutionProvider::Cpu);
-    if placed.iter().all(|p| p == "cpu") && !failures.is_empty() && !cpu_listed {
-        return Err(format!(
-            "{} (list cpu in execution_providers, or set allow_fallback: true, to run on CPU instead)",
-            failures.join("; ")
-        ));
+    let hint = "list cpu in execution_providers, or set allow_fallback: true, to run on CPU instead";
+    let mut skip: Vec<ExecutionProvider> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+    loop {
+        let mut builder = builder(env, cfg)?;
+        let mut gpus = Vec::new();
+        let left: Vec<ExecutionProvider> = wanted.iter().copied().filter(|p| !skip.contains(p)).collect();
+        for p in left {
+            if !p.is_gpu() {
+                break;
+            }
+            match register_provider(&mut builder, cfg, p, device, model_file) {
+                Ok(()) => gpus.push(p),
+                Err(e) => {
+                    failures.push(e);
+                    skip.push(p);
+                }
+            }
+        }
+        if gpus.is_empty() && !cpu_listed {
+            return Err(format!("{} ({hint})", failures.join("; ")));
+        }
+        match builder.commit_from_file(model_file) {
+            Ok(session) => {
+                let placed: Vec<String> = gpus.iter().map(|p| format!("{}:{device}", p.as_str())).collect();
+                let placed = if placed.is_empty() { "cpu".to_string() } else { placed.join("+") };
+                if !failures.is_empty() {
+                    tracing::warn!(model = %model_file.display(), "{}; running on {placed}", failures.join("; "));
+                }
+                return Ok((session, placed));
+            }
+            // Blame the first GPU provider and try without it.
+            Err(e) if !gpus.is_empty() => {
+                failures.push(format!(
+                    "execution provider '{}' could not create the session on device {device}: {e}",
+                    gpus[0].as_str()
+                ));
+                skip.push(gpus[0]);
+            }
+            Err(e) => {
+                let mut msg = format!("ONNX Runtime cannot load {}: {e}", model_file.display());
+                if !failures.is_empty() {
+                    msg = format!("{}; {msg}", failures.join("; "));
+                }
+                return Err(msg);
+            }
+        }
     }
-    if !failures.is_empty() {
-        tracing::warn!(model = %model_file.display(), "{}; running on {}", failures.join("; "), placed.join("+"));
-    }
-    // "cpu" after a GPU provider is the fallback for nodes, not where the model runs.
-    if placed.len() > 1 {
-        placed.retain(|p| p != "cpu");
-    }
+}
 
-    let session = builder
-        .commit_from_file(model_file)
-        .map_err(|e| format!("ONNX Runtime cannot load {}: {e}", model_file.display()))?;
-    Ok((session, placed.join("+")))
+/// FNV-1a, 64 bits: a stable content key (std's hasher may change between releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 fn register_provider(
@@ -283,7 +347,12 @@ fn register_provider(
             let t = &cfg.tensorrt;
             let mut trt = ort::ep::TensorRT::default().with_device_id(id).with_fp16(t.fp16);
             if let Some(dir) = &t.engine_cache {
-                let dir = model_file.parent().map(|m| m.join(dir)).unwrap_or_else(|| dir.clone());
+                // ONNX Runtime's cache key hashes the file name and the graph's names, not
+                // the weights: every version is a `model.onnx`, so one folder per content.
+                let base = model_file.parent().map(|m| m.join(dir)).unwrap_or_else(|| dir.clone());
+                let bytes = std::fs::read(model_file).map_err(|e| format!("{}: {e}", model_file.display()))?;
+                let dir = base.join(format!("{:016x}", fnv1a(&bytes)));
+                std::fs::create_dir_all(&dir).map_err(|e| format!("TensorRT engine cache {}: {e}", dir.display()))?;
                 trt = trt.with_engine_cache(true).with_engine_cache_path(dir.display()).with_timing_cache(true);
             }
             if let Some(mb) = t.workspace_mb {
@@ -402,17 +471,17 @@ impl OrtBackend {
     /// The staging buffer of input `i` for `shape`, moved to the front of its list.
     fn staging(&mut self, i: usize, dtype: DataType, shape: &[usize]) -> Result<&mut DynTensor, BackendError> {
         let list = &mut self.staged[i];
-        match list.iter().position(|(s, _)| s == shape) {
+        match list.iter().position(|(d, s, _)| *d == dtype && s == shape) {
             Some(k) => list[..=k].rotate_right(1),
             None => {
                 let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 let t = DynTensor::new(&Allocator::default(), to_ort_type(dtype)?, dims)
                     .map_err(|e| BackendError(format!("cannot allocate input tensor: {e}")))?;
-                list.insert(0, (shape.to_vec(), t));
-                list.truncate(STAGED_SHAPES);
+                list.insert(0, (dtype, shape.to_vec(), t));
+                list.truncate(self.staged_shapes);
             }
         }
-        Ok(&mut list[0].1)
+        Ok(&mut list[0].2)
     }
 }
 
@@ -431,6 +500,9 @@ fn collect_outputs(names: &[String], outputs: &ort::session::SessionOutputs<'_>)
 
 impl Backend for OrtBackend {
     fn run_batch(&mut self, inputs: &[BatchInput<'_>], staged: &mut dyn FnMut()) -> Result<Vec<Tensor>, BackendError> {
+        if inputs.len() != self.input_names.len() {
+            return Err(BackendError(format!("{} inputs for a model of {}", inputs.len(), self.input_names.len())));
+        }
         for (i, input) in inputs.iter().enumerate() {
             let shape = input.shape();
             let dtype = input.parts[0].dtype;
@@ -444,12 +516,12 @@ impl Backend for OrtBackend {
             }
         }
         staged();
-        let i = self.session_for(inputs.first().map(|b| b.shape()[0]));
+        let i = self.session_for(inputs.first().and_then(|b| b.shape().first().copied()));
         let views: Vec<_> = self
             .input_names
             .iter()
             .zip(&self.staged)
-            .map(|(n, list)| (Cow::Borrowed(n.as_str()), SessionInputValue::from(list[0].1.view())))
+            .map(|(n, list)| (Cow::Borrowed(n.as_str()), SessionInputValue::from(list[0].2.view())))
             .collect();
         let outputs = self.sessions[i].1.run(views).map_err(|e| BackendError(e.to_string()))?;
         collect_outputs(&self.output_names, &outputs)

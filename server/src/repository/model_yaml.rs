@@ -326,7 +326,13 @@ impl ModelYaml {
             if seen.contains(p) {
                 return Err(format!("execution_providers names {} twice", p.as_str()));
             }
+            if seen.contains(&ExecutionProvider::Cpu) {
+                return Err(format!("execution_providers: {} after cpu would never be used", p.as_str()));
+            }
             seen.push(*p);
+        }
+        if self.device_id < 0 {
+            return Err(format!("device_id {} must not be negative", self.device_id));
         }
         if !self.device_ids.is_empty() && self.device_id != 0 {
             return Err("give either device_id or device_ids, not both".into());
@@ -429,6 +435,8 @@ mod tests {
         for (bad, says) in [
             ("execution_provider: cuda\nexecution_providers: [cuda]\n", "not both"),
             ("execution_providers: [cuda, cuda]\n", "twice"),
+            ("execution_providers: [cpu, cuda]\n", "after cpu"),
+            ("device_id: -1\n", "negative"),
             ("device_id: 1\ndevice_ids: [0]\n", "not both"),
             ("tensorrt:\n  profile:\n    x: {min: [2], opt: [1], max: [3]}\n", "min <= opt <= max"),
             ("tensorrt:\n  fp32: true\n", "unknown field `fp32`"),
