@@ -22,15 +22,23 @@ REQS=(
   pytest==9.2.0
   selenium==4.50.0
 )
-stamp="$VENV/.sluice-setup-$(printf '%s\n' "${REQS[@]}" | sha256sum | cut -c1-16)"
-
-if [ ! -f "$stamp" ]; then
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  echo "setup: installing Python packages into $VENV"
-  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "${REQS[@]}"
-  touch "$stamp"
-fi
-SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# venv_install DIR WHAT REQ...: makes the venv and installs REQ into it, unless a stamp
+# of exactly these requirements is there. (Not run in $(...): errexit does not reach there.)
+venv_install() {
+  local dir=$1 what=$2
+  shift 2
+  local stamp
+  stamp="$dir/.sluice-setup-$(printf '%s\n' "$@" | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    [ -x "$dir/bin/python" ] || "$PY" -m venv "$dir"
+    echo "setup: installing $what into $dir"
+    "$dir/bin/python" -m pip install --disable-pip-version-check -q "$@"
+    touch "$stamp"
+  fi
+}
+site_of() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+venv_install "$VENV" "Python packages" "${REQS[@]}"
+SITE=$(site_of "$VENV")
 
 # ONNX Runtime: the wheel ships only the versioned library name.
 mkdir -p .sluice/lib .sluice/bin
@@ -52,15 +60,9 @@ if [ "$gpu" = auto ]; then
 fi
 if [ "$gpu" = 1 ]; then
   GVENV=.venv-gpu
-  GREQS=("onnxruntime-gpu[cuda,cudnn]==1.31.1")
   TRT_REQ="tensorrt-cu13-libs==10.16.1.11"
-  gstamp="$GVENV/.sluice-setup-$(printf '%s\n' "${GREQS[@]}" | sha256sum | cut -c1-16)"
-  if [ ! -f "$gstamp" ]; then
-    [ -x "$GVENV/bin/python" ] || "$PY" -m venv "$GVENV"
-    echo "setup: installing the GPU runtime (onnxruntime-gpu, CUDA, cuDNN) into $GVENV"
-    "$GVENV/bin/python" -m pip install --disable-pip-version-check -q "${GREQS[@]}"
-    touch "$gstamp"
-  fi
+  venv_install "$GVENV" "the GPU runtime (onnxruntime-gpu, CUDA, cuDNN)" "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+  GSITE=$(site_of "$GVENV")
   # TensorRT is tried on every run until it installs (its own stamp).
   tstamp="$GVENV/.sluice-trt-$(printf '%s' "$TRT_REQ" | sha256sum | cut -c1-16)"
   if [ ! -f "$tstamp" ]; then
@@ -70,7 +72,6 @@ if [ "$gpu" = 1 ]; then
       echo "setup: WARNING: no TensorRT ($TRT_REQ needs pypi.nvidia.com, see $GVENV/trt-install.log): the tensorrt provider will be unavailable" >&2
     fi
   fi
-  GSITE=$("$GVENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   mkdir -p .sluice/lib-gpu
   for f in "$GSITE"/onnxruntime/capi/libonnxruntime*.so*; do ln -sfn "$f" ".sluice/lib-gpu/$(basename "$f")"; done
   ln -sfn "$(basename "$(ls "$GSITE"/onnxruntime/capi/libonnxruntime.so.* | head -n 1)")" .sluice/lib-gpu/libonnxruntime.so
