@@ -33,7 +33,6 @@ fn environment(dylib: &Path) -> Result<&'static Environment, String> {
                 dylib.display()
             ));
         }
-        preload_gpu_libraries(dylib);
         let env = ort::init_from(dylib)
             .map_err(|e| format!("cannot load ONNX Runtime from {}: {e}", dylib.display()))?
             .with_name("sluice")
@@ -257,6 +256,12 @@ fn builder(env: &Environment, cfg: &ModelYaml) -> Result<ort::session::builder::
 fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml, device: i32) -> Result<(Session, String), String> {
     let env = environment(dylib)?;
     let wanted = cfg.providers();
+    // The GPU runtime's libraries are mapped only once a model asks for a GPU provider,
+    // before ONNX Runtime loads the provider's library (which links them).
+    static GPU_LIBRARIES_LOADED: OnceLock<usize> = OnceLock::new();
+    if wanted.iter().any(|p| p.is_gpu()) {
+        GPU_LIBRARIES_LOADED.get_or_init(|| preload_gpu_libraries(dylib));
+    }
     let cpu_listed = wanted.contains(&ExecutionProvider::Cpu);
     let hint = "list cpu in execution_providers, or set allow_fallback: true, to run on CPU instead";
     let mut skip: Vec<ExecutionProvider> = Vec::new();
@@ -404,6 +409,12 @@ fn to_ort_type(d: DataType) -> Result<TensorElementType, BackendError> {
     })
 }
 
+/// BOOL elements from the wire may be any byte; ONNX Runtime (and Rust's `bool`, which
+/// outputs are read as) allow only 0 and 1.
+fn normalize_bools(bytes: &mut [u8]) {
+    bytes.iter_mut().for_each(|b| *b = u8::from(*b != 0));
+}
+
 fn to_input(t: &Tensor) -> Result<DynTensor, BackendError> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     let mut v = DynTensor::new(&Allocator::default(), to_ort_type(t.dtype)?, shape)
@@ -413,6 +424,9 @@ fn to_input(t: &Tensor) -> Result<DynTensor, BackendError> {
         // `t.data` was validated to hold exactly that many bytes.
         unsafe {
             std::ptr::copy_nonoverlapping(t.data.as_ptr(), v.data_ptr_mut().cast::<u8>(), t.data.len());
+            if t.dtype == DataType::Bool {
+                normalize_bools(std::slice::from_raw_parts_mut(v.data_ptr_mut().cast::<u8>(), t.data.len()));
+            }
         }
     }
     Ok(v)
@@ -457,6 +471,9 @@ fn fill(dst: &mut [u8], input: &BatchInput<'_>) {
     for p in &input.parts {
         dst[at..at + p.data.len()].copy_from_slice(&p.data);
         at += p.data.len();
+    }
+    if input.parts[0].dtype == DataType::Bool {
+        normalize_bools(&mut dst[..at]);
     }
     dst[at..].fill(0);
 }
@@ -547,6 +564,19 @@ impl Backend for OrtBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_batches_join_parts_zero_the_padding_and_normalise_bools() {
+        let a = Tensor::new(DataType::Bool, vec![2], vec![0u8, 7].into()).unwrap();
+        let b = Tensor::new(DataType::Bool, vec![1], vec![255u8].into()).unwrap();
+        let mut dst = vec![9u8; 5];
+        fill(&mut dst, &BatchInput { parts: vec![&a, &b], pad: 2 });
+        assert_eq!(dst, vec![0, 1, 1, 0, 0]);
+        let f = Tensor::from_f32(vec![1], &[2.5]);
+        let mut dst = vec![9u8; 8];
+        fill(&mut dst, &BatchInput { parts: vec![&f], pad: 1 });
+        assert_eq!(dst, [2.5f32.to_le_bytes(), [0; 4]].concat());
+    }
 
     #[test]
     #[cfg(target_os = "linux")]

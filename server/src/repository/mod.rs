@@ -164,6 +164,7 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
         apply_overrides(&config, sig.clone()).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     check_warmup(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+    check_profile(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     Ok(ModelSpec {
         name: m.name.clone(),
         version,
@@ -245,9 +246,66 @@ fn check_warmup(cfg: &ModelYaml, inputs: &[TensorInfo]) -> Result<(), String> {
     Ok(())
 }
 
+/// The TensorRT profile names real inputs with their rank, and, once given, covers every
+/// input with variable dims (TensorRT needs a range for each).
+fn check_profile(cfg: &ModelYaml, inputs: &[TensorInfo]) -> Result<(), String> {
+    let profile = &cfg.tensorrt.profile;
+    if profile.is_empty() {
+        return Ok(());
+    }
+    for (name, p) in profile {
+        let info = inputs.iter().find(|t| &t.name == name).ok_or_else(|| {
+            let names: Vec<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+            format!("tensorrt.profile: '{name}' is not an input (inputs: {})", names.join(", "))
+        })?;
+        if name.contains([':', ',']) {
+            return Err(format!("tensorrt.profile: ONNX Runtime cannot take an input named '{name}' (':' or ',')"));
+        }
+        if p.min.len() != info.dims.len() {
+            return Err(format!(
+                "tensorrt.profile.{name}: shapes have rank {}, the input has rank {}",
+                p.min.len(),
+                info.dims.len()
+            ));
+        }
+    }
+    match inputs.iter().find(|t| t.dims.iter().any(|&d| d < 0) && !profile.contains_key(&t.name)) {
+        Some(t) => {
+            Err(format!("tensorrt.profile: input '{}' has variable dims {:?} and needs a range too", t.name, t.dims))
+        }
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tensorrt_profile_must_fit_the_inputs() {
+        let input = |name: &str, dims: &[i64]| TensorInfo {
+            name: name.into(),
+            dtype: sluice_ops::DataType::F32,
+            dims: dims.to_vec(),
+        };
+        let inputs = [input("x", &[-1, 3, 224, 224]), input("mask", &[-1, 1])];
+        let cfg = |yaml: &str| ModelYaml::parse(Path::new("m/model.yaml"), yaml).unwrap();
+        let full = "tensorrt:\n  profile:\n    x: {min: [1, 3, 224, 224], opt: [8, 3, 224, 224], max: [32, 3, 224, 224]}\n    \
+                    mask: {min: [1, 1], opt: [8, 1], max: [32, 1]}\n";
+        assert_eq!(check_profile(&cfg(full), &inputs), Ok(()));
+        assert_eq!(check_profile(&cfg(""), &inputs), Ok(()));
+        for (yaml, says) in [
+            ("tensorrt:\n  profile:\n    y: {min: [1], opt: [1], max: [1]}\n", "'y' is not an input"),
+            ("tensorrt:\n  profile:\n    x: {min: [1, 3], opt: [1, 3], max: [1, 3]}\n", "rank 2, the input has rank 4"),
+            (
+                "tensorrt:\n  profile:\n    x: {min: [1, 3, 224, 224], opt: [8, 3, 224, 224], max: [32, 3, 224, 224]}\n",
+                "input 'mask' has variable dims",
+            ),
+        ] {
+            let e = check_profile(&cfg(yaml), &inputs).unwrap_err();
+            assert!(e.contains(says), "{yaml}: {e}");
+        }
+    }
 
     fn folder(files: &[&str], yaml: &str) -> (tempfile::TempDir, Result<ModelDir, String>) {
         let d = tempfile::tempdir().unwrap();
