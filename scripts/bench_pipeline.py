@@ -24,6 +24,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench_detect import detect_pipeline
+
 import numpy as np
 from PIL import Image
 
@@ -57,25 +59,7 @@ def metric(name, label):
     raise KeyError(name)
 
 
-DETECT = """max_batch_size: 8
-inputs:
-  - {name: image, dtype: BYTES, dims: [1]}
-outputs:
-  - {name: boxes, from: nms.boxes}
-nodes:
-  - {name: decode, op: decode_image, inputs: {bytes: image}}
-  - name: letterbox
-    op: resize
-    inputs: {image: decode.image}
-    params: {mode: letterbox, width: 320, height: 320, pad: 114}
-  - {name: to_input, op: normalize, inputs: {image: letterbox.image}, params: {scale: 0.00392156862745098}}
-  - {name: detector, model: detector, inputs: {images: to_input.tensor}}
-  - name: nms
-    op: detect_yolo
-    inputs: {predictions: detector.predictions, image: decode.image}
-    params: {width: 320, height: 320, max_detections: 8}
-"""
-PIPELINES = {"classify": ("resnet50", None), "detect": ("detector", DETECT)}
+PIPELINES = {"classify": ("resnet50", None), "detect": ("detector", detect_pipeline())}
 
 
 def run(pipeline, layout, pool_threads, image, tag):

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench_detect import detect_pipeline
+
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
 repeat = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -37,24 +39,6 @@ sluice = root / "target/release/sluice"
 GRPC, HTTP = "127.0.0.1:18201", "127.0.0.1:18200"
 WARMUP, SECONDS, CHANGE_AT = 3, 30, 20.0
 
-DETECT = """max_batch_size: 8
-inputs:
-  - {name: image, dtype: BYTES, dims: [1]}
-outputs:
-  - {name: boxes, from: nms.boxes}
-nodes:
-  - {name: decode, op: decode_image, inputs: {bytes: image}}
-  - name: letterbox
-    op: resize
-    inputs: {image: decode.image}
-    params: {mode: letterbox, width: 320, height: 320, pad: 114}
-  - {name: to_input, op: normalize, inputs: {image: letterbox.image}, params: {scale: 0.00392156862745098}}
-  - {name: detector, model: detector, inputs: {images: to_input.tensor}}
-  - name: nms
-    op: detect_yolo
-    inputs: {predictions: detector.predictions, image: decode.image}
-    params: {width: 320, height: 320, max_detections: MAXDET}
-"""
 
 
 def photo(w, h):
@@ -88,7 +72,7 @@ tmp = Path(tempfile.mkdtemp())
 shutil.copytree(root / "models/detector", tmp / "models/detector")
 shutil.copytree(root / "models/resnet50", tmp / "models/resnet50")
 pipeline_file = tmp / "pipelines/detect.yaml"
-pipeline_file.write_text(DETECT.replace("MAXDET", "8"))
+pipeline_file.write_text(detect_pipeline(8))
 image = tmp / "photo.jpg"
 image.write_bytes(photo(640, 480))
 
@@ -121,7 +105,7 @@ try:
         ("none (noise floor)", lambda: None, repeat),
         # Alternating between two texts, so every run is a change.
         ("pipeline file rewritten", lambda: pipeline_file.write_text(
-            DETECT.replace("MAXDET", "9" if "max_detections: 8" in pipeline_file.read_text() else "8")), repeat),
+            detect_pipeline(9 if "max_detections: 8" in pipeline_file.read_text() else 8)), repeat),
         ("detector model file replaced", lambda: replace_model("detector"), repeat),
         ("another model (ResNet-50) replaced", lambda: replace_model("resnet50"), repeat),
     ]

@@ -679,6 +679,7 @@ fn bench_inputs(
     batched: bool,
     batch: usize,
     files: &[(String, sluice_client::Tensor)],
+    images: &[Vec<u8>],
 ) -> anyhow::Result<Vec<(String, sluice_client::Tensor)>> {
     use sluice_client::{encoded_images, DataType, Tensor};
     if !batched && batch != 1 {
@@ -704,20 +705,12 @@ fn bench_inputs(
         let dtype =
             DataType::parse(&i.datatype).with_context(|| format!("input '{}': datatype {}", i.name, i.datatype))?;
         if dtype == DataType::Bytes {
-            if args.images.is_empty() {
+            if images.is_empty() {
                 bail!("input '{}' is BYTES: give --image FILE (or --input {}=FILE)", i.name, i.name);
             }
-            let files = args
-                .images
-                .iter()
-                .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            let mut t = encoded_images(&files[..1]);
-            if batch > 1 {
-                let many: Vec<&Vec<u8>> = files.iter().cycle().take(batch).collect();
-                t = encoded_images(&many);
-            }
-            inputs.push((i.name.clone(), t));
+            // The images in turn, as many as the batch holds.
+            let many: Vec<&Vec<u8>> = images.iter().cycle().take(batch).collect();
+            inputs.push((i.name.clone(), encoded_images(&many)));
             continue;
         }
         // Generated data: the batch size for the batch dimension, 1 for other variable dims.
@@ -797,12 +790,17 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let md = clients[0].model_metadata(&args.model).await?;
         let batched = clients[0].model_config(&args.model).await.map(|c| c.max_batch_size > 0).unwrap_or(true);
         let files = read_tensor_files(&args.inputs)?;
+        let images = args
+            .images
+            .iter()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let runs: Vec<(usize, Load)> = args.batch.iter().flat_map(|&b| loads.iter().map(move |&l| (b, l))).collect();
         let mut steps = Vec::new();
         for (k, &(batch, load)) in runs.iter().enumerate() {
             let spec = BenchSpec {
                 model: args.model.clone(),
-                inputs: bench_inputs(&args, &md, batched, batch, &files)?,
+                inputs: bench_inputs(&args, &md, batched, batch, &files, &images)?,
                 warmup: Duration::from_secs_f64(args.warmup),
                 duration: Duration::from_secs_f64(args.seconds),
                 timeout: None,

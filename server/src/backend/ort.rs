@@ -353,10 +353,14 @@ fn register_provider(
             let mut trt = ort::ep::TensorRT::default().with_device_id(id).with_fp16(t.fp16);
             if let Some(dir) = &t.engine_cache {
                 // ONNX Runtime's cache key hashes the file name and the graph's names, not
-                // the weights: every version is a `model.onnx`, so one folder per content.
+                // the weights: every version is a `model.onnx`, so one folder per file, told
+                // apart as the repository's reload does (size and modification time) rather
+                // than by reading the whole file again for every session.
                 let base = model_file.parent().map(|m| m.join(dir)).unwrap_or_else(|| dir.clone());
-                let bytes = std::fs::read(model_file).map_err(|e| format!("{}: {e}", model_file.display()))?;
-                let dir = base.join(format!("{:016x}", fnv1a(&bytes)));
+                let meta = std::fs::metadata(model_file).map_err(|e| format!("{}: {e}", model_file.display()))?;
+                let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+                let key = [meta.len().to_le_bytes(), mtime.map_or(0, |d| d.as_nanos() as u64).to_le_bytes()].concat();
+                let dir = base.join(format!("{:016x}", fnv1a(&key)));
                 std::fs::create_dir_all(&dir).map_err(|e| format!("TensorRT engine cache {}: {e}", dir.display()))?;
                 trt = trt.with_engine_cache(true).with_engine_cache_path(dir.display()).with_timing_cache(true);
             }

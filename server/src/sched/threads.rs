@@ -101,11 +101,6 @@ pub fn in_background<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-/// Whether the calling thread is a background load.
-pub fn is_background() -> bool {
-    BACKGROUND.get()
-}
-
 #[cfg(target_os = "linux")]
 fn lower_priority(nice: i32) {
     // On Linux, PRIO_PROCESS with who = 0 sets the calling thread's nice value, not the
@@ -123,6 +118,10 @@ fn lower_priority(_nice: i32) {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_background() -> bool {
+        BACKGROUND.get()
+    }
 
     #[cfg(target_os = "linux")]
     fn own_nice() -> i32 {
