@@ -39,6 +39,9 @@ enum Command {
     Check(CheckArgs),
     /// Print a pipeline's compiled graph in Graphviz DOT (`| dot -Tsvg > p.svg`).
     Graph(GraphArgs),
+    /// Write an ONNX model with the exact rewrites `fold_graph` applies at load time, to
+    /// inspect them or to run the same graph elsewhere.
+    Fold(FoldArgs),
     /// Read the text in images with a running server's OCR pipeline and print the lines.
     Ocr(OcrArgs),
     /// List a running server's models and pipelines with their state.
@@ -197,6 +200,14 @@ struct GraphArgs {
 }
 
 #[derive(Args)]
+struct FoldArgs {
+    /// The ONNX model to read.
+    input: PathBuf,
+    /// Where to write the rewritten model (written even when nothing applied: then a copy).
+    output: PathBuf,
+}
+
+#[derive(Args)]
 struct RepoArgs {
     /// The model repository: one folder per model holding model.onnx and model.yaml.
     #[arg(long, env = "SLUICE_MODELS", default_value = "models")]
@@ -297,6 +308,7 @@ fn run() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args),
         Command::Check(args) => check(args),
         Command::Graph(args) => graph(args),
+        Command::Fold(args) => fold(args),
         Command::Ocr(args) => ocr(args),
         Command::Models(args) => models(args),
         Command::Reload(args) => reload(args),
@@ -482,6 +494,19 @@ fn graph(args: GraphArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
     let plan = pipeline::compile(&name, &file, &text, &scanned).map_err(|e| anyhow::anyhow!("{e}"))?;
     print!("{}", plan.to_dot());
+    Ok(())
+}
+
+fn fold(args: FoldArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
+    let (out, what) = match sluice_server::repository::fold::fold(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?
+    {
+        Some((out, what)) => (out, format!("folded {what}")),
+        None => (bytes, "nothing to fold".to_string()),
+    };
+    std::fs::write(&args.output, out).with_context(|| format!("writing {}", args.output.display()))?;
+    println!("{}: {what}", args.output.display());
     Ok(())
 }
 

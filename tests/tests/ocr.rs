@@ -95,3 +95,33 @@ async fn ocr_over_http_returns_json_lines() {
     // The text was drawn at (40, 120) in 44 px DejaVu Sans: its box is around it.
     assert!(corners[0] > 30.0 && corners[0] < 50.0 && corners[1] > 115.0 && corners[1] < 135.0, "{corners:?}");
 }
+
+/// `fold_graph` rewrites the PaddleOCR models (affine blocks, hard-swish): the rewritten
+/// graphs must compute what the files do, up to float rounding.
+#[test]
+fn folded_ocr_models_compute_what_the_files_do() {
+    use sluice_server::backend::{ort, Backend};
+    use sluice_server::repository::{model_yaml::ModelYaml, onnx::read_signature};
+    let repo = ocr_repo();
+    for (m, shape) in [("ocr_det", [1, 3, 96, 160]), ("ocr_cls", [3, 3, 48, 192]), ("ocr_rec", [2, 3, 48, 160])] {
+        let file = repo.path().join(m).join("model.onnx");
+        let sig = read_signature(&std::fs::read(&file).unwrap()).unwrap();
+        let mut cfg = ModelYaml::parse(&file.with_file_name("model.yaml"), "").unwrap();
+        // Text-like input: dark strokes on a light page, in the models' [-1, 1] range.
+        let n: usize = shape.iter().product();
+        let x: Vec<f32> = (0..n).map(|i| if (i * 7 / 5 + i / 97) % 11 < 3 { -0.8 } else { 0.9 }).collect();
+        let x = Tensor::from_f32(shape.to_vec(), &x);
+        let mut outputs = Vec::new();
+        for fold in [true, false] {
+            cfg.fold_graph = fold;
+            let source = ort::ModelSource::prepare(&file, &cfg).unwrap();
+            assert_eq!(source.folded.is_some(), fold, "{m}: folding applied");
+            let mut b = ort::load(&sluice_tests::ort_dylib(), &source, &cfg, 0, &sig.inputs, &sig.outputs).unwrap();
+            outputs.push(b.run(std::slice::from_ref(&x)).unwrap().remove(0).to_f32().unwrap());
+        }
+        let (folded, file_out) = (&outputs[0], &outputs[1]);
+        assert_eq!(folded.len(), file_out.len());
+        let worst = folded.iter().zip(file_out).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        assert!(worst < 1e-4, "{m}: outputs differ by up to {worst}");
+    }
+}

@@ -184,16 +184,44 @@ impl ort::environment::ThreadManager for PoolThreads {
     }
 }
 
+/// The model a session is created from: the file, and its bytes after `fold_graph`'s
+/// rewrites when any applied. Prepared once per load and shared by its instances.
+pub struct ModelSource {
+    pub file: PathBuf,
+    pub folded: Option<Vec<u8>>,
+}
+
+impl ModelSource {
+    pub fn prepare(file: &Path, cfg: &ModelYaml) -> Result<ModelSource, String> {
+        let mut source = ModelSource { file: file.to_path_buf(), folded: None };
+        if !cfg.fold_graph {
+            return Ok(source);
+        }
+        let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        match crate::repository::fold::fold(&bytes) {
+            Ok(Some((folded, what))) => {
+                tracing::info!(model = %file.display(), "folded {what}");
+                source.folded = Some(folded);
+            }
+            Ok(None) => {}
+            // ONNX Runtime gets the file as it is and reports what is wrong with it.
+            Err(e) => tracing::warn!(model = %file.display(), "graph not folded: {e}"),
+        }
+        Ok(source)
+    }
+}
+
 /// Creates one model instance on `device` (a GPU id, used by GPU providers) with the
 /// providers the model.yaml asks for.
 pub fn load(
     dylib: &Path,
-    model_file: &Path,
+    source: &ModelSource,
     cfg: &ModelYaml,
     device: i32,
     inputs: &[TensorInfo],
     outputs: &[TensorInfo],
 ) -> Result<OrtBackend, String> {
+    let model_file = source.file.as_path();
     if let Some(t) = inputs.iter().chain(outputs).find(|t| t.dtype == DataType::Bytes) {
         return Err(format!(
             "{}: '{}' is a string tensor, which the ONNX Runtime backend does not support",
@@ -201,7 +229,7 @@ pub fn load(
             t.name
         ));
     }
-    let (first, placed) = session(dylib, model_file, cfg, device)?;
+    let (first, placed) = session(dylib, source, cfg, device)?;
     // GPU providers re-plan their kernels whenever a session's input shape changes (see
     // allowed_batch_sizes): give each allowed batch size a session of its own, so every
     // session only ever sees one shape. On CPU one session serves all sizes.
@@ -209,7 +237,7 @@ pub fn load(
     let sessions = if placed != "cpu" && !allowed.is_empty() {
         let mut sessions = vec![(Some(allowed[0]), first)];
         for &size in &allowed[1..] {
-            sessions.push((Some(size), session(dylib, model_file, cfg, device)?.0));
+            sessions.push((Some(size), session(dylib, source, cfg, device)?.0));
         }
         sessions
     } else {
@@ -253,7 +281,8 @@ fn builder(env: &Environment, cfg: &ModelYaml) -> Result<ort::session::builder::
 /// session is tried again without it, as long as another provider in the list (or `cpu`)
 /// remains; the CPU provider is always there underneath, so listing `cpu` only says that
 /// running on it alone is acceptable.
-fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml, device: i32) -> Result<(Session, String), String> {
+fn session(dylib: &Path, source: &ModelSource, cfg: &ModelYaml, device: i32) -> Result<(Session, String), String> {
+    let model_file = source.file.as_path();
     let env = environment(dylib)?;
     let wanted = cfg.providers();
     // The GPU runtime's libraries are mapped only once a model asks for a GPU provider,
@@ -285,7 +314,11 @@ fn session(dylib: &Path, model_file: &Path, cfg: &ModelYaml, device: i32) -> Res
         if gpus.is_empty() && !cpu_listed {
             return Err(format!("{} ({hint})", failures.join("; ")));
         }
-        match builder.commit_from_file(model_file) {
+        let committed = match &source.folded {
+            Some(bytes) => builder.commit_from_memory(bytes),
+            None => builder.commit_from_file(model_file),
+        };
+        match committed {
             Ok(session) => {
                 let placed: Vec<String> = gpus.iter().map(|p| format!("{}:{device}", p.as_str())).collect();
                 let placed = if placed.is_empty() { "cpu".to_string() } else { placed.join("+") };

@@ -4,6 +4,7 @@
 //! ones. Scanning checks everything that can be checked without running a model, so
 //! `sluice check` and the server report the same errors.
 
+pub mod fold;
 pub mod model_yaml;
 pub mod onnx;
 

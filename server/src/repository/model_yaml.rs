@@ -99,6 +99,11 @@ pub struct ModelYaml {
     /// Busy-waiting ORT threads steal the cores CPU ops need; off unless asked for.
     #[serde(default)]
     pub intra_op_spinning: bool,
+    /// Exact graph rewrites before ONNX Runtime loads the model: scalar Mul/Add folded
+    /// into neighbouring convolutions, hard-swish chains turned into HardSigmoid (see
+    /// `repository::fold`). Off leaves the file exactly as it is.
+    #[serde(default = "yes")]
+    pub fold_graph: bool,
     /// Overrides of the dims read from the ONNX file, by tensor name (full dims,
     /// batch dimension included, -1 for variable).
     #[serde(default)]
@@ -271,6 +276,10 @@ pub struct Warmup {
     /// Full shapes for inputs with variable dims other than the batch dimension.
     #[serde(default)]
     pub shapes: BTreeMap<String, Vec<usize>>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> usize {
