@@ -392,7 +392,13 @@ fn register_provider(
                 let base = model_file.parent().map(|m| m.join(dir)).unwrap_or_else(|| dir.clone());
                 let meta = std::fs::metadata(model_file).map_err(|e| format!("{}: {e}", model_file.display()))?;
                 let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-                let key = [meta.len().to_le_bytes(), mtime.map_or(0, |d| d.as_nanos() as u64).to_le_bytes()].concat();
+                // fold_graph changes the graph the engine is built from, the file stays.
+                let key = [
+                    meta.len().to_le_bytes(),
+                    mtime.map_or(0, |d| d.as_nanos() as u64).to_le_bytes(),
+                    u64::from(cfg.fold_graph).to_le_bytes(),
+                ]
+                .concat();
                 let dir = base.join(format!("{:016x}", fnv1a(&key)));
                 std::fs::create_dir_all(&dir).map_err(|e| format!("TensorRT engine cache {}: {e}", dir.display()))?;
                 trt = trt.with_engine_cache(true).with_engine_cache_path(dir.display()).with_timing_cache(true);

@@ -276,6 +276,7 @@ struct Graph<'a> {
     /// Every value name in the graph, so the new ones are unique.
     names: HashSet<String>,
     outputs: HashSet<String>,
+    inputs: HashSet<String>,
     /// Initializers by name, so the ones the rewrites leave unused can be dropped.
     initializers: HashSet<String>,
     made: Vec<String>,
@@ -290,10 +291,10 @@ impl<'a> Graph<'a> {
             consts: HashMap::new(),
             names: HashSet::new(),
             outputs: HashSet::new(),
+            inputs: HashSet::new(),
             initializers: HashSet::new(),
             made: Vec::new(),
         };
-        let mut inputs = HashSet::new();
         for f in graph {
             match f.number {
                 1 => {
@@ -314,7 +315,7 @@ impl<'a> Graph<'a> {
                     g.consts.insert(head.name, Const::Proto(f.body));
                 }
                 11 => {
-                    inputs.insert(ValueName::decode(f.body).map_err(bad)?.name);
+                    g.inputs.insert(ValueName::decode(f.body).map_err(bad)?.name);
                 }
                 12 => {
                     g.outputs.insert(ValueName::decode(f.body).map_err(bad)?.name);
@@ -333,10 +334,10 @@ impl<'a> Graph<'a> {
             }
         }
         // An initializer that is also a graph input is only a default: callers may feed it.
-        for i in &inputs {
+        for i in &g.inputs {
             g.consts.remove(i);
         }
-        g.names.extend(inputs);
+        g.names.extend(g.inputs.iter().cloned());
         Ok(Some(g))
     }
 
@@ -482,7 +483,9 @@ impl<'a> Graph<'a> {
     fn hard_swish(&mut self) -> bool {
         let users = self.users();
         for ai in (0..self.nodes.len()).filter(|&i| self.nodes[i].is("Add")) {
-            let Some((x, 3.0)) = self.scalar_operand(&self.nodes[ai], usize::MAX) else { continue };
+            // Constants of rank 0 or 1 only: x's rank is not known here, and a larger one
+            // would broadcast x up (rank 1 changes only a rank-0 x, not an activation).
+            let Some((x, 3.0)) = self.scalar_operand(&self.nodes[ai], 1) else { continue };
             let Some(ci) = self.only_user(&users, &self.nodes[ai].view.output[0]) else { continue };
             let clip = &self.nodes[ci];
             if !clip.is("Clip") || clip.view.input[0] != self.nodes[ai].view.output[0] {
@@ -490,7 +493,7 @@ impl<'a> Graph<'a> {
             }
             // Bounds are inputs since opset 11, attributes before.
             let bound = |i: usize, attr: &str| match clip.view.input.get(i).filter(|s| !s.is_empty()) {
-                Some(name) => self.scalar(name, usize::MAX),
+                Some(name) => self.scalar(name, 1),
                 None => clip.attr(attr).map(|a| a.f),
             };
             if bound(1, "min") != Some(0.0) || bound(2, "max") != Some(6.0) {
@@ -510,7 +513,7 @@ impl<'a> Graph<'a> {
             if !div.is("Div") || div.view.input.len() != 2 || div.view.input[0] != mul.view.output[0] {
                 continue;
             }
-            if self.scalar(&div.view.input[1], usize::MAX) != Some(6.0) {
+            if self.scalar(&div.view.input[1], 1) != Some(6.0) {
                 continue;
             }
             let out = div.view.output[0].clone();
@@ -581,7 +584,8 @@ impl<'a> Graph<'a> {
     fn encode(&self, graph: &[Field]) -> Vec<u8> {
         let used: HashSet<&str> =
             self.nodes.iter().filter(|n| !n.dead).flat_map(|n| n.view.input.iter().map(String::as_str)).collect();
-        let keep = |name: &str| used.contains(name) || self.outputs.contains(name);
+        // Graph inputs stay: an initializer listed there is the input's default value.
+        let keep = |name: &str| used.contains(name) || self.outputs.contains(name) || self.inputs.contains(name);
         let mut out = Vec::new();
         let mut nodes = self.nodes.iter();
         for f in graph {
@@ -892,8 +896,18 @@ mod tests {
         // A scalar that is also a graph input may be fed by the caller: not a constant.
         let mut model = chain(&[1, 1, 1, 1]);
         model.graph.as_mut().unwrap().input.push(name("half"));
-        let (_, what) = run(&model);
+        let (folded, what) = run(&model);
         assert_eq!(what, Folded { conv_affine: 0, hard_swish: 1, affine_conv: 0 });
+        let g = folded.graph.unwrap();
+        assert!(g.initializer.iter().any(|t| t.name == "half"));
+        // Unused, an input's initializer stays too; an unused plain one goes.
+        let mut model = chain(&[]);
+        let g = model.graph.as_mut().unwrap();
+        g.initializer.push(tensor("spare", &[], &[1.0]));
+        g.initializer.push(tensor("default", &[], &[1.0]));
+        g.input.push(name("default"));
+        let names: Vec<String> = run(&model).0.graph.unwrap().initializer.into_iter().map(|t| t.name).collect();
+        assert!(names.contains(&"default".to_string()) && !names.contains(&"spare".to_string()), "{names:?}");
     }
 
     #[test]
