@@ -198,7 +198,11 @@ impl ModelSource {
             return Ok(source);
         }
         let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        match crate::repository::fold::fold(&bytes) {
+        // A malformed file must not take the loading thread down: a panic in the rewrite
+        // leaves the model to ONNX Runtime, as it is.
+        let folded = std::panic::catch_unwind(|| crate::repository::fold::fold(&bytes))
+            .unwrap_or_else(|_| Err("the graph rewrite panicked".into()));
+        match folded {
             Ok(Some((folded, what))) => {
                 tracing::info!(model = %file.display(), "folded {what}");
                 source.folded = Some(folded);
@@ -315,7 +319,14 @@ fn session(dylib: &Path, source: &ModelSource, cfg: &ModelYaml, device: i32) -> 
             return Err(format!("{} ({hint})", failures.join("; ")));
         }
         let committed = match &source.folded {
-            Some(bytes) => builder.commit_from_memory(bytes),
+            // A rejected rewrite must not fail the load (or be blamed on a GPU provider).
+            Some(bytes) => builder.commit_from_memory(bytes).or_else(|e| {
+                tracing::warn!(
+                    model = %model_file.display(),
+                    "ONNX Runtime rejected the folded graph ({e}); loading the file as it is (fold_graph: false skips the rewrite)"
+                );
+                builder.commit_from_file(model_file)
+            }),
             None => builder.commit_from_file(model_file),
         };
         match committed {
@@ -392,11 +403,12 @@ fn register_provider(
                 let base = model_file.parent().map(|m| m.join(dir)).unwrap_or_else(|| dir.clone());
                 let meta = std::fs::metadata(model_file).map_err(|e| format!("{}: {e}", model_file.display()))?;
                 let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
-                // fold_graph changes the graph the engine is built from, the file stays.
+                // fold_graph (and its version) change the graph the engine is built from.
+                let fold = if cfg.fold_graph { crate::repository::fold::VERSION } else { 0 };
                 let key = [
                     meta.len().to_le_bytes(),
                     mtime.map_or(0, |d| d.as_nanos() as u64).to_le_bytes(),
-                    u64::from(cfg.fold_graph).to_le_bytes(),
+                    fold.to_le_bytes(),
                 ]
                 .concat();
                 let dir = base.join(format!("{:016x}", fnv1a(&key)));

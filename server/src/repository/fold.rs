@@ -13,13 +13,18 @@
 //! 3. `Mul(c)` or `Add(c)` feeding only 1x1 Convs without padding: into those Convs.
 //!
 //! Each is exact in real arithmetic; in float32 results move by rounding only. Only the
-//! nodes rewritten are encoded again: every other byte of the file, fields this module
-//! does not declare included, is copied through unchanged.
+//! nodes rewritten are encoded again: every other node, weight and field (fields this
+//! module does not declare included) is copied through byte for byte, except constants
+//! no node reads any more, which are dropped.
 
 use prost::bytes::Buf;
 use prost::encoding::{decode_varint, encode_varint};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
+
+/// Changes whenever a rewrite's output changes, so caches of what was built from a
+/// folded graph (TensorRT engines) are not reused across versions.
+pub const VERSION: u64 = 1;
 
 /// How many of each rewrite were applied.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +51,10 @@ impl std::fmt::Display for Folded {
 }
 
 /// Returns the rewritten model and what was folded, or `None` when nothing applies or the
-/// model is of a kind left alone: weights in external files (loaded by path), subgraphs
-/// (If, Loop, Scan: their outer-scope uses are not tracked here), IR versions below 4.
+/// model is of a kind left alone: tensors in external files (they are found relative to
+/// the model's path, and the rewritten model is loaded from memory), sparse
+/// initializers, subgraphs (If, Loop, Scan: their outer-scope reads are not tracked
+/// here), IR versions below 4.
 pub fn fold(bytes: &[u8]) -> Result<Option<(Vec<u8>, Folded)>, String> {
     let model = fields(bytes)?;
     let head = ModelHead::decode(bytes).map_err(|e| format!("not a valid ONNX file: {e}"))?;
@@ -139,6 +146,8 @@ struct NodeView {
     input: Vec<String>,
     #[prost(string, repeated, tag = "2")]
     output: Vec<String>,
+    #[prost(string, tag = "3")]
+    name: String,
     #[prost(string, tag = "4")]
     op_type: String,
     #[prost(message, repeated, tag = "5")]
@@ -183,6 +192,8 @@ struct TensorView {
 /// An initializer's name and where its data is, without copying the data.
 #[derive(Clone, PartialEq, Message)]
 struct TensorHead {
+    #[prost(int64, repeated, tag = "1")]
+    dims: Vec<i64>,
     #[prost(string, tag = "8")]
     name: String,
     #[prost(int32, tag = "14")]
@@ -252,8 +263,19 @@ struct Node<'a> {
 }
 
 impl Node<'_> {
+    /// A live node of this op in the default domain, with the inputs and the one output
+    /// the op has (so the rewrites may index them).
     fn is(&self, op: &str) -> bool {
-        !self.dead && self.view.op_type == op && (self.view.domain.is_empty() || self.view.domain == "ai.onnx")
+        let inputs = match op {
+            "Conv" => 2..=3,
+            "Clip" => 1..=3,
+            _ => 2..=2,
+        };
+        !self.dead
+            && self.view.op_type == op
+            && (self.view.domain.is_empty() || self.view.domain == "ai.onnx")
+            && self.view.output.len() == 1
+            && inputs.contains(&self.view.input.len())
     }
 
     fn attr(&self, name: &str) -> Option<&AttrView> {
@@ -299,10 +321,11 @@ impl<'a> Graph<'a> {
             match f.number {
                 1 => {
                     let view = NodeView::decode(f.body).map_err(bad)?;
-                    if view.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) {
+                    if view.attribute.iter().any(|a| a.g.is_some() || !a.graphs.is_empty()) || external_attr(f.body)? {
                         return Ok(None);
                     }
                     g.names.extend(view.output.iter().cloned());
+                    g.names.insert(view.name.clone());
                     g.nodes.push(Node { raw: Some(f.body), view, edited: false, dead: false, attrs: Vec::new() });
                 }
                 5 => {
@@ -320,11 +343,12 @@ impl<'a> Graph<'a> {
                 12 => {
                     g.outputs.insert(ValueName::decode(f.body).map_err(bad)?.name);
                 }
+                15 => return Ok(None),
                 _ => {}
             }
         }
         for n in &g.nodes {
-            if n.is("Constant") && n.view.output.len() == 1 {
+            if n.view.op_type == "Constant" && n.view.domain.is_empty() && n.view.output.len() == 1 {
                 let c = match (n.raw.and_then(constant_tensor), n.attr("value_float")) {
                     (Some(t), _) => Const::Proto(t),
                     (None, Some(a)) => Const::Scalar(a.f),
@@ -391,13 +415,34 @@ impl<'a> Graph<'a> {
                 (t.dims, values)
             }
         };
-        let n: i64 = dims.iter().product();
-        (dims.iter().all(|&d| d >= 0) && n as usize == values.len()).then_some((dims, values))
+        (elements(&dims)? == values.len()).then_some((dims, values))
+    }
+
+    /// A constant's dims, without reading its data.
+    fn dims(&self, name: &str) -> Option<Vec<i64>> {
+        match self.consts.get(name)? {
+            Const::Scalar(_) => Some(Vec::new()),
+            Const::Made(d, _) => Some(d.clone()),
+            Const::Proto(bytes) => TensorHead::decode(*bytes).ok().map(|t| t.dims),
+        }
+    }
+
+    /// Whether `value` is the output of a convolution or batch norm (rank >= 3).
+    fn made_by_conv(&self, value: &str) -> bool {
+        self.nodes.iter().any(|n| {
+            (n.is("Conv") || n.view.op_type == "BatchNormalization")
+                && !n.dead
+                && n.view.output.first().is_some_and(|o| o == value)
+        })
     }
 
     /// The value of a one-element float constant of rank at most `max_rank` (a larger
     /// rank would broadcast the other operand up, so removing it would change shapes).
     fn scalar(&self, name: &str, max_rank: usize) -> Option<f32> {
+        let dims = self.dims(name)?;
+        if dims.len() > max_rank || elements(&dims)? != 1 {
+            return None;
+        }
         let (dims, v) = self.floats(name)?;
         (v.len() == 1 && dims.len() <= max_rank).then_some(v[0])
     }
@@ -414,13 +459,17 @@ impl<'a> Graph<'a> {
 
     /// A Conv's constant weights and bias (zeros when it has none).
     fn conv_weights(&self, conv: &Node) -> Option<(Vec<i64>, Vec<f32>, Vec<f32>)> {
-        let (dims, w) = self.floats(conv.view.input.get(1)?)?;
-        let out_channels = *dims.first()? as usize;
+        let (dims, w) = self.floats(&conv.view.input[1])?;
+        let out_channels = usize::try_from(*dims.first()?).ok()?;
+        // Checked against the weights actually there before anything is sized from dims.
+        if dims.len() < 3 || w.is_empty() || out_channels == 0 || w.len() % out_channels != 0 {
+            return None;
+        }
         let bias = match conv.view.input.get(2).filter(|b| !b.is_empty()) {
             Some(b) => self.floats(b)?.1,
             None => vec![0.0; out_channels],
         };
-        (dims.len() >= 3 && bias.len() == out_channels).then_some((dims, w, bias))
+        (bias.len() == out_channels).then_some((dims, w, bias))
     }
 
     fn unique(&mut self, base: &str) -> String {
@@ -431,6 +480,25 @@ impl<'a> Graph<'a> {
                 return name;
             }
             i += 1;
+        }
+    }
+
+    /// A node made here, named uniquely (ONNX Runtime rejects two nodes of one name).
+    fn made_node(&mut self, op: &str, input: Vec<String>, output: String, attrs: Vec<AttrOut>) -> Node<'static> {
+        let name = self.unique(&format!("{output}.{op}"));
+        Node {
+            raw: None,
+            view: NodeView {
+                input,
+                output: vec![output],
+                name,
+                op_type: op.into(),
+                attribute: Vec::new(),
+                domain: String::new(),
+            },
+            edited: true,
+            dead: false,
+            attrs,
         }
     }
 
@@ -458,11 +526,13 @@ impl<'a> Graph<'a> {
             if !(user.is("Mul") || user.is("Add")) {
                 continue;
             }
-            let Some((dims, mut w, mut bias)) = self.conv_weights(conv) else { continue };
-            let Some((other, s)) = self.scalar_operand(user, dims.len()) else { continue };
+            // The scalar first (cheap), the weights only for a fold.
+            let Some(rank) = self.dims(&conv.view.input[1]).map(|d| d.len()) else { continue };
+            let Some((other, s)) = self.scalar_operand(user, rank) else { continue };
             if &other != y {
                 continue;
             }
+            let Some((dims, mut w, mut bias)) = self.conv_weights(conv) else { continue };
             if user.is("Mul") {
                 w.iter_mut().for_each(|v| *v *= s);
                 bias.iter_mut().for_each(|v| *v *= s);
@@ -483,9 +553,11 @@ impl<'a> Graph<'a> {
     fn hard_swish(&mut self) -> bool {
         let users = self.users();
         for ai in (0..self.nodes.len()).filter(|&i| self.nodes[i].is("Add")) {
-            // Constants of rank 0 or 1 only: x's rank is not known here, and a larger one
-            // would broadcast x up (rank 1 changes only a rank-0 x, not an activation).
-            let Some((x, 3.0)) = self.scalar_operand(&self.nodes[ai], 1) else { continue };
+            // x's rank is not known here and a constant of higher rank would broadcast x
+            // up: rank 0 always, rank 1 when x comes out of a Conv (rank >= 3).
+            let Some((x, _)) = self.scalar_operand(&self.nodes[ai], usize::MAX) else { continue };
+            let rank = usize::from(self.made_by_conv(&x));
+            let Some((_, 3.0)) = self.scalar_operand(&self.nodes[ai], rank) else { continue };
             let Some(ci) = self.only_user(&users, &self.nodes[ai].view.output[0]) else { continue };
             let clip = &self.nodes[ci];
             if !clip.is("Clip") || clip.view.input[0] != self.nodes[ai].view.output[0] {
@@ -493,7 +565,7 @@ impl<'a> Graph<'a> {
             }
             // Bounds are inputs since opset 11, attributes before.
             let bound = |i: usize, attr: &str| match clip.view.input.get(i).filter(|s| !s.is_empty()) {
-                Some(name) => self.scalar(name, 1),
+                Some(name) => self.scalar(name, rank),
                 None => clip.attr(attr).map(|a| a.f),
             };
             if bound(1, "min") != Some(0.0) || bound(2, "max") != Some(6.0) {
@@ -513,14 +585,14 @@ impl<'a> Graph<'a> {
             if !div.is("Div") || div.view.input.len() != 2 || div.view.input[0] != mul.view.output[0] {
                 continue;
             }
-            if self.scalar(&div.view.input[1], 1) != Some(6.0) {
+            if self.scalar(&div.view.input[1], rank) != Some(6.0) {
                 continue;
             }
             let out = div.view.output[0].clone();
             let hs = self.unique(&format!("{out}.hardsigmoid"));
             // The Add and Clip slots take the two new nodes: they come before every reader
             // of the Div's output, so the order stays topological.
-            self.nodes[ai] = made_node(
+            self.nodes[ai] = self.made_node(
                 "HardSigmoid",
                 vec![x.clone()],
                 hs.clone(),
@@ -529,7 +601,7 @@ impl<'a> Graph<'a> {
                     AttrOut { name: "beta".into(), f: 0.5, r#type: 1 },
                 ],
             );
-            self.nodes[ci] = made_node("Mul", vec![x, hs], out, Vec::new());
+            self.nodes[ci] = self.made_node("Mul", vec![x, hs], out, Vec::new());
             self.nodes[mi].dead = true;
             self.nodes[di].dead = true;
             return true;
@@ -544,22 +616,27 @@ impl<'a> Graph<'a> {
             let n = &self.nodes[ni];
             let y = &n.view.output[0];
             let Some(readers) = users.get(y.as_str()).filter(|_| !self.outputs.contains(y)) else { continue };
-            let convs: Option<Vec<_>> = readers
-                .iter()
-                .map(|&ci| {
-                    let c = &self.nodes[ci];
-                    let plain = c.is("Conv")
-                        && c.view.input[0] == *y
-                        && !c.view.input[1..].contains(y)
-                        && c.attr("pads").is_none_or(|a| a.ints.iter().all(|&p| p == 0))
-                        && c.attr("auto_pad").is_none_or(|a| a.s == b"NOTSET" || a.s == b"VALID");
-                    let (dims, w, bias) = self.conv_weights(c).filter(|_| plain)?;
-                    dims[2..].iter().all(|&k| k == 1).then_some((ci, dims, w, bias))
-                })
-                .collect();
+            // Shapes first (cheap), the weights only for a fold.
+            let plain_1x1 = |ci: usize| {
+                let c = &self.nodes[ci];
+                let plain = c.is("Conv")
+                    && c.view.input[0] == *y
+                    && !c.view.input[1..].contains(y)
+                    && c.attr("pads").is_none_or(|a| a.ints.iter().all(|&p| p == 0))
+                    && c.attr("auto_pad").is_none_or(|a| a.s == b"NOTSET" || a.s == b"VALID");
+                if !plain {
+                    return None;
+                }
+                let dims = self.dims(&c.view.input[1])?;
+                (dims.len() >= 3 && dims[2..].iter().all(|&k| k == 1)).then_some(dims.len())
+            };
+            let Some(ranks) = readers.iter().map(|&ci| plain_1x1(ci)).collect::<Option<Vec<usize>>>() else { continue };
+            // Below the Convs' input rank: a constant of that rank could broadcast x up to it.
+            let rank = ranks.iter().min().copied().unwrap_or(0);
+            let Some((x, s)) = self.scalar_operand(n, rank.saturating_sub(1)) else { continue };
+            let convs: Option<Vec<_>> =
+                readers.iter().map(|&ci| self.conv_weights(&self.nodes[ci]).map(|(d, w, b)| (ci, d, w, b))).collect();
             let Some(convs) = convs else { continue };
-            let rank = convs.iter().map(|c| c.1.len()).min().unwrap_or(0);
-            let Some((x, s)) = self.scalar_operand(n, rank) else { continue };
             let mul = n.is("Mul");
             for (ci, dims, mut w, mut bias) in convs {
                 if mul {
@@ -592,7 +669,8 @@ impl<'a> Graph<'a> {
             match f.number {
                 1 => {
                     let n = nodes.next().expect("one node per node field");
-                    if n.dead || (n.is("Constant") && !n.view.output.iter().any(|o| keep(o))) {
+                    let constant = n.view.op_type == "Constant" && n.view.domain.is_empty();
+                    if n.dead || (constant && !n.view.output.iter().any(|o| keep(o))) {
                         continue;
                     }
                     match n.raw {
@@ -602,7 +680,7 @@ impl<'a> Graph<'a> {
                             &NodeOut {
                                 input: n.view.input.clone(),
                                 output: n.view.output.clone(),
-                                name: n.view.output[0].clone(),
+                                name: n.view.name.clone(),
                                 op_type: n.view.op_type.clone(),
                                 attribute: n.attrs.clone(),
                             }
@@ -635,20 +713,21 @@ impl<'a> Graph<'a> {
     }
 }
 
-fn made_node(op: &str, input: Vec<String>, output: String, attrs: Vec<AttrOut>) -> Node<'static> {
-    Node {
-        raw: None,
-        view: NodeView {
-            input,
-            output: vec![output],
-            op_type: op.into(),
-            attribute: Vec::new(),
-            domain: String::new(),
-        },
-        edited: true,
-        dead: false,
-        attrs,
+/// Elements of a tensor of these dims; `None` for negative dims or an overflow.
+fn elements(dims: &[i64]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+}
+
+/// Whether a node's attributes hold a tensor stored in an external file.
+fn external_attr(node: &[u8]) -> Result<bool, String> {
+    for attr in fields(node)?.into_iter().filter(|f| f.number == 5) {
+        for t in fields(attr.body)?.into_iter().filter(|f| f.number == 5 || f.number == 10) {
+            if TensorHead::decode(t.body).is_ok_and(|h| h.data_location == EXTERNAL) {
+                return Ok(true);
+            }
+        }
     }
+    Ok(false)
 }
 
 /// A node's bytes with its inputs and outputs replaced and every other field kept.
@@ -708,7 +787,7 @@ mod tests {
         #[prost(message, repeated, tag = "1")]
         node: Vec<NodeT>,
         #[prost(message, repeated, tag = "5")]
-        initializer: Vec<TensorOut>,
+        initializer: Vec<TensorT>,
         #[prost(message, repeated, tag = "11")]
         input: Vec<ValueName>,
         #[prost(message, repeated, tag = "12")]
@@ -734,10 +813,30 @@ mod tests {
         name: String,
         #[prost(float, tag = "2")]
         f: f32,
+        #[prost(int64, tag = "3")]
+        i: i64,
+        #[prost(message, optional, tag = "5")]
+        t: Option<TensorT>,
+        /// A subgraph (its contents do not matter here).
+        #[prost(bytes = "vec", optional, tag = "6")]
+        g: Option<Vec<u8>>,
         #[prost(int64, repeated, tag = "8")]
         ints: Vec<i64>,
         #[prost(int32, tag = "20")]
         r#type: i32,
+    }
+    #[derive(Clone, PartialEq, Message)]
+    struct TensorT {
+        #[prost(int64, repeated, tag = "1")]
+        dims: Vec<i64>,
+        #[prost(int32, tag = "2")]
+        data_type: i32,
+        #[prost(string, tag = "8")]
+        name: String,
+        #[prost(bytes = "vec", tag = "9")]
+        raw_data: Vec<u8>,
+        #[prost(int32, tag = "14")]
+        data_location: i32,
     }
 
     fn node(op: &str, input: &[&str], output: &str) -> NodeT {
@@ -750,13 +849,18 @@ mod tests {
         }
     }
 
-    fn tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorOut {
-        TensorOut {
+    fn tensor(name: &str, dims: &[i64], v: &[f32]) -> TensorT {
+        TensorT {
             dims: dims.to_vec(),
             data_type: FLOAT,
             name: name.into(),
             raw_data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            data_location: 0,
         }
+    }
+
+    fn attr(name: &str) -> AttrT {
+        AttrT { name: name.into(), ..Default::default() }
     }
 
     fn name(n: &str) -> ValueName {
@@ -828,15 +932,28 @@ mod tests {
         };
         for n in &g.node {
             let i = |k: usize| v[&n.input[k]].clone();
-            let attr = |name: &str| n.attribute.iter().find(|a| a.name == name).unwrap().f;
+            let get = |name: &str| n.attribute.iter().find(|a| a.name == name);
+            let attr = |name: &str| get(name).unwrap().f;
             let out = match n.op_type.as_str() {
+                "Constant" => vec![get("value_float").unwrap().f],
                 "Conv" => {
-                    let (x, w, b) = (i(0), i(1), i(2));
-                    (0..b.len()).map(|m| b[m] + (0..x.len()).map(|c| w[m * x.len() + c] * x[c]).sum::<f32>()).collect()
+                    // 1x1: per pixel, each output channel reads its group's input channels.
+                    let (x, w) = (i(0), i(1));
+                    let groups = get("group").map_or(1, |a| a.i as usize);
+                    let per_group = x.len() / groups;
+                    let out = w.len() / per_group;
+                    let b = if n.input.len() > 2 { i(2) } else { vec![0.0; out] };
+                    (0..out)
+                        .map(|m| {
+                            let first = m / (out / groups) * per_group;
+                            b[m] + (0..per_group).map(|c| w[m * per_group + c] * x[first + c]).sum::<f32>()
+                        })
+                        .collect()
                 }
                 "Mul" => zip(&i(0), &i(1), |a, b| a * b),
                 "Add" => zip(&i(0), &i(1), |a, b| a + b),
                 "Div" => zip(&i(0), &i(1), |a, b| a / b),
+                "Clip" if n.input.len() == 1 => i(0).iter().map(|a| a.clamp(attr("min"), attr("max"))).collect(),
                 "Clip" => i(0).iter().map(|a| a.clamp(i(1)[0], i(2)[0])).collect(),
                 "HardSigmoid" => i(0).iter().map(|a| (attr("alpha") * a + attr("beta")).clamp(0.0, 1.0)).collect(),
                 op => panic!("{op}"),
@@ -920,5 +1037,88 @@ mod tests {
         plain.graph.as_mut().unwrap().node.truncate(1);
         plain.graph.as_mut().unwrap().output = vec![name("a")];
         assert!(fold(&plain.encode_to_vec()).unwrap().is_none());
+    }
+
+    fn same_function(a: &ModelT, b: &ModelT, channels: usize) {
+        for k in 0..6 {
+            let x: Vec<f32> = (0..channels).map(|c| (k as f32 - 2.5) * 1.7 + c as f32 * 0.6).collect();
+            for (p, q) in eval(a, &x).iter().zip(&eval(b, &x)) {
+                assert!((p - q).abs() < 1e-5, "{x:?}: {p} vs {q}");
+            }
+        }
+    }
+
+    #[test]
+    fn older_and_other_forms_fold_too() {
+        // Clip's bounds as attributes (opset < 11), the Mul's scalar from a Constant
+        // node's value_float, and a grouped 1x1 Conv without bias after the affine block.
+        let mut model = chain(&[]);
+        let g = model.graph.as_mut().unwrap();
+        g.node[4] = NodeT {
+            attribute: vec![AttrT { f: 0.0, ..attr("min") }, AttrT { f: 6.0, ..attr("max") }],
+            ..node("Clip", &["p3"], "c")
+        };
+        g.node.insert(
+            0,
+            NodeT {
+                attribute: vec![AttrT { f: 0.5, r#type: 1, ..attr("value_float") }],
+                ..node("Constant", &[], "half")
+            },
+        );
+        g.initializer.retain(|t| t.name != "half" && t.name != "bb");
+        let conv_b = g.node.last_mut().unwrap();
+        conv_b.input.truncate(2);
+        conv_b.attribute.push(AttrT { i: 2, r#type: 2, ..attr("group") });
+        g.initializer.iter_mut().find(|t| t.name == "wb").unwrap().dims = vec![2, 1, 1, 1];
+        g.initializer.iter_mut().find(|t| t.name == "wb").unwrap().raw_data.truncate(8);
+        let (folded, what) = run(&model);
+        assert_eq!(what, Folded { conv_affine: 2, hard_swish: 1, affine_conv: 2 });
+        assert_eq!(ops(&folded), ["Conv", "HardSigmoid", "Mul", "Conv"]);
+        same_function(&model, &folded, 2);
+    }
+
+    #[test]
+    fn malformed_but_decodable_graphs_do_not_panic() {
+        // Nodes without outputs or with missing inputs, weights of no elements or of the
+        // wrong count, absurd dims: nothing folds there, and nothing panics.
+        let mut model = chain(&[]);
+        let g = model.graph.as_mut().unwrap();
+        g.node.push(NodeT { output: vec![], ..node("Mul", &["x", "half"], "unused") });
+        g.node.push(node("Conv", &["x"], "lonely"));
+        g.node.push(node("Add", &["x"], "half_add"));
+        g.node.push(node("Conv", &["x", "empty"], "e"));
+        g.node.push(node("Mul", &["e", "half"], "e2"));
+        g.node.push(node("Conv", &["x", "short"], "sh"));
+        g.node.push(node("Mul", &["sh", "half"], "sh2"));
+        g.node.push(node("Conv", &["x", "huge"], "hu"));
+        g.node.push(node("Mul", &["hu", "half"], "hu2"));
+        g.initializer.push(tensor("empty", &[0, 2, 1, 1], &[]));
+        g.initializer.push(tensor("short", &[2, 2, 1, 1], &[1.0, 2.0, 3.0]));
+        g.initializer.push(tensor("huge", &[1 << 40, 1 << 40, 1 << 40, 1], &[1.0]));
+        g.output.extend(["e2", "sh2", "hu2", "lonely", "half_add"].map(name));
+        let (_, what) = run(&model);
+        assert_eq!(what, Folded { conv_affine: 2, hard_swish: 1, affine_conv: 2 });
+    }
+
+    #[test]
+    fn external_data_and_subgraphs_are_left_alone() {
+        let mut model = chain(&[]);
+        model.graph.as_mut().unwrap().initializer[0].data_location = EXTERNAL;
+        assert!(fold(&model.encode_to_vec()).unwrap().is_none());
+        // In a Constant node (exporters keep weights there too).
+        let mut model = chain(&[]);
+        let mut t = tensor("k", &[], &[1.0]);
+        t.data_location = EXTERNAL;
+        let constant =
+            NodeT { attribute: vec![AttrT { t: Some(t), r#type: 4, ..attr("value") }], ..node("Constant", &[], "k") };
+        model.graph.as_mut().unwrap().node.insert(0, constant);
+        assert!(fold(&model.encode_to_vec()).unwrap().is_none());
+        let mut model = chain(&[]);
+        let branch = NodeT {
+            attribute: vec![AttrT { g: Some(vec![]), r#type: 5, ..attr("then_branch") }],
+            ..node("If", &["x"], "z")
+        };
+        model.graph.as_mut().unwrap().node.push(branch);
+        assert!(fold(&model.encode_to_vec()).unwrap().is_none());
     }
 }
