@@ -34,7 +34,7 @@ fn main() -> anyhow::Result<()> {
     let spec = repository::read_spec(&model, *version, &onnx).map_err(anyhow::Error::msg)?;
     let mut b = backend::ort::load(
         &dylib,
-        &backend::ort::ModelSource::prepare(&spec.onnx_path, &spec.config).map_err(anyhow::Error::msg)?,
+        &backend::ort::ModelSource::prepare(&dylib, &spec.onnx_path, &spec.config).map_err(anyhow::Error::msg)?,
         &spec.config,
         spec.config.devices()[0],
         &spec.inputs,

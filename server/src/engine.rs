@@ -553,7 +553,7 @@ pub(crate) fn load_model(spec: ModelSpec, ort_dylib: &Path, metrics: &Metrics) -
     let mut devices = Vec::with_capacity(cfg.instances);
     // `instances` per GPU for GPU providers; CPU models have one "device".
     let gpus = if cfg.wants_gpu() { cfg.devices() } else { vec![0] };
-    let source = backend::ort::ModelSource::prepare(&spec.onnx_path, cfg)?;
+    let source = backend::ort::ModelSource::prepare(ort_dylib, &spec.onnx_path, cfg)?;
     for &gpu in &gpus {
         for _ in 0..cfg.instances {
             let mut b = backend::ort::load(ort_dylib, &source, cfg, gpu, &spec.inputs, &spec.outputs)?;

@@ -114,7 +114,7 @@ fn folded_ocr_models_compute_what_the_files_do() {
         let mut outputs = Vec::new();
         for fold in [true, false] {
             cfg.fold_graph = fold;
-            let source = ort::ModelSource::prepare(&file, &cfg).unwrap();
+            let source = ort::ModelSource::prepare(&sluice_tests::ort_dylib(), &file, &cfg).unwrap();
             assert_eq!(source.folded.is_some(), fold, "{m}: folding applied");
             let mut b = ort::load(&sluice_tests::ort_dylib(), &source, &cfg, 0, &sig.inputs, &sig.outputs).unwrap();
             outputs.push(b.run(std::slice::from_ref(&x)).unwrap().remove(0).to_f32().unwrap());

@@ -58,7 +58,8 @@ impl ByHand {
                 let cfg = ModelYaml::parse(&dir.join("model.yaml"), "").unwrap();
                 let b = sluice_server::backend::ort::load(
                     &ort_dylib(),
-                    &sluice_server::backend::ort::ModelSource::prepare(&dir.join("model.onnx"), &cfg).unwrap(),
+                    &sluice_server::backend::ort::ModelSource::prepare(&ort_dylib(), &dir.join("model.onnx"), &cfg)
+                        .unwrap(),
                     &cfg,
                     0,
                     &sig.inputs,

@@ -491,7 +491,8 @@ fn the_onnx_runtime_backend_stages_batches_from_their_parts() {
     let cfg = sluice_server::repository::model_yaml::ModelYaml::parse(&dir.join("model.yaml"), AFFINE_YAML).unwrap();
     let mut b = sluice_server::backend::ort::load(
         &sluice_tests::ort_dylib(),
-        &sluice_server::backend::ort::ModelSource::prepare(&dir.join("model.onnx"), &cfg).unwrap(),
+        &sluice_server::backend::ort::ModelSource::prepare(&sluice_tests::ort_dylib(), &dir.join("model.onnx"), &cfg)
+            .unwrap(),
         &cfg,
         0,
         &sig.inputs,

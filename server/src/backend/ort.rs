@@ -192,7 +192,7 @@ pub struct ModelSource {
 }
 
 impl ModelSource {
-    pub fn prepare(file: &Path, cfg: &ModelYaml) -> Result<ModelSource, String> {
+    pub fn prepare(dylib: &Path, file: &Path, cfg: &ModelYaml) -> Result<ModelSource, String> {
         let mut source = ModelSource { file: file.to_path_buf(), folded: None };
         if !cfg.fold_graph {
             return Ok(source);
@@ -203,16 +203,37 @@ impl ModelSource {
         let folded = std::panic::catch_unwind(|| crate::repository::fold::fold(&bytes))
             .unwrap_or_else(|_| Err("the graph rewrite panicked".into()));
         match folded {
-            Ok(Some((folded, what))) => {
-                tracing::info!(model = %file.display(), "folded {what}");
-                source.folded = Some(folded);
-            }
+            // Checked once here on the CPU provider (no optimisation: only that ONNX
+            // Runtime accepts the graph), so a rejected rewrite falls back to the file
+            // before any session, and is never mistaken for a GPU provider's failure.
+            Ok(Some((folded, what))) => match accepts(dylib, &folded) {
+                Ok(()) => {
+                    tracing::info!(model = %file.display(), "folded {what}");
+                    source.folded = Some(folded);
+                }
+                Err(e) => tracing::warn!(
+                    model = %file.display(),
+                    "ONNX Runtime rejects the folded graph ({e}); loading the file as it is (fold_graph: false skips the rewrite)"
+                ),
+            },
             Ok(None) => {}
             // ONNX Runtime gets the file as it is and reports what is wrong with it.
             Err(e) => tracing::warn!(model = %file.display(), "graph not folded: {e}"),
         }
         Ok(source)
     }
+}
+
+fn accepts(dylib: &Path, model: &[u8]) -> Result<(), String> {
+    Session::builder(environment(dylib)?)
+        .map_err(|e| e.to_string())?
+        .with_optimization_level(GraphOptimizationLevel::Disable)
+        .map_err(|e| e.to_string())?
+        .with_intra_threads(1)
+        .map_err(|e| e.to_string())?
+        .commit_from_memory(model)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Creates one model instance on `device` (a GPU id, used by GPU providers) with the
@@ -319,14 +340,7 @@ fn session(dylib: &Path, source: &ModelSource, cfg: &ModelYaml, device: i32) -> 
             return Err(format!("{} ({hint})", failures.join("; ")));
         }
         let committed = match &source.folded {
-            // A rejected rewrite must not fail the load (or be blamed on a GPU provider).
-            Some(bytes) => builder.commit_from_memory(bytes).or_else(|e| {
-                tracing::warn!(
-                    model = %model_file.display(),
-                    "ONNX Runtime rejected the folded graph ({e}); loading the file as it is (fold_graph: false skips the rewrite)"
-                );
-                builder.commit_from_file(model_file)
-            }),
+            Some(bytes) => builder.commit_from_memory(bytes),
             None => builder.commit_from_file(model_file),
         };
         match committed {

@@ -409,6 +409,8 @@ impl<'a> Graph<'a> {
                 }
                 let values = if t.raw_data.is_empty() {
                     t.float_data
+                } else if t.raw_data.len() % 4 != 0 {
+                    return None;
                 } else {
                     t.raw_data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
                 };
@@ -427,7 +429,8 @@ impl<'a> Graph<'a> {
         }
     }
 
-    /// Whether `value` is the output of a convolution or batch norm (rank >= 3).
+    /// Whether `value` is the output of a convolution or batch norm (rank >= 2, so a
+    /// rank-1 constant cannot raise it).
     fn made_by_conv(&self, value: &str) -> bool {
         self.nodes.iter().any(|n| {
             (n.is("Conv") || n.view.op_type == "BatchNormalization")
@@ -799,6 +802,8 @@ mod tests {
         input: Vec<String>,
         #[prost(string, repeated, tag = "2")]
         output: Vec<String>,
+        #[prost(string, tag = "3")]
+        name: String,
         #[prost(string, tag = "4")]
         op_type: String,
         #[prost(message, repeated, tag = "5")]
@@ -843,6 +848,8 @@ mod tests {
         NodeT {
             input: input.iter().map(|s| s.to_string()).collect(),
             output: vec![output.into()],
+            // Named like their output, as some exporters do.
+            name: output.into(),
             op_type: op.into(),
             doc_string: format!("doc of {output}"),
             ..Default::default()
@@ -1120,5 +1127,48 @@ mod tests {
         };
         model.graph.as_mut().unwrap().node.push(branch);
         assert!(fold(&model.encode_to_vec()).unwrap().is_none());
+    }
+
+    #[test]
+    fn constants_that_could_broadcast_are_not_folded() {
+        // A [1,1,1,1] scalar before a 1x1 Conv could be what makes the Conv's input 4-D.
+        let mut model = chain(&[]);
+        let g = model.graph.as_mut().unwrap();
+        g.initializer.retain(|t| t.name != "minus" && t.name != "one_half");
+        g.initializer.push(tensor("minus", &[1, 1, 1, 1], &[-0.2]));
+        g.initializer.push(tensor("one_half", &[1, 1, 1, 1], &[1.5]));
+        let (_, what) = run(&model);
+        assert_eq!(what, Folded { conv_affine: 2, hard_swish: 1, affine_conv: 0 });
+        // A [1]-shaped 3 on a value not known to have rank >= 1: no hard-swish rewrite.
+        let mut model = chain(&[]);
+        let g = model.graph.as_mut().unwrap();
+        g.initializer.retain(|t| t.name != "three");
+        g.initializer.push(tensor("three", &[1], &[3.0]));
+        g.node.insert(0, node("Relu", &["x"], "r"));
+        for n in g.node.iter_mut().filter(|n| n.output[0] != "r") {
+            n.input.iter_mut().filter(|i| *i == "a_lab").for_each(|i| *i = "r".into());
+        }
+        let (folded, what) = run(&model);
+        assert_eq!(what.hard_swish, 0, "{what:?}");
+        assert!(ops(&folded).contains(&"Clip"));
+        // The same [1]-shaped 3 after a Conv is fine.
+        let mut model = chain(&[]);
+        let g = model.graph.as_mut().unwrap();
+        g.initializer.retain(|t| t.name != "three");
+        g.initializer.push(tensor("three", &[1], &[3.0]));
+        assert_eq!(run(&model).1.hard_swish, 1);
+    }
+
+    #[test]
+    fn made_nodes_have_names_of_their_own() {
+        // Node names need not match outputs: here the last Conv is named like the value a
+        // made Mul will write.
+        let mut model = chain(&[]);
+        model.graph.as_mut().unwrap().node.last_mut().unwrap().name = "hs".into();
+        let (folded, _) = run(&model);
+        let names: Vec<&str> = folded.graph.as_ref().unwrap().node.iter().map(|n| n.name.as_str()).collect();
+        let unique: HashSet<&str> = names.iter().copied().collect();
+        assert!(names.iter().all(|n| !n.is_empty()), "{names:?}");
+        assert_eq!(unique.len(), names.len(), "{names:?}");
     }
 }
