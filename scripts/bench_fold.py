@@ -4,6 +4,8 @@ on the same input; the largest output difference is printed beside the times.
 
 usage: bench_fold.py OUT_DIR [ROUNDS]   (needs target/release/sluice and the set-up models)
 """
+import collections
+import json
 import subprocess
 import sys
 import time
@@ -50,3 +52,26 @@ for name, x in cases:
             times[i].append(time.perf_counter() - t)
     shipped, fast = (np.median(t) * 1000 for t in times)
     print(f"| {name} | {list(x.shape)} | {shipped:.1f} | {fast:.1f} | {fast / shipped:.2f} | {np.abs(outs[0] - outs[1]).max():.1e} / {np.abs(outs[0]).max():.2f} |")
+
+# Where the detector's time goes, by op type, before and after (ONNX Runtime's profiler).
+print()
+print("| detector op type | share of kernel time, as shipped | share, folded |")
+print("|---|---|---|")
+shares = []
+for path in (root / "models/ocr_det/model.onnx", out / "ocr_det.onnx"):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(out / "profile")
+    s = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    s.run(None, {s.get_inputs()[0].name: cases[0][1]})
+    events = json.loads(Path(s.end_profiling()).read_text())
+    by_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(by_op.values())
+    shares.append({op: t / total for op, t in by_op.items()})
+for op in sorted(set(shares[0]) | set(shares[1]), key=lambda o: -shares[0].get(o, 0)):
+    if max(shares[0].get(op, 0), shares[1].get(op, 0)) >= 0.01:
+        print(f"| {op} | {100 * shares[0].get(op, 0):.0f}% | {100 * shares[1].get(op, 0):.0f}% |")
