@@ -132,7 +132,8 @@ fn put_len(out: &mut Vec<u8>, number: u32, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-// --- read-only views of the messages (prost skips the fields not declared) ---
+// --- views of the messages: prost skips the fields not declared when reading, and
+// leaves default values out when writing the nodes and weights made here ---
 
 #[derive(Clone, PartialEq, Message)]
 struct ModelHead {
@@ -170,6 +171,9 @@ struct AttrView {
     ints: Vec<i64>,
     #[prost(bytes = "vec", repeated, tag = "11")]
     graphs: Vec<Vec<u8>>,
+    /// 1: FLOAT (written for the attributes made here).
+    #[prost(int32, tag = "20")]
+    r#type: i32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -206,46 +210,6 @@ struct ValueName {
     name: String,
 }
 
-// --- what is written for new nodes and weights ---
-
-#[derive(Clone, PartialEq, Message)]
-struct NodeOut {
-    #[prost(string, repeated, tag = "1")]
-    input: Vec<String>,
-    #[prost(string, repeated, tag = "2")]
-    output: Vec<String>,
-    #[prost(string, tag = "3")]
-    name: String,
-    #[prost(string, tag = "4")]
-    op_type: String,
-    #[prost(message, repeated, tag = "5")]
-    attribute: Vec<AttrOut>,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct AttrOut {
-    #[prost(string, tag = "1")]
-    name: String,
-    #[prost(float, tag = "2")]
-    f: f32,
-    /// 1: FLOAT.
-    #[prost(int32, tag = "20")]
-    r#type: i32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-struct TensorOut {
-    #[prost(int64, repeated, tag = "1")]
-    dims: Vec<i64>,
-    /// 1: FLOAT.
-    #[prost(int32, tag = "2")]
-    data_type: i32,
-    #[prost(string, tag = "8")]
-    name: String,
-    #[prost(bytes = "vec", tag = "9")]
-    raw_data: Vec<u8>,
-}
-
 const FLOAT: i32 = 1;
 const EXTERNAL: i32 = 1;
 
@@ -258,8 +222,6 @@ struct Node<'a> {
     /// Inputs or outputs changed: those fields are written again, the rest copied.
     edited: bool,
     dead: bool,
-    /// Attributes of a node made here.
-    attrs: Vec<AttrOut>,
 }
 
 impl Node<'_> {
@@ -326,7 +288,7 @@ impl<'a> Graph<'a> {
                     }
                     g.names.extend(view.output.iter().cloned());
                     g.names.insert(view.name.clone());
-                    g.nodes.push(Node { raw: Some(f.body), view, edited: false, dead: false, attrs: Vec::new() });
+                    g.nodes.push(Node { raw: Some(f.body), view, edited: false, dead: false });
                 }
                 5 => {
                     let head = TensorHead::decode(f.body).map_err(bad)?;
@@ -487,21 +449,13 @@ impl<'a> Graph<'a> {
     }
 
     /// A node made here, named uniquely (ONNX Runtime rejects two nodes of one name).
-    fn made_node(&mut self, op: &str, input: Vec<String>, output: String, attrs: Vec<AttrOut>) -> Node<'static> {
-        let name = self.unique(&format!("{output}.{op}"));
+    fn made_node(&mut self, op: &str, input: Vec<String>, output: String, attribute: Vec<AttrView>) -> Node<'static> {
+        let name = self.unique(op);
         Node {
             raw: None,
-            view: NodeView {
-                input,
-                output: vec![output],
-                name,
-                op_type: op.into(),
-                attribute: Vec::new(),
-                domain: String::new(),
-            },
+            view: NodeView { input, output: vec![output], name, op_type: op.into(), attribute, domain: String::new() },
             edited: true,
             dead: false,
-            attrs,
         }
     }
 
@@ -600,8 +554,8 @@ impl<'a> Graph<'a> {
                 vec![x.clone()],
                 hs.clone(),
                 vec![
-                    AttrOut { name: "alpha".into(), f: 1.0 / 6.0, r#type: 1 },
-                    AttrOut { name: "beta".into(), f: 0.5, r#type: 1 },
+                    AttrView { name: "alpha".into(), f: 1.0 / 6.0, r#type: FLOAT, ..Default::default() },
+                    AttrView { name: "beta".into(), f: 0.5, r#type: FLOAT, ..Default::default() },
                 ],
             );
             self.nodes[ci] = self.made_node("Mul", vec![x, hs], out, Vec::new());
@@ -677,18 +631,7 @@ impl<'a> Graph<'a> {
                         continue;
                     }
                     match n.raw {
-                        None => put_len(
-                            &mut out,
-                            1,
-                            &NodeOut {
-                                input: n.view.input.clone(),
-                                output: n.view.output.clone(),
-                                name: n.view.name.clone(),
-                                op_type: n.view.op_type.clone(),
-                                attribute: n.attrs.clone(),
-                            }
-                            .encode_to_vec(),
-                        ),
+                        None => put_len(&mut out, 1, &n.view.encode_to_vec()),
                         Some(raw) if n.edited => put_len(&mut out, 1, &edited_node(raw, &n.view)),
                         Some(_) => out.extend_from_slice(f.raw),
                     }
@@ -704,11 +647,12 @@ impl<'a> Graph<'a> {
         }
         for name in self.made.iter().filter(|n| keep(n)) {
             let Some(Const::Made(dims, values)) = self.consts.get(name) else { continue };
-            let t = TensorOut {
+            let t = TensorView {
                 dims: dims.clone(),
                 data_type: FLOAT,
                 name: name.clone(),
                 raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                ..Default::default()
             };
             put_len(&mut out, 5, &t.encode_to_vec());
         }
@@ -736,7 +680,7 @@ fn external_attr(node: &[u8]) -> Result<bool, String> {
 /// A node's bytes with its inputs and outputs replaced and every other field kept.
 fn edited_node(raw: &[u8], view: &NodeView) -> Vec<u8> {
     let mut out =
-        NodeOut { input: view.input.clone(), output: view.output.clone(), ..Default::default() }.encode_to_vec();
+        NodeView { input: view.input.clone(), output: view.output.clone(), ..Default::default() }.encode_to_vec();
     for f in fields(raw).expect("parsed before") {
         if f.number != 1 && f.number != 2 {
             out.extend_from_slice(f.raw);
