@@ -16,6 +16,7 @@ import urllib.request
 os.environ.setdefault("SE_OFFLINE", "true")  # never let selenium look for drivers online
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 http, pipeline, model, body, shot = sys.argv[1:6]
@@ -56,8 +57,15 @@ try:
     driver.get(f"{http}/dashboard")
 
     def read(ep, field):
-        els = driver.find_elements(By.CSS_SELECTOR, f'[data-ep="{ep}"][data-field="{field}"]')
-        return els[0].text if els else None
+        # The page redraws its tables every frame: an element found can be replaced before
+        # its text is read (stale); look it up again.
+        for _ in range(20):
+            try:
+                els = driver.find_elements(By.CSS_SELECTOR, f'[data-ep="{ep}"][data-field="{field}"]')
+                return els[0].text if els else None
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        raise AssertionError(f"{ep} {field}: the element went stale on every read")
 
     deadline = time.time() + 15
     while read(pipeline, "requests_total") in (None, "0") and time.time() < deadline:
