@@ -240,6 +240,11 @@ impl Node<'_> {
             && inputs.contains(&self.view.input.len())
     }
 
+    /// Constant has no inputs, so it is not one of [`Node::is`]'s ops.
+    fn is_constant(&self) -> bool {
+        self.view.op_type == "Constant" && self.view.domain.is_empty() && self.view.output.len() == 1
+    }
+
     fn attr(&self, name: &str) -> Option<&AttrView> {
         self.view.attribute.iter().find(|a| a.name == name)
     }
@@ -261,8 +266,6 @@ struct Graph<'a> {
     names: HashSet<String>,
     outputs: HashSet<String>,
     inputs: HashSet<String>,
-    /// Initializers by name, so the ones the rewrites leave unused can be dropped.
-    initializers: HashSet<String>,
     made: Vec<String>,
 }
 
@@ -276,7 +279,6 @@ impl<'a> Graph<'a> {
             names: HashSet::new(),
             outputs: HashSet::new(),
             inputs: HashSet::new(),
-            initializers: HashSet::new(),
             made: Vec::new(),
         };
         for f in graph {
@@ -296,7 +298,6 @@ impl<'a> Graph<'a> {
                         return Ok(None);
                     }
                     g.names.insert(head.name.clone());
-                    g.initializers.insert(head.name.clone());
                     g.consts.insert(head.name, Const::Proto(f.body));
                 }
                 11 => {
@@ -310,7 +311,7 @@ impl<'a> Graph<'a> {
             }
         }
         for n in &g.nodes {
-            if n.view.op_type == "Constant" && n.view.domain.is_empty() && n.view.output.len() == 1 {
+            if n.is_constant() {
                 let c = match (n.raw.and_then(constant_tensor), n.attr("value_float")) {
                     (Some(t), _) => Const::Proto(t),
                     (None, Some(a)) => Const::Scalar(a.f),
@@ -408,8 +409,7 @@ impl<'a> Graph<'a> {
         if dims.len() > max_rank || elements(&dims)? != 1 {
             return None;
         }
-        let (dims, v) = self.floats(name)?;
-        (v.len() == 1 && dims.len() <= max_rank).then_some(v[0])
+        self.floats(name).map(|(_, v)| v[0])
     }
 
     /// For a binary Mul or Add with one constant scalar operand: (the other operand, the scalar).
@@ -539,7 +539,7 @@ impl<'a> Graph<'a> {
             }
             let Some(di) = self.only_user(&users, &mul.view.output[0]) else { continue };
             let div = &self.nodes[di];
-            if !div.is("Div") || div.view.input.len() != 2 || div.view.input[0] != mul.view.output[0] {
+            if !div.is("Div") || div.view.input[0] != mul.view.output[0] {
                 continue;
             }
             if self.scalar(&div.view.input[1], rank) != Some(6.0) {
@@ -626,8 +626,7 @@ impl<'a> Graph<'a> {
             match f.number {
                 1 => {
                     let n = nodes.next().expect("one node per node field");
-                    let constant = n.view.op_type == "Constant" && n.view.domain.is_empty();
-                    if n.dead || (constant && !n.view.output.iter().any(|o| keep(o))) {
+                    if n.dead || (n.is_constant() && !keep(&n.view.output[0])) {
                         continue;
                     }
                     match n.raw {
@@ -636,9 +635,9 @@ impl<'a> Graph<'a> {
                         Some(_) => out.extend_from_slice(f.raw),
                     }
                 }
+                // Initializers decoded in `parse`.
                 5 => {
-                    let name = TensorHead::decode(f.body).map(|h| h.name).unwrap_or_default();
-                    if keep(&name) || !self.initializers.contains(&name) {
+                    if TensorHead::decode(f.body).is_ok_and(|h| keep(&h.name)) {
                         out.extend_from_slice(f.raw);
                     }
                 }
