@@ -11,6 +11,7 @@
 //! println!("{:?}", outputs[0].1.to_f32());
 //! # Ok(()) }
 //! ```
+#![deny(unsafe_code)] // deny, not forbid: ndarray's `s!` macro allows it inside its own expansion
 
 #[cfg(feature = "ndarray")]
 pub mod array;

@@ -2,10 +2,26 @@
 //! with boxes mapped back to the original image.
 
 use crate::image_ops::letterbox_geometry;
-use crate::op::{input, port, BuildContext, Op, OpError, OpResult, Port};
+use crate::op::{input, param, port, BuildContext, Op, OpError, OpResult, OpSpec, Port};
 use crate::tensor::{DataType, Tensor};
 use crate::value::{Value, ValueType};
 use serde::Deserialize;
+
+/// The detection ops, for [`OpRegistry::builtin`](crate::op::OpRegistry::builtin).
+pub(crate) const OPS: &[OpSpec] = &[OpSpec {
+    name: "detect_yolo",
+    summary: "YOLO-style predictions -> boxes, scores, classes after NMS",
+    params: &[
+        param("width", "required", "the model's input width"),
+        param("height", "required", "the model's input height"),
+        param("letterbox", "true", "the image was letterboxed rather than stretched"),
+        param("score_threshold", "0.25", "objectness x best class below this is dropped"),
+        param("iou_threshold", "0.45", "class-wise NMS overlap"),
+        param("max_detections", "100", "kept at most"),
+    ],
+    example: r#"{"width": 640, "height": 640}"#,
+    build: build_detect_yolo,
+}];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -14,7 +30,7 @@ struct DetectParams {
     width: u32,
     height: u32,
     /// The image was letterboxed (`resize` mode letterbox) rather than stretched.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::op::yes")]
     letterbox: bool,
     #[serde(default = "default_score")]
     score_threshold: f32,
@@ -24,9 +40,6 @@ struct DetectParams {
     max_detections: usize,
 }
 
-fn yes() -> bool {
-    true
-}
 fn default_score() -> f32 {
     0.25
 }

@@ -2,7 +2,7 @@
 //! fast_image_resize); resizing uses bilinear interpolation without antialiasing, which
 //! matches OpenCV's INTER_LINEAR, the pre-processing most vision models are trained with.
 
-use crate::op::{input, port, BuildContext, Op, OpError, OpResult, Port};
+use crate::op::{input, param, port, BuildContext, NoParams, Op, OpError, OpResult, OpSpec, Port};
 use crate::tensor::{DataType, Tensor};
 use crate::value::{Image, Value, ValueType};
 use fast_image_resize::images::{TypedCroppedImage, TypedCroppedImageMut, TypedImage, TypedImageRef};
@@ -11,6 +11,85 @@ use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use serde::Deserialize;
 use std::cell::RefCell;
 use std::sync::Arc;
+
+/// The image ops, for [`OpRegistry::builtin`](crate::op::OpRegistry::builtin).
+pub(crate) const OPS: &[OpSpec] = &[
+    OpSpec {
+        name: "decode_image",
+        summary: "encoded JPEG/PNG bytes -> RGB image (EXIF orientation applied)",
+        params: &[param("max_pixels", "67108864", "refuse images with more pixels (decompression bombs)")],
+        example: "{}",
+        build: build_decode,
+    },
+    OpSpec {
+        name: "resize",
+        summary: "image -> image: stretch, letterbox, shorter_side_crop, fit_multiple",
+        params: &[
+            param("mode", "required", "stretch, letterbox, shorter_side_crop or fit_multiple"),
+            param("width", "0", "target width (stretch, letterbox, shorter_side_crop)"),
+            param("height", "0", "target height (stretch, letterbox, shorter_side_crop)"),
+            param("shorter", "none", "shorter_side_crop: the shorter side before the centre crop"),
+            param("pad", "0", "letterbox: grey level of the padding"),
+            param("multiple", "32", "fit_multiple: each side rounded to a multiple of this"),
+            param("max_side", "none", "fit_multiple: scale down to at most this"),
+            param("min_side", "none", "fit_multiple: scale up to at least this"),
+        ],
+        example: r#"{"mode": "stretch", "width": 224, "height": 224}"#,
+        build: build_resize,
+    },
+    OpSpec {
+        name: "normalize",
+        summary: "image -> FP32 tensor (NCHW/NHWC, mean/std, RGB/BGR)",
+        params: &[
+            param("scale", "1/255", "pixels are multiplied by this first"),
+            param("mean", "[0,0,0]", "subtracted per channel"),
+            param("std", "[1,1,1]", "divided by per channel"),
+            param("layout", "nchw", "nchw or nhwc"),
+            param("channel_order", "rgb", "rgb or bgr"),
+        ],
+        example: "{}",
+        build: build_normalize,
+    },
+    OpSpec {
+        name: "to_tensor",
+        summary: "image -> UINT8 tensor [H,W,3]",
+        params: &[],
+        example: "{}",
+        build: build_to_tensor,
+    },
+    OpSpec {
+        name: "rotate180",
+        summary: "image -> image turned upside down",
+        params: &[],
+        example: "{}",
+        build: build_rotate180,
+    },
+    OpSpec {
+        name: "crop_boxes",
+        summary: "image + boxes [n,4] -> list of n crops",
+        params: &[param("resize", "none", "[w, h]: resize every crop to this size")],
+        example: "{}",
+        build: build_crop_boxes,
+    },
+    OpSpec {
+        name: "crop_quads",
+        summary: "image + quads [n,4,2] -> list of n perspective-warped crops",
+        params: &[param(
+            "rotate_tall_ratio",
+            "0",
+            "turn crops at least this many times taller than wide by 90 degrees",
+        )],
+        example: "{}",
+        build: build_crop_quads,
+    },
+    OpSpec {
+        name: "from_tensor",
+        summary: "UINT8 tensor [H,W,3] -> image",
+        params: &[],
+        example: "{}",
+        build: build_from_tensor,
+    },
+];
 
 fn image_in(inputs: &[Value], i: usize) -> Result<&Arc<Image>, OpError> {
     input(inputs, i, "an image", Value::as_image)
@@ -470,10 +549,6 @@ pub(crate) fn build_to_tensor(ctx: &BuildContext) -> Result<Box<dyn Op>, String>
     ctx.params::<NoParams>()?;
     Ok(Box::new(ToTensor))
 }
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct NoParams {}
 
 impl Op for ToTensor {
     fn inputs(&self) -> Vec<Port> {

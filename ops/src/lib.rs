@@ -1,5 +1,6 @@
 //! The values that flow through sluice and the CPU operations on them. This crate knows
 //! nothing of the wire protocol, the async runtime or the backends.
+#![forbid(unsafe_code)]
 
 pub mod detect;
 pub mod image_ops;
@@ -9,6 +10,6 @@ pub mod tensor;
 pub mod tensor_ops;
 pub mod value;
 
-pub use op::{BuildContext, Op, OpError, Port};
+pub use op::{BuildContext, Op, OpError, OpRegistry, OpSpec, Port};
 pub use tensor::{DataType, Tensor, TensorError};
 pub use value::{Image, Value, ValueType};

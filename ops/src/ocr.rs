@@ -5,11 +5,66 @@
 //! those PaddleOCR's models are tuned with.
 
 use crate::image_ops::{resize_to, rotate_180};
-use crate::op::{input, port, BuildContext, Op, OpError, OpResult, Port};
+use crate::op::{input, param, port, BuildContext, Op, OpError, OpResult, OpSpec, Port};
 use crate::tensor::{DataType, Tensor};
 use crate::value::{Value, ValueType};
 use serde::Deserialize;
 use std::sync::Arc;
+
+/// The OCR ops, for [`OpRegistry::builtin`](crate::op::OpRegistry::builtin).
+pub(crate) const OPS: &[OpSpec] = &[
+    OpSpec {
+        name: "db_postprocess",
+        summary: "text probability map -> text quads in reading order (DB)",
+        params: &[
+            param("thresh", "0.3", "probability above which a pixel is text"),
+            param("box_thresh", "0.5", "mean probability inside a box below which it is dropped"),
+            param("unclip_ratio", "1.6", "how far boxes are grown"),
+            param("use_dilation", "true", "dilate the text mask first"),
+            param("max_candidates", "1000", "regions looked at, at most"),
+        ],
+        example: "{}",
+        build: build_db_postprocess,
+    },
+    OpSpec {
+        name: "text_line_tensor",
+        summary: "text line image -> FP32 [3,48,W] for classifier/recogniser",
+        params: &[
+            param("height", "48", "the model's line height"),
+            param("width", "none", "a fixed width (the direction classifier's 192)"),
+            param("min_width", "320", "variable width: at least this"),
+            param("width_multiple", "64", "variable width: rounded up to a multiple of this"),
+            param("max_width", "3200", "variable width: at most this"),
+        ],
+        example: "{}",
+        build: build_text_line_tensor,
+    },
+    OpSpec {
+        name: "orient180",
+        summary: "image + direction probabilities -> image turned upright",
+        params: &[param("threshold", "0.9", "turned when the classifier says 180 above this")],
+        example: "{}",
+        build: build_orient180,
+    },
+    OpSpec {
+        name: "ctc_decode",
+        summary: "recogniser probabilities -> text and confidence (CTC greedy)",
+        params: &[
+            param("characters_from", "none", "a model whose ONNX metadata holds the character list"),
+            param("metadata_key", "character", "the metadata key of that list"),
+            param("characters", "none", "or a file, one character per line, relative to the pipeline file"),
+        ],
+        example: r#"{"characters_from": "rec"}"#,
+        build: build_ctc_decode,
+    },
+    OpSpec {
+        name: "ocr_lines",
+        summary: "quads + texts + scores -> the confident lines",
+        params: &[param("min_score", "0.5", "lines recognised with less confidence are dropped")],
+        example: "{}",
+        build: build_ocr_lines,
+    },
+];
 
 // ---- DB post-processing ----
 
@@ -26,7 +81,7 @@ struct DbParams {
     #[serde(default = "db_unclip")]
     unclip_ratio: f32,
     /// Grow the text mask by one pixel right and down before finding regions.
-    #[serde(default = "yes")]
+    #[serde(default = "crate::op::yes")]
     use_dilation: bool,
     #[serde(default = "db_max")]
     max_candidates: usize,
@@ -40,9 +95,6 @@ fn db_box_thresh() -> f32 {
 }
 fn db_unclip() -> f32 {
     1.6
-}
-fn yes() -> bool {
-    true
 }
 fn db_max() -> usize {
     1000

@@ -91,67 +91,120 @@ impl<'a> BuildContext<'a> {
 /// Builds an op from its parameters.
 pub type Builder = fn(&BuildContext) -> Result<Box<dyn Op>, String>;
 
-/// Ops registered at run time by programs that embed sluice (custom ops).
-static CUSTOM: std::sync::RwLock<Vec<(&str, Builder, &str)>> = std::sync::RwLock::new(Vec::new());
+/// Parameters of ops that take none: any given is an error.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoParams {}
 
-/// Adds a custom op under `name` for pipelines compiled from now on. Names of built-in
-/// or already registered ops are refused.
-pub fn register(name: &'static str, description: &'static str, build: Builder) -> Result<(), String> {
-    let mut custom = CUSTOM.write().unwrap_or_else(|e| e.into_inner());
-    if REGISTRY.iter().chain(custom.iter()).any(|(n, _, _)| *n == name) {
-        return Err(format!("an op named '{name}' already exists"));
-    }
-    custom.push((name, build, description));
-    Ok(())
+/// `#[serde(default = "crate::op::yes")]`: a flag that is on unless turned off.
+pub(crate) fn yes() -> bool {
+    true
 }
 
-/// Every op a pipeline can name, with a one-line description.
-const REGISTRY: &[(&str, Builder, &str)] = &[
-    ("decode_image", crate::image_ops::build_decode, "encoded JPEG/PNG bytes -> RGB image (EXIF orientation applied)"),
-    ("resize", crate::image_ops::build_resize, "image -> image: stretch, letterbox, shorter_side_crop, fit_multiple"),
-    ("normalize", crate::image_ops::build_normalize, "image -> FP32 tensor (NCHW/NHWC, mean/std, RGB/BGR)"),
-    ("to_tensor", crate::image_ops::build_to_tensor, "image -> UINT8 tensor [H,W,3]"),
-    ("rotate180", crate::image_ops::build_rotate180, "image -> image turned upside down"),
-    ("crop_boxes", crate::image_ops::build_crop_boxes, "image + boxes [n,4] -> list of n crops"),
-    ("crop_quads", crate::image_ops::build_crop_quads, "image + quads [n,4,2] -> list of n perspective-warped crops"),
-    ("from_tensor", crate::image_ops::build_from_tensor, "UINT8 tensor [H,W,3] -> image"),
-    ("softmax", crate::tensor_ops::build_softmax, "FP32 tensor -> softmax along the last axis"),
-    ("topk", crate::tensor_ops::build_topk, "FP32 scores -> the k best: scores, classes, labels"),
-    ("gather", crate::tensor_ops::build_gather, "list of tensors -> one tensor stacked along a new first axis"),
-    ("count", crate::tensor_ops::build_count, "list -> its length as INT64 [1]"),
-    ("delay", crate::tensor_ops::build_delay, "passes its input through after a fixed time (tests, benchmarks)"),
-    ("detect_yolo", crate::detect::build_detect_yolo, "YOLO-style predictions -> boxes, scores, classes after NMS"),
-    ("db_postprocess", crate::ocr::build_db_postprocess, "text probability map -> text quads in reading order (DB)"),
-    (
-        "text_line_tensor",
-        crate::ocr::build_text_line_tensor,
-        "text line image -> FP32 [3,48,W] for classifier/recogniser",
-    ),
-    ("orient180", crate::ocr::build_orient180, "image + direction probabilities -> image turned upright"),
-    ("ctc_decode", crate::ocr::build_ctc_decode, "recogniser probabilities -> text and confidence (CTC greedy)"),
-    ("ocr_lines", crate::ocr::build_ocr_lines, "quads + texts + scores -> the confident lines"),
-];
+/// One parameter of an op, as `sluice ops` and the docs list it.
+#[derive(Debug, Clone, Copy)]
+pub struct Param {
+    pub name: &'static str,
+    /// The default as written in a pipeline file, or "required".
+    pub default: &'static str,
+    pub help: &'static str,
+}
 
-/// Builds the op `name` with its parameters.
-pub fn build(name: &str, ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
-    let found = REGISTRY.iter().find(|(n, _, _)| *n == name).map(|(_, b, _)| *b).or_else(|| {
-        let custom = CUSTOM.read().unwrap_or_else(|e| e.into_inner());
-        custom.iter().find(|(n, _, _)| *n == name).map(|(_, b, _)| *b)
-    });
-    match found {
-        Some(build) => build(ctx),
-        None => Err(format!("unknown op '{name}'; known ops: {}", op_names().join(", "))),
+/// Shorthand for the registry tables.
+pub const fn param(name: &'static str, default: &'static str, help: &'static str) -> Param {
+    Param { name, default, help }
+}
+
+/// Everything the registry knows of one op.
+#[derive(Clone)]
+pub struct OpSpec {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub params: &'static [Param],
+    /// Params (JSON) it builds with, to show its ports: some ports depend on params.
+    pub example: &'static str,
+    pub build: Builder,
+}
+
+impl OpSpec {
+    /// An op with no documented params (an embedding program's own ops).
+    pub fn new(name: &'static str, summary: &'static str, build: Builder) -> OpSpec {
+        OpSpec { name, summary, params: &[], example: "{}", build }
+    }
+
+    /// The op built with its example params: its inputs and outputs.
+    pub fn ports(&self) -> Result<(Vec<Port>, Vec<Port>), String> {
+        let params = serde_json::from_str(self.example).map_err(|e| format!("example params: {e}"))?;
+        // Ports never depend on a model's metadata values: any will do.
+        let any_metadata = |_: &str, _: &str| Some(String::from("a"));
+        let op = (self.build)(&BuildContext::new(params, Path::new(".")).with_metadata(&any_metadata))?;
+        Ok((op.inputs(), op.outputs()))
     }
 }
 
-pub fn op_names() -> Vec<&'static str> {
-    op_list().into_iter().map(|(n, _)| n).collect()
+/// The ops a pipeline can name: a value, so every server (and every test) has its own
+/// set, and an embedding program adds its ops to the set it passes to its server.
+#[derive(Clone, Default)]
+pub struct OpRegistry {
+    /// In registration order: families in turn, built-in before added.
+    ops: Vec<OpSpec>,
 }
 
-/// (name, description) of every op, built-in first.
-pub fn op_list() -> Vec<(&'static str, &'static str)> {
-    let custom = CUSTOM.read().unwrap_or_else(|e| e.into_inner());
-    REGISTRY.iter().chain(custom.iter()).map(|(n, _, d)| (*n, *d)).collect()
+impl std::fmt::Debug for OpRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.ops.iter().map(|s| s.name)).finish()
+    }
+}
+
+impl OpRegistry {
+    pub fn empty() -> OpRegistry {
+        OpRegistry::default()
+    }
+
+    /// Every op sluice ships.
+    pub fn builtin() -> OpRegistry {
+        let mut r = OpRegistry::empty();
+        for family in [crate::image_ops::OPS, crate::tensor_ops::OPS, crate::detect::OPS, crate::ocr::OPS] {
+            for spec in family {
+                r.ops.push(spec.clone());
+            }
+        }
+        r
+    }
+
+    /// Adds an op; names already taken are refused.
+    pub fn add(&mut self, spec: OpSpec) -> Result<(), String> {
+        if self.get(spec.name).is_some() {
+            return Err(format!("an op named '{}' already exists", spec.name));
+        }
+        self.ops.push(spec);
+        Ok(())
+    }
+
+    /// [`add`](Self::add), by value.
+    pub fn with(mut self, spec: OpSpec) -> Result<OpRegistry, String> {
+        self.add(spec)?;
+        Ok(self)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&OpSpec> {
+        self.ops.iter().find(|s| s.name == name)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &OpSpec> {
+        self.ops.iter()
+    }
+
+    /// Builds the op `name` with its parameters.
+    pub fn build(&self, name: &str, ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
+        match self.get(name) {
+            Some(spec) => (spec.build)(ctx),
+            None => {
+                let names: Vec<&str> = self.ops.iter().map(|s| s.name).collect();
+                Err(format!("unknown op '{name}'; known ops: {}", names.join(", ")))
+            }
+        }
+    }
 }
 
 /// The `i`th input, which the executor guarantees has the declared kind.
@@ -163,4 +216,55 @@ pub(crate) fn input<'a, T>(
 ) -> Result<T, OpError> {
     let v = inputs.get(i).ok_or_else(|| OpError::Internal(format!("missing input {i}")))?;
     pick(v).ok_or_else(|| OpError::Invalid(format!("expected {what}, got {}", v.kind())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_op_builds_from_its_example() {
+        for spec in OpRegistry::builtin().iter() {
+            let (inputs, outputs) = spec.ports().unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+            assert!(!inputs.is_empty() && !outputs.is_empty(), "{}", spec.name);
+        }
+    }
+
+    /// The params the registry lists are exactly the fields the op's params struct
+    /// accepts: serde names the accepted fields when it meets an unknown one.
+    #[test]
+    fn listed_params_are_the_ones_the_op_accepts() {
+        for spec in OpRegistry::builtin().iter() {
+            let probe = serde_json::json!({"no_such_param": 0});
+            let err = match (spec.build)(&BuildContext::new(probe, Path::new("."))) {
+                Ok(_) => panic!("{}: an unknown param was accepted", spec.name),
+                Err(e) => e,
+            };
+            // "expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, `c`", or
+            // "there are no fields".
+            let expected = err.split_once("expected ").map_or("", |(_, rest)| rest);
+            let accepted: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+            assert!(!accepted.is_empty() || err.contains("there are no fields"), "{}: {err}", spec.name);
+            let mut listed: Vec<&str> = spec.params.iter().map(|p| p.name).collect();
+            let mut accepted = accepted;
+            listed.sort_unstable();
+            accepted.sort_unstable();
+            assert_eq!(listed, accepted, "{}: {err}", spec.name);
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_added_ops_cannot_take_one() {
+        let r = OpRegistry::builtin();
+        let mut names: Vec<&str> = r.iter().map(|s| s.name).collect();
+        let n = names.len();
+        names.dedup();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n);
+        let taken = OpSpec::new("resize", "again", |_| Err("never built".into()));
+        assert!(r.clone().with(taken).is_err());
+        let err = r.build("nope", &BuildContext::new(serde_json::Value::Null, Path::new("."))).err().unwrap();
+        assert!(err.starts_with("unknown op 'nope'; known ops: decode_image, resize"), "{err}");
+    }
 }

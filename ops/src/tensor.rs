@@ -119,6 +119,27 @@ impl fmt::Debug for Tensor {
     }
 }
 
+/// Whether a concrete shape fits declared dims (-1: any size).
+pub fn fits(shape: &[usize], dims: &[i64]) -> bool {
+    shape.len() == dims.len() && shape.iter().zip(dims).all(|(&s, &d)| d < 0 || s as i64 == d)
+}
+
+/// Dims as `[a,b,c]`: the one way messages print them.
+pub struct Dims<'a>(pub &'a [i64]);
+
+impl fmt::Display for Dims<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[")?;
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        write!(f, "]")
+    }
+}
+
 /// Number of elements of a shape (1 for a scalar).
 pub fn element_count(shape: &[usize]) -> usize {
     shape.iter().product()
@@ -421,7 +442,7 @@ pub fn json_to_bytes(dtype: DataType, data: &Value) -> Result<Bytes, String> {
 }
 
 /// Tensor bytes as a flat JSON array (BYTES elements as UTF-8 strings, lossily).
-pub fn tensor_to_json(t: &Tensor) -> Value {
+fn tensor_to_json(t: &Tensor) -> Value {
     macro_rules! nums {
         ($t:ty, $n:expr) => {
             t.data.chunks_exact($n).map(|c| json!(<$t>::from_le_bytes(c.try_into().expect("exact chunk")))).collect()

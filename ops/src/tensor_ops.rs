@@ -1,12 +1,57 @@
 //! Tensor ops: softmax, top-k with labels, gather (stack a list), count, delay.
 
-use crate::image_ops::NoParams;
-use crate::op::{input, port, BuildContext, Op, OpError, OpResult, Port};
+use crate::op::{input, param, port, BuildContext, NoParams, Op, OpError, OpResult, OpSpec, Port};
 use crate::tensor::{DataType, Tensor};
 use crate::value::{Value, ValueType};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The tensor ops, for [`OpRegistry::builtin`](crate::op::OpRegistry::builtin).
+pub(crate) const OPS: &[OpSpec] = &[
+    OpSpec {
+        name: "softmax",
+        summary: "FP32 tensor -> softmax along the last axis",
+        params: &[],
+        example: "{}",
+        build: build_softmax,
+    },
+    OpSpec {
+        name: "topk",
+        summary: "FP32 scores -> the k best: scores, classes, labels",
+        params: &[
+            param("k", "required", "how many"),
+            param("labels", "none", "text file, one label per line, relative to the pipeline file"),
+            param("softmax", "false", "apply softmax first (for logits)"),
+        ],
+        example: r#"{"k": 5}"#,
+        build: build_topk,
+    },
+    OpSpec {
+        name: "gather",
+        summary: "list of tensors -> one tensor stacked along a new first axis",
+        params: &[],
+        example: "{}",
+        build: build_gather,
+    },
+    OpSpec {
+        name: "count",
+        summary: "list -> its length as INT64 [1]",
+        params: &[],
+        example: "{}",
+        build: build_count,
+    },
+    OpSpec {
+        name: "delay",
+        summary: "passes its input through after a fixed time (tests, benchmarks)",
+        params: &[
+            param("ms", "required", "milliseconds"),
+            param("busy", "false", "spin on the CPU instead of sleeping"),
+        ],
+        example: r#"{"ms": 1}"#,
+        build: build_delay,
+    },
+];
 
 fn f32_in(inputs: &[Value], i: usize) -> Result<(&Tensor, Vec<f32>), OpError> {
     let t = input(inputs, i, "a tensor", Value::as_tensor)?;
@@ -102,7 +147,7 @@ impl Op for Topk {
         if let ValueType::Tensor { dims: Some(d), .. } = &inputs[0] {
             let classes: i64 = d.iter().product();
             if d.iter().all(|&x| x > 0) && (d.len() > 2 || (d.len() == 2 && d[0] != 1)) {
-                return Err(format!("expects scores [n] or [1,n], got [{}]", fmt_dims(d)));
+                return Err(format!("expects scores [n] or [1,n], got {}", crate::tensor::Dims(d)));
             }
             if classes > 0 && (classes as usize) < self.k {
                 return Err(format!("k = {} but there are only {classes} scores", self.k));
@@ -137,10 +182,6 @@ impl Op for Topk {
             Value::Tensor(Tensor::from_bytes_elements(vec![self.k], &labels)),
         ])
     }
-}
-
-fn fmt_dims(d: &[i64]) -> String {
-    d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
 }
 
 /// Stacks a list of same-shaped tensors along a new first axis: the gather after a

@@ -174,16 +174,6 @@ impl ValueType {
             _ => false,
         }
     }
-
-    /// The type of a run-time value (lists take their first element's type).
-    pub fn of(v: &Value) -> ValueType {
-        match v {
-            Value::Tensor(t) => ValueType::tensor(t.dtype, t.shape.iter().map(|&d| d as i64).collect()),
-            Value::Bytes(_) => ValueType::Bytes,
-            Value::Image(i) => ValueType::Image { size: Some((i.width, i.height)) },
-            Value::List(l) => ValueType::List(Box::new(l.first().map_or(ValueType::Any, ValueType::of))),
-        }
-    }
 }
 
 impl fmt::Display for ValueType {
@@ -197,8 +187,7 @@ impl fmt::Display for ValueType {
             ValueType::Tensor { dtype, dims } => {
                 write!(f, "tensor {}", dtype.map_or("(any dtype)".to_string(), |d| d.to_string()))?;
                 if let Some(d) = dims {
-                    let d: Vec<String> = d.iter().map(|x| x.to_string()).collect();
-                    write!(f, " [{}]", d.join(","))?;
+                    write!(f, " {}", crate::tensor::Dims(d))?;
                 }
                 Ok(())
             }

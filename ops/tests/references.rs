@@ -2,7 +2,7 @@
 //! (scripts/gen_op_fixtures.py), the libraries models are trained with.
 
 use sluice_ops::image_ops::{decode_image, resize_to};
-use sluice_ops::op::{build, BuildContext};
+use sluice_ops::op::{BuildContext, OpRegistry};
 use sluice_ops::{Image, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -60,7 +60,7 @@ fn exif_orientation_matches_pillow_exif_transpose() {
 fn normalize_matches_numpy() {
     let src = decode("src.png");
     let params = serde_json::json!({"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]});
-    let op = build("normalize", &BuildContext::new(params, Path::new("."))).unwrap();
+    let op = OpRegistry::builtin().build("normalize", &BuildContext::new(params, Path::new("."))).unwrap();
     let out = op.run(&[Value::Image(Arc::new(src))]).unwrap();
     let t = out[0].as_tensor().unwrap();
     assert_eq!(t.shape, vec![3, 23, 37]);
@@ -92,7 +92,7 @@ fn quad_crops_match_opencv_warp_perspective() {
 }
 
 fn run_op(name: &str, params: serde_json::Value, inputs: &[Value]) -> Vec<Value> {
-    build(name, &BuildContext::new(params, Path::new("."))).unwrap().run(inputs).unwrap()
+    OpRegistry::builtin().build(name, &BuildContext::new(params, Path::new("."))).unwrap().run(inputs).unwrap()
 }
 
 fn image_out(v: &[Value]) -> Arc<Image> {

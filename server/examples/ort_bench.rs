@@ -6,7 +6,7 @@
 
 use sluice_ops::Tensor;
 use sluice_server::backend::{self, Backend};
-use sluice_server::repository;
+use sluice_server::offline;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -28,10 +28,10 @@ fn main() -> anyhow::Result<()> {
     let dylib = std::env::var_os("ORT_DYLIB_PATH")
         .map_or_else(|| PathBuf::from(".sluice/lib/libonnxruntime.so"), PathBuf::from);
     let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-    let model = repository::read_dir(&dir, &name).map_err(anyhow::Error::msg)?;
+    let model = offline::read_model_dir(&dir, &name).map_err(anyhow::Error::msg)?;
     let (version, onnx) = model.versions.last().ok_or_else(|| anyhow::anyhow!("{name}: no version"))?;
     let onnx = onnx.clone().map_err(anyhow::Error::msg)?;
-    let spec = repository::read_spec(&model, *version, &onnx).map_err(anyhow::Error::msg)?;
+    let spec = offline::read_spec(&model, *version, &onnx).map_err(anyhow::Error::msg)?;
     let mut b = backend::ort::load(
         &dylib,
         &backend::ort::ModelSource::prepare(&dylib, &spec.onnx_path, &spec.config).map_err(anyhow::Error::msg)?,

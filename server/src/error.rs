@@ -5,8 +5,8 @@
 pub enum Error {
     #[error("model '{model}' is not found{}", version_suffix(.version))]
     ModelNotFound { model: String, version: Option<String> },
-    #[error("model '{model}' is not ready: {reason}")]
-    ModelNotReady { model: String, reason: String },
+    #[error("model '{model}'{} is not ready: {reason}", version_named(.version))]
+    ModelNotReady { model: String, version: Option<String>, reason: String },
     #[error("model '{model}': {message}")]
     InvalidInput { model: String, message: String },
     #[error("{0}")]
@@ -42,6 +42,10 @@ pub fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
 
 fn version_suffix(v: &Option<String>) -> String {
     v.as_ref().map(|v| format!(" (version {v})")).unwrap_or_default()
+}
+
+fn version_named(v: &Option<String>) -> String {
+    v.as_ref().map(|v| format!(" version '{v}'")).unwrap_or_default()
 }
 
 impl Error {

@@ -3,12 +3,15 @@
 //! requests, then drain the model queues.
 
 use crate::api::{grpc::GrpcApi, http, AppState};
+use crate::engine::reload::ReloadError;
 use crate::engine::{Engine, EngineConfig};
-use crate::metrics::Metrics;
-use crate::reload::{ReloadMode, Reloader};
+use crate::housekeeping::{Housekeeper, ReloadMode};
+use crate::rt::priority::BACKGROUND_NICE;
 use crate::sched::pool::PoolConfig;
+use crate::telemetry::metrics::Metrics;
 use crate::tls::{Tls, TlsFiles};
 use axum::serve::ListenerExt;
+use sluice_ops::OpRegistry;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,14 +43,44 @@ pub struct ServerConfig {
     pub reload_debounce: Duration,
     /// Serve both protocols over TLS with these files.
     pub tls: Option<TlsFiles>,
+    /// Nice value (0-19) of model loads once serving: they take only the CPU requests
+    /// leave idle. 0 loads at normal priority.
+    pub load_nice: i32,
+    /// The ops pipelines may name: the built-in ones, plus an embedding program's own.
+    pub ops: Arc<OpRegistry>,
+}
+
+impl ServerConfig {
+    /// Serves the models in `models_dir` (no pipelines) with the defaults of `sluice
+    /// serve`, on ephemeral loopback ports.
+    pub fn new(models_dir: impl Into<PathBuf>) -> ServerConfig {
+        let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+        ServerConfig {
+            models_dir: models_dir.into(),
+            pipelines_dir: None,
+            pools: Vec::new(),
+            ort_dylib: PathBuf::from(".sluice/lib/libonnxruntime.so"),
+            grpc_addr: loopback,
+            http_addr: loopback,
+            max_message_bytes: 256 << 20,
+            request_timeout: None,
+            reload: ReloadMode::Watch,
+            reload_debounce: Duration::from_millis(500),
+            tls: None,
+            load_nice: BACKGROUND_NICE,
+            ops: Arc::new(OpRegistry::builtin()),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("{0}")]
-    Repository(String),
+    #[error(transparent)]
+    Repository(#[from] ReloadError),
+    #[error("cannot start {what}: {message}")]
+    Thread { what: &'static str, message: String },
     #[error("{0}")]
     Tls(String),
 }
@@ -58,7 +91,7 @@ pub struct RunningServer {
     pub engine: Arc<Engine>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    reloader: Reloader,
+    housekeeper: Housekeeper,
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
@@ -88,18 +121,19 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         ort_dylib: cfg.ort_dylib.clone(),
         pipelines_dir: cfg.pipelines_dir.clone(),
         pools,
+        ops: cfg.ops.clone(),
+        load_nice: cfg.load_nice,
     };
     let engine = tokio::task::spawn_blocking(move || Engine::load(engine_cfg, Metrics::new()))
         .await
-        .map_err(|e| StartError::Repository(format!("loading the repository panicked: {e}")))?
-        .map_err(StartError::Repository)?;
+        .map_err(|e| StartError::Thread { what: "the repository load", message: e.to_string() })??;
     let engine = Arc::new(engine);
-    let reloader = match Reloader::start(engine.clone(), cfg.reload, cfg.reload_debounce) {
-        Ok(r) => r,
-        Err(e) => {
+    let housekeeper = match Housekeeper::start(engine.clone(), cfg.reload, cfg.reload_debounce) {
+        Ok(h) => h,
+        Err(message) => {
             // The engine's last owner: drop it (joining model threads) off the runtime.
             let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
-            return Err(StartError::Repository(e));
+            return Err(StartError::Thread { what: "housekeeping", message });
         }
     };
     let (stop, stopped) = watch::channel(false);
@@ -160,7 +194,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     };
 
     tracing::info!(%grpc_addr, %http_addr, tls = tls.is_some(), "sluice is serving");
-    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task], reloader })
+    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task], housekeeper })
 }
 
 fn spawn_http<L>(
@@ -186,12 +220,12 @@ impl RunningServer {
         for t in self.tasks {
             let _ = t.await;
         }
-        // The protocol servers are gone; the reload thread (which may be loading a model)
-        // goes next, so the engine's last owner is here: dropping it drains each model's
-        // queue and joins its instance threads, off the runtime.
-        let (engine, reloader) = (self.engine, self.reloader);
+        // The protocol servers are gone; the housekeeping thread (which may be loading a
+        // model) goes next, so the engine's last owner is here: dropping it drains each
+        // model's queue and joins its instance threads, off the runtime.
+        let (engine, housekeeper) = (self.engine, self.housekeeper);
         let _ = tokio::task::spawn_blocking(move || {
-            drop(reloader);
+            drop(housekeeper);
             drop(engine)
         })
         .await;

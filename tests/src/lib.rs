@@ -3,7 +3,7 @@
 
 use prost::Message;
 use sluice_client::Client;
-use sluice_server::{server, RunningServer, ServerConfig};
+use sluice_server::{RunningServer, ServerConfig};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -423,26 +423,20 @@ pub struct TestServer {
 }
 
 pub fn config(models: &Path) -> ServerConfig {
-    let any = "127.0.0.1:0".parse().expect("addr");
     ServerConfig {
-        models_dir: models.to_path_buf(),
-        pipelines_dir: None,
-        pools: Vec::new(),
         ort_dylib: ort_dylib(),
-        grpc_addr: any,
-        http_addr: any,
         max_message_bytes: 16 << 20,
         request_timeout: Some(Duration::from_secs(30)),
         // Tests that change files under a running server ask for `Watch` themselves.
-        reload: sluice_server::reload::ReloadMode::Explicit,
+        reload: sluice_server::ReloadMode::Explicit,
         reload_debounce: Duration::from_millis(200),
-        tls: None,
+        ..ServerConfig::new(models)
     }
 }
 
 /// Starts a server on ephemeral loopback ports and connects the project's client to it.
 pub async fn start(cfg: ServerConfig) -> TestServer {
-    let server = server::start(cfg).await.expect("server starts");
+    let server = sluice_server::start(cfg).await.expect("server starts");
     let client = Client::connect(format!("http://{}", server.grpc_addr)).await.expect("client connects");
     let http = format!("http://{}", server.http_addr);
     TestServer { server, client, http }
@@ -490,11 +484,11 @@ pub mod pki {
     impl Pki {
         /// Writes the server's files into `dir`: server.pem, server.key, and ca.pem (the
         /// client CA too when `mutual`).
-        pub fn write(&self, dir: &std::path::Path, mutual: bool) -> sluice_server::tls::TlsFiles {
+        pub fn write(&self, dir: &std::path::Path, mutual: bool) -> sluice_server::TlsFiles {
             std::fs::write(dir.join("server.pem"), &self.server.0).expect("server.pem");
             std::fs::write(dir.join("server.key"), &self.server.1).expect("server.key");
             std::fs::write(dir.join("ca.pem"), &self.ca_pem).expect("ca.pem");
-            sluice_server::tls::TlsFiles {
+            sluice_server::TlsFiles {
                 cert: dir.join("server.pem"),
                 key: dir.join("server.key"),
                 client_ca: mutual.then(|| dir.join("ca.pem")),

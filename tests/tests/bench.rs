@@ -51,7 +51,7 @@ async fn open_loop_past_capacity_shows_a_low_service_rate_and_rising_latency() {
         "max_batch_size: 0\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: wait.value}\nnodes:\n  - name: wait\n    op: delay\n    pool: one\n    inputs: {value: x}\n    params: {ms: 20}\n",
     );
     let mut cfg = repo.config();
-    cfg.pools = vec![sluice_server::sched::pool::PoolConfig { name: "one".into(), threads: 1, queue: 1024 }];
+    cfg.pools = vec![sluice_server::PoolConfig { name: "one".into(), threads: 1, queue: 1024 }];
     let s = start(cfg).await;
     let x = Tensor::from_f32(vec![4], &[1.0; 4]);
     let clients = vec![s.client.clone()];

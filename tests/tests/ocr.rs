@@ -101,7 +101,7 @@ async fn ocr_over_http_returns_json_lines() {
 #[test]
 fn folded_ocr_models_compute_what_the_files_do() {
     use sluice_server::backend::{ort, Backend};
-    use sluice_server::repository::{model_yaml::ModelYaml, onnx::read_signature};
+    use sluice_server::offline::{read_signature, ModelYaml};
     let repo = ocr_repo();
     for (m, shape) in [("ocr_det", [1, 3, 96, 160]), ("ocr_cls", [3, 3, 48, 192]), ("ocr_rec", [2, 3, 48, 160])] {
         let file = repo.path().join(m).join("model.onnx");

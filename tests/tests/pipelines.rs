@@ -7,11 +7,13 @@
 //! without ResNet-50's cost.
 
 use sluice_client::{ClientError, InferOptions, Tensor};
-use sluice_ops::{op, BuildContext, Image, Op, Value};
+use sluice_ops::{op, BuildContext, Image, Op, OpRegistry, OpSpec, Value};
 use sluice_server::backend::Backend;
-use sluice_server::repository::{model_yaml::ModelYaml, onnx::read_signature};
+use sluice_server::offline::{read_signature, ModelYaml};
+use sluice_server::ServerConfig;
 use sluice_tests::{metric, ort_dylib, png, repo_root, start, tiny_classifier, tiny_detector, Repo};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
 
@@ -50,7 +52,7 @@ impl ByHand {
             if let Some(o) = n["op"].as_str() {
                 let params = serde_json::to_value(&n["params"]).unwrap();
                 let ctx = BuildContext::new(params, &pipelines_dir);
-                ops.insert(name, op::build(o, &ctx).unwrap());
+                ops.insert(name, OpRegistry::builtin().build(o, &ctx).unwrap());
             } else {
                 let m = n["model"].as_str().unwrap();
                 let dir = repo.path().join(m);
@@ -309,7 +311,7 @@ const TENSOR_PIPELINE: &str = "max_batch_size: 0\ninputs:\n  - {name: x, dtype: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_op_panic_fails_its_request_with_internal_and_the_server_keeps_serving() {
-    let _ = op::register("test_panics", "panics", |_| {
+    let panics = OpSpec::new("test_panics", "panics", |_| {
         Ok(Box::new(PassThrough(|| panic!("index out of bounds in a custom op"))))
     });
     let repo = Repo::new();
@@ -318,7 +320,9 @@ async fn an_op_panic_fails_its_request_with_internal_and_the_server_keeps_servin
         "fine",
         &format!("{TENSOR_PIPELINE}  - name: last\n    op: delay\n    inputs: {{value: x}}\n    params: {{ms: 0}}\n"),
     );
-    let s = start(repo.config()).await;
+    // The server's own op set: built-in ops and this one.
+    let cfg = ServerConfig { ops: Arc::new(OpRegistry::builtin().with(panics).unwrap()), ..repo.config() };
+    let s = start(cfg).await;
     let x = Tensor::from_f32(vec![4], &[1.0, 2.0, 3.0, 4.0]);
     for _ in 0..3 {
         let err = s.client.infer("boom", &[("x", &x)], InferOptions::default()).await.unwrap_err();
@@ -401,7 +405,7 @@ async fn the_model_stays_busy_while_cpu_work_queues_on_its_own_pool() {
         ),
     );
     let mut cfg = repo.config();
-    cfg.pools = vec![sluice_server::sched::pool::PoolConfig { name: "pre".into(), threads: 2, queue: 256 }];
+    cfg.pools = vec![sluice_server::PoolConfig { name: "pre".into(), threads: 2, queue: 256 }];
     let s = start(cfg).await;
     let label = ["model=\"busy\""];
     let busy_before = metric(&s.http, "sluice_model_busy_seconds_total", &label).await;
@@ -521,7 +525,7 @@ fn track() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nodes_concurrency_limit_holds_across_requests() {
     use std::sync::atomic::Ordering::SeqCst;
-    let _ = op::register("test_tracks", "counts overlapping runs", |_| Ok(Box::new(PassThrough(track))));
+    let tracks = OpSpec::new("test_tracks", "counts overlapping runs", |_| Ok(Box::new(PassThrough(track))));
     let repo = Repo::new();
     let node = |limit: usize| {
         format!("{TENSOR_PIPELINE}  - name: last\n    op: test_tracks\n    pool: wide\n    concurrency: {limit}\n    inputs: {{value: x}}\n")
@@ -529,7 +533,8 @@ async fn a_nodes_concurrency_limit_holds_across_requests() {
     repo.pipeline("limited", &node(1));
     repo.pipeline("free", &node(0));
     let mut cfg = repo.config();
-    cfg.pools = vec![sluice_server::sched::pool::PoolConfig { name: "wide".into(), threads: 4, queue: 64 }];
+    cfg.pools = vec![sluice_server::PoolConfig { name: "wide".into(), threads: 4, queue: 64 }];
+    cfg.ops = Arc::new(OpRegistry::builtin().with(tracks).unwrap());
     let s = start(cfg).await;
     let x = Tensor::from_f32(vec![4], &[1.0; 4]);
     for (pipeline, most) in [("limited", 1), ("free", 4)] {

@@ -3,7 +3,7 @@
 //! reported while the previous version keeps answering.
 
 use sluice_client::{Client, ClientError, InferOptions, Tensor};
-use sluice_server::reload::ReloadMode;
+use sluice_server::ReloadMode;
 use sluice_tests::{linear_model, metric, start, Repo};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -418,9 +418,9 @@ async fn a_model_reloaded_while_serving_loads_at_low_priority_but_serves_at_norm
     assert!(before.iter().any(|(n, _)| n == "ort-intra-op"), "ONNX Runtime's pool threads are named: {before:?}");
 
     repo.add("prio", &linear_model(4, 3.0, 0.0), yaml);
-    let loads = sluice_server::sched::threads::background_runs();
+    let loads = sluice_server::background_runs();
     s.client.repository_load("prio").await.unwrap();
-    assert!(sluice_server::sched::threads::background_runs() > loads, "the reload loaded in the background");
+    assert!(sluice_server::background_runs() > loads, "the reload loaded in the background");
     assert_eq!(call(&s.client, "prio", "", true).await.unwrap(), linear(3.0, 0.0));
     // The load ran on a nice-19 thread; what it started for serving did not inherit that.
     let after = thread_nice(&["model-prio", "ort-intra-op"]);

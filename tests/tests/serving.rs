@@ -487,8 +487,8 @@ fn the_onnx_runtime_backend_stages_batches_from_their_parts() {
     use sluice_server::backend::{Backend, BatchInput};
     let repo = affine_repo();
     let dir = repo.path().join("affine");
-    let sig = sluice_server::repository::onnx::read_signature(&std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
-    let cfg = sluice_server::repository::model_yaml::ModelYaml::parse(&dir.join("model.yaml"), AFFINE_YAML).unwrap();
+    let sig = sluice_server::offline::read_signature(&std::fs::read(dir.join("model.onnx")).unwrap()).unwrap();
+    let cfg = sluice_server::offline::ModelYaml::parse(&dir.join("model.yaml"), AFFINE_YAML).unwrap();
     let mut b = sluice_server::backend::ort::load(
         &sluice_tests::ort_dylib(),
         &sluice_server::backend::ort::ModelSource::prepare(&sluice_tests::ort_dylib(), &dir.join("model.onnx"), &cfg)

@@ -75,7 +75,7 @@ async fn tls_serves_grpc_and_http_and_plain_clients_are_refused() {
     let (repo, pki) = (repo(), pki());
     let mut cfg = config(repo.path());
     cfg.tls = Some(pki.write(repo.path(), false));
-    let server = sluice_server::server::start(cfg).await.expect("server starts");
+    let server = sluice_server::start(cfg).await.expect("server starts");
     let grpc = format!("https://{}", server.grpc_addr);
     let trust = TlsOptions { ca_pem: Some(pki.ca_pem.clone().into()), ..Default::default() };
 
@@ -114,7 +114,7 @@ async fn mutual_tls_requires_a_client_certificate_from_the_ca() {
     let (repo, pki) = (repo(), pki());
     let mut cfg = config(repo.path());
     cfg.tls = Some(pki.write(repo.path(), true));
-    let server = sluice_server::server::start(cfg).await.expect("server starts");
+    let server = sluice_server::start(cfg).await.expect("server starts");
     let grpc = format!("https://{}", server.grpc_addr);
     let with = |identity: Option<(String, String)>| TlsOptions {
         ca_pem: Some(pki.ca_pem.clone().into()),
@@ -147,19 +147,19 @@ async fn bad_tls_files_fail_the_start_naming_the_file() {
     files.key = repo.path().join("missing.key");
     let mut cfg = config(repo.path());
     cfg.tls = Some(files.clone());
-    let e = sluice_server::server::start(cfg.clone()).await.err().expect("refused").to_string();
+    let e = sluice_server::start(cfg.clone()).await.err().expect("refused").to_string();
     assert!(e.contains("missing.key"), "{e}");
 
     // A key that is not the certificate's.
     std::fs::write(repo.path().join("other.key"), KeyPair::generate().unwrap().serialize_pem()).unwrap();
     files.key = repo.path().join("other.key");
     cfg.tls = Some(files.clone());
-    let e = sluice_server::server::start(cfg.clone()).await.err().expect("refused").to_string();
+    let e = sluice_server::start(cfg.clone()).await.err().expect("refused").to_string();
     assert!(e.contains("other.key") && e.contains("server.pem"), "{e}");
 
     std::fs::write(repo.path().join("junk.pem"), "not a certificate").unwrap();
     files.cert = repo.path().join("junk.pem");
     cfg.tls = Some(files);
-    let e = sluice_server::server::start(cfg).await.err().expect("refused").to_string();
+    let e = sluice_server::start(cfg).await.err().expect("refused").to_string();
     assert!(e.contains("junk.pem"), "{e}");
 }

@@ -4,8 +4,8 @@ use super::{
     deadline_after, named_input, request_id, tensor_header, timing_params, views, AppState, REQUEST_ID_HEADER,
     TIMING_PARAM,
 };
-use crate::engine::InferRequest;
 use crate::error::Error;
+use crate::request::InferRequest;
 use bytes::{BufMut, Bytes, BytesMut};
 use sluice_ops::DataType;
 use sluice_proto as pb;
@@ -155,7 +155,7 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        let ready = self.state.engine.snapshot().endpoint(&r.name, &r.version).is_ok();
+        let ready = self.state.engine.snapshot().servable(&r.name, &r.version).is_ok();
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 
@@ -176,8 +176,8 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let r = req.into_inner();
         let snapshot = self.state.engine.snapshot();
-        let e = snapshot.endpoint(&r.name, &r.version)?;
-        Ok(Response::new(views::metadata(&snapshot, e)))
+        let e = snapshot.servable(&r.name, &r.version)?;
+        Ok(Response::new(views::metadata(&snapshot, &e)))
     }
 
     async fn model_infer(
@@ -255,8 +255,8 @@ impl GrpcInferenceService for GrpcApi {
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = req.into_inner();
         let snapshot = self.state.engine.snapshot();
-        let e = snapshot.endpoint(&r.name, &r.version)?;
-        Ok(Response::new(pb::ModelConfigResponse { config: Some(views::config(e)) }))
+        let e = snapshot.servable(&r.name, &r.version)?;
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(views::config(&e)) }))
     }
 
     async fn model_statistics(

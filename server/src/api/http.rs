@@ -5,8 +5,8 @@ use super::{
     deadline_after, named_input, request_id, tensor_header, timing_params, views, AppState, REQUEST_ID_HEADER,
     TIMING_PARAM,
 };
-use crate::engine::{InferRequest, InferResponse};
 use crate::error::Error;
+use crate::request::{InferRequest, InferResponse};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -44,7 +44,7 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v2/repository/models/{model}/unload", post(repository_unload))
         .route("/v2/repository/reload", post(repository_reload))
         .route("/metrics", get(metrics))
-        .route("/dashboard", get(|| async { axum::response::Html(crate::dashboard::PAGE) }))
+        .route("/dashboard", get(|| async { axum::response::Html(super::dashboard::PAGE) }))
         .route("/dashboard/data", get(dashboard_data))
         .route("/dashboard/events", get(dashboard_events))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
@@ -75,15 +75,15 @@ async fn model_metadata_v(
     Path((m, v)): Path<(String, String)>,
 ) -> Result<Json<Value>, Error> {
     let snapshot = s.engine.snapshot();
-    let e = snapshot.endpoint(&m, &v)?;
-    Ok(Json(views::metadata_json(&views::metadata(&snapshot, e))))
+    let e = snapshot.servable(&m, &v)?;
+    Ok(Json(views::metadata_json(&views::metadata(&snapshot, &e))))
 }
 
 async fn model_ready(State(s): State<AppState>, Path(m): Path<String>) -> StatusCode {
     model_ready_v(State(s), Path((m, String::new()))).await
 }
 async fn model_ready_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> StatusCode {
-    match s.engine.snapshot().endpoint(&m, &v) {
+    match s.engine.snapshot().servable(&m, &v) {
         Ok(_) => StatusCode::OK,
         Err(Error::ModelNotFound { .. }) => StatusCode::NOT_FOUND,
         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -95,8 +95,8 @@ async fn model_config(State(s): State<AppState>, Path(m): Path<String>) -> Resul
 }
 async fn model_config_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> Result<Json<Value>, Error> {
     let snapshot = s.engine.snapshot();
-    let e = snapshot.endpoint(&m, &v)?;
-    Ok(Json(views::config_json(&views::config(e))))
+    let e = snapshot.servable(&m, &v)?;
+    Ok(Json(views::config_json(&views::config(&e))))
 }
 
 async fn all_stats(State(s): State<AppState>) -> Result<Json<Value>, Error> {
@@ -137,22 +137,22 @@ async fn repository_index(State(s): State<AppState>, body: Bytes) -> Result<Json
 /// Loads (or loads again) a model or pipeline; 200 with `{"changed": [...]}` when it
 /// serves, else the error (400 when its files fail to load, 404 when there are none).
 async fn repository_load(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
-    s.load_or_unload(m, false).await.map(|r| Json(json!({ "changed": r.changed })))
+    s.load_or_unload(m, false).await.map(|r| Json(json!({ "changed": changed(&r) })))
 }
 
 async fn repository_unload(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
-    s.load_or_unload(m, true).await.map(|r| Json(json!({ "changed": r.changed })))
+    s.load_or_unload(m, true).await.map(|r| Json(json!({ "changed": changed(&r) })))
 }
 
 /// sluice's extension: reload the whole repository now; lists what changed and failed.
 async fn repository_reload(State(s): State<AppState>) -> Result<Json<Value>, Error> {
     let r = s.load_or_unload(String::new(), false).await?;
-    let failed: Vec<Value> = r.failed.iter().map(|(n, why)| json!({"name": n, "reason": why})).collect();
-    Ok(Json(json!({ "changed": r.changed, "failed": failed })))
+    let failed: Vec<Value> = r.failed.iter().map(|f| json!({"name": f.subject.label(), "reason": f.reason})).collect();
+    Ok(Json(json!({ "changed": changed(&r), "failed": failed })))
 }
 
 async fn dashboard_data(State(s): State<AppState>) -> Json<Value> {
-    Json(crate::dashboard::frame(&s.engine, &s.engine.live))
+    Json(super::dashboard::frame(&s.engine))
 }
 
 /// A frame every second, as server-sent events, for as long as the page is open.
@@ -166,13 +166,13 @@ async fn dashboard_events(
         let _ = stopping.wait_for(|s| *s).await;
     };
     let frames = tokio_stream::StreamExt::map(ticks, move |_| {
-        Ok(Event::default().data(crate::dashboard::frame(&s.engine, &s.engine.live).to_string()))
+        Ok(Event::default().data(super::dashboard::frame(&s.engine).to_string()))
     });
     Sse::new(futures::StreamExt::take_until(frames, stopped)).keep_alive(KeepAlive::default())
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.engine.metrics.render())
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.engine.telemetry().metrics.render())
 }
 
 #[derive(Deserialize)]
@@ -389,4 +389,9 @@ fn encode_infer(resp: InferResponse, binary: &BinaryOutputs, started: std::time:
         body.freeze(),
     )
         .into_response())
+}
+
+/// What a repository call changed, as the API reports it: "model m v2 loaded", ...
+fn changed(r: &crate::engine::reload::ReloadReport) -> Vec<String> {
+    r.changed.iter().map(ToString::to_string).collect()
 }

@@ -1,14 +1,16 @@
 //! The protocol layer: gRPC and HTTP served together over one engine. Handlers only
 //! translate wire types and map errors (`error`); everything else is the engine's.
 
+pub mod dashboard;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod views;
 
-use crate::engine::{Engine, NamedTensor};
+use crate::engine::reload::ReloadReport;
+use crate::engine::Engine;
 use crate::error::Error;
-use crate::reload::{ReloadReport, Scope};
+use crate::request::{NamedTensor, StepTiming};
 use bytes::Bytes;
 use sluice_ops::{DataType, Tensor};
 use std::sync::Arc;
@@ -38,18 +40,9 @@ impl AppState {
             return Err(Error::Repository("model control is off: the server runs with --reload none".into()));
         }
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || {
-            if name.is_empty() && !unload {
-                // sluice's own extension: an empty name reloads the whole repository.
-                engine.reload(&Scope::All).map_err(Error::Internal)
-            } else if unload {
-                engine.unload(&name)
-            } else {
-                engine.load_named(&name)
-            }
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("repository call panicked: {e}")))?
+        tokio::task::spawn_blocking(move || engine.repository_call(&name, unload))
+            .await
+            .map_err(|e| Error::Internal(format!("repository call panicked: {e}")))?
     }
 }
 
@@ -74,7 +67,7 @@ pub(crate) fn request_id(given: String, header: Option<&str>) -> String {
 
 /// The response parameters of a request's timing: per step `sluice_timing.<step>.queue_us`,
 /// `.compute_us` and `.items` (sums over the step's items), and `sluice_timing.total_us`.
-pub(crate) fn timing_params(steps: &[crate::engine::StepTiming], total: Duration) -> Vec<(String, i64)> {
+pub(crate) fn timing_params(steps: &[StepTiming], total: Duration) -> Vec<(String, i64)> {
     let us = |d: Duration| d.as_micros().min(i64::MAX as u128) as i64;
     let mut out = vec![(format!("{TIMING_PARAM}.total_us"), us(total))];
     for s in steps {

@@ -1,8 +1,10 @@
 //! What the metadata, config, statistics and index endpoints report, built once from the
 //! engine in protocol types; HTTP renders the same values as JSON.
 
-use crate::engine::{Endpoint, LoadedModel, ModelSlot, PipelineSlot, Snapshot, DEFAULT_VERSION};
+use crate::engine::{ModelSlot, PipelineSlot, Servable, Snapshot};
+use crate::model::LoadedModel;
 use crate::pipeline::exec::Pipeline;
+use crate::request::DEFAULT_VERSION;
 use serde_json::{json, Value};
 use sluice_ops::DataType;
 use sluice_proto as pb;
@@ -18,9 +20,9 @@ pub const PLATFORM: &str = "onnxruntime_onnx";
 pub const PIPELINE_PLATFORM: &str = "sluice_pipeline";
 
 /// Metadata of what `e` names; a model's lists every version the snapshot serves.
-pub fn metadata(snapshot: &Snapshot, e: Endpoint) -> pb::ModelMetadataResponse {
+pub fn metadata(snapshot: &Snapshot, e: &Servable) -> pb::ModelMetadataResponse {
     match e {
-        Endpoint::Model(m) => {
+        Servable::Model(m) => {
             let mut md = model_metadata(m);
             if let Some((_, entry)) = snapshot.models().find(|(n, _)| *n == m.spec.name) {
                 md.versions = entry
@@ -32,14 +34,14 @@ pub fn metadata(snapshot: &Snapshot, e: Endpoint) -> pb::ModelMetadataResponse {
             }
             md
         }
-        Endpoint::Pipeline(p) => pipeline_metadata(p),
+        Servable::Pipeline(p) => pipeline_metadata(p),
     }
 }
 
-pub fn config(e: Endpoint) -> pb::ModelConfig {
+pub fn config(e: &Servable) -> pb::ModelConfig {
     match e {
-        Endpoint::Model(m) => model_config(m),
-        Endpoint::Pipeline(p) => pipeline_config(p),
+        Servable::Model(m) => model_config(m),
+        Servable::Pipeline(p) => pipeline_config(p),
     }
 }
 
@@ -95,7 +97,7 @@ fn pipeline_config(p: &Pipeline) -> pb::ModelConfig {
 }
 
 pub fn model_metadata(m: &LoadedModel) -> pb::ModelMetadataResponse {
-    let t = |t: &crate::repository::onnx::TensorInfo| pb::model_metadata_response::TensorMetadata {
+    let t = |t: &crate::onnx::signature::TensorInfo| pb::model_metadata_response::TensorMetadata {
         name: t.name.clone(),
         datatype: t.dtype.as_str().to_string(),
         shape: t.dims.clone(),
@@ -225,19 +227,19 @@ pub fn config_json(c: &pb::ModelConfig) -> Value {
     v
 }
 
-fn duration(d: &crate::stats::Duration64) -> pb::StatisticDuration {
+fn duration(d: &crate::telemetry::stats::Duration64) -> pb::StatisticDuration {
     let (count, ns) = d.get();
     pb::StatisticDuration { count, ns }
 }
 
-pub fn statistics_of(e: Endpoint) -> pb::ModelStatistics {
+pub fn statistics_of(e: &Servable) -> pb::ModelStatistics {
     match e {
-        Endpoint::Model(m) => model_statistics(&m.spec.name, &m.spec.version.to_string(), &m.stats),
-        Endpoint::Pipeline(p) => model_statistics(&p.plan.name, DEFAULT_VERSION, &p.stats),
+        Servable::Model(m) => model_statistics(&m.spec.name, &m.spec.version.to_string(), &m.stats),
+        Servable::Pipeline(p) => model_statistics(&p.plan.name, DEFAULT_VERSION, &p.stats),
     }
 }
 
-pub fn model_statistics(name: &str, version: &str, s: &crate::stats::ModelStats) -> pb::ModelStatistics {
+pub fn model_statistics(name: &str, version: &str, s: &crate::telemetry::stats::ModelStats) -> pb::ModelStatistics {
     pb::ModelStatistics {
         name: name.to_string(),
         version: version.to_string(),
@@ -311,19 +313,19 @@ pub fn statistics(
     if name.is_empty() {
         let models = snapshot.models().flat_map(|(_, e)| {
             e.versions.values().filter_map(|s| match s {
-                ModelSlot::Ready { model, .. } => Some(statistics_of(Endpoint::Model(model))),
+                ModelSlot::Ready { model, .. } => Some(statistics_of(&Servable::Model(model.clone()))),
                 ModelSlot::Unavailable(_) => None,
             })
         });
         let pipelines = snapshot.pipelines().filter_map(|(_, s)| match s {
-            PipelineSlot::Ready { pipeline, .. } => Some(statistics_of(Endpoint::Pipeline(pipeline))),
+            PipelineSlot::Ready { pipeline, .. } => Some(statistics_of(&Servable::Pipeline(pipeline.clone()))),
             PipelineSlot::Unavailable { .. } => None,
         });
         let mut all: Vec<_> = models.chain(pipelines).collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         return Ok(all);
     }
-    Ok(vec![statistics_of(snapshot.endpoint(name, version)?)])
+    Ok(vec![statistics_of(&snapshot.servable(name, version)?)])
 }
 
 /// One row per model version and pipeline, sorted by name: READY (with a reason when

@@ -3,9 +3,9 @@
 //! clear message when it is missing.
 
 use super::{Backend, BackendError, BatchInput};
+use crate::onnx::signature::TensorInfo;
 use crate::repository::model_yaml::{ArenaExtend, ConvSearch, ExecutionProvider, ModelYaml};
-use crate::repository::onnx::TensorInfo;
-use crate::sched::threads;
+use crate::rt::priority;
 use ort::environment::Environment;
 use ort::ep::ExecutionProvider as _;
 use ort::memory::Allocator;
@@ -167,7 +167,7 @@ fn ort_err(context: &str) -> impl Fn(ort::Error<ort::session::builder::SessionBu
     move |e| format!("{context}: {e}")
 }
 
-/// Creates ONNX Runtime's intra-op threads through [`threads::spawn`].
+/// Creates ONNX Runtime's intra-op threads through [`priority::spawn`].
 struct PoolThreads;
 
 impl ort::environment::ThreadManager for PoolThreads {
@@ -176,7 +176,7 @@ impl ort::environment::ThreadManager for PoolThreads {
     fn create(&self, work: impl FnOnce() + Send + 'static) -> ort::Result<Self::Thread> {
         // ONNX Runtime's own pool threads get the platform's default (8 MiB) stack.
         let builder = std::thread::Builder::new().name("ort-intra-op".into()).stack_size(8 << 20);
-        threads::spawn(builder, work).map_err(|e| ort::Error::new(e.to_string()))
+        priority::spawn(builder, work).map_err(|e| ort::Error::new(e.to_string()))
     }
 
     fn join(thread: Self::Thread) -> ort::Result<()> {
@@ -200,7 +200,7 @@ impl ModelSource {
         let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
         // A malformed file must not take the loading thread down: a panic in the rewrite
         // leaves the model to ONNX Runtime, as it is.
-        let folded = std::panic::catch_unwind(|| crate::repository::fold::fold(&bytes))
+        let folded = std::panic::catch_unwind(|| crate::onnx::fold::fold(&bytes))
             .unwrap_or_else(|_| Err("the graph rewrite panicked".into()));
         match folded {
             // Checked once here on the CPU provider (no optimisation: only that ONNX
@@ -293,7 +293,7 @@ fn builder(env: &Environment, cfg: &ModelYaml) -> Result<ort::session::builder::
         .with_inter_op_spinning(false)
         .map_err(ort_err("inter-op spinning"))?
         // The intra-op pool's threads serve requests: start them at normal priority even
-        // when the session is created by a background reload (see sched::threads).
+        // when the session is created by a background reload (see rt::priority).
         .with_thread_manager(PoolThreads)
         .map_err(ort_err("thread manager"))
 }
@@ -420,7 +420,7 @@ fn register_provider(
                 let meta = std::fs::metadata(model_file).map_err(|e| format!("{}: {e}", model_file.display()))?;
                 let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
                 // fold_graph (and its version) change the graph the engine is built from.
-                let fold = if cfg.fold_graph { crate::repository::fold::VERSION } else { 0 };
+                let fold = if cfg.fold_graph { crate::onnx::fold::VERSION } else { 0 };
                 let key = [
                     meta.len().to_le_bytes(),
                     mtime.map_or(0, |d| d.as_nanos() as u64).to_le_bytes(),

@@ -3,9 +3,11 @@
 //! not just the first, each with file:line and the node it is about.
 
 use super::schema::{Layout, Locator, NodeYaml, PipelineYaml};
-use crate::repository::onnx::TensorInfo;
+use crate::onnx::signature::TensorInfo;
+use crate::repository::ModelSpec;
+use crate::sched::pool::PoolConfig;
 use petgraph::graph::{DiGraph, NodeIndex};
-use sluice_ops::{op, DataType, Op, ValueType};
+use sluice_ops::{BuildContext, DataType, Op, OpRegistry, ValueType};
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,8 @@ pub trait Catalog {
     /// it cannot be used; `None` if there is no such model.
     fn model(&self, name: &str, version: Option<u64>) -> Option<Result<ModelSig, String>>;
     fn pools(&self) -> Vec<String>;
+    /// The ops nodes may name.
+    fn ops(&self) -> &OpRegistry;
 }
 
 #[derive(Debug, Clone)]
@@ -28,6 +32,19 @@ pub struct ModelSig {
     pub max_batch_size: usize,
     /// The ONNX file's metadata (key, value), for ops configured from a model.
     pub metadata: Vec<(String, String)>,
+}
+
+impl From<&ModelSpec> for ModelSig {
+    /// What a pipeline node sees of the model.
+    fn from(spec: &ModelSpec) -> ModelSig {
+        ModelSig {
+            version: spec.version,
+            inputs: spec.inputs.clone(),
+            outputs: spec.outputs.clone(),
+            max_batch_size: spec.config.max_batch_size,
+            metadata: spec.metadata.clone(),
+        }
+    }
 }
 
 /// One problem in a pipeline file.
@@ -69,6 +86,8 @@ impl fmt::Display for CompileError {
         write!(f, "{}", lines.join("\n"))
     }
 }
+
+impl std::error::Error for CompileError {}
 
 /// Where a node input's value comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,7 +131,6 @@ pub struct PlanNode {
     pub concurrency: usize,
     /// A model node's overrides of its model's batching.
     pub batching: crate::sched::ItemLimits,
-    pub line: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,8 +156,6 @@ pub struct PlanOutput {
 #[derive(Clone)]
 pub struct Plan {
     pub name: String,
-    pub file: PathBuf,
-    pub description: String,
     pub max_batch_size: usize,
     pub layout: Layout,
     /// The pool a fused pipeline's items run on.
@@ -166,252 +182,475 @@ struct Draft {
     out_ports: Vec<(String, ValueType)>,
 }
 
-/// Compiles the pipeline `name` from `text` (the contents of `file`).
+/// Why a reference does not resolve.
+enum Unresolved {
+    /// It names a node whose own error is already reported: nothing more to say.
+    Reported,
+    Error(String),
+}
+
+/// The references of every node resolved, as a graph for the cycle check.
+struct Wiring {
+    graph: DiGraph<usize, ()>,
+    idx: Vec<NodeIndex>,
+    /// Per draft, per in-port: where its value comes from.
+    srcs: Vec<Vec<Option<RawSrc>>>,
+}
+
+/// A pipeline output before type checking: name, source, line.
+struct RawOutput {
+    name: String,
+    src: RawSrc,
+    line: Option<usize>,
+}
+
+/// Compiles the pipeline `name` from `text` (the contents of `file`), in phases; each
+/// phase adds what it finds to the errors, and compiling stops where later phases would
+/// only repeat them.
 pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Result<Plan, CompileError> {
     let fail = |errors| CompileError { file: file.to_path_buf(), errors };
     let yaml: PipelineYaml = serde_yaml_ng::from_str(text).map_err(|e| {
         let line = e.location().map(|l| l.line());
         fail(vec![Diagnostic { line, node: None, message: e.to_string() }])
     })?;
-    let loc = Locator::new(text);
-    let base_dir = file.parent().unwrap_or(Path::new("."));
-    let mut errors = Diags::default();
-
-    // Pipeline inputs.
-    let mut inputs = Vec::new();
-    for i in &yaml.inputs {
-        let line = loc.entry("inputs", &i.name);
-        match DataType::parse(&i.dtype) {
-            _ if inputs.iter().any(|x: &PlanInput| x.name == i.name) => {
-                errors.add(line, None, format!("input '{}' is declared twice", i.name))
-            }
-            Some(dtype) => {
-                let blob = dtype == DataType::Bytes && i.dims == [1];
-                inputs.push(PlanInput { name: i.name.clone(), dtype, dims: i.dims.clone(), blob })
-            }
-            None => errors.add(line, None, format!("input '{}': unknown dtype '{}'", i.name, i.dtype)),
-        }
-    }
-    if yaml.inputs.is_empty() {
-        errors.add(loc.top_key("inputs"), None, "a pipeline needs at least one input".into());
-    }
-
-    let metadata = |model: &str, key: &str| {
-        let sig = catalog.model(model, None)?.ok()?;
-        sig.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    let mut c = Compiler {
+        loc: Locator::new(text),
+        base_dir: file.parent().unwrap_or(Path::new(".")),
+        catalog,
+        errors: Diags::default(),
     };
-    // Build every node.
-    let pools = catalog.pools();
-    let pipeline_pool = yaml.pool.clone().unwrap_or_else(|| crate::sched::pool::PoolConfig::DEFAULT_NAME.to_string());
-    if !pools.contains(&pipeline_pool) {
-        errors.add(
-            loc.top_key("pool"),
-            None,
-            format!("unknown pool '{pipeline_pool}'; the server's pools: {}", pools.join(", ")),
-        );
+    let inputs = c.inputs(&yaml);
+    let pool = c.pipeline_pool(&yaml);
+    let mut drafts = c.nodes(&yaml, &inputs);
+    let wiring = c.wire(&drafts, &inputs);
+    let cyclic = c.check_cycles(&drafts, &wiring);
+    let outputs = c.outputs(&yaml, &drafts, &inputs);
+    if !c.errors.0.is_empty() || cyclic {
+        return Err(fail(c.errors.0));
     }
-    if yaml.pool.is_some() && yaml.layout != Layout::Fused {
-        errors.add(
-            loc.top_key("pool"),
-            None,
-            "`pool` is for `layout: fused`; in a split pipeline each node names its pool".into(),
-        );
+    let (needed, warnings) = prune(&drafts, &wiring, &outputs);
+    let order = topological(&wiring, &needed);
+    let nodes = c.typecheck(&mut drafts, &wiring, &order, &inputs);
+    if !c.errors.0.is_empty() {
+        return Err(fail(c.errors.0));
     }
-    let mut drafts: Vec<Draft> = Vec::new();
-    for n in &yaml.nodes {
-        let line = loc.entry("nodes", &n.name);
+    let outputs = c.type_outputs(outputs, &order, &nodes, &inputs);
+    if !c.errors.0.is_empty() {
+        return Err(fail(c.errors.0));
+    }
+    let (dependents, dep_counts) = dependents(&nodes);
+    Ok(Plan {
+        name: name.to_string(),
+        max_batch_size: yaml.max_batch_size,
+        layout: yaml.layout,
+        pool,
+        inputs,
+        outputs,
+        nodes,
+        dependents,
+        dep_counts,
+        warnings,
+    })
+}
+
+/// What every phase reads, and the errors they collect.
+struct Compiler<'a> {
+    loc: Locator<'a>,
+    /// The pipeline file's folder: relative paths in op params resolve here.
+    base_dir: &'a Path,
+    catalog: &'a dyn Catalog,
+    errors: Diags,
+}
+
+impl Compiler<'_> {
+    /// The pipeline's inputs: names unique, dtypes known.
+    fn inputs(&mut self, yaml: &PipelineYaml) -> Vec<PlanInput> {
+        let mut inputs: Vec<PlanInput> = Vec::new();
+        for i in &yaml.inputs {
+            let line = self.loc.entry("inputs", &i.name);
+            match DataType::parse(&i.dtype) {
+                _ if inputs.iter().any(|x| x.name == i.name) => {
+                    self.errors.add(line, None, format!("input '{}' is declared twice", i.name))
+                }
+                Some(dtype) => {
+                    let blob = dtype == DataType::Bytes && i.dims == [1];
+                    inputs.push(PlanInput { name: i.name.clone(), dtype, dims: i.dims.clone(), blob })
+                }
+                None => self.errors.add(line, None, format!("input '{}': unknown dtype '{}'", i.name, i.dtype)),
+            }
+        }
+        if yaml.inputs.is_empty() {
+            self.errors.add(self.loc.top_key("inputs"), None, "a pipeline needs at least one input".into());
+        }
+        inputs
+    }
+
+    /// The pool a fused pipeline runs on (checked for split ones too: it must exist).
+    fn pipeline_pool(&mut self, yaml: &PipelineYaml) -> String {
+        let pools = self.catalog.pools();
+        let pool = yaml.pool.clone().unwrap_or_else(|| PoolConfig::DEFAULT_NAME.to_string());
+        if !pools.contains(&pool) {
+            self.errors.add(
+                self.loc.top_key("pool"),
+                None,
+                format!("unknown pool '{pool}'; the server's pools: {}", pools.join(", ")),
+            );
+        }
+        if yaml.pool.is_some() && yaml.layout != Layout::Fused {
+            self.errors.add(
+                self.loc.top_key("pool"),
+                None,
+                "`pool` is for `layout: fused`; in a split pipeline each node names its pool".into(),
+            );
+        }
+        pool
+    }
+
+    /// Every node built: its op from its params, or its model's signature looked up.
+    fn nodes(&mut self, yaml: &PipelineYaml, inputs: &[PlanInput]) -> Vec<Draft> {
+        let mut drafts: Vec<Draft> = Vec::new();
+        for n in &yaml.nodes {
+            let line = self.loc.entry("nodes", &n.name);
+            let node = Some(n.name.as_str());
+            if drafts.iter().any(|d| d.yaml.name == n.name) || inputs.iter().any(|i| i.name == n.name) {
+                self.errors.add(
+                    line,
+                    node,
+                    "the name is used twice (node names and input names must all differ)".into(),
+                );
+                continue;
+            }
+            if n.name.contains('.') || n.name.is_empty() {
+                self.errors.add(line, node, "a node name must be non-empty and contain no '.'".into());
+                continue;
+            }
+            let mut d =
+                Draft { yaml: n.clone(), line, ok: false, op: None, model: None, in_ports: vec![], out_ports: vec![] };
+            match (&n.op, &n.model) {
+                (Some(op_name), None) => self.op_node(&mut d, op_name),
+                (None, Some(model)) => self.model_node(&mut d, model),
+                _ => self.errors.add(line, node, "give exactly one of `op` or `model`".into()),
+            }
+            drafts.push(d);
+        }
+        drafts
+    }
+
+    fn op_node(&mut self, d: &mut Draft, op_name: &str) {
+        let (n, line) = (&d.yaml, d.line);
         let node = Some(n.name.as_str());
-        if drafts.iter().any(|d| d.yaml.name == n.name) || inputs.iter().any(|i| i.name == n.name) {
-            errors.add(line, node, "the name is used twice (node names and input names must all differ)".into());
-            continue;
-        }
-        if n.name.contains('.') || n.name.is_empty() {
-            errors.add(line, node, "a node name must be non-empty and contain no '.'".into());
-            continue;
-        }
-        let mut d =
-            Draft { yaml: n.clone(), line, ok: false, op: None, model: None, in_ports: vec![], out_ports: vec![] };
-        match (&n.op, &n.model) {
-            (Some(op_name), None) => {
-                let params = n.params.as_ref().map_or(Ok(serde_json::Value::Null), serde_json::to_value);
-                let built = params.map_err(|e| format!("params: {e}")).and_then(|params| {
-                    op::build(op_name, &op::BuildContext::new(params, base_dir).with_metadata(&metadata))
-                });
-                match built {
-                    Ok(o) => {
-                        d.in_ports = o.inputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
-                        d.out_ports = o.outputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
-                        d.op = Some(o);
-                        d.ok = true;
-                    }
-                    Err(e) => errors.add(
-                        loc.find_after(line.unwrap_or(0), "op:").or(line),
-                        node,
-                        format!("op '{op_name}': {e}"),
-                    ),
-                }
-                if n.max_queue_delay_us.is_some() || n.max_batch_size.is_some() || n.version.is_some() {
-                    errors.add(
-                        line,
-                        node,
-                        "`max_queue_delay_us`, `max_batch_size` and `version` are for model nodes".into(),
-                    );
-                }
-                if let Some(p) = &n.pool {
-                    if !pools.contains(p) {
-                        let l = loc.find_after(line.unwrap_or(0), "pool:").or(line);
-                        errors.add(l, node, format!("unknown pool '{p}'; the server's pools: {}", pools.join(", ")));
-                    }
-                }
+        let catalog = self.catalog;
+        let metadata = |model: &str, key: &str| {
+            let sig = catalog.model(model, None)?.ok()?;
+            sig.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+        };
+        let params = n.params.as_ref().map_or(Ok(serde_json::Value::Null), serde_json::to_value);
+        let built = params.map_err(|e| format!("params: {e}")).and_then(|params| {
+            let cx = BuildContext::new(params, self.base_dir).with_metadata(&metadata);
+            catalog.ops().build(op_name, &cx)
+        });
+        match built {
+            Ok(o) => {
+                d.in_ports = o.inputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
+                d.out_ports = o.outputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
+                d.op = Some(o);
+                d.ok = true;
             }
-            (None, Some(model)) => {
-                let l = loc.find_after(line.unwrap_or(0), "model:").or(line);
-                match catalog.model(model, n.version) {
-                    None => errors.add(l, node, format!("unknown model '{model}'")),
-                    Some(Err(reason)) => errors.add(l, node, format!("model '{model}' cannot be used: {reason}")),
-                    Some(Ok(sig)) if n.max_batch_size.is_some_and(|b| b == 0 || b > sig.max_batch_size) => {
-                        let why = match sig.max_batch_size {
-                            0 => format!("model '{model}' does not batch (its max_batch_size is 0)"),
-                            n => format!("model '{model}' takes batches of 1..={n}"),
-                        };
-                        errors.add(line, node, format!("max_batch_size {}: {why}", n.max_batch_size.unwrap_or(0)));
-                    }
-                    Some(Ok(sig)) => {
-                        let strip = |t: &TensorInfo| {
-                            let dims = if sig.max_batch_size > 0 { t.dims[1..].to_vec() } else { t.dims.clone() };
-                            (t.name.clone(), ValueType::tensor(t.dtype, dims))
-                        };
-                        d.in_ports = sig.inputs.iter().map(strip).collect();
-                        d.out_ports = sig.outputs.iter().map(strip).collect();
-                        d.model = Some((model.clone(), sig));
-                        d.ok = true;
-                    }
-                }
-                if n.pool.is_some() {
-                    errors.add(line, node, "a model node runs on its model's instances: remove `pool`".into());
-                }
-                if n.params.is_some() {
-                    errors.add(
-                        line,
-                        node,
-                        "a model node takes no params (model settings live in its model.yaml)".into(),
-                    );
-                }
-            }
-            _ => errors.add(line, node, "give exactly one of `op` or `model`".into()),
+            Err(e) => self.errors.add(
+                self.loc.find_after(line.unwrap_or(0), "op:").or(line),
+                node,
+                format!("op '{op_name}': {e}"),
+            ),
         }
-        drafts.push(d);
+        if n.max_queue_delay_us.is_some() || n.max_batch_size.is_some() || n.version.is_some() {
+            self.errors.add(
+                line,
+                node,
+                "`max_queue_delay_us`, `max_batch_size` and `version` are for model nodes".into(),
+            );
+        }
+        if let Some(p) = &n.pool {
+            let pools = catalog.pools();
+            if !pools.contains(p) {
+                let l = self.loc.find_after(line.unwrap_or(0), "pool:").or(line);
+                self.errors.add(l, node, format!("unknown pool '{p}'; the server's pools: {}", pools.join(", ")));
+            }
+        }
     }
 
-    // Resolve references and build the graph.
-    let mut graph: DiGraph<usize, ()> = DiGraph::new();
-    let idx: Vec<NodeIndex> = (0..drafts.len()).map(|i| graph.add_node(i)).collect();
-    let by_name: HashMap<&str, usize> = drafts.iter().enumerate().map(|(i, d)| (d.yaml.name.as_str(), i)).collect();
-    // (draft index, output index) or pipeline input, per draft per in-port.
-    let mut wiring: Vec<Vec<Option<RawSrc>>> = Vec::new();
-    let resolve = |r: &str| -> Result<RawSrc, String> {
-        match r.split_once('.') {
-            None => inputs.iter().position(|i| i.name == r).map(RawSrc::Input).ok_or_else(|| {
-                format!("unknown reference '{r}': no pipeline input has that name (use node.output for node outputs)")
-            }),
-            Some((n, o)) => {
-                let &di = by_name.get(n).ok_or_else(|| format!("unknown reference '{r}': no node '{n}'"))?;
-                let d = &drafts[di];
-                if !d.ok {
-                    return Err(String::new()); // the node's own error is reported
-                }
-                d.out_ports.iter().position(|(p, _)| p == o).map(|oi| RawSrc::Node(di, oi)).ok_or_else(|| {
-                    let outs: Vec<&str> = d.out_ports.iter().map(|(p, _)| p.as_str()).collect();
-                    format!("unknown reference '{r}': node '{n}' has outputs {}", outs.join(", "))
-                })
-            }
-        }
-    };
-    for (di, d) in drafts.iter().enumerate() {
-        let node = Some(d.yaml.name.as_str());
-        let mut w = vec![None; d.in_ports.len()];
-        if d.ok {
-            for (port, r) in &d.yaml.inputs {
-                let l = loc.find_after(d.line.unwrap_or(0), &format!("{port}:")).or(d.line);
-                let Some(pi) = d.in_ports.iter().position(|(p, _)| p == port) else {
-                    let names: Vec<&str> = d.in_ports.iter().map(|(p, _)| p.as_str()).collect();
-                    errors.add(l, node, format!("has no input '{port}'; its inputs: {}", names.join(", ")));
-                    continue;
+    fn model_node(&mut self, d: &mut Draft, model: &str) {
+        let (n, line) = (&d.yaml, d.line);
+        let node = Some(n.name.as_str());
+        let l = self.loc.find_after(line.unwrap_or(0), "model:").or(line);
+        match self.catalog.model(model, n.version) {
+            None => self.errors.add(l, node, format!("unknown model '{model}'")),
+            Some(Err(reason)) => self.errors.add(l, node, format!("model '{model}' cannot be used: {reason}")),
+            Some(Ok(sig)) if n.max_batch_size.is_some_and(|b| b == 0 || b > sig.max_batch_size) => {
+                let why = match sig.max_batch_size {
+                    0 => format!("model '{model}' does not batch (its max_batch_size is 0)"),
+                    n => format!("model '{model}' takes batches of 1..={n}"),
                 };
-                match resolve(r) {
-                    Ok(src) => {
-                        if let RawSrc::Node(from, _) = src {
-                            graph.add_edge(idx[from], idx[di], ());
+                self.errors.add(line, node, format!("max_batch_size {}: {why}", n.max_batch_size.unwrap_or(0)));
+            }
+            Some(Ok(sig)) => {
+                let strip = |t: &TensorInfo| {
+                    let dims = if sig.max_batch_size > 0 { t.dims[1..].to_vec() } else { t.dims.clone() };
+                    (t.name.clone(), ValueType::tensor(t.dtype, dims))
+                };
+                d.in_ports = sig.inputs.iter().map(strip).collect();
+                d.out_ports = sig.outputs.iter().map(strip).collect();
+                d.model = Some((model.to_string(), sig));
+                d.ok = true;
+            }
+        }
+        if d.yaml.pool.is_some() {
+            self.errors.add(line, node, "a model node runs on its model's instances: remove `pool`".into());
+        }
+        if d.yaml.params.is_some() {
+            self.errors.add(line, node, "a model node takes no params (model settings live in its model.yaml)".into());
+        }
+    }
+
+    /// Every node input's reference resolved; the graph of node-to-node edges.
+    fn wire(&mut self, drafts: &[Draft], inputs: &[PlanInput]) -> Wiring {
+        let mut graph: DiGraph<usize, ()> = DiGraph::new();
+        let idx: Vec<NodeIndex> = (0..drafts.len()).map(|i| graph.add_node(i)).collect();
+        let mut srcs = Vec::with_capacity(drafts.len());
+        for (di, d) in drafts.iter().enumerate() {
+            let node = Some(d.yaml.name.as_str());
+            let mut w = vec![None; d.in_ports.len()];
+            if d.ok {
+                for (port, r) in &d.yaml.inputs {
+                    let l = self.loc.find_after(d.line.unwrap_or(0), &format!("{port}:")).or(d.line);
+                    let Some(pi) = d.in_ports.iter().position(|(p, _)| p == port) else {
+                        let names: Vec<&str> = d.in_ports.iter().map(|(p, _)| p.as_str()).collect();
+                        self.errors.add(l, node, format!("has no input '{port}'; its inputs: {}", names.join(", ")));
+                        continue;
+                    };
+                    match resolve(r, inputs, drafts) {
+                        Ok(src) => {
+                            if let RawSrc::Node(from, _) = src {
+                                graph.add_edge(idx[from], idx[di], ());
+                            }
+                            w[pi] = Some(src);
                         }
-                        w[pi] = Some(src);
+                        Err(Unresolved::Reported) => {}
+                        Err(Unresolved::Error(e)) => self.errors.add(l, node, e),
                     }
-                    Err(e) if e.is_empty() => {}
-                    Err(e) => errors.add(l, node, e),
+                }
+                for ((p, _), s) in d.in_ports.iter().zip(&w) {
+                    if s.is_none() && !d.yaml.inputs.contains_key(p) {
+                        self.errors.add(d.line, node, format!("input '{p}' is not wired"));
+                    }
                 }
             }
-            for ((p, _), s) in d.in_ports.iter().zip(&w) {
-                if s.is_none() && !d.yaml.inputs.contains_key(p) {
-                    errors.add(d.line, node, format!("input '{p}' is not wired"));
-                }
+            srcs.push(w);
+        }
+        Wiring { graph, idx, srcs }
+    }
+
+    /// Reports each strongly connected component with more than one node (or a
+    /// self-loop) as a path; whether there was any.
+    fn check_cycles(&mut self, drafts: &[Draft], wiring: &Wiring) -> bool {
+        let graph = &wiring.graph;
+        let mut cyclic = false;
+        for scc in petgraph::algo::tarjan_scc(graph) {
+            let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
+            if scc.len() > 1 || self_loop {
+                let members: BTreeSet<usize> = scc.iter().map(|n| graph[*n]).collect();
+                let first = *members.iter().next().expect("non-empty");
+                let path = cycle_path(graph, &wiring.idx, first, &members);
+                let names: Vec<&str> = path.iter().map(|&i| drafts[i].yaml.name.as_str()).collect();
+                let (line, node) = (drafts[first].line, Some(drafts[first].yaml.name.as_str()));
+                self.errors.add(line, node, format!("cycle: {}", names.join(" -> ")));
+                cyclic = true;
             }
         }
-        wiring.push(w);
+        cyclic
     }
 
-    // Cycles: each strongly connected component with more than one node (or a self-loop).
-    let mut cyclic = BTreeSet::new();
-    for scc in petgraph::algo::tarjan_scc(&graph) {
-        let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
-        if scc.len() > 1 || self_loop {
-            let members: BTreeSet<usize> = scc.iter().map(|n| graph[*n]).collect();
-            let first = *members.iter().next().expect("non-empty");
-            let path = cycle_path(&graph, &idx, first, &members);
-            let names: Vec<&str> = path.iter().map(|&i| drafts[i].yaml.name.as_str()).collect();
-            errors.add(drafts[first].line, Some(&drafts[first].yaml.name), format!("cycle: {}", names.join(" -> ")));
-            cyclic.extend(members);
+    /// The pipeline's outputs: names unique, references resolved.
+    fn outputs(&mut self, yaml: &PipelineYaml, drafts: &[Draft], inputs: &[PlanInput]) -> Vec<RawOutput> {
+        let mut outputs: Vec<RawOutput> = Vec::new();
+        for o in &yaml.outputs {
+            let line = self.loc.entry("outputs", &o.name);
+            if outputs.iter().any(|r| r.name == o.name) {
+                self.errors.add(line, None, format!("output '{}' is declared twice", o.name));
+                continue;
+            }
+            match resolve(&o.from, inputs, drafts) {
+                Ok(src) => outputs.push(RawOutput { name: o.name.clone(), src, line }),
+                Err(Unresolved::Reported) => {}
+                Err(Unresolved::Error(e)) => self.errors.add(line, None, format!("output '{}': {e}", o.name)),
+            }
         }
+        if yaml.outputs.is_empty() {
+            self.errors.add(self.loc.top_key("outputs"), None, "a pipeline needs at least one output".into());
+        }
+        outputs
     }
 
-    // Outputs.
-    let mut outputs_raw = Vec::new();
-    for o in &yaml.outputs {
-        let line = loc.entry("outputs", &o.name);
-        if outputs_raw.iter().any(|(n, _, _): &(String, RawSrc, Option<usize>)| *n == o.name) {
-            errors.add(line, None, format!("output '{}' is declared twice", o.name));
-            continue;
+    /// Type-checks the needed nodes along `order` with the types each op infers; builds
+    /// the plan's nodes in that order.
+    fn typecheck(
+        &mut self,
+        drafts: &mut [Draft],
+        wiring: &Wiring,
+        order: &[usize],
+        inputs: &[PlanInput],
+    ) -> Vec<PlanNode> {
+        let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+        let mut nodes: Vec<PlanNode> = Vec::new();
+        // Output types by position in `order`; a node that fails its check gives `Any`, so
+        // the nodes after it are still checked without cascading errors.
+        let mut types: Vec<Vec<ValueType>> = Vec::new();
+        let names: Vec<(String, Vec<String>)> = order
+            .iter()
+            .map(|&di| (drafts[di].yaml.name.clone(), drafts[di].out_ports.iter().map(|p| p.0.clone()).collect()))
+            .collect();
+        for &di in order {
+            let op = drafts[di].op.take();
+            let d = &drafts[di];
+            let node = Some(d.yaml.name.as_str());
+            let srcs: Vec<Src> = wiring.srcs[di].iter().map(|s| to_src(s.expect("wired"), &pos)).collect();
+            let given: Vec<ValueType> = srcs
+                .iter()
+                .map(|s| match *s {
+                    Src::Input(i) => input_type(&inputs[i]),
+                    Src::Node { node, output } => types[node][output].clone(),
+                })
+                .collect();
+            types.push(vec![ValueType::Any; d.out_ports.len()]);
+            // A list where the port takes one element: the node runs once per element.
+            let mut mapped = false;
+            let mut mapped_inputs = Vec::new();
+            let mut element_types = Vec::new();
+            for (((port, want), got), src) in d.in_ports.iter().zip(&given).zip(&srcs) {
+                let from = src_name(*src, inputs, &names);
+                mapped_inputs.push(false);
+                if want.accepts(got) {
+                    element_types.push(got.clone());
+                } else if let (ValueType::List(el), false) = (got, matches!(want, ValueType::List(_))) {
+                    if matches!(el.as_ref(), ValueType::List(_)) {
+                        self.errors.add(
+                            d.line,
+                            node,
+                            format!("input '{port}': '{from}' is a list of lists, which cannot be mapped"),
+                        );
+                    } else if want.accepts(el) {
+                        mapped = true;
+                        *mapped_inputs.last_mut().expect("pushed above") = true;
+                        element_types.push(el.as_ref().clone());
+                    } else {
+                        self.errors.add(
+                            d.line,
+                            node,
+                            format!("input '{port}' expects {want}, but '{from}' gives {got}"),
+                        );
+                    }
+                } else {
+                    self.errors.add(d.line, node, format!("input '{port}' expects {want}, but '{from}' gives {got}"));
+                }
+            }
+            if element_types.len() != d.in_ports.len() {
+                continue;
+            }
+            let listed = |t: ValueType| if mapped { ValueType::List(Box::new(t)) } else { t };
+            let (kind, out) = match op {
+                // infer may record what it learns about its inputs (gather's element shape).
+                Some(mut o) => match o.infer(&element_types) {
+                    Ok(out) => (NodeKind::Op(Arc::from(o)), out.into_iter().map(listed).collect::<Vec<_>>()),
+                    Err(e) => {
+                        self.errors.add(d.line, node, e);
+                        continue;
+                    }
+                },
+                None => {
+                    let (model, sig) = d.model.clone().expect("a built node is an op or a model");
+                    let out = d.out_ports.iter().map(|(_, t)| listed(t.clone())).collect();
+                    (NodeKind::Model { model, pinned: d.yaml.version, sig }, out)
+                }
+            };
+            *types.last_mut().expect("pushed above") = out.clone();
+            nodes.push(plan_node(d, kind, srcs, out, mapped_inputs));
         }
-        match resolve(&o.from) {
-            Ok(src) => outputs_raw.push((o.name.clone(), src, line)),
-            Err(e) if e.is_empty() => {}
-            Err(e) => errors.add(line, None, format!("output '{}': {e}", o.name)),
-        }
-    }
-    if yaml.outputs.is_empty() {
-        errors.add(loc.top_key("outputs"), None, "a pipeline needs at least one output".into());
-    }
-    if !errors.0.is_empty() || !cyclic.is_empty() {
-        return Err(fail(errors.0));
+        nodes
     }
 
-    // Keep only the nodes some output depends on; warn about the rest.
+    /// The outputs' types: each must be a tensor of a known dtype.
+    fn type_outputs(
+        &mut self,
+        outputs: Vec<RawOutput>,
+        order: &[usize],
+        nodes: &[PlanNode],
+        inputs: &[PlanInput],
+    ) -> Vec<PlanOutput> {
+        let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
+        let mut typed = Vec::new();
+        for RawOutput { name, src, line } in outputs {
+            let src = to_src(src, &pos);
+            let ty = match src {
+                Src::Input(i) => input_type(&inputs[i]),
+                Src::Node { node, output } => nodes[node].output_types[output].clone(),
+            };
+            match ty {
+                ValueType::Tensor { dtype: Some(dtype), dims } => {
+                    typed.push(PlanOutput { name, src, dtype, dims: dims.unwrap_or_default() })
+                }
+                ValueType::List(_) => self.errors.add(
+                    line,
+                    None,
+                    format!("output '{name}' is a {ty}; collect it into one tensor with a `gather` node"),
+                ),
+                other => self.errors.add(
+                    line,
+                    None,
+                    format!("output '{name}' must be a tensor of a known dtype, but it is {other}"),
+                ),
+            }
+        }
+        typed
+    }
+}
+
+/// Resolves a reference: a pipeline input's name, or `node.output`.
+fn resolve(r: &str, inputs: &[PlanInput], drafts: &[Draft]) -> Result<RawSrc, Unresolved> {
+    let err = |m: String| Unresolved::Error(m);
+    match r.split_once('.') {
+        None => inputs.iter().position(|i| i.name == r).map(RawSrc::Input).ok_or_else(|| {
+            err(format!("unknown reference '{r}': no pipeline input has that name (use node.output for node outputs)"))
+        }),
+        Some((n, o)) => {
+            let di = drafts
+                .iter()
+                .position(|d| d.yaml.name == n)
+                .ok_or_else(|| err(format!("unknown reference '{r}': no node '{n}'")))?;
+            let d = &drafts[di];
+            if !d.ok {
+                return Err(Unresolved::Reported);
+            }
+            d.out_ports.iter().position(|(p, _)| p == o).map(|oi| RawSrc::Node(di, oi)).ok_or_else(|| {
+                let outs: Vec<&str> = d.out_ports.iter().map(|(p, _)| p.as_str()).collect();
+                err(format!("unknown reference '{r}': node '{n}' has outputs {}", outs.join(", ")))
+            })
+        }
+    }
+}
+
+/// Which nodes some output depends on; a warning for each of the others.
+fn prune(drafts: &[Draft], wiring: &Wiring, outputs: &[RawOutput]) -> (Vec<bool>, Vec<Diagnostic>) {
+    let node_of = |s: &RawSrc| if let RawSrc::Node(n, _) = s { Some(*n) } else { None };
     let mut needed = vec![false; drafts.len()];
-    let mut stack: Vec<usize> =
-        outputs_raw.iter().filter_map(|(_, s, _)| if let RawSrc::Node(n, _) = s { Some(*n) } else { None }).collect();
+    let mut stack: Vec<usize> = outputs.iter().filter_map(|o| node_of(&o.src)).collect();
     while let Some(n) = stack.pop() {
         if !std::mem::replace(&mut needed[n], true) {
-            stack.extend(wiring[n].iter().flatten().filter_map(|s| {
-                if let RawSrc::Node(m, _) = s {
-                    Some(*m)
-                } else {
-                    None
-                }
-            }));
+            stack.extend(wiring.srcs[n].iter().flatten().filter_map(node_of));
         }
     }
     let mut warnings = Vec::new();
     for (i, d) in drafts.iter().enumerate() {
         if !needed[i] {
-            let consumed = graph.neighbors(idx[i]).next().is_some();
+            let consumed = wiring.graph.neighbors(wiring.idx[i]).next().is_some();
             let why = if consumed { "no pipeline output depends on it" } else { "its outputs feed nothing" };
             warnings.push(Diagnostic {
                 line: d.line,
@@ -420,132 +659,22 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
             });
         }
     }
+    (needed, warnings)
+}
 
-    // Topological order over the needed nodes, then type-check along it.
-    let order: Vec<usize> = petgraph::algo::toposort(&graph, None)
-        .expect("cycles were reported above")
+/// The needed nodes (draft indices) in topological order.
+fn topological(wiring: &Wiring, needed: &[bool]) -> Vec<usize> {
+    petgraph::algo::toposort(&wiring.graph, None)
+        .expect("cycles were reported before")
         .into_iter()
-        .map(|n| graph[n])
+        .map(|n| wiring.graph[n])
         .filter(|&i| needed[i])
-        .collect();
-    let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
-    let to_src = |s: RawSrc| match s {
-        RawSrc::Input(i) => Src::Input(i),
-        RawSrc::Node(n, o) => Src::Node { node: pos[&n], output: o },
-    };
-    let input_type = |i: &PlanInput| {
-        if i.blob {
-            ValueType::Bytes
-        } else {
-            ValueType::tensor(i.dtype, i.dims.clone())
-        }
-    };
-    let mut nodes: Vec<PlanNode> = Vec::new();
-    // Output types by position in `order`; a node that fails its check gives `Any`, so
-    // the nodes after it are still checked without cascading errors.
-    let mut types: Vec<Vec<ValueType>> = Vec::new();
-    let names: Vec<(String, Vec<String>)> = order
-        .iter()
-        .map(|&di| (drafts[di].yaml.name.clone(), drafts[di].out_ports.iter().map(|p| p.0.clone()).collect()))
-        .collect();
-    for &di in &order {
-        let op = drafts[di].op.take();
-        let d = &drafts[di];
-        let node = Some(d.yaml.name.as_str());
-        let srcs: Vec<Src> = wiring[di].iter().map(|s| to_src(s.expect("wired"))).collect();
-        let given: Vec<ValueType> = srcs
-            .iter()
-            .map(|s| match *s {
-                Src::Input(i) => input_type(&inputs[i]),
-                Src::Node { node, output } => types[node][output].clone(),
-            })
-            .collect();
-        types.push(vec![ValueType::Any; d.out_ports.len()]);
-        // A list where the port takes one element: the node runs once per element.
-        let mut mapped = false;
-        let mut mapped_inputs = Vec::new();
-        let mut element_types = Vec::new();
-        for (((port, want), got), src) in d.in_ports.iter().zip(&given).zip(&srcs) {
-            let from = src_name(*src, &inputs, &names);
-            mapped_inputs.push(false);
-            if want.accepts(got) {
-                element_types.push(got.clone());
-            } else if let (ValueType::List(el), false) = (got, matches!(want, ValueType::List(_))) {
-                if matches!(el.as_ref(), ValueType::List(_)) {
-                    errors.add(
-                        d.line,
-                        node,
-                        format!("input '{port}': '{from}' is a list of lists, which cannot be mapped"),
-                    );
-                } else if want.accepts(el) {
-                    mapped = true;
-                    *mapped_inputs.last_mut().expect("pushed above") = true;
-                    element_types.push(el.as_ref().clone());
-                } else {
-                    errors.add(d.line, node, format!("input '{port}' expects {want}, but '{from}' gives {got}"));
-                }
-            } else {
-                errors.add(d.line, node, format!("input '{port}' expects {want}, but '{from}' gives {got}"));
-            }
-        }
-        if element_types.len() != d.in_ports.len() {
-            continue;
-        }
-        let kind = match op {
-            Some(mut o) => {
-                // infer may record what it learns about its inputs (gather's element shape).
-                match o.infer(&element_types) {
-                    Ok(out) => {
-                        let out: Vec<_> =
-                            out.into_iter().map(|t| if mapped { ValueType::List(Box::new(t)) } else { t }).collect();
-                        *types.last_mut().expect("pushed above") = out.clone();
-                        nodes.push(plan_node(d, NodeKind::Op(Arc::from(o)), srcs, out, mapped_inputs));
-                    }
-                    Err(e) => errors.add(d.line, node, e),
-                }
-                continue;
-            }
-            None => {
-                let (model, sig) = d.model.clone().expect("a built node is an op or a model");
-                NodeKind::Model { model, pinned: d.yaml.version, sig }
-            }
-        };
-        let out: Vec<_> = d
-            .out_ports
-            .iter()
-            .map(|(_, t)| if mapped { ValueType::List(Box::new(t.clone())) } else { t.clone() })
-            .collect();
-        *types.last_mut().expect("pushed above") = out.clone();
-        nodes.push(plan_node(d, kind, srcs, out, mapped_inputs));
-    }
-    if !errors.0.is_empty() {
-        return Err(fail(errors.0));
-    }
+        .collect()
+}
 
-    let mut outputs = Vec::new();
-    for (name, src, line) in outputs_raw {
-        let src = to_src(src);
-        let ty = match src {
-            Src::Input(i) => input_type(&inputs[i]),
-            Src::Node { node, output } => nodes[node].output_types[output].clone(),
-        };
-        match ty {
-            ValueType::Tensor { dtype: Some(dtype), dims } => {
-                outputs.push(PlanOutput { name, src, dtype, dims: dims.unwrap_or_default() })
-            }
-            ValueType::List(_) => errors.add(
-                line,
-                None,
-                format!("output '{name}' is a {ty}; collect it into one tensor with a `gather` node"),
-            ),
-            other => {
-                errors.add(line, None, format!("output '{name}' must be a tensor of a known dtype, but it is {other}"))
-            }
-        }
-    }
-    if !errors.0.is_empty() {
-        return Err(fail(errors.0));
-    }
+/// For each node, the nodes that consume its outputs and how many distinct nodes it
+/// waits for.
+fn dependents(nodes: &[PlanNode]) -> (Vec<Vec<usize>>, Vec<usize>) {
     let mut dependents = vec![Vec::new(); nodes.len()];
     let mut dep_counts = vec![0; nodes.len()];
     for (i, n) in nodes.iter().enumerate() {
@@ -558,20 +687,22 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
             }
         }
     }
-    Ok(Plan {
-        name: name.to_string(),
-        file: file.to_path_buf(),
-        description: yaml.description,
-        max_batch_size: yaml.max_batch_size,
-        layout: yaml.layout,
-        pool: pipeline_pool,
-        inputs,
-        outputs,
-        nodes,
-        dependents,
-        dep_counts,
-        warnings,
-    })
+    (dependents, dep_counts)
+}
+
+fn to_src(s: RawSrc, pos: &HashMap<usize, usize>) -> Src {
+    match s {
+        RawSrc::Input(i) => Src::Input(i),
+        RawSrc::Node(n, o) => Src::Node { node: pos[&n], output: o },
+    }
+}
+
+fn input_type(i: &PlanInput) -> ValueType {
+    if i.blob {
+        ValueType::Bytes
+    } else {
+        ValueType::tensor(i.dtype, i.dims.clone())
+    }
 }
 
 #[derive(Default)]
@@ -606,13 +737,12 @@ fn plan_node(
         output_types,
         mapped: mapped_inputs.contains(&true),
         mapped_inputs,
-        pool: d.yaml.pool.clone().unwrap_or_else(|| crate::sched::pool::PoolConfig::DEFAULT_NAME.to_string()),
+        pool: d.yaml.pool.clone().unwrap_or_else(|| PoolConfig::DEFAULT_NAME.to_string()),
         concurrency: d.yaml.concurrency,
         batching: crate::sched::ItemLimits {
             max_queue_delay: d.yaml.max_queue_delay_us.map(std::time::Duration::from_micros),
             max_batch_size: d.yaml.max_batch_size,
         },
-        line: d.line,
     }
 }
 
@@ -708,8 +838,11 @@ mod tests {
     use super::*;
 
     /// A classifier taking FP32 [N,3,8,8] and a model that is broken on disk.
-    struct Fake;
+    struct Fake(OpRegistry);
     impl Catalog for Fake {
+        fn ops(&self) -> &OpRegistry {
+            &self.0
+        }
         fn model(&self, name: &str, _version: Option<u64>) -> Option<Result<ModelSig, String>> {
             let t = |name: &str, dtype, dims: &[i64]| TensorInfo { name: name.into(), dtype, dims: dims.to_vec() };
             match name {
@@ -732,7 +865,7 @@ mod tests {
     const HEAD: &str = "inputs:\n  - {name: image, dtype: BYTES, dims: [1]}\n";
 
     fn compile_str(text: &str) -> Result<Plan, String> {
-        compile("p", Path::new("pipelines/p.yaml"), text, &Fake).map_err(|e| e.to_string())
+        compile("p", Path::new("pipelines/p.yaml"), text, &Fake(OpRegistry::builtin())).map_err(|e| e.to_string())
     }
 
     fn errors_of(text: &str) -> String {

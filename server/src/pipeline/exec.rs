@@ -5,12 +5,15 @@
 
 use super::compile::{NodeKind, Plan, PlanNode, Src};
 use super::schema::Layout;
-use crate::engine::{InferRequest, InferResponse, LoadedModel, NamedTensor, StepTiming, DEFAULT_VERSION};
 use crate::error::Error;
-use crate::metrics::{Metrics, ModelMetrics, NodeMetrics};
+use crate::model::check::{self, Expected};
+use crate::model::LoadedModel;
+use crate::request::{InferRequest, InferResponse, NamedTensor, StepTiming, DEFAULT_VERSION};
 use crate::sched::pool::CpuPool;
-use crate::stats::ModelStats;
+use crate::telemetry::metrics::{Metrics, ModelMetrics, NodeMetrics};
+use crate::telemetry::stats::ModelStats;
 use futures::stream::{FuturesUnordered, StreamExt};
+use sluice_ops::tensor::{fits, Dims};
 use sluice_ops::{Op, OpError, Tensor, Value};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -22,12 +25,12 @@ use tracing::Instrument;
 /// What every step of one request shares: its deadline and, when the client asked for
 /// it, where its time goes.
 #[derive(Clone, Copy)]
-struct Call<'a> {
+struct ItemCx<'a> {
     deadline: Option<Instant>,
     timing: Option<&'a Timing>,
 }
 
-impl Call<'_> {
+impl ItemCx<'_> {
     /// Records one node run in the node's metrics and the request's timing.
     fn record(&self, i: usize, m: &NodeMetrics, queue: Duration, compute: Duration) {
         m.queue.observe(queue.as_secs_f64());
@@ -169,7 +172,8 @@ impl Pipeline {
     }
 
     /// Runs one request: checks and splits its inputs into items, walks every item
-    /// through the plan concurrently, and stacks the items' outputs back.
+    /// through the plan concurrently, and stacks the items' outputs back. (The engine
+    /// records the request's outcome.)
     pub async fn infer(self: &Arc<Self>, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let start = Instant::now();
         let result = match deadline {
@@ -178,30 +182,24 @@ impl Pipeline {
                 .unwrap_or_else(|_| Err(Error::DeadlineExceeded { model: self.plan.name.clone() })),
             None => self.run(req, None).await,
         };
-        let elapsed = start.elapsed();
-        self.stats.record_request(result.is_ok(), elapsed);
         if result.is_ok() {
             // A pipeline has no queue of its own (its nodes' waits are in the per-node
             // metrics): its compute is the whole walk. Clients such as perf_analyzer look
             // for these counts to move.
-            self.stats.queue.add(std::time::Duration::ZERO);
-            self.stats.compute_input.add(std::time::Duration::ZERO);
-            self.stats.compute_infer.add(elapsed);
-            self.stats.compute_output.add(std::time::Duration::ZERO);
-        }
-        self.metrics.requests.inc();
-        self.metrics.request_duration.observe(elapsed.as_secs_f64());
-        if let Err(e) = &result {
-            self.metrics.failure(e.error_type());
+            self.stats.queue.add(Duration::ZERO);
+            self.stats.compute_input.add(Duration::ZERO);
+            self.stats.compute_infer.add(start.elapsed());
+            self.stats.compute_output.add(Duration::ZERO);
         }
         result
     }
 
     async fn run(self: &Arc<Self>, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
-        let wanted = self.check_outputs(&req.outputs)?;
+        let outputs = self.plan.outputs.iter().map(|o| o.name.as_str());
+        let wanted = check::select_outputs(&self.plan.name, "pipeline", outputs, &req.outputs)?;
         let items = self.split_items(req.inputs)?;
         let timing = req.timing.then(|| Arc::new(Timing::new(&self.plan)));
-        let cx = Call { deadline, timing: timing.as_deref() };
+        let cx = ItemCx { deadline, timing: timing.as_deref() };
         let per_item = match &self.fused_pool {
             None => futures::future::try_join_all(items.into_iter().map(|values| self.walk(values, cx))).await?,
             Some(pool) => {
@@ -210,7 +208,7 @@ impl Pipeline {
                     .map(|values| {
                         let (this, timing) = (self.clone(), timing.clone());
                         pool.spawn(deadline, move || {
-                            this.walk_fused(values, Call { deadline, timing: timing.as_deref() })
+                            this.walk_fused(values, ItemCx { deadline, timing: timing.as_deref() })
                         })
                     })
                     .collect::<Result<Vec<_>, Error>>()?;
@@ -257,60 +255,28 @@ impl Pipeline {
         Error::InvalidInput { model: self.plan.name.clone(), message }
     }
 
-    fn check_outputs(&self, requested: &[String]) -> Result<Vec<usize>, Error> {
-        let all: Vec<&str> = self.plan.outputs.iter().map(|o| o.name.as_str()).collect();
-        if requested.is_empty() {
-            return Ok((0..all.len()).collect());
-        }
-        requested
-            .iter()
-            .map(|r| {
-                all.iter().position(|o| o == r).ok_or_else(|| {
-                    self.invalid(format!("unknown output '{r}'; the pipeline's outputs are: {}", all.join(", ")))
-                })
-            })
-            .collect()
-    }
-
     /// The request's inputs as one value list per item, in the plan's input order.
     fn split_items(&self, given: Vec<NamedTensor>) -> Result<Vec<Vec<Value>>, Error> {
         let plan = &self.plan;
         let batched = plan.max_batch_size > 0;
-        let mut slots: Vec<Option<Tensor>> = vec![None; plan.inputs.len()];
-        for nt in given {
-            let i = plan.inputs.iter().position(|p| p.name == nt.name).ok_or_else(|| {
-                let names: Vec<&str> = plan.inputs.iter().map(|p| p.name.as_str()).collect();
-                self.invalid(format!("unknown input '{}'; the pipeline's inputs are: {}", nt.name, names.join(", ")))
-            })?;
-            if slots[i].replace(nt.tensor).is_some() {
-                return Err(self.invalid(format!("input '{}' is given more than once", nt.name)));
-            }
-        }
+        let expected: Vec<Expected> =
+            plan.inputs.iter().map(|p| Expected { name: &p.name, dtype: p.dtype, dims: &p.dims }).collect();
+        let tensors = check::bind_inputs(&plan.name, "pipeline", &expected, given)?;
         let mut n_items = None;
         let mut columns: Vec<Vec<Value>> = Vec::new();
-        for (p, slot) in plan.inputs.iter().zip(slots) {
-            let t = slot.ok_or_else(|| self.invalid(format!("missing input '{}'", p.name)))?;
-            if t.dtype != p.dtype {
-                return Err(self.invalid(format!("input '{}': expected datatype {}, got {}", p.name, p.dtype, t.dtype)));
-            }
+        for (p, t) in plan.inputs.iter().zip(tensors) {
             let item_shape = if batched { t.shape.get(1..).unwrap_or(&[]) } else { &t.shape[..] };
-            let fits = item_shape.len() == p.dims.len()
-                && item_shape.iter().zip(&p.dims).all(|(&s, &d)| d < 0 || s as i64 == d)
-                && (!batched || !t.shape.is_empty());
-            if !fits {
-                let want = if batched { format!("[-1,{}]", join(&p.dims)) } else { format!("[{}]", join(&p.dims)) };
+            if !fits(item_shape, &p.dims) || (batched && t.shape.is_empty()) {
+                let item = Dims(&p.dims).to_string();
+                let want = if batched { format!("[-1,{}", &item[1..]) } else { item };
                 return Err(self.invalid(format!("input '{}': shape {:?} does not match {want}", p.name, t.shape)));
             }
-            let n = if batched { t.shape[0] } else { 1 };
-            if batched && (n == 0 || n > plan.max_batch_size) {
-                return Err(self.invalid(format!(
-                    "input '{}': {n} items is outside 1..={} (max_batch_size)",
-                    p.name, plan.max_batch_size
-                )));
+            if batched {
+                check::batch_rows(&plan.name, &p.name, t.shape[0], plan.max_batch_size, &mut n_items)?;
+            } else {
+                n_items = Some(1);
             }
-            if *n_items.get_or_insert(n) != n {
-                return Err(self.invalid("inputs disagree on the number of items (dimension 0)".into()));
-            }
+            let n = n_items.unwrap_or(1);
             let values = if p.blob {
                 let elems = t.bytes_elements().map_err(|e| self.invalid(format!("input '{}': {e}", p.name)))?;
                 elems.into_iter().map(Value::Bytes).collect()
@@ -327,7 +293,7 @@ impl Pipeline {
     }
 
     /// Walks one item through the plan; returns its pipeline outputs.
-    async fn walk(&self, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Tensor>, Error> {
+    async fn walk(&self, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Tensor>, Error> {
         let plan = &self.plan;
         let mut values: Vec<Option<Vec<Value>>> = vec![None; plan.nodes.len()];
         let mut waiting = plan.dep_counts.clone();
@@ -369,7 +335,7 @@ impl Pipeline {
             .collect()
     }
 
-    async fn run_node(&self, i: usize, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Value>, Error> {
+    async fn run_node(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         if !node.mapped {
             return self.run_item(i, inputs, cx).await;
@@ -419,7 +385,7 @@ impl Pipeline {
     }
 
     /// Runs node `i` on one set of (element) inputs.
-    async fn run_item(&self, i: usize, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Value>, Error> {
+    async fn run_item(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
         if cx.deadline.is_some_and(|d| Instant::now() >= d) {
@@ -452,7 +418,7 @@ impl Pipeline {
         op: Arc<dyn Op>,
         pool: &CpuPool,
         inputs: Vec<Value>,
-        cx: Call<'_>,
+        cx: ItemCx<'_>,
     ) -> Result<Vec<Value>, Error> {
         let rx = pool.spawn(cx.deadline, move || op.run(&inputs))?;
         let outcome = match rx.await {
@@ -472,13 +438,12 @@ impl Pipeline {
         m: &NodeMetrics,
         model: &LoadedModel,
         inputs: Vec<Value>,
-        cx: Call<'_>,
+        cx: ItemCx<'_>,
     ) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let tensors = self.model_inputs(node, model, inputs)?;
         let rx = model.submit(tensors, 1, cx.deadline, node.batching)?;
-        let computed =
-            rx.await.map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;
+        let computed = rx.await.map_err(|_| model.stopped())??;
         Ok(model_outputs(model, m, computed, i, cx))
     }
 
@@ -494,18 +459,15 @@ impl Pipeline {
                 );
             };
             let dims = if batched { &info.dims[1..] } else { &info.dims[..] };
-            let fits = t.dtype == info.dtype
-                && t.shape.len() == dims.len()
-                && t.shape.iter().zip(dims).all(|(&s, &d)| d < 0 || s as i64 == d);
-            if !fits {
+            if t.dtype != info.dtype || !fits(&t.shape, dims) {
                 return Err(self.node_invalid(
                     node,
                     format!(
-                        "model '{}' input '{}' takes {} [{}] per item, got {} {:?}",
+                        "model '{}' input '{}' takes {} {} per item, got {} {:?}",
                         spec.name,
                         info.name,
                         info.dtype,
-                        join(dims),
+                        Dims(dims),
                         t.dtype,
                         t.shape
                     ),
@@ -535,7 +497,7 @@ impl Pipeline {
 
     /// The fused layout: every step of one item in turn on the calling pool thread,
     /// which blocks while its model runs. Kept to measure what the split layout gains.
-    fn walk_fused(&self, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Tensor>, Error> {
+    fn walk_fused(&self, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Tensor>, Error> {
         let plan = &self.plan;
         let mut values: Vec<Vec<Value>> = Vec::with_capacity(plan.nodes.len());
         let value_of = |values: &[Vec<Value>], s: &Src| match *s {
@@ -577,7 +539,7 @@ impl Pipeline {
         self.outputs_of(|src| value_of(&values, src))
     }
 
-    fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, cx: Call<'_>) -> Result<Vec<Value>, Error> {
+    fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
         let deadline = cx.deadline;
@@ -591,14 +553,12 @@ impl Pipeline {
         let result = match &runner.target {
             Target::Op { op, .. } => {
                 let outcome = catch_unwind(AssertUnwindSafe(|| op.run(&inputs))).map_err(crate::error::panic_message);
-                cx.record(i, m, std::time::Duration::ZERO, start.elapsed());
+                cx.record(i, m, Duration::ZERO, start.elapsed());
                 self.op_outcome(node, outcome)
             }
             Target::Model(model) => self.model_inputs(node, model, inputs).and_then(|tensors| {
                 let rx = model.submit(tensors, 1, deadline, node.batching)?;
-                let computed = rx
-                    .blocking_recv()
-                    .map_err(|_| Error::Internal(format!("model '{}': instance stopped", model.spec.name)))??;
+                let computed = rx.blocking_recv().map_err(|_| model.stopped())??;
                 Ok(model_outputs(model, m, computed, i, cx))
             }),
         };
@@ -617,7 +577,7 @@ fn model_outputs(
     m: &NodeMetrics,
     computed: crate::sched::Computed,
     i: usize,
-    cx: Call<'_>,
+    cx: ItemCx<'_>,
 ) -> Vec<Value> {
     cx.record(i, m, computed.queued, computed.compute);
     m.batch_size.observe(computed.batch_rows as f64);
@@ -634,10 +594,6 @@ fn model_outputs(
             }
         })
         .collect()
-}
-
-fn join(d: &[i64]) -> String {
-    d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
 }
 
 fn reshape(t: Tensor, shape: Vec<usize>) -> Tensor {

@@ -1,6 +1,7 @@
 //! Pipelines: YAML files compiled into checked DAGs of CPU ops and models, served as
 //! models of the v2 protocol.
 
+pub mod catalog;
 pub mod compile;
 pub mod exec;
 pub mod schema;
@@ -25,4 +26,9 @@ pub fn list_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
         .collect();
     files.sort();
     Ok(files)
+}
+
+/// The file of pipeline `name` in `dir` (`<name>.yaml` or `.yml`), if there is one.
+pub fn file_of(dir: &Path, name: &str) -> Option<PathBuf> {
+    ["yaml", "yml"].iter().map(|ext| dir.join(format!("{name}.{ext}"))).find(|p| p.is_file())
 }

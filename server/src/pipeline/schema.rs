@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PipelineYaml {
+    /// For readers of the file: accepted, not used.
     #[serde(default)]
+    #[expect(dead_code, reason = "documentation inside the pipeline file")]
     pub description: String,
     /// Items (images) one request may carry along a leading batch dimension; 0: requests
     /// carry exactly one item and inputs have no batch dimension.

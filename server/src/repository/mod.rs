@@ -4,12 +4,10 @@
 //! ones. Scanning checks everything that can be checked without running a model, so
 //! `sluice check` and the server report the same errors.
 
-pub mod fold;
 pub mod model_yaml;
-pub mod onnx;
 
+use crate::onnx::signature::{OnnxSignature, TensorInfo};
 use model_yaml::ModelYaml;
-use onnx::{OnnxSignature, TensorInfo};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -28,19 +26,6 @@ pub struct ModelSpec {
     /// What the files looked like when read: a reload loads the version again only
     /// when this changes.
     pub fingerprint: Fingerprint,
-}
-
-impl ModelSpec {
-    /// What a pipeline node sees of the model.
-    pub fn signature(&self) -> crate::pipeline::ModelSig {
-        crate::pipeline::ModelSig {
-            version: self.version,
-            inputs: self.inputs.clone(),
-            outputs: self.outputs.clone(),
-            max_batch_size: self.config.max_batch_size,
-            metadata: self.metadata.clone(),
-        }
-    }
 }
 
 /// Identifies one state of a model version's files: the model.yaml text and the ONNX
@@ -160,7 +145,7 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
     let yaml_path = &m.yaml_path;
     let config = m.config.clone();
     let bytes = std::fs::read(onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
-    let sig = onnx::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
+    let sig = crate::onnx::signature::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let (inputs, outputs) =
         apply_overrides(&config, sig.clone()).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;

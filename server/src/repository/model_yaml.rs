@@ -101,7 +101,7 @@ pub struct ModelYaml {
     pub intra_op_spinning: bool,
     /// Exact graph rewrites before ONNX Runtime loads the model: scalar Mul/Add folded
     /// into neighbouring convolutions, hard-swish chains turned into HardSigmoid (see
-    /// `repository::fold`). Off leaves the file exactly as it is.
+    /// `onnx::fold`). Off leaves the file exactly as it is.
     #[serde(default = "yes")]
     pub fold_graph: bool,
     /// Overrides of the dims read from the ONNX file, by tensor name (full dims,

@@ -4,12 +4,12 @@
 
 pub mod pool;
 pub mod queue;
-pub mod threads;
 
 use crate::backend::{Backend, BatchInput};
 use crate::error::Error;
-use crate::metrics::{InstanceMetrics, ModelMetrics};
-use crate::stats::ModelStats;
+use crate::rt::priority;
+use crate::telemetry::metrics::{InstanceMetrics, ModelMetrics};
+use crate::telemetry::stats::ModelStats;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use queue::{BatchPolicy, BatchQueue, Item, Poll};
 use sluice_ops::Tensor;
@@ -120,7 +120,7 @@ impl ModelScheduler {
         output_names: Vec<String>,
         stats: Arc<ModelStats>,
         metrics: ModelMetrics,
-    ) -> ModelScheduler {
+    ) -> Result<ModelScheduler, (String, std::io::Error)> {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             output_names,
@@ -137,18 +137,18 @@ impl ModelScheduler {
             stats,
             metrics,
         });
-        let threads = instances
-            .into_iter()
-            .enumerate()
-            .map(|(i, (backend, im))| {
-                let shared = shared.clone();
-                // At normal priority even when a background reload loads the model.
-                let builder = std::thread::Builder::new().name(format!("model-{name}-{i}"));
-                threads::spawn(builder, move || instance_loop(&shared, backend, &im))
-                    .expect("spawning an instance thread")
-            })
-            .collect();
-        ModelScheduler { shared, threads }
+        let mut scheduler = ModelScheduler { shared, threads: Vec::with_capacity(instances.len()) };
+        for (i, (backend, im)) in instances.into_iter().enumerate() {
+            let shared = scheduler.shared.clone();
+            let thread = format!("model-{name}-{i}");
+            // At normal priority even when a background reload loads the model.
+            let builder = std::thread::Builder::new().name(thread.clone());
+            // On failure, dropping the scheduler stops and joins the threads started so far.
+            let handle =
+                priority::spawn(builder, move || instance_loop(&shared, backend, &im)).map_err(|e| (thread, e))?;
+            scheduler.threads.push(handle);
+        }
+        Ok(scheduler)
     }
 
     /// Queues one request; `inputs` are in the model's input order and already checked.
@@ -375,7 +375,7 @@ fn split(shared: &Shared, batch: &[Pending], outputs: Vec<Tensor>, pad: usize) -
 mod tests {
     use super::*;
     use crate::backend::BackendError;
-    use crate::metrics::Metrics;
+    use crate::telemetry::metrics::Metrics;
 
     /// Returns its input doubled, so results show which rows went where.
     struct Doubler;
@@ -399,7 +399,7 @@ mod tests {
         let all = Metrics::new();
         let (metrics, mut instance) = (all.for_model("m"), vec![all.for_instance("m", 0)]);
         let instances: Vec<(Box<dyn Backend>, _)> = vec![(Box::new(Doubler), instance.remove(0))];
-        ModelScheduler::start("m", instances, policy, allowed, vec!["y".into()], Arc::default(), metrics)
+        ModelScheduler::start("m", instances, policy, allowed, vec!["y".into()], Arc::default(), metrics).unwrap()
     }
 
     #[tokio::test]
@@ -438,7 +438,8 @@ mod tests {
             vec!["y".into()],
             Arc::default(),
             all.for_model("m"),
-        );
+        )
+        .unwrap();
         let rx = s.submit(vec![Tensor::from_f32(vec![2, 2], &[1.0; 4])], 2, None).unwrap();
         let err = rx.await.unwrap().err().expect("a batch-of-2 request cannot get one row back");
         assert!(err.to_string().contains("output 'y' has shape [1, 2] for a batch of 2"), "{err}");

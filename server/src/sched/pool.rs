@@ -3,7 +3,7 @@
 //! Each pool has one bounded queue; when it is full, work is rejected at once.
 
 use crate::error::Error;
-use crate::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prometheus::{Counter, IntGauge};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -70,12 +70,9 @@ impl CpuPool {
         self.tx.as_ref().map_or(0, Sender::len)
     }
 
-    /// Time the threads have spent running jobs, summed over threads.
-    pub fn busy_seconds(&self) -> f64 {
-        self.busy.get()
-    }
-
-    pub fn start(config: PoolConfig, metrics: &Metrics) -> CpuPool {
+    /// Starts the pool's threads; fails when the system refuses one (those started end
+    /// with the pool's queue).
+    pub fn start(config: PoolConfig, metrics: &Metrics) -> std::io::Result<CpuPool> {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(config.queue);
         let depth = metrics.pool_depth.with_label_values(&[&config.name]);
         let busy = metrics.pool_busy.with_label_values(&[&config.name]);
@@ -83,18 +80,15 @@ impl CpuPool {
             .map(|i| {
                 let rx: Receiver<Job> = rx.clone();
                 let depth = depth.clone();
-                std::thread::Builder::new()
-                    .name(format!("pool-{}-{i}", config.name))
-                    .spawn(move || {
-                        for job in rx.iter() {
-                            depth.set(rx.len() as i64);
-                            job();
-                        }
-                    })
-                    .expect("spawning a CPU pool thread")
+                std::thread::Builder::new().name(format!("pool-{}-{i}", config.name)).spawn(move || {
+                    for job in rx.iter() {
+                        depth.set(rx.len() as i64);
+                        job();
+                    }
+                })
             })
-            .collect();
-        CpuPool { config, tx: Some(tx), threads, depth, busy }
+            .collect::<std::io::Result<_>>()?;
+        Ok(CpuPool { config, tx: Some(tx), threads, depth, busy })
     }
 
     /// Queues `f`; the receiver gets its value with timings, or the panic message. A job
@@ -158,7 +152,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_rejects_and_panics_are_caught() {
         let metrics = Metrics::new();
-        let pool = CpuPool::start(PoolConfig { name: "p".into(), threads: 1, queue: 1 }, &metrics);
+        let pool = CpuPool::start(PoolConfig { name: "p".into(), threads: 1, queue: 1 }, &metrics).unwrap();
         let (hold, release) = std::sync::mpsc::channel::<()>();
         let first = pool.spawn(None, move || release.recv().is_ok()).unwrap();
         // Wait until the thread has taken the first job, so the queue is empty again.

@@ -399,7 +399,7 @@ async fn client_commands_speak_tls_with_the_given_ca_and_certificate() {
     let pki = sluice_tests::pki::pki();
     let mut cfg = repo.config();
     cfg.tls = Some(pki.write(repo.path(), true));
-    let s = sluice_server::server::start(cfg).await.unwrap();
+    let s = sluice_server::start(cfg).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, text: &str| {
         let p = dir.path().join(name);

@@ -10,7 +10,7 @@
 
 use std::cell::Cell;
 use std::io;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::OnceLock;
 use std::thread::{Builder, JoinHandle};
@@ -19,17 +19,10 @@ use std::thread::{Builder, JoinHandle};
 /// against 1024 for nice 0: about 1.5% of a contended core, all of an idle one).
 pub const BACKGROUND_NICE: i32 = 19;
 
-static NICE: AtomicI32 = AtomicI32::new(BACKGROUND_NICE);
 static RUNS: AtomicU64 = AtomicU64::new(0);
 
-/// Sets the nice value of background loads for this process (`--load-nice`): 1..=19, or
-/// 0 to load at normal priority. Higher means less taken from serving on a busy machine,
-/// and a longer reload when the machine stays busy.
-pub fn set_background_nice(nice: i32) {
-    NICE.store(nice.clamp(0, 19), Ordering::Relaxed);
-}
-
-/// How many closures [`in_background`] has run in this process.
+/// How many closures [`in_background`] has run in this process (for tests).
+#[doc(hidden)]
 pub fn background_runs() -> u64 {
     RUNS.load(Ordering::Relaxed)
 }
@@ -76,11 +69,12 @@ where
     rx.recv().unwrap_or_else(|_| Err(io::Error::other("the thread spawner dropped a request")))
 }
 
-/// Runs `f` on a new thread at the background priority (`--load-nice`) and waits for it.
-/// A panic in `f` propagates to the caller. With the nice value set to 0, or when no
-/// thread can be started, `f` runs on the calling thread.
-pub fn in_background<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    let nice = NICE.load(Ordering::Relaxed);
+/// Runs `f` on a new thread at nice value `nice` (`--load-nice`: 1..=19, higher takes
+/// less from serving on a busy machine) and waits for it. A panic in `f` propagates to
+/// the caller. With `nice` 0, or when no thread can be started, `f` runs on the calling
+/// thread.
+pub fn in_background<T: Send>(nice: i32, f: impl FnOnce() -> T + Send) -> T {
+    let nice = nice.clamp(0, 19);
     // The spawner must exist before any thread is lowered: it takes the caller's priority.
     if nice == 0 || spawner().is_err() {
         return f();
@@ -133,7 +127,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn background_runs_low_but_the_threads_it_starts_do_not() {
         let base = own_nice();
-        let (inside, started, direct) = in_background(|| {
+        let (inside, started, direct) = in_background(BACKGROUND_NICE, || {
             assert!(is_background());
             let started = spawn(Builder::new().name("t-normal".into()), own_nice).unwrap().join().unwrap();
             // A plain std spawn from here inherits the low priority: what `spawn` avoids.
@@ -149,8 +143,8 @@ mod tests {
 
     #[test]
     fn background_returns_and_propagates_panics() {
-        assert_eq!(in_background(|| 6 * 7), 42);
-        let caught = std::panic::catch_unwind(|| in_background(|| panic!("load failed")));
+        assert_eq!(in_background(BACKGROUND_NICE, || 6 * 7), 42);
+        let caught = std::panic::catch_unwind(|| in_background(BACKGROUND_NICE, || panic!("load failed")));
         assert!(caught.is_err());
     }
 

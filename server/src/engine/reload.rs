@@ -1,16 +1,20 @@
-//! Hot reload: building the next snapshot of the repository next to the one serving, and
-//! the thread that watches the folders and triggers reloads.
+//! Hot reload: building the next snapshot of the repository next to the one serving.
+//! (The thread that watches the folders and triggers reloads is `housekeeping`.)
 //!
 //! A reload reads the repository, loads and warms up only the model versions whose files
 //! changed (the others, with their batchers, carry over as they are), compiles the
 //! pipelines whose file or models changed, and swaps the new snapshot in at once.
 //! Whatever fails keeps its previous version serving and is reported with its reason.
 
-use crate::engine::{load_model, Engine, Failure, LoadedModel, ModelEntry, ModelSlot, PipelineSlot, Retired, Snapshot};
-use crate::error::Error;
+use super::{Engine, Failure, ModelEntry, ModelSlot, PipelineSlot, Retired, Snapshot};
+use crate::error::{panic_message, Error};
+use crate::model::{LoadError, LoadedModel};
 use crate::pipeline::{self, compile::Located, exec::Pipeline, Catalog, ModelSig};
 use crate::repository::{self, ModelDir};
+use sluice_ops::OpRegistry;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,24 +41,99 @@ impl Scope {
     }
 }
 
+/// Why a reload changed nothing at all (what fails inside it is in its report).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Repository(String),
+    #[error("{0}")]
+    Pipelines(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(String),
+}
+
+/// What a reload is about: a model (one version of it) or a pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub kind: Kind,
+    pub name: String,
+    pub version: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Model,
+    Pipeline,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Loaded,
+    Reloaded,
+    Removed,
+    Unloaded,
+}
+
+/// One thing a reload changed: "model m v2 loaded", "pipeline p removed".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub subject: Subject,
+    pub verb: Verb,
+}
+
+/// One thing that failed in a reload (what serves stays as it was).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    pub subject: Subject,
+    pub reason: String,
+}
+
+impl Subject {
+    fn model(name: &str, version: Option<u64>) -> Subject {
+        Subject { kind: Kind::Model, name: name.to_string(), version }
+    }
+    fn pipeline(name: &str) -> Subject {
+        Subject { kind: Kind::Pipeline, name: name.to_string(), version: None }
+    }
+    /// The name, with the version when there is one: "m v2".
+    pub fn label(&self) -> String {
+        match self.version {
+            Some(v) => format!("{} v{v}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.subject.kind {
+            Kind::Model => "model",
+            Kind::Pipeline => "pipeline",
+        };
+        let verb = match self.verb {
+            Verb::Loaded => "loaded",
+            Verb::Reloaded => "reloaded",
+            Verb::Removed => "removed",
+            Verb::Unloaded => "unloaded",
+        };
+        write!(f, "{kind} {} {verb}", self.subject.label())
+    }
+}
+
 /// What one reload did.
 #[derive(Debug, Default, Clone)]
 pub struct ReloadReport {
-    /// Loaded, updated or removed: "model m v2 loaded", "pipeline p removed", ...
-    pub changed: Vec<String>,
-    /// Name and reason of what failed in this reload (what serves stays as it was).
-    pub failed: Vec<(String, String)>,
+    pub changed: Vec<Change>,
+    pub failed: Vec<Failed>,
 }
 
-/// How the server picks up changes to the repository.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReloadMode {
-    /// Watch the folders and reload on changes; the load/unload API works too.
-    Watch,
-    /// Reload only when asked (the repository load/unload API, `sluice reload`).
-    Explicit,
-    /// Serve what was there at start.
-    None,
+impl ReloadReport {
+    fn change(&mut self, subject: Subject, verb: Verb) {
+        self.changed.push(Change { subject, verb });
+    }
+    fn fail(&mut self, subject: Subject, reason: &str) {
+        self.failed.push(Failed { subject, reason: reason.to_string() });
+    }
 }
 
 /// The newest ready version of a model in a set being built, or the named one.
@@ -66,13 +145,14 @@ fn resolve(models: &BTreeMap<String, ModelEntry>, name: &str, version: Option<u6
 struct Building<'a> {
     models: &'a BTreeMap<String, ModelEntry>,
     pools: Vec<String>,
+    ops: &'a OpRegistry,
 }
 
 impl Catalog for Building<'_> {
     fn model(&self, name: &str, version: Option<u64>) -> Option<Result<ModelSig, String>> {
         let entry = self.models.get(name)?;
         Some(match entry.ready(version) {
-            Some(m) => Ok(m.spec.signature()),
+            Some(m) => Ok(ModelSig::from(&m.spec)),
             None => Err(match version {
                 Some(v) if !entry.versions.contains_key(&v) => {
                     let served: Vec<String> = entry.versions.keys().map(u64::to_string).collect();
@@ -85,6 +165,9 @@ impl Catalog for Building<'_> {
     fn pools(&self) -> Vec<String> {
         self.pools.clone()
     }
+    fn ops(&self) -> &OpRegistry {
+        self.ops
+    }
 }
 
 /// Whether every model the pipeline runs is still what the new model set resolves to.
@@ -95,14 +178,14 @@ fn still_bound(p: &Pipeline, models: &BTreeMap<String, ModelEntry>) -> bool {
 impl Engine {
     /// Reads the repository and swaps in a snapshot with what changed. Blocking: it loads
     /// models. Fails only when the repository folder itself cannot be read.
-    pub fn reload(&self, scope: &Scope) -> Result<ReloadReport, String> {
+    pub fn reload(&self, scope: &Scope) -> Result<ReloadReport, ReloadError> {
         let _one_at_a_time = self.reloading.lock();
         self.reload_locked(scope, None)
     }
 
     /// A reload, with the `reloading` lock held by the caller. `unloaded`: a name to add
     /// to (true) or take from (false) the unloaded set first.
-    fn reload_locked(&self, scope: &Scope, unloaded: Option<(&str, bool)>) -> Result<ReloadReport, String> {
+    fn reload_locked(&self, scope: &Scope, unloaded: Option<(&str, bool)>) -> Result<ReloadReport, ReloadError> {
         let started = Instant::now();
         let mut report = ReloadReport::default();
         let result = {
@@ -119,8 +202,9 @@ impl Engine {
             Ok(_) if report.failed.is_empty() => "ok",
             _ => "error",
         };
-        self.metrics.reloads.with_label_values(&[outcome]).inc();
-        self.metrics.reload_duration.observe(started.elapsed().as_secs_f64());
+        let metrics = &self.telemetry.metrics;
+        metrics.reloads.with_label_values(&[outcome]).inc();
+        metrics.reload_duration.observe(started.elapsed().as_secs_f64());
         let next = match result {
             Ok(next) => next,
             Err(e) => {
@@ -129,8 +213,9 @@ impl Engine {
             }
         };
         if !report.changed.is_empty() || !report.failed.is_empty() {
+            let changed: Vec<String> = report.changed.iter().map(Change::to_string).collect();
             tracing::info!(
-                changed = ?report.changed,
+                ?changed,
                 failed = report.failed.len(),
                 took_ms = started.elapsed().as_millis() as u64,
                 "reload done"
@@ -182,9 +267,9 @@ impl Engine {
         }
         let _one_at_a_time = self.reloading.lock();
         let scope = Scope::Only([name.to_string()].into());
-        let report = self.reload_locked(&scope, Some((name, false))).map_err(Error::Internal)?;
-        match report.failed.iter().find(|(n, _)| n == name || n.starts_with(&format!("{name} v"))) {
-            Some((_, reason)) => Err(Error::Repository(format!("'{name}' failed to load: {reason}"))),
+        let report = self.reload_locked(&scope, Some((name, false))).map_err(|e| Error::Internal(e.to_string()))?;
+        match report.failed.iter().find(|f| f.subject.name == name) {
+            Some(f) => Err(Error::Repository(format!("'{name}' failed to load: {}", f.reason))),
             None => Ok(report),
         }
     }
@@ -213,7 +298,8 @@ impl Engine {
             )));
         }
         drop(snapshot);
-        self.reload_locked(&Scope::Only([name.to_string()].into()), Some((name, true))).map_err(Error::Internal)
+        self.reload_locked(&Scope::Only([name.to_string()].into()), Some((name, true)))
+            .map_err(|e| Error::Internal(e.to_string()))
     }
 
     /// Replaced models and pipelines not yet dropped (some request still holds them).
@@ -222,8 +308,7 @@ impl Engine {
     }
 
     fn pipeline_file(&self, name: &str) -> Option<PathBuf> {
-        let dir = self.cfg.pipelines_dir.as_ref()?;
-        ["yaml", "yml"].iter().map(|ext| dir.join(format!("{name}.{ext}"))).find(|p| p.is_file())
+        pipeline::file_of(self.cfg.pipelines_dir.as_ref()?, name)
     }
 
     fn build(
@@ -232,7 +317,7 @@ impl Engine {
         unloaded: &BTreeSet<String>,
         scope: &Scope,
         report: &mut ReloadReport,
-    ) -> Result<Snapshot, String> {
+    ) -> Result<Snapshot, ReloadError> {
         let models = self.build_models(old, unloaded, scope, report)?;
         let pipelines = self.build_pipelines(old, unloaded, &models, scope, report)?;
         Ok(Snapshot { pipelines, models, unloaded: unloaded.clone() })
@@ -244,16 +329,16 @@ impl Engine {
         unloaded: &BTreeSet<String>,
         scope: &Scope,
         report: &mut ReloadReport,
-    ) -> Result<BTreeMap<String, ModelEntry>, String> {
+    ) -> Result<BTreeMap<String, ModelEntry>, ReloadError> {
         let scanned: BTreeMap<String, Result<ModelDir, String>> =
-            repository::scan(&self.cfg.models_dir)?.into_iter().collect();
+            repository::scan(&self.cfg.models_dir).map_err(ReloadError::Repository)?.into_iter().collect();
         let names: BTreeSet<&String> = scanned.keys().chain(old.models.keys()).collect();
         let mut models = BTreeMap::new();
         for name in names {
             if unloaded.contains(name) {
                 if old.models.contains_key(name) {
                     tracing::info!(model = %name, "model unloaded");
-                    report.changed.push(format!("model {name} unloaded"));
+                    report.change(Subject::model(name, None), Verb::Unloaded);
                 }
                 continue;
             }
@@ -268,15 +353,15 @@ impl Engine {
                 None => {
                     if prev.is_some() {
                         tracing::info!(model = %name, "model removed from the repository");
-                        report.changed.push(format!("model {name} removed"));
+                        report.change(Subject::model(name, None), Verb::Removed);
                     }
                     continue;
                 }
                 Some(Err(reason)) => {
                     if prev.and_then(|e| e.problem.as_ref()) != Some(reason) || scope.forces(name) {
                         tracing::error!(model = %name, "{reason}");
-                        self.metrics.model_loads.with_label_values(&[name, "", "error"]).inc();
-                        report.failed.push((name.clone(), reason.clone()));
+                        self.telemetry.metrics.model_loads.with_label_values(&[name, "", "error"]).inc();
+                        report.fail(Subject::model(name, None), reason);
                     }
                     // What was loaded keeps serving.
                     ModelEntry {
@@ -310,7 +395,7 @@ impl Engine {
                             }
                             _ => {
                                 tracing::info!(model = %name, version = v, "model version no longer served");
-                                report.changed.push(format!("model {name} v{v} removed"));
+                                report.change(Subject::model(name, Some(*v)), Verb::Removed);
                             }
                         }
                     }
@@ -354,16 +439,18 @@ impl Engine {
             // load at normal priority: the driver threads a CUDA context starts would
             // keep a low priority for good.
             let gpu = spec.config.wants_gpu();
+            let load = || self.load_model(spec);
             if self.serving.load(std::sync::atomic::Ordering::Acquire) && !gpu {
                 let slow = Instant::now() + Duration::from_secs(30);
-                let loaded = crate::sched::threads::in_background(|| load_model(spec, &self.cfg.ort_dylib, &self.metrics));
+                let loaded = crate::rt::priority::in_background(self.cfg.load_nice, load);
                 if Instant::now() > slow {
                     tracing::warn!(model = %name, "a background load took over 30 s: the machine is busy (see --load-nice)");
                 }
                 loaded
             } else {
-                load_model(spec, &self.cfg.ort_dylib, &self.metrics)
+                load()
             }
+            .map_err(|e| e.to_string())
         });
         let v_label = v.to_string();
         match loaded {
@@ -375,15 +462,15 @@ impl Engine {
                     took_ms = started.elapsed().as_millis() as u64,
                     "model ready"
                 );
-                self.metrics.model_loads.with_label_values(&[name, &v_label, "ok"]).inc();
-                let verb = if before.is_some() { "reloaded" } else { "loaded" };
-                report.changed.push(format!("model {name} v{v} {verb}"));
+                self.telemetry.metrics.model_loads.with_label_values(&[name, &v_label, "ok"]).inc();
+                let verb = if before.is_some() { Verb::Reloaded } else { Verb::Loaded };
+                report.change(Subject::model(name, Some(v)), verb);
                 ModelSlot::Ready { model: Arc::new(m), stale: None }
             }
             Err(reason) => {
                 tracing::error!(model = %name, version = v, "model failed to load: {reason}");
-                self.metrics.model_loads.with_label_values(&[name, &v_label, "error"]).inc();
-                report.failed.push((format!("{name} v{v}"), reason.clone()));
+                self.telemetry.metrics.model_loads.with_label_values(&[name, &v_label, "error"]).inc();
+                report.fail(Subject::model(name, Some(v)), &reason);
                 let failure = Failure { reason, fingerprint };
                 match before {
                     Some(ModelSlot::Ready { model, .. }) => {
@@ -402,12 +489,13 @@ impl Engine {
         models: &BTreeMap<String, ModelEntry>,
         scope: &Scope,
         report: &mut ReloadReport,
-    ) -> Result<BTreeMap<String, PipelineSlot>, String> {
+    ) -> Result<BTreeMap<String, PipelineSlot>, ReloadError> {
         let files: BTreeMap<String, PathBuf> = match &self.cfg.pipelines_dir {
-            Some(dir) => pipeline::list_files(dir)?.into_iter().collect(),
+            Some(dir) => pipeline::list_files(dir).map_err(ReloadError::Pipelines)?.into_iter().collect(),
             None => BTreeMap::new(),
         };
-        let catalog = Building { models, pools: self.cfg.pools.iter().map(|p| p.name.clone()).collect() };
+        let catalog =
+            Building { models, pools: self.cfg.pools.iter().map(|p| p.name.clone()).collect(), ops: &self.cfg.ops };
         let lookup = |name: &str, version: u64| resolve(models, name, Some(version));
         let names: BTreeSet<&String> = files.keys().chain(old.pipelines.keys()).collect();
         let mut pipelines = BTreeMap::new();
@@ -416,7 +504,7 @@ impl Engine {
             if unloaded.contains(name) {
                 if prev.is_some() {
                     tracing::info!(pipeline = %name, "pipeline unloaded");
-                    report.changed.push(format!("pipeline {name} unloaded"));
+                    report.change(Subject::pipeline(name), Verb::Unloaded);
                 }
                 continue;
             }
@@ -435,7 +523,7 @@ impl Engine {
             let Some(file) = files.get(name) else {
                 if prev.is_some() {
                     tracing::info!(pipeline = %name, "pipeline removed");
-                    report.changed.push(format!("pipeline {name} removed"));
+                    report.change(Subject::pipeline(name), Verb::Removed);
                 }
                 continue;
             };
@@ -454,14 +542,14 @@ impl Engine {
                 for w in &plan.warnings {
                     tracing::warn!("{}", Located(file, w));
                 }
-                Pipeline::bind(plan, text, &lookup, &self.pools, &self.metrics)
+                Pipeline::bind(plan, text, &lookup, &self.pools, &self.telemetry.metrics)
             });
             let slot = match built {
                 Ok(p) => {
                     tracing::info!(pipeline = %name, nodes = p.plan.nodes.len(), "pipeline ready");
-                    self.metrics.pipeline_loads.with_label_values(&[name, "ok"]).inc();
-                    let verb = if prev.is_some() { "reloaded" } else { "loaded" };
-                    report.changed.push(format!("pipeline {name} {verb}"));
+                    self.telemetry.metrics.pipeline_loads.with_label_values(&[name, "ok"]).inc();
+                    let verb = if prev.is_some() { Verb::Reloaded } else { Verb::Loaded };
+                    report.change(Subject::pipeline(name), verb);
                     PipelineSlot::Ready { pipeline: Arc::new(p), stale: None }
                 }
                 Err(reason) => {
@@ -472,8 +560,8 @@ impl Engine {
                     };
                     if !known || scope.forces(name) {
                         tracing::error!(pipeline = %name, "pipeline failed to load:\n{reason}");
-                        self.metrics.pipeline_loads.with_label_values(&[name, "error"]).inc();
-                        report.failed.push((name.clone(), reason.clone()));
+                        self.telemetry.metrics.pipeline_loads.with_label_values(&[name, "error"]).inc();
+                        report.fail(Subject::pipeline(name), &reason);
                     }
                     match prev {
                         Some(PipelineSlot::Ready { pipeline, .. }) => {
@@ -487,85 +575,11 @@ impl Engine {
         }
         Ok(pipelines)
     }
-}
 
-/// Watches the repository (in `watch` mode) and reloads after changes settle; also
-/// drops replaced models once their last request is done and samples the dashboard's
-/// counters once a second.
-pub struct Reloader {
-    stop: crossbeam_channel::Sender<()>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    _watcher: Option<notify::RecommendedWatcher>,
-}
-
-impl Reloader {
-    pub fn start(engine: Arc<Engine>, mode: ReloadMode, debounce: Duration) -> Result<Reloader, String> {
-        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
-        // Events only set a flag's time: a burst of writes is one reload.
-        let (tx, events) = crossbeam_channel::unbounded::<()>();
-        let watcher = match mode {
-            ReloadMode::Watch => Some(watch(&engine, tx.clone())?),
-            ReloadMode::Explicit | ReloadMode::None => None,
-        };
-        let thread = std::thread::Builder::new()
-            .name("sluice-reload".into())
-            .spawn(move || {
-                // Held so `events` never disconnects (a disconnected channel is always
-                // ready in `select!`) when nothing watches.
-                let _tx = tx;
-                let tick = crossbeam_channel::tick(Duration::from_millis(100));
-                let mut dirty_since: Option<Instant> = None;
-                // The dashboard's once-a-second counter samples are taken here too.
-                let mut sampled = Instant::now() - Duration::from_secs(1);
-                loop {
-                    crossbeam_channel::select! {
-                        recv(stopped) -> _ => break,
-                        recv(events) -> e => if e.is_ok() { dirty_since = Some(Instant::now()) },
-                        recv(tick) -> _ => {}
-                    }
-                    if dirty_since.is_some_and(|t| t.elapsed() >= debounce) {
-                        dirty_since = None;
-                        let _ = engine.reload(&Scope::All);
-                    }
-                    engine.reap();
-                    if sampled.elapsed() >= Duration::from_secs(1) {
-                        sampled = Instant::now();
-                        engine.live.sample(&engine.snapshot());
-                        engine.sample_gpus();
-                    }
-                }
-            })
-            .map_err(|e| format!("cannot start the reload thread: {e}"))?;
-        Ok(Reloader { stop, thread: Some(thread), _watcher: watcher })
+    /// Loads one model version; a panic fails this load, not the reload.
+    fn load_model(&self, spec: repository::ModelSpec) -> Result<LoadedModel, LoadError> {
+        let metrics = &self.telemetry.metrics;
+        catch_unwind(AssertUnwindSafe(|| LoadedModel::load(spec, &self.cfg.ort_dylib, metrics)))
+            .unwrap_or_else(|p| Err(LoadError::Panicked(panic_message(p))))
     }
-}
-
-impl Drop for Reloader {
-    fn drop(&mut self) {
-        let _ = self.stop.try_send(());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A watcher on the model repository and the pipelines folder that pings `tx` on every
-/// change to their files (reads are not changes).
-fn watch(engine: &Engine, tx: crossbeam_channel::Sender<()>) -> Result<notify::RecommendedWatcher, String> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
-        Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
-        Ok(_) => {
-            let _ = tx.send(());
-        }
-        Err(e) => tracing::warn!("watching the repository: {e}"),
-    })
-    .map_err(|e| format!("cannot watch the repository: {e}"))?;
-    let mut dirs = vec![engine.cfg.models_dir.clone()];
-    dirs.extend(engine.cfg.pipelines_dir.iter().filter(|d| d.is_dir()).cloned());
-    for d in &dirs {
-        watcher.watch(d, RecursiveMode::Recursive).map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
-    }
-    tracing::info!(dirs = ?dirs, "watching the repository for changes");
-    Ok(watcher)
 }

@@ -1,0 +1,70 @@
+//! The `sluice` command: one module per subcommand, dispatched from one enum.
+
+mod bench;
+mod remote;
+mod repo;
+mod serve;
+mod telemetry;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "sluice", version, about = "An inference server for multi-model vision pipelines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    telemetry: telemetry::Args,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve every model of the repository over gRPC and HTTP (KServe v2 protocol).
+    Serve(serve::Args),
+    /// Validate the model repository and the pipeline files without serving.
+    Check(repo::CheckArgs),
+    /// Print a pipeline's compiled graph in Graphviz DOT (`| dot -Tsvg > p.svg`).
+    Graph(repo::GraphArgs),
+    /// Write an ONNX model with the exact rewrites `fold_graph` applies at load time, to
+    /// inspect them or to run the same graph elsewhere.
+    Fold(repo::FoldArgs),
+    /// List every op a pipeline can use, with its inputs, outputs and params.
+    Ops(repo::OpsArgs),
+    /// Read the text in images with a running server's OCR pipeline and print the lines.
+    Ocr(remote::OcrArgs),
+    /// List a running server's models and pipelines with their state.
+    Models(remote::ModelsArgs),
+    /// Make a running server reload its repository now, or load or unload named models
+    /// and pipelines (the v2 repository API).
+    Reload(remote::ReloadArgs),
+    /// Send images or tensors from files to a model or pipeline; print the outputs as JSON.
+    Infer(remote::InferArgs),
+    /// Load-test a model or pipeline on any v2 server (sluice, Triton): closed loop over
+    /// concurrencies or open loop over request rates.
+    Bench(bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = telemetry::init(&cli.telemetry).and_then(|_flush| match cli.command {
+        Command::Serve(a) => serve::run(a),
+        Command::Check(a) => repo::check(a),
+        Command::Graph(a) => repo::graph(a),
+        Command::Fold(a) => repo::fold(a),
+        Command::Ops(a) => repo::ops(a),
+        Command::Ocr(a) => remote::ocr(a),
+        Command::Models(a) => remote::models(a),
+        Command::Reload(a) => remote::reload(a),
+        Command::Infer(a) => remote::infer(a),
+        Command::Bench(a) => bench::run(a),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The message chain alone: users need what went wrong, not a backtrace.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! `sluice serve`: the server, until a signal stops it.
+
+use crate::repo::RepoArgs;
+use anyhow::Context;
+use sluice_server::{ReloadMode, ServerConfig, TlsFiles};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// gRPC listen address (Triton's default port, so its tools find sluice as is).
+    #[arg(long, env = "SLUICE_GRPC_ADDR", default_value = "0.0.0.0:8001")]
+    grpc_addr: SocketAddr,
+    /// HTTP listen address.
+    #[arg(long, env = "SLUICE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    http_addr: SocketAddr,
+    /// ONNX Runtime shared library, loaded at run time so the binary builds without it.
+    #[arg(long, env = "ORT_DYLIB_PATH", default_value = ".sluice/lib/libonnxruntime.so")]
+    ort_dylib: PathBuf,
+    /// Largest gRPC message / HTTP body in MiB: image batches outgrow gRPC's usual 4 MiB.
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_MB", default_value_t = 256)]
+    max_message_mb: usize,
+    /// Deadline in milliseconds for requests that carry none (0: no deadline).
+    #[arg(long, env = "SLUICE_REQUEST_TIMEOUT_MS", default_value_t = 0)]
+    request_timeout_ms: u64,
+    /// How changes to the repository are picked up: watch the folders (and allow the
+    /// load/unload API), explicit (only the load/unload API and `sluice reload`), or none.
+    #[arg(long, env = "SLUICE_RELOAD", value_enum, default_value = "watch")]
+    reload: ReloadMode,
+    /// Nice value (1-19) of model loads while serving: they take only the CPU that
+    /// requests leave idle, at the cost of slower reloads on a saturated machine. 0 loads
+    /// at normal priority.
+    #[arg(long, env = "SLUICE_LOAD_NICE", default_value_t = 19, value_parser = clap::value_parser!(i32).range(0..=19))]
+    load_nice: i32,
+    /// In watch mode, how long files must stay unchanged before a reload starts.
+    #[arg(long, env = "SLUICE_RELOAD_DEBOUNCE_MS", default_value_t = 500)]
+    reload_debounce_ms: u64,
+    /// Serve gRPC and HTTP over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SLUICE_SERVER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "SLUICE_SERVER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM): mutual TLS.
+    #[arg(long, env = "SLUICE_SERVER_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// How long a graceful shutdown may wait for in-flight requests before exiting anyway.
+    #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
+    shutdown_timeout_s: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = ServerConfig {
+        pipelines_dir: Some(args.repo.pipelines),
+        pools: args.repo.pools,
+        ort_dylib: args.ort_dylib,
+        grpc_addr: args.grpc_addr,
+        http_addr: args.http_addr,
+        max_message_bytes: args.max_message_mb.saturating_mul(1024 * 1024),
+        request_timeout: (args.request_timeout_ms > 0).then(|| Duration::from_millis(args.request_timeout_ms)),
+        reload: args.reload,
+        reload_debounce: Duration::from_millis(args.reload_debounce_ms),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: args.tls_client_ca }),
+            _ => None,
+        },
+        load_nice: args.load_nice,
+        ..ServerConfig::new(args.repo.models)
+    };
+    // The runtime does I/O only; models run on their own instance threads.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sluice-io")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let server = sluice_server::start(cfg).await?;
+        println!("sluice serving gRPC on {} and HTTP on {}", server.grpc_addr, server.http_addr);
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
+        tokio::spawn(async {
+            shutdown_signal().await;
+            eprintln!("second signal: exiting without finishing in-flight requests");
+            std::process::exit(130);
+        });
+        match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout_s), server.shutdown()).await {
+            Ok(()) => tracing::info!("stopped"),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish within {} s; exiting", args.shutdown_timeout_s);
+                std::process::exit(1);
+            }
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,101 @@
+//! The server's housekeeping thread: the `notify` watcher and its debounce (`--reload
+//! watch`), the reaping of replaced models off the async runtime, and the once-a-second
+//! samples for the dashboard and the GPU metrics.
+
+use crate::engine::reload::Scope;
+use crate::engine::Engine;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How the server picks up changes to the repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum ReloadMode {
+    /// Watch the folders and reload on changes; the load/unload API works too.
+    Watch,
+    /// Reload only when asked (the repository load/unload API, `sluice reload`).
+    Explicit,
+    /// Serve what was there at start.
+    None,
+}
+
+/// The server's housekeeping thread: watches the repository (in `watch` mode) and
+/// reloads after changes settle; also drops replaced models once their last request is
+/// done, and samples the dashboard's counters and the GPUs once a second.
+pub struct Housekeeper {
+    stop: crossbeam_channel::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Housekeeper {
+    pub fn start(engine: Arc<Engine>, mode: ReloadMode, debounce: Duration) -> Result<Housekeeper, String> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        // Events only set a flag's time: a burst of writes is one reload.
+        let (tx, events) = crossbeam_channel::unbounded::<()>();
+        let watcher = match mode {
+            ReloadMode::Watch => Some(watch(&engine, tx.clone())?),
+            ReloadMode::Explicit | ReloadMode::None => None,
+        };
+        let thread = std::thread::Builder::new()
+            .name("sluice-housekeeping".into())
+            .spawn(move || {
+                // Held so `events` never disconnects (a disconnected channel is always
+                // ready in `select!`) when nothing watches.
+                let _tx = tx;
+                let tick = crossbeam_channel::tick(Duration::from_millis(100));
+                let mut dirty_since: Option<Instant> = None;
+                // The dashboard's once-a-second counter samples are taken here too.
+                let mut sampled = Instant::now() - Duration::from_secs(1);
+                loop {
+                    crossbeam_channel::select! {
+                        recv(stopped) -> _ => break,
+                        recv(events) -> e => if e.is_ok() { dirty_since = Some(Instant::now()) },
+                        recv(tick) -> _ => {}
+                    }
+                    if dirty_since.is_some_and(|t| t.elapsed() >= debounce) {
+                        dirty_since = None;
+                        let _ = engine.reload(&Scope::All);
+                    }
+                    engine.reap();
+                    if sampled.elapsed() >= Duration::from_secs(1) {
+                        sampled = Instant::now();
+                        engine.sample();
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the housekeeping thread: {e}"))?;
+        Ok(Housekeeper { stop, thread: Some(thread), _watcher: watcher })
+    }
+}
+
+impl Drop for Housekeeper {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A watcher on the model repository and the pipelines folder that pings `tx` on every
+/// change to their files (reads are not changes).
+fn watch(engine: &Engine, tx: crossbeam_channel::Sender<()>) -> Result<notify::RecommendedWatcher, String> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| match ev {
+        Ok(ev) if matches!(ev.kind, EventKind::Access(_)) => {}
+        Ok(_) => {
+            let _ = tx.send(());
+        }
+        Err(e) => tracing::warn!("watching the repository: {e}"),
+    })
+    .map_err(|e| format!("cannot watch the repository: {e}"))?;
+    let cfg = engine.config();
+    let mut dirs = vec![cfg.models_dir.clone()];
+    dirs.extend(cfg.pipelines_dir.iter().filter(|d| d.is_dir()).cloned());
+    for d in &dirs {
+        watcher.watch(d, RecursiveMode::Recursive).map_err(|e| format!("cannot watch {}: {e}", d.display()))?;
+    }
+    tracing::info!(dirs = ?dirs, "watching the repository for changes");
+    Ok(watcher)
+}

@@ -1,0 +1,3 @@
+//! Thread utilities the rest of the server builds on.
+
+pub mod priority;
