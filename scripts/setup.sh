@@ -85,13 +85,15 @@ fi
 # Debian packages: perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64, even
 # on hosts without a GPU (its libcudart comes from nvidia-cuda-runtime-cu12, see wrapper);
 # the OCR tests render text with DejaVu (Latin) and WenQuanYi Micro Hei (Chinese); the
-# dashboard test drives Debian's Chromium headless through its chromedriver.
+# dashboard test drives Debian's Chromium headless through its chromedriver; the test of
+# `sluice bench --live` drives it in tmux.
 debs=()
 [ -e /usr/lib/x86_64-linux-gnu/libb64.so.0d ] || debs+=(libb64-0d)
 [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || debs+=(fonts-dejavu-core)
 [ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || debs+=(fonts-wqy-microhei)
 [ -x /usr/bin/chromium ] || debs+=(chromium)
 [ -x /usr/bin/chromedriver ] || debs+=(chromium-driver)
+command -v tmux >/dev/null || debs+=(tmux)
 if [ ${#debs[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then command -v sudo >/dev/null && sudo=sudo || sudo=none; fi

@@ -61,6 +61,26 @@ pub struct Args {
     /// start, latency_ms from its scheduled send, ok), for latency over time.
     #[arg(long)]
     samples: Option<PathBuf>,
+    /// Watch it live and change the load while it runs (keys: up/down, *, /, p, space, m,
+    /// q), starting from one --rate (open loop) or one --concurrency (closed loop). Each
+    /// change starts a new row of the exit table. Without a terminal: a line per second.
+    #[arg(long)]
+    live: bool,
+    /// With --live: report the knee, the highest throughput whose p99 stayed within this.
+    #[arg(long)]
+    p99_slo: Option<f64>,
+    /// With --live: requests/s added or taken per up/down key (default: a tenth of --rate).
+    #[arg(long)]
+    rate_step: Option<f64>,
+    /// With --live: the factor of the * and / keys.
+    #[arg(long, default_value_t = 2.0)]
+    factor: f64,
+    /// With --live: seconds of the sliding window for the percentiles shown.
+    #[arg(long, default_value_t = 5)]
+    window: u64,
+    /// With --live: stop after this many seconds (default: on q in a terminal; 30 without one).
+    #[arg(long)]
+    duration: Option<f64>,
 }
 
 /// One request's inputs for `sluice bench` at a batch size: the given tensor files, the
@@ -135,6 +155,9 @@ fn bench_inputs(
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     use sluice_client::bench::{self, BenchSpec, Load};
+    if args.live {
+        return run_live(args);
+    }
     if args.seconds <= 0.0 || args.connections == 0 || args.batch.contains(&0) {
         bail!("--seconds, --connections and --batch must be positive");
     }
@@ -244,6 +267,89 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(plot) = &args.plot {
         let svg = bench::svg_plot(&steps, &format!("sluice bench: {}", args.model)).map_err(anyhow::Error::msg)?;
+        std::fs::write(plot, svg).with_context(|| format!("writing {}", plot.display()))?;
+    }
+    Ok(())
+}
+
+/// `--live`: one load that the keys change, shown as it runs; the segments between
+/// changes are the exit table's rows.
+fn run_live(args: Args) -> anyhow::Result<()> {
+    use sluice_client::bench::{self, Load};
+    use sluice_client::live::{self, LiveRun, LiveSpec};
+    use std::io::IsTerminal;
+    let load = match (args.rate.as_slice(), args.concurrency.as_slice()) {
+        ([], []) => Load::Closed(1),
+        ([rate], []) if *rate > 0.0 => Load::Open { rate: *rate, poisson: args.poisson },
+        ([], [n]) if *n > 0 => Load::Closed(*n),
+        _ => bail!("--live starts from one positive --rate or --concurrency; the keys change it while it runs"),
+    };
+    let batch = match args.batch.as_slice() {
+        [b] if *b > 0 => *b,
+        _ => bail!("--live takes one --batch"),
+    };
+    if args.connections == 0 || args.window == 0 || args.factor <= 1.0 {
+        bail!("--connections and --window must be positive and --factor above 1");
+    }
+    if args.samples.is_some() || args.timing {
+        bail!("--samples and --timing are for stepped runs; --live keeps a per-second timeline (--out FILE.csv)");
+    }
+    let keys = crate::live::Keys {
+        rate_step: args.rate_step.unwrap_or(match load {
+            Load::Open { rate, .. } => (rate / 10.0).max(0.1),
+            Load::Closed(_) => 1.0,
+        }),
+        factor: args.factor,
+    };
+    let tty = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
+    let limit = args.duration.map(Duration::from_secs_f64);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let report = rt.block_on(async {
+        let mut clients = Vec::new();
+        for _ in 0..args.connections {
+            clients.push(connect(&args.conn).await?);
+        }
+        let md = clients[0].model_metadata(&args.model).await?;
+        let batched = clients[0].model_config(&args.model).await.map(|c| c.max_batch_size > 0).unwrap_or(true);
+        let files = read_tensor_files(&args.inputs)?;
+        let images = read_files(&args.images)?;
+        let spec = LiveSpec {
+            model: args.model.clone(),
+            inputs: bench_inputs(&args, &md, batched, batch, &files, &images)?,
+            timeout: None,
+            batch,
+            window: Duration::from_secs(args.window),
+        };
+        let run = LiveRun::start(clients, spec, load);
+        if tty {
+            crate::live::tui(&run, &args.model, keys, args.p99_slo, limit).await;
+        } else {
+            crate::live::lines(&run, limit.unwrap_or(Duration::from_secs(30))).await;
+        }
+        anyhow::Ok(run.stop(Duration::from_secs(10)).await)
+    })?;
+    let render = |format: &str| -> anyhow::Result<String> {
+        Ok(match format {
+            "table" => crate::live::summary(&report, &bench::table(&report.segments), args.p99_slo),
+            "markdown" | "md" => crate::live::summary(&report, &bench::markdown(&report.segments), args.p99_slo),
+            "csv" => live::seconds_csv(&report.seconds),
+            "json" => serde_json::to_string_pretty(&report.to_json(args.p99_slo))?,
+            other => bail!("unknown format '{other}' (table, markdown, csv, json)"),
+        })
+    };
+    print!("{}", render(&args.format)?);
+    if let Some(out) = &args.out {
+        let format = match out.extension().and_then(|e| e.to_str()) {
+            Some("md") => "markdown",
+            Some("csv") => "csv",
+            Some("json") => "json",
+            _ => "table",
+        };
+        std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
+    }
+    if let Some(plot) = &args.plot {
+        let title = format!("sluice bench --live: {}", args.model);
+        let svg = live::svg_timeline(&report, &title, args.p99_slo).map_err(anyhow::Error::msg)?;
         std::fs::write(plot, svg).with_context(|| format!("writing {}", plot.display()))?;
     }
     Ok(())

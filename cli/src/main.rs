@@ -1,6 +1,7 @@
 //! The `sluice` command: one module per subcommand, dispatched from one enum.
 
 mod bench;
+mod live;
 mod remote;
 mod repo;
 mod serve;

@@ -61,36 +61,42 @@ fn scan(repo: &RepoArgs) -> anyhow::Result<ScannedRepo> {
 /// Every op of the registry: its summary, its ports (as built with its example params)
 /// and its params with their defaults.
 pub fn ops(args: OpsArgs) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
     let registry = OpRegistry::builtin();
+    let mut out = String::new();
     if args.markdown {
-        println!("| op | inputs -> outputs | params |\n|---|---|---|");
+        out.push_str("| op | inputs -> outputs | params |\n|---|---|---|\n");
     }
     for spec in registry.iter() {
         let (inputs, outputs) = spec.ports().map_err(|e| anyhow::anyhow!("op '{}': {e}", spec.name))?;
         let ports = |ps: &[sluice_ops::Port]| ps.iter().map(|p| format!("{} ({})", p.name, p.ty)).collect::<Vec<_>>();
-        let params: Vec<String> = spec.params.iter().map(|p| format!("{} = {}", p.name, p.default)).collect();
         if args.markdown {
             let params: Vec<String> = spec.params.iter().map(|p| format!("`{}` ({})", p.name, p.default)).collect();
-            println!(
-                "| `{}` | {} -> {} | {} |",
-                spec.name,
-                ports(&inputs).join(", "),
-                ports(&outputs).join(", "),
-                if params.is_empty() { "none".to_string() } else { params.join(", ") }
-            );
+            let params = if params.is_empty() { "none".to_string() } else { params.join(", ") };
+            let (i, o) = (ports(&inputs).join(", "), ports(&outputs).join(", "));
+            writeln!(out, "| `{}` | {i} -> {o} | {params} |", spec.name)?;
             continue;
         }
-        println!("{}: {}", spec.name, spec.summary);
-        println!("  inputs:  {}", ports(&inputs).join(", "));
-        println!("  outputs: {}", ports(&outputs).join(", "));
+        writeln!(out, "{}: {}", spec.name, spec.summary)?;
+        writeln!(out, "  inputs:  {}", ports(&inputs).join(", "))?;
+        writeln!(out, "  outputs: {}", ports(&outputs).join(", "))?;
         for p in spec.params {
-            println!("  param {} (default {}): {}", p.name, p.default, p.help);
+            writeln!(out, "  param {} (default {}): {}", p.name, p.default, p.help)?;
         }
-        if params.is_empty() {
-            println!("  no params");
+        if spec.params.is_empty() {
+            writeln!(out, "  no params")?;
         }
     }
-    Ok(())
+    print_all(&out)
+}
+
+/// Writes to stdout; a reader that stops early (`| head`) is not an error.
+fn print_all(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 pub fn check(args: CheckArgs) -> anyhow::Result<()> {

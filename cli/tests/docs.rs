@@ -84,7 +84,7 @@ fn every_serve_flag_is_in_the_readme() {
         .split('`')
         .skip(1)
         .step_by(2)
-        .flat_map(|span| span.split(|c: char| c == ' ' || c == '/' || c == '='))
+        .flat_map(|span| span.split([' ', '/', '=']))
         .filter(|w| w.starts_with("--"))
         .collect();
     let missing: Vec<&&str> = flags.iter().filter(|f| !named.contains(**f)).collect();

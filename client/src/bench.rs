@@ -129,7 +129,7 @@ impl Recorder {
 }
 
 /// The server's cumulative (requests, queue ns, compute ns) for the model, if it reports them.
-async fn server_counts(client: &Client, model: &str) -> Option<(u64, u64, u64)> {
+pub(crate) async fn server_counts(client: &Client, model: &str) -> Option<(u64, u64, u64)> {
     let stats = client.model_statistics(model).await.ok()?;
     let s = stats.first()?.inference_stats?;
     let (q, c) = (s.queue?, s.compute_infer?);
@@ -296,10 +296,10 @@ pub fn samples_csv(samples: &[Sample]) -> String {
 }
 
 /// A small, seedable generator for arrival gaps (no need for a crate).
-struct SplitMix(u64);
+pub(crate) struct SplitMix(pub(crate) u64);
 
 impl SplitMix {
-    fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -425,26 +425,24 @@ pub fn csv(steps: &[Step]) -> String {
 
 /// The steps as JSON.
 pub fn to_json(steps: &[Step]) -> Value {
-    Value::Array(
-        steps
-            .iter()
-            .map(|s| {
-                let (kind, value) = load_label(&s.load);
-                json!({
-                    "load": kind, "value": value, "batch": s.batch, "requests": s.requests, "errors": s.errors, "sent": s.sent,
-                    "seconds": s.seconds, "throughput": s.throughput, "items_per_second": s.items_per_second,
-                    "mean_ms": s.mean_ms, "p50_ms": s.p50_ms, "p80_ms": s.p80_ms, "p90_ms": s.p90_ms,
-                    "p99_ms": s.p99_ms, "max_ms": s.max_ms, "service_rate": s.service_rate,
-                    "p50_first_third_ms": s.p50_first_third_ms, "p50_last_third_ms": s.p50_last_third_ms,
-                    "server_queue_ms": s.server_queue_ms, "server_compute_ms": s.server_compute_ms,
-                    "first_error": s.first_error,
-                    "server_steps": s.server_steps.iter().map(|t| json!({
-                        "step": t.step, "items": t.items, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-    )
+    Value::Array(steps.iter().map(step_json).collect())
+}
+
+/// One step as JSON.
+pub(crate) fn step_json(s: &Step) -> Value {
+    let (kind, value) = load_label(&s.load);
+    json!({
+        "load": kind, "value": value, "batch": s.batch, "requests": s.requests, "errors": s.errors, "sent": s.sent,
+        "seconds": s.seconds, "throughput": s.throughput, "items_per_second": s.items_per_second,
+        "mean_ms": s.mean_ms, "p50_ms": s.p50_ms, "p80_ms": s.p80_ms, "p90_ms": s.p90_ms,
+        "p99_ms": s.p99_ms, "max_ms": s.max_ms, "service_rate": s.service_rate,
+        "p50_first_third_ms": s.p50_first_third_ms, "p50_last_third_ms": s.p50_last_third_ms,
+        "server_queue_ms": s.server_queue_ms, "server_compute_ms": s.server_compute_ms,
+        "first_error": s.first_error,
+        "server_steps": s.server_steps.iter().map(|t| json!({
+            "step": t.step, "items": t.items, "queue_ms": t.queue_ms, "compute_ms": t.compute_ms,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The steps as an SVG plot: throughput in items/s (top) and latency percentiles

@@ -16,6 +16,7 @@
 #[cfg(feature = "ndarray")]
 pub mod array;
 pub mod bench;
+pub mod live;
 
 use bytes::Bytes;
 pub use sluice_ops::{DataType, Tensor};

@@ -61,19 +61,31 @@ impl Timing {
     }
 }
 
-/// Counts an item in a node's in-flight gauge while it lives.
-struct InFlight<'a>(&'a NodeMetrics);
+/// One run of a node on one item, as its metrics see it: in flight while it lives, then
+/// its duration and, if it failed, why. The same for the split and the fused layout.
+struct NodeRun<'a> {
+    m: &'a NodeMetrics,
+    start: Instant,
+}
 
-impl<'a> InFlight<'a> {
-    fn new(m: &'a NodeMetrics) -> InFlight<'a> {
+impl<'a> NodeRun<'a> {
+    fn begin(m: &'a NodeMetrics) -> NodeRun<'a> {
         m.in_flight.inc();
-        InFlight(m)
+        NodeRun { m, start: Instant::now() }
+    }
+
+    fn finish(self, result: Result<Vec<Value>, Error>) -> Result<Vec<Value>, Error> {
+        self.m.duration.observe(self.start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.m.failure(e.error_type());
+        }
+        result
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for NodeRun<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.dec();
+        self.m.in_flight.dec();
     }
 }
 
@@ -388,12 +400,9 @@ impl Pipeline {
     async fn run_item(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
-        if cx.deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Error::DeadlineExceeded { model: self.plan.name.clone() });
-        }
+        self.check_deadline(cx)?;
         let m = &runner.metrics;
-        let _in_flight = InFlight::new(m);
-        let start = Instant::now();
+        let run = NodeRun::begin(m);
         let _permit = match &runner.limit {
             Some(s) => Some(s.acquire().await.map_err(|_| Error::ShuttingDown)?),
             None => None,
@@ -404,11 +413,15 @@ impl Pipeline {
             Target::Op { op, pool } => self.run_op(i, m, op.clone(), pool, inputs, cx).instrument(span).await,
             Target::Model(model) => self.run_model(i, m, model, inputs, cx).instrument(span).await,
         };
-        m.duration.observe(start.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            m.failure(e.error_type());
+        run.finish(result)
+    }
+
+    /// Work not yet started for a request past its deadline is skipped.
+    fn check_deadline(&self, cx: ItemCx<'_>) -> Result<(), Error> {
+        match cx.deadline {
+            Some(d) if Instant::now() >= d => Err(Error::DeadlineExceeded { model: self.plan.name.clone() }),
+            _ => Ok(()),
         }
-        result
     }
 
     async fn run_op(
@@ -542,31 +555,23 @@ impl Pipeline {
     fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
-        let deadline = cx.deadline;
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(Error::DeadlineExceeded { model: self.plan.name.clone() });
-        }
+        self.check_deadline(cx)?;
         let m = &runner.metrics;
-        let _in_flight = InFlight::new(m);
-        let start = Instant::now();
+        let run = NodeRun::begin(m);
         m.items.inc();
         let result = match &runner.target {
             Target::Op { op, .. } => {
                 let outcome = catch_unwind(AssertUnwindSafe(|| op.run(&inputs))).map_err(crate::error::panic_message);
-                cx.record(i, m, Duration::ZERO, start.elapsed());
+                cx.record(i, m, Duration::ZERO, run.start.elapsed());
                 self.op_outcome(node, outcome)
             }
             Target::Model(model) => self.model_inputs(node, model, inputs).and_then(|tensors| {
-                let rx = model.submit(tensors, 1, deadline, node.batching)?;
+                let rx = model.submit(tensors, 1, cx.deadline, node.batching)?;
                 let computed = rx.blocking_recv().map_err(|_| model.stopped())??;
                 Ok(model_outputs(model, m, computed, i, cx))
             }),
         };
-        m.duration.observe(start.elapsed().as_secs_f64());
-        if let Err(e) = &result {
-            m.failure(e.error_type());
-        }
-        result
+        run.finish(result)
     }
 }
 
