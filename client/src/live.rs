@@ -64,7 +64,12 @@ pub struct Change {
     /// Seconds since the start.
     pub at_s: f64,
     pub what: String,
+    /// For a change of load, the load before it.
+    pub load_from: Option<Load>,
 }
+
+/// Changes of load closer together than this are one change.
+const COALESCE: Duration = Duration::from_millis(500);
 
 /// What a finished run gives.
 #[derive(Debug, Clone)]
@@ -202,7 +207,7 @@ impl LiveRun {
     fn log(&self, what: String) {
         let mut st = self.lock();
         let at_s = st.start.elapsed().as_secs_f64();
-        st.changes.push(Change { at_s, what });
+        st.changes.push(Change { at_s, what, load_from: None });
     }
 
     /// The load being offered now, and whether it is paused.
@@ -211,20 +216,43 @@ impl LiveRun {
         (c.load, c.paused)
     }
 
-    /// Offers `load` from now on: logged, and a new segment.
+    /// Offers `load` from now on: logged, and a new segment. Changes within half a
+    /// second of the last one (a key pressed several times) make one change.
     pub fn set_load(&self, load: Load) {
         let (old, _) = self.load();
         if old == load {
             return;
         }
-        self.log(format!("{} -> {}", describe(&old), describe(&load)));
         {
             let mut st = self.lock();
             let now = Instant::now();
-            if let Some(last) = st.segments.last_mut() {
-                last.end = Some(now);
+            let at_s = (now - st.start).as_secs_f64();
+            let recent = st.segments.len() > 1 && st.segments.last().is_some_and(|s| now - s.start < COALESCE);
+            let from = match (recent, st.changes.last()) {
+                (true, Some(c)) if c.load_from.is_some() => c.load_from,
+                _ => None,
+            };
+            match from {
+                Some(from) => {
+                    // Fold into the change just made: its segment takes the new load.
+                    let last = st.changes.last_mut().expect("matched above");
+                    last.what = format!("{} -> {}", describe(&from), describe(&load));
+                    if let Some(s) = st.segments.last_mut() {
+                        s.load = load;
+                    }
+                }
+                None => {
+                    st.changes.push(Change {
+                        at_s,
+                        what: format!("{} -> {}", describe(&old), describe(&load)),
+                        load_from: Some(old),
+                    });
+                    if let Some(last) = st.segments.last_mut() {
+                        last.end = Some(now);
+                    }
+                    st.segments.push(Segment::new(load, now));
+                }
             }
-            st.segments.push(Segment::new(load, now));
         }
         self.control.send_modify(|c| c.load = load);
     }
