@@ -280,16 +280,22 @@ fn run_live(args: Args) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let load = match (args.rate.as_slice(), args.concurrency.as_slice()) {
         ([], []) => Load::Closed(1),
-        ([rate], []) if *rate > 0.0 => Load::Open { rate: *rate, poisson: args.poisson },
-        ([], [n]) if *n > 0 => Load::Closed(*n),
+        ([rate], []) if rate.is_finite() && *rate > 0.0 => Load::Open { rate: *rate, poisson: args.poisson },
+        ([], [n]) if (1..=10_000).contains(n) => Load::Closed(*n),
         _ => bail!("--live starts from one positive --rate or --concurrency; the keys change it while it runs"),
     };
     let batch = match args.batch.as_slice() {
         [b] if *b > 0 => *b,
         _ => bail!("--live takes one --batch"),
     };
-    if args.connections == 0 || args.window == 0 || args.factor <= 1.0 {
+    if args.connections == 0 || args.window == 0 || !(args.factor.is_finite() && args.factor > 1.0) {
         bail!("--connections and --window must be positive and --factor above 1");
+    }
+    if args.rate_step.is_some_and(|s| !(s.is_finite() && s > 0.0)) {
+        bail!("--rate-step must be positive");
+    }
+    if !["table", "markdown", "md", "csv", "json"].contains(&args.format.as_str()) {
+        bail!("unknown format '{}' (table, markdown, csv, json)", args.format);
     }
     if args.samples.is_some() || args.timing {
         bail!("--samples and --timing are for stepped runs; --live keeps a per-second timeline (--out FILE.csv)");
@@ -302,7 +308,11 @@ fn run_live(args: Args) -> anyhow::Result<()> {
         factor: args.factor,
     };
     let tty = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
-    let limit = args.duration.map(Duration::from_secs_f64);
+    let limit = match args.duration {
+        None => None,
+        Some(s) if s > 0.0 => Some(Duration::try_from_secs_f64(s).context("--duration")?),
+        Some(_) => bail!("--duration must be positive"),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let report = rt.block_on(async {
         let mut clients = Vec::new();
@@ -322,7 +332,8 @@ fn run_live(args: Args) -> anyhow::Result<()> {
         };
         let run = LiveRun::start(clients, spec, load);
         if tty {
-            crate::live::tui(&run, &args.model, keys, args.p99_slo, limit).await;
+            let view = crate::live::View { title: &args.model, slo_ms: args.p99_slo, window_s: args.window };
+            crate::live::tui(&run, view, keys, limit).await;
         } else {
             crate::live::lines(&run, limit.unwrap_or(Duration::from_secs(30))).await;
         }

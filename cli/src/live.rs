@@ -32,17 +32,21 @@ enum Action {
     Nothing,
 }
 
+/// The most the keys go to: far past what one client process can offer.
+const MAX_RATE: f64 = 1e6;
+const MAX_CONCURRENCY: usize = 10_000;
+
 fn action(code: KeyCode, mods: KeyModifiers, load: Load, paused: bool, keys: Keys) -> Action {
     let scale = |f: f64| match load {
-        Load::Open { rate, poisson } => Load::Open { rate: (rate * f).max(0.1), poisson },
-        Load::Closed(n) => Load::Closed(((n as f64 * f).round() as usize).max(1)),
+        Load::Open { rate, poisson } => Load::Open { rate: (rate * f).clamp(0.1, MAX_RATE), poisson },
+        Load::Closed(n) => Load::Closed(((n as f64 * f).round() as usize).clamp(1, MAX_CONCURRENCY)),
     };
     let add = |up: bool| match load {
         Load::Open { rate, poisson } => {
-            let rate = if up { rate + keys.rate_step } else { (rate - keys.rate_step).max(0.1) };
-            Load::Open { rate, poisson }
+            let rate = if up { rate + keys.rate_step } else { rate - keys.rate_step };
+            Load::Open { rate: rate.clamp(0.1, MAX_RATE), poisson }
         }
-        Load::Closed(n) => Load::Closed(if up { n + 1 } else { n.saturating_sub(1).max(1) }),
+        Load::Closed(n) => Load::Closed(if up { n + 1 } else { n.saturating_sub(1) }.clamp(1, MAX_CONCURRENCY)),
     };
     match code {
         KeyCode::Char('c') if mods.contains(KeyModifiers::CONTROL) => Action::Quit,
@@ -61,8 +65,17 @@ fn action(code: KeyCode, mods: KeyModifiers, load: Load, paused: bool, keys: Key
     }
 }
 
+/// What the view shows besides the run.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub title: &'a str,
+    pub slo_ms: Option<f64>,
+    /// The sliding window of the percentiles, in seconds.
+    pub window_s: u64,
+}
+
 /// Runs the terminal view until the user quits (or `limit` passes).
-pub async fn tui(run: &LiveRun, title: &str, keys: Keys, slo_ms: Option<f64>, limit: Option<Duration>) {
+pub async fn tui(run: &LiveRun, view: View<'_>, keys: Keys, limit: Option<Duration>) {
     let started = Instant::now();
     // Keys are read on a thread of their own: crossterm's read blocks.
     let (tx, mut rx) = mpsc::channel(64);
@@ -106,14 +119,15 @@ pub async fn tui(run: &LiveRun, title: &str, keys: Keys, slo_ms: Option<f64>, li
         if limit.is_some_and(|l| started.elapsed() >= l) {
             break;
         }
-        let _ = terminal.draw(|f| draw(f, run, title, slo_ms, started.elapsed()));
+        let _ = terminal.draw(|f| draw(f, run, view, started.elapsed()));
     }
     ratatui::restore();
     drop(rx);
     let _ = reader.join();
 }
 
-/// One line per second, for pipes and CI, until `limit` passes or SIGINT.
+/// One line per second on stderr (stdout keeps the report), for pipes and CI, until
+/// `limit` passes or SIGINT.
 pub async fn lines(run: &LiveRun, limit: Duration) {
     let started = Instant::now();
     let mut printed = 0;
@@ -126,7 +140,7 @@ pub async fn lines(run: &LiveRun, limit: Duration) {
         }
         let seconds = run.seconds();
         for s in &seconds[printed..] {
-            println!("{}", second_line(s));
+            eprintln!("{}", second_line(s));
         }
         printed = seconds.len();
     }
@@ -158,7 +172,8 @@ pub fn second_line(s: &Second) -> String {
 /// Seconds of history the charts show.
 const SHOWN_S: f64 = 180.0;
 
-fn draw(f: &mut Frame, run: &LiveRun, title: &str, slo_ms: Option<f64>, elapsed: Duration) {
+fn draw(f: &mut Frame, run: &LiveRun, view: View<'_>, elapsed: Duration) {
+    let (title, slo_ms) = (view.title, view.slo_ms);
     let seconds = run.seconds();
     let changes = run.changes();
     let (load, paused) = run.load();
@@ -179,7 +194,7 @@ fn draw(f: &mut Frame, run: &LiveRun, title: &str, slo_ms: Option<f64>, elapsed:
                 ms(s.p50_ms),
                 ms(s.p90_ms),
                 ms(s.p99_ms),
-                seconds.len().min(5)
+                (seconds.len() as u64).min(view.window_s)
             ),
             None => "offered -  achieved -  (first second under way)".into(),
         }),

@@ -105,6 +105,13 @@ async fn the_live_view_follows_the_keys_and_the_exit_table_has_the_change_points
         });
         assert!(screen.contains("rate 55/s (even) -> rate 110/s (even)"), "the change is logged:\n{screen}");
         tmux.keys("m");
+        // Paused: nothing offered; resumed: the same load again.
+        tmux.keys("Space");
+        tmux.wait_for("a paused second", |s| s.contains("PAUSED") && s.contains("offered 0/s"));
+        tmux.keys("Space");
+        tmux.wait_for("the load again", |s| {
+            !s.contains("PAUSED") && number_after(s, "offered").is_some_and(|o| o > 90.0)
+        });
         tmux.keys("q");
         tmux
     })
@@ -126,12 +133,16 @@ async fn the_live_view_follows_the_keys_and_the_exit_table_has_the_change_points
     }
     let rows = screen.lines().skip_while(|l| !l.contains("from_s")).skip(1).take_while(|l| !l.trim().is_empty());
     let starts: Vec<f64> = rows.filter_map(|r| r.split_whitespace().next()?.parse().ok()).collect();
-    assert_eq!(starts.len(), 3, "one row per load, after the second it began:\n{screen}");
-    assert!(starts[0] == 0.0 && starts[1] > 0.5 && starts[2] > starts[1] + 1.0, "{starts:?}");
+    // 50/s, 55/s, 110/s, and 110/s again after the pause (the paused stretch is no row).
+    assert_eq!(starts.len(), 4, "one row per load, after the second it began:\n{screen}");
+    assert!(
+        starts[0] == 0.0 && starts[1] > 0.5 && starts[2] > starts[1] + 1.0 && starts[3] > starts[2] + 2.0,
+        "{starts:?}"
+    );
 
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["segments"].as_array().unwrap().len(), 3, "{report}");
-    assert_eq!(report["changes"].as_array().unwrap().len(), 3, "{report}");
+    assert_eq!(report["segments"].as_array().unwrap().len(), 4, "{report}");
+    assert_eq!(report["changes"].as_array().unwrap().len(), 5, "{report}");
     assert_eq!(report["errors"], 0, "{report}");
     let (sent, ok) = (report["sent"].as_u64().unwrap(), report["ok"].as_u64().unwrap());
     assert_eq!(sent, ok, "every request sent was answered before the exit");
@@ -160,15 +171,16 @@ async fn without_a_terminal_it_prints_a_line_per_second_and_stops_on_its_own() {
     .await
     .unwrap()
     .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    // A line per second on stderr; the report on stdout.
     for t in 1..=3 {
-        assert!(stdout.contains(&format!("t={t}s rate 20/s (even): offered ")), "no line for second {t}:\n{stdout}");
+        assert!(stderr.contains(&format!("t={t}s rate 20/s (even): offered ")), "no line for second {t}:\n{stderr}");
     }
     let offered: Vec<f64> =
-        stdout.lines().filter(|l| l.starts_with("t=")).filter_map(|l| number_after(l, "offered")).collect();
-    assert!(offered.iter().skip(1).all(|o| (15.0..=25.0).contains(o)), "{offered:?}\n{stdout}");
-    assert!(stdout.contains("changes:\n  none"), "{stdout}");
+        stderr.lines().filter(|l| l.starts_with("t=")).filter_map(|l| number_after(l, "offered")).collect();
+    assert!(offered.iter().skip(1).all(|o| (15.0..=25.0).contains(o)), "{offered:?}\n{stderr}");
+    assert!(stdout.contains("changes:\n  none") && !stdout.contains("t=1s"), "{stdout}");
 
     let bad = Command::new(bin).args(["bench", "m", "--live", "--rate", "10,20"]).output().unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--live starts from one positive --rate or --concurrency"));

@@ -131,6 +131,9 @@ struct Control {
 /// Latencies of one segment, and its counts.
 struct Segment {
     load: Load,
+    batch: usize,
+    /// A stretch while paused: no load offered, left out of the report.
+    paused: bool,
     start: Instant,
     end: Option<Instant>,
     hist: Histogram<u64>,
@@ -177,7 +180,7 @@ impl LiveRun {
         let start = Instant::now();
         let state = Arc::new(Mutex::new(State {
             start,
-            segments: vec![Segment::new(load, start)],
+            segments: vec![Segment::new(load, spec.batch, start)],
             changes: Vec::new(),
             offered: 0,
             achieved: 0,
@@ -250,19 +253,33 @@ impl LiveRun {
                     if let Some(last) = st.segments.last_mut() {
                         last.end = Some(now);
                     }
-                    st.segments.push(Segment::new(load, now));
+                    let batch = st.segments.last().map_or(1, |s| s.batch);
+                    st.segments.push(Segment::new(load, batch, now));
                 }
             }
         }
         self.control.send_modify(|c| c.load = load);
     }
 
-    /// Stops (or resumes) offering load; requests in flight finish.
+    /// Stops (or resumes) offering load; requests in flight finish. The paused stretch
+    /// is a segment of its own, left out of the report.
     pub fn set_paused(&self, paused: bool) {
-        if self.load().1 == paused {
+        let (load, was) = self.load();
+        if was == paused {
             return;
         }
         self.log(if paused { "paused".into() } else { "resumed".into() });
+        {
+            let mut st = self.lock();
+            let now = Instant::now();
+            let batch = st.segments.last().map_or(1, |s| s.batch);
+            if let Some(last) = st.segments.last_mut() {
+                last.end = Some(now);
+            }
+            let mut next = Segment::new(load, batch, now);
+            next.paused = paused;
+            st.segments.push(next);
+        }
         self.control.send_modify(|c| c.paused = paused);
     }
 
@@ -288,9 +305,15 @@ impl LiveRun {
 
     /// Stops offering load, waits (at most `grace`) for the requests in flight, and
     /// summarises the run.
-    pub async fn stop(self, grace: Duration) -> LiveReport {
+    pub async fn stop(mut self, grace: Duration) -> LiveReport {
+        let stopped = Instant::now();
         self.control.send_modify(|c| c.stopping = true);
-        let deadline = Instant::now() + grace;
+        let deadline = stopped + grace;
+        // The generator ends at once: after it, no request is started, and every one
+        // started is counted in `in_flight` (closed-loop workers end after theirs).
+        if let Some(generator) = self.tasks.first_mut() {
+            let _ = tokio::time::timeout(grace, generator).await;
+        }
         while self.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -298,15 +321,15 @@ impl LiveRun {
             t.abort();
         }
         let mut st = self.lock();
-        let now = Instant::now();
+        // The last segment ends when the load stopped, not after the wait.
         if let Some(last) = st.segments.last_mut() {
-            last.end.get_or_insert(now);
+            last.end.get_or_insert(stopped);
         }
         let t0 = st.start;
         let (segments, segment_starts) = st
             .segments
             .iter()
-            .filter(|s| s.end.is_some_and(|e| e > s.start))
+            .filter(|s| !s.paused && s.end.is_some_and(|e| e > s.start))
             .map(|s| (s.to_step(), (s.start - t0).as_secs_f64()))
             .unzip();
         LiveReport {
@@ -345,9 +368,11 @@ fn trim(x: f64) -> String {
 }
 
 impl Segment {
-    fn new(load: Load, start: Instant) -> Segment {
+    fn new(load: Load, batch: usize, start: Instant) -> Segment {
         Segment {
             load,
+            batch,
+            paused: false,
             start,
             end: None,
             hist: histogram(),
@@ -367,13 +392,13 @@ impl Segment {
         let (n, q, c) = self.server;
         Step {
             load: self.load,
-            batch: 1,
+            batch: self.batch,
             requests: self.ok,
             errors: self.errors,
             sent: self.sent,
             seconds: secs,
             throughput,
-            items_per_second: throughput,
+            items_per_second: throughput * self.batch as f64,
             mean_ms: h.mean() / 1000.0,
             p50_ms: ms(h.value_at_quantile(0.5)),
             p80_ms: ms(h.value_at_quantile(0.8)),
@@ -405,18 +430,21 @@ struct Sender {
 }
 
 impl Sender {
-    /// Sends one request scheduled at `scheduled` and records it in the segment that was
-    /// current then.
-    async fn send(&self, k: usize, scheduled: Instant) {
-        let segment = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.offered += 1;
-            st.sent += 1;
-            let i = st.segments.len() - 1;
-            st.segments[i].sent += 1;
-            i
-        };
+    /// Counts a request about to be sent (in the segment current now); returns that
+    /// segment. Called before the request's task is spawned, so `stop` never misses it.
+    fn begin(&self) -> usize {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.offered += 1;
+        st.sent += 1;
+        let i = st.segments.len() - 1;
+        st.segments[i].sent += 1;
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        i
+    }
+
+    /// Sends one request counted by [`begin`](Self::begin), scheduled at `scheduled`,
+    /// and records it in `segment`.
+    async fn send(&self, k: usize, segment: usize, scheduled: Instant) {
         let client = &self.clients[k % self.clients.len()];
         let inputs: Vec<(&str, &Tensor)> = self.spec.inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let opts = InferOptions { timeout: self.spec.timeout, ..Default::default() };
@@ -445,57 +473,80 @@ impl Sender {
     }
 }
 
-/// Ends every closed-loop worker of the generation before it when dropped (the
-/// generator task aborted) or bumped.
-struct Generations(Arc<AtomicUsize>);
+/// The closed loop's workers: worker `id` runs while `id < target`. Which ids run is
+/// kept under one lock with the target, so raising the target again never loses or
+/// doubles a worker, and lowering it ends only the workers above it.
+#[derive(Clone, Default)]
+struct Workers {
+    target: Arc<Mutex<(usize, std::collections::BTreeSet<usize>)>>,
+}
 
-impl Generations {
-    fn next(&self) -> usize {
-        self.0.fetch_add(1, Ordering::AcqRel) + 1
+impl Workers {
+    fn set(&self, n: usize, sender: &Sender) {
+        let mut guard = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        guard.0 = n;
+        for id in 0..n {
+            if guard.1.insert(id) {
+                let (sender, workers) = (sender.clone(), self.clone());
+                tokio::spawn(async move {
+                    while workers.keeps(id) {
+                        let segment = sender.begin();
+                        sender.send(id, segment, Instant::now()).await;
+                    }
+                });
+            }
+        }
+    }
+
+    /// Whether worker `id` goes on; if not, it is taken off the running set.
+    fn keeps(&self, id: usize) -> bool {
+        let mut guard = self.target.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = id < guard.0;
+        if !keep {
+            guard.1.remove(&id);
+        }
+        keep
     }
 }
 
-impl Drop for Generations {
+impl Drop for Generator {
     fn drop(&mut self) {
-        self.next();
+        // The generator ended (stopped, or its task aborted): so do the workers.
+        self.workers.target.lock().unwrap_or_else(|p| p.into_inner()).0 = 0;
     }
+}
+
+struct Generator {
+    workers: Workers,
 }
 
 /// Offers the load the control says, following its changes.
 async fn generate(sender: Sender, mut control: watch::Receiver<Control>) {
     let mut rng = crate::bench::SplitMix(0x5eed);
-    let generations = Generations(Arc::new(AtomicUsize::new(0)));
+    let generator = Generator { workers: Workers::default() };
     let mut k = 0usize;
     loop {
         let c = *control.borrow_and_update();
-        // Closed-loop workers of the previous load end after their request in flight.
-        let generation = generations.next();
         if c.stopping {
             return;
         }
         match (c.paused, c.load) {
-            (true, _) => {}
-            (false, Load::Closed(n)) => {
-                for id in 0..n {
-                    let (sender, current) = (sender.clone(), generations.0.clone());
-                    tokio::spawn(async move {
-                        while current.load(Ordering::Acquire) == generation {
-                            sender.send(id, Instant::now()).await;
-                        }
-                    });
-                }
-            }
+            (false, Load::Closed(n)) => generator.workers.set(n, &sender),
+            (true, _) => generator.workers.set(0, &sender),
             (false, Load::Open { rate, poisson }) => {
-                // The new rate's schedule starts now: no burst to catch up.
+                generator.workers.set(0, &sender);
+                // The new rate's schedule starts now: no burst to catch up. A rate too
+                // low to schedule is clamped (the CLI refuses it before).
+                let rate = if rate.is_finite() { rate.max(0.01) } else { 0.01 };
                 let mut next = Instant::now();
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(next.into()) => {
-                            let (s, scheduled) = (sender.clone(), next);
+                            let (s, scheduled, segment) = (sender.clone(), next, sender.begin());
                             k += 1;
-                            tokio::spawn(async move { s.send(k, scheduled).await });
+                            tokio::spawn(async move { s.send(k, segment, scheduled).await });
                             let gap = if poisson { -(1.0 - rng.next_f64()).ln() / rate } else { 1.0 / rate };
-                            next += Duration::from_secs_f64(gap.max(0.0));
+                            next += Duration::from_secs_f64(gap.clamp(0.0, 100.0));
                         }
                         changed = control.changed() => {
                             if changed.is_err() {
@@ -518,10 +569,16 @@ async fn generate(sender: Sender, mut control: watch::Receiver<Control>) {
 async fn tick(sender: Sender, control: watch::Receiver<Control>) {
     let start = sender.state.lock().unwrap_or_else(|p| p.into_inner()).start;
     let window = sender.spec.window.as_secs().max(1) as usize;
-    let mut before = crate::bench::server_counts(&sender.clients[0], &sender.spec.model).await;
+    // The server's statistics, unless they take long to come (a busy server must not
+    // hold the timeline up).
+    let counts = || async {
+        let asked = crate::bench::server_counts(&sender.clients[0], &sender.spec.model);
+        tokio::time::timeout(Duration::from_millis(300), asked).await.ok().flatten()
+    };
+    let mut before = counts().await;
     for at_s in 1u64.. {
         tokio::time::sleep_until((start + Duration::from_secs(at_s)).into()).await;
-        let after = crate::bench::server_counts(&sender.clients[0], &sender.spec.model).await;
+        let after = counts().await;
         let server = match (before, after) {
             (Some(b), Some(a)) if a.0 > b.0 => {
                 let n = a.0 - b.0;

@@ -38,7 +38,8 @@ impl Housekeeper {
             ReloadMode::Explicit | ReloadMode::None => None,
         };
         let thread = std::thread::Builder::new()
-            .name("sluice-housekeeping".into())
+            // Linux keeps 15 bytes of a thread name.
+            .name("sluice-keeper".into())
             .spawn(move || {
                 // Held so `events` never disconnects (a disconnected channel is always
                 // ready in `select!`) when nothing watches.

@@ -81,6 +81,9 @@ pub enum StartError {
     Repository(#[from] ReloadError),
     #[error("cannot start {what}: {message}")]
     Thread { what: &'static str, message: String },
+    /// The housekeeping thread or the repository watcher could not start.
+    #[error("{0}")]
+    Housekeeping(String),
     #[error("{0}")]
     Tls(String),
 }
@@ -133,7 +136,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         Err(message) => {
             // The engine's last owner: drop it (joining model threads) off the runtime.
             let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
-            return Err(StartError::Thread { what: "housekeeping", message });
+            return Err(StartError::Housekeeping(message));
         }
     };
     let (stop, stopped) = watch::channel(false);

@@ -271,8 +271,11 @@ impl Pipeline {
     fn split_items(&self, given: Vec<NamedTensor>) -> Result<Vec<Vec<Value>>, Error> {
         let plan = &self.plan;
         let batched = plan.max_batch_size > 0;
+        // Messages show the request's dims: the items' dims after the batch dimension.
+        let dims: Vec<Vec<i64>> =
+            plan.inputs.iter().map(|p| if batched { [&[-1], &p.dims[..]].concat() } else { p.dims.clone() }).collect();
         let expected: Vec<Expected> =
-            plan.inputs.iter().map(|p| Expected { name: &p.name, dtype: p.dtype, dims: &p.dims }).collect();
+            plan.inputs.iter().zip(&dims).map(|(p, dims)| Expected { name: &p.name, dtype: p.dtype, dims }).collect();
         let tensors = check::bind_inputs(&plan.name, "pipeline", &expected, given)?;
         let mut n_items = None;
         let mut columns: Vec<Vec<Value>> = Vec::new();
