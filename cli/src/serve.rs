@@ -47,6 +47,10 @@ pub struct Args {
     /// Require client certificates signed by these CAs (PEM): mutual TLS.
     #[arg(long, env = "SLUICE_SERVER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Gzip gRPC responses for clients that accept gzip (off: deflating costs more CPU
+    /// per request than the bytes it saves on a LAN; requests may be gzipped either way).
+    #[arg(long, env = "SLUICE_GRPC_COMPRESS_RESPONSES")]
+    grpc_compress_responses: bool,
     /// How long a graceful shutdown may wait for in-flight requests before exiting anyway.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     shutdown_timeout_s: u64,
@@ -68,6 +72,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             _ => None,
         },
         load_nice: args.load_nice,
+        grpc_compress_responses: args.grpc_compress_responses,
         ..ServerConfig::new(args.repo.models)
     };
     // The runtime does I/O only; models run on their own instance threads.

@@ -46,6 +46,9 @@ pub struct ServerConfig {
     /// Nice value (0-19) of model loads once serving: they take only the CPU requests
     /// leave idle. 0 loads at normal priority.
     pub load_nice: i32,
+    /// Gzip gRPC responses for clients that accept it. Off: Triton's clients list gzip
+    /// in every request, and deflating each response costs more than sending it on a LAN.
+    pub grpc_compress_responses: bool,
     /// The ops pipelines may name: the built-in ones, plus an embedding program's own.
     pub ops: Arc<OpRegistry>,
 }
@@ -68,6 +71,7 @@ impl ServerConfig {
             reload_debounce: Duration::from_millis(500),
             tls: None,
             load_nice: BACKGROUND_NICE,
+            grpc_compress_responses: false,
             ops: Arc::new(OpRegistry::builtin()),
         }
     }
@@ -151,12 +155,16 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         let _ = rx.wait_for(|s| *s).await;
     };
 
-    let grpc = GrpcInferenceServiceServer::new(GrpcApi { state: state.clone() })
+    let mut grpc = GrpcInferenceServiceServer::new(GrpcApi { state: state.clone() })
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes)
         // tritonclient and perf_analyzer can compress requests with gzip.
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    // tonic compresses whenever a client lists gzip as acceptable, and Triton's clients
+    // always do: only when the operator asks, as Triton does.
+    if cfg.grpc_compress_responses {
+        grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    }
     // Nagle's algorithm holds back HTTP/2's small frames (window updates, headers) behind a
     // delayed ACK: 40 ms stalls per large request. tonic's own nodelay setting does not
     // reach sockets from a custom incoming stream, so set it on each accepted one.

@@ -540,3 +540,26 @@ async fn models_without_a_batch_dimension_take_scalars() {
     }
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_gzipped_only_when_the_server_is_told_to_and_gzipped_requests_always_work() {
+    use tonic::codec::CompressionEncoding::Gzip;
+    let repo = affine_repo();
+    for compress in [false, true] {
+        let s = start(sluice_server::ServerConfig { grpc_compress_responses: compress, ..config(repo.path()) }).await;
+        let (v, t) = x(1, 0.0);
+        let want = affine_reference(&v).0;
+        let req = || sluice_client::infer_request("affine", &[("x", &t)], &InferOptions::default());
+        // As tritonclient and perf_analyzer do: gzip listed as acceptable on every call.
+        let resp = s.client.raw().accept_compressed(Gzip).model_infer(req()).await.unwrap();
+        let encoding = resp.metadata().get("grpc-encoding").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(encoding.as_deref(), compress.then_some("gzip"), "compress responses: {compress}");
+        let out = sluice_client::decode_outputs(resp.into_inner()).unwrap();
+        assert_eq!(out.iter().find(|(n, _)| n == "y").unwrap().1.to_f32().unwrap(), want);
+        // A gzipped request is read either way.
+        let resp = s.client.raw().send_compressed(Gzip).model_infer(req()).await.unwrap();
+        let out = sluice_client::decode_outputs(resp.into_inner()).unwrap();
+        assert_eq!(out.iter().find(|(n, _)| n == "y").unwrap().1.to_f32().unwrap(), want);
+        s.server.shutdown().await;
+    }
+}
