@@ -253,7 +253,13 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>, im: &InstanceMe
 /// CPU time nothing else wants.
 const IDLE_WATCH: Duration = Duration::from_micros(250);
 
-/// Watches for up to [`IDLE_WATCH`] until something is queued; true if it was.
+/// A yield that takes longer than this came back after another thread ran: the CPU is
+/// wanted (the clients, the pipelines' ops, the I/O threads), so the watch parks instead
+/// of taking its turns too.
+const CONTENDED_YIELD: Duration = Duration::from_micros(20);
+
+/// Watches for up to [`IDLE_WATCH`] until something is queued; true if it was. Gives up
+/// early when the core is contended.
 fn watch_for_work(shared: &Shared) -> bool {
     let start = Instant::now();
     loop {
@@ -263,7 +269,11 @@ fn watch_for_work(shared: &Shared) -> bool {
         if start.elapsed() >= IDLE_WATCH {
             return false;
         }
+        let before = Instant::now();
         std::thread::yield_now();
+        if before.elapsed() >= CONTENDED_YIELD {
+            return shared.queued.load(Ordering::Acquire) > 0;
+        }
     }
 }
 
