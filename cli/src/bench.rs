@@ -83,6 +83,49 @@ pub struct Args {
     duration: Option<f64>,
 }
 
+/// The server under test: connections, and what a request to the model needs.
+struct Target {
+    clients: Vec<sluice_client::Client>,
+    metadata: sluice_client::proto::ModelMetadataResponse,
+    batched: bool,
+    files: Vec<(String, sluice_client::Tensor)>,
+    images: Vec<Vec<u8>>,
+}
+
+impl Target {
+    /// Opens `--connections` connections and reads the model's metadata and the input files.
+    async fn connect(args: &Args) -> anyhow::Result<Target> {
+        let mut clients = Vec::new();
+        for _ in 0..args.connections {
+            clients.push(connect(&args.conn).await?);
+        }
+        let metadata = clients[0].model_metadata(&args.model).await?;
+        let batched = clients[0].model_config(&args.model).await.map(|c| c.max_batch_size > 0).unwrap_or(true);
+        let files = read_tensor_files(&args.inputs)?;
+        let images = read_files(&args.images)?;
+        Ok(Target { clients, metadata, batched, files, images })
+    }
+
+    fn inputs(&self, args: &Args, batch: usize) -> anyhow::Result<Vec<(String, sluice_client::Tensor)>> {
+        bench_inputs(args, &self.metadata, self.batched, batch, &self.files, &self.images)
+    }
+}
+
+/// Prints the report in `--format` and writes `--out` in the format its extension names.
+fn write_report(args: &Args, render: impl Fn(&str) -> anyhow::Result<String>) -> anyhow::Result<()> {
+    print!("{}", render(&args.format)?);
+    if let Some(out) = &args.out {
+        let format = match out.extension().and_then(|e| e.to_str()) {
+            Some("md") => "markdown",
+            Some("csv") => "csv",
+            Some("json") => "json",
+            _ => "table",
+        };
+        std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
+
 /// One request's inputs for `sluice bench` at a batch size: the given tensor files, the
 /// images for a BYTES input, generated data for the rest.
 fn bench_inputs(
@@ -176,20 +219,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The whole runtime is the client here: several threads so it is not the bottleneck.
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let steps = rt.block_on(async {
-        let mut clients = Vec::new();
-        for _ in 0..args.connections {
-            clients.push(connect(&args.conn).await?);
-        }
-        let md = clients[0].model_metadata(&args.model).await?;
-        let batched = clients[0].model_config(&args.model).await.map(|c| c.max_batch_size > 0).unwrap_or(true);
-        let files = read_tensor_files(&args.inputs)?;
-        let images = read_files(&args.images)?;
+        let target = Target::connect(&args).await?;
+        let clients = &target.clients;
         let runs: Vec<(usize, Load)> = args.batch.iter().flat_map(|&b| loads.iter().map(move |&l| (b, l))).collect();
         let mut steps = Vec::new();
         for (k, &(batch, load)) in runs.iter().enumerate() {
             let spec = BenchSpec {
                 model: args.model.clone(),
-                inputs: bench_inputs(&args, &md, batched, batch, &files, &images)?,
+                inputs: target.inputs(&args, batch)?,
                 warmup: Duration::from_secs_f64(args.warmup),
                 duration: Duration::from_secs_f64(args.seconds),
                 timeout: None,
@@ -213,7 +250,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     }
                 })
             });
-            let step = bench::run_step(&clients, &spec, load).await;
+            let step = bench::run_step(clients, &spec, load).await;
             if let Some(t) = ticker {
                 t.abort();
                 eprint!("\r{label} ... ");
@@ -240,16 +277,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             other => bail!("unknown format '{other}' (table, markdown, csv, json)"),
         })
     };
-    print!("{}", render(&args.format)?);
-    if let Some(out) = &args.out {
-        let format = match out.extension().and_then(|e| e.to_str()) {
-            Some("md") => "markdown",
-            Some("csv") => "csv",
-            Some("json") => "json",
-            _ => "table",
-        };
-        std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
-    }
+    write_report(&args, render)?;
     if let Some(path) = &args.samples {
         // One file for all steps: each step's samples, after the step's number, load
         // (concurrency or rate) and batch size.
@@ -315,22 +343,15 @@ fn run_live(args: Args) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let report = rt.block_on(async {
-        let mut clients = Vec::new();
-        for _ in 0..args.connections {
-            clients.push(connect(&args.conn).await?);
-        }
-        let md = clients[0].model_metadata(&args.model).await?;
-        let batched = clients[0].model_config(&args.model).await.map(|c| c.max_batch_size > 0).unwrap_or(true);
-        let files = read_tensor_files(&args.inputs)?;
-        let images = read_files(&args.images)?;
+        let target = Target::connect(&args).await?;
         let spec = LiveSpec {
             model: args.model.clone(),
-            inputs: bench_inputs(&args, &md, batched, batch, &files, &images)?,
+            inputs: target.inputs(&args, batch)?,
             timeout: None,
             batch,
             window: Duration::from_secs(args.window),
         };
-        let run = LiveRun::start(clients, spec, load);
+        let run = LiveRun::start(target.clients, spec, load);
         if tty {
             let view = crate::live::View { title: &args.model, slo_ms: args.p99_slo, window_s: args.window };
             crate::live::tui(&run, view, keys, limit).await;
@@ -348,16 +369,7 @@ fn run_live(args: Args) -> anyhow::Result<()> {
             other => bail!("unknown format '{other}' (table, markdown, csv, json)"),
         })
     };
-    print!("{}", render(&args.format)?);
-    if let Some(out) = &args.out {
-        let format = match out.extension().and_then(|e| e.to_str()) {
-            Some("md") => "markdown",
-            Some("csv") => "csv",
-            Some("json") => "json",
-            _ => "table",
-        };
-        std::fs::write(out, render(format)?).with_context(|| format!("writing {}", out.display()))?;
-    }
+    write_report(&args, render)?;
     if let Some(plot) = &args.plot {
         let title = format!("sluice bench --live: {}", args.model);
         let svg = live::svg_timeline(&report, &title, args.p99_slo).map_err(anyhow::Error::msg)?;

@@ -13,6 +13,19 @@ pub struct Expected<'a> {
     pub name: &'a str,
     pub dtype: DataType,
     pub dims: &'a [i64],
+    /// The request carries a batch dimension before `dims` (a batched pipeline's items):
+    /// messages show it as -1.
+    pub batch_dim: bool,
+}
+
+impl Expected<'_> {
+    /// The dims a request must have, as messages print them.
+    pub fn shown_dims(&self) -> String {
+        match self.batch_dim {
+            false => Dims(self.dims).to_string(),
+            true => Dims(&[&[-1], self.dims].concat()).to_string(),
+        }
+    }
 }
 
 /// Puts the request's tensors in the declared order and checks their dtypes. `kind`
@@ -38,7 +51,7 @@ pub fn bind_inputs(
         .zip(slots)
         .map(|(e, slot)| {
             let t = slot.ok_or_else(|| {
-                Error::invalid(name, format!("missing input '{}' ({} {})", e.name, e.dtype, Dims(e.dims)))
+                Error::invalid(name, format!("missing input '{}' ({} {})", e.name, e.dtype, e.shown_dims()))
             })?;
             if t.dtype != e.dtype {
                 return Err(Error::invalid(
@@ -92,8 +105,11 @@ pub fn select_outputs<'a>(
 /// batching).
 pub fn model_inputs(spec: &ModelSpec, given: Vec<NamedTensor>) -> Result<(Vec<Tensor>, usize), Error> {
     let m = &spec.name;
-    let expected: Vec<Expected> =
-        spec.inputs.iter().map(|t| Expected { name: &t.name, dtype: t.dtype, dims: &t.dims }).collect();
+    let expected: Vec<Expected> = spec
+        .inputs
+        .iter()
+        .map(|t| Expected { name: &t.name, dtype: t.dtype, dims: &t.dims, batch_dim: false })
+        .collect();
     let tensors = bind_inputs(m, "model", &expected, given)?;
     let mut rows = None;
     for (info, t) in spec.inputs.iter().zip(&tensors) {

@@ -271,19 +271,18 @@ impl Pipeline {
     fn split_items(&self, given: Vec<NamedTensor>) -> Result<Vec<Vec<Value>>, Error> {
         let plan = &self.plan;
         let batched = plan.max_batch_size > 0;
-        // Messages show the request's dims: the items' dims after the batch dimension.
-        let dims: Vec<Vec<i64>> =
-            plan.inputs.iter().map(|p| if batched { [&[-1], &p.dims[..]].concat() } else { p.dims.clone() }).collect();
-        let expected: Vec<Expected> =
-            plan.inputs.iter().zip(&dims).map(|(p, dims)| Expected { name: &p.name, dtype: p.dtype, dims }).collect();
+        let expected: Vec<Expected> = plan
+            .inputs
+            .iter()
+            .map(|p| Expected { name: &p.name, dtype: p.dtype, dims: &p.dims, batch_dim: batched })
+            .collect();
         let tensors = check::bind_inputs(&plan.name, "pipeline", &expected, given)?;
         let mut n_items = None;
         let mut columns: Vec<Vec<Value>> = Vec::new();
-        for (p, t) in plan.inputs.iter().zip(tensors) {
+        for ((p, e), t) in plan.inputs.iter().zip(&expected).zip(tensors) {
             let item_shape = if batched { t.shape.get(1..).unwrap_or(&[]) } else { &t.shape[..] };
             if !fits(item_shape, &p.dims) || (batched && t.shape.is_empty()) {
-                let item = Dims(&p.dims).to_string();
-                let want = if batched { format!("[-1,{}", &item[1..]) } else { item };
+                let want = e.shown_dims();
                 return Err(self.invalid(format!("input '{}': shape {:?} does not match {want}", p.name, t.shape)));
             }
             if batched {
