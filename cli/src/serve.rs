@@ -51,9 +51,26 @@ pub struct Args {
     /// per request than the bytes it saves on a LAN; requests may be gzipped either way).
     #[arg(long, env = "SLUICE_GRPC_COMPRESS_RESPONSES")]
     grpc_compress_responses: bool,
-    /// How long a graceful shutdown may wait for in-flight requests before exiting anyway.
+    /// On SIGTERM or Ctrl-C: report not-ready on every probe at once but keep serving for
+    /// this many seconds (endpoints and balancers take seconds to drop a replica), then
+    /// stop accepting and finish in-flight requests.
+    #[arg(long, env = "SLUICE_DRAIN_DELAY_S", default_value_t = 0)]
+    drain_delay_s: u64,
+    /// How long a graceful shutdown may wait for in-flight requests (after the drain
+    /// delay) before exiting anyway.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_S", default_value_t = 30)]
     shutdown_timeout_s: u64,
+    /// Answer requests for ALIAS as for TARGET (a model or pipeline), `ALIAS=TARGET`;
+    /// repeat for more. KServe calls a model by its InferenceService's name.
+    #[arg(long = "model-alias", env = "SLUICE_MODEL_ALIAS", value_delimiter = ',', value_parser = parse_alias)]
+    aliases: Vec<(String, String)>,
+}
+
+fn parse_alias(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((alias, target)) if !alias.is_empty() && !target.is_empty() => Ok((alias.into(), target.into())),
+        _ => Err(format!("'{s}': expected ALIAS=TARGET, e.g. my-isvc=classify")),
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -73,6 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         load_nice: args.load_nice,
         grpc_compress_responses: args.grpc_compress_responses,
+        aliases: args.aliases.into_iter().collect(),
         ..ServerConfig::new(args.repo.models)
     };
     // The runtime does I/O only; models run on their own instance threads.
@@ -85,13 +103,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let server = sluice_server::start(cfg).await?;
         println!("sluice serving gRPC on {} and HTTP on {}", server.grpc_addr, server.http_addr);
         shutdown_signal().await;
-        tracing::info!("shutting down: finishing in-flight requests (a second signal exits at once)");
+        tracing::info!(
+            "shutting down: not ready from now on; finishing in-flight requests (a second signal exits at once)"
+        );
+        server.begin_drain();
         tokio::spawn(async {
             shutdown_signal().await;
             eprintln!("second signal: exiting without finishing in-flight requests");
             std::process::exit(130);
         });
-        match tokio::time::timeout(Duration::from_secs(args.shutdown_timeout_s), server.shutdown()).await {
+        let drain = Duration::from_secs(args.drain_delay_s);
+        let stop = async move {
+            if !drain.is_zero() {
+                tracing::info!("draining: serving for {} s more while balancers drop this replica", drain.as_secs());
+                tokio::time::sleep(drain).await;
+            }
+            tracing::info!("no longer accepting; waiting for in-flight requests");
+            server.shutdown().await
+        };
+        match tokio::time::timeout(drain + Duration::from_secs(args.shutdown_timeout_s), stop).await {
             Ok(()) => tracing::info!("stopped"),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish within {} s; exiting", args.shutdown_timeout_s);

@@ -13,8 +13,10 @@ use crate::tls::{Tls, TlsFiles};
 use axum::serve::ListenerExt;
 use sluice_ops::OpRegistry;
 use sluice_proto::grpc_inference_service_server::GrpcInferenceServiceServer;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -51,6 +53,9 @@ pub struct ServerConfig {
     pub grpc_compress_responses: bool,
     /// The ops pipelines may name: the built-in ones, plus an embedding program's own.
     pub ops: Arc<OpRegistry>,
+    /// Other names for models and pipelines, alias -> name: KServe calls a model by its
+    /// InferenceService's name.
+    pub aliases: BTreeMap<String, String>,
 }
 
 impl ServerConfig {
@@ -73,6 +78,7 @@ impl ServerConfig {
             load_nice: BACKGROUND_NICE,
             grpc_compress_responses: false,
             ops: Arc::new(OpRegistry::builtin()),
+            aliases: BTreeMap::new(),
         }
     }
 }
@@ -97,6 +103,7 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     pub engine: Arc<Engine>,
     stop: watch::Sender<bool>,
+    draining: Arc<AtomicBool>,
     tasks: Vec<JoinHandle<()>>,
     housekeeper: Housekeeper,
 }
@@ -118,7 +125,6 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.grpc_addr, source })?;
     let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind { addr: cfg.http_addr, source })?;
 
-    // Loading runs models (warm-up): keep it off the async runtime's threads.
     let mut pools = cfg.pools.clone();
     if !pools.iter().any(|p| p.name == PoolConfig::DEFAULT_NAME) {
         pools.push(PoolConfig::default_pool());
@@ -130,25 +136,22 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         pools,
         ops: cfg.ops.clone(),
         load_nice: cfg.load_nice,
+        aliases: cfg.aliases.clone(),
     };
-    let engine = tokio::task::spawn_blocking(move || Engine::load(engine_cfg, Metrics::new()))
+    // The engine starts empty; the repository loads once both protocols answer, so that
+    // liveness and the startup probe answer while a large repository loads.
+    let engine = tokio::task::spawn_blocking(move || Engine::new(engine_cfg, Metrics::new()))
         .await
-        .map_err(|e| StartError::Thread { what: "the repository load", message: e.to_string() })??;
+        .map_err(|e| StartError::Thread { what: "the engine", message: e.to_string() })??;
     let engine = Arc::new(engine);
-    let housekeeper = match Housekeeper::start(engine.clone(), cfg.reload, cfg.reload_debounce) {
-        Ok(h) => h,
-        Err(message) => {
-            // The engine's last owner: drop it (joining model threads) off the runtime.
-            let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
-            return Err(StartError::Housekeeping(message));
-        }
-    };
     let (stop, stopped) = watch::channel(false);
+    let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
         engine: engine.clone(),
         default_timeout: cfg.request_timeout,
         model_control: cfg.reload != ReloadMode::None,
         stopping: stopped.clone(),
+        draining: draining.clone(),
     };
 
     let wait_stop = |mut rx: watch::Receiver<bool>| async move {
@@ -173,6 +176,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
             let _ = tcp.set_nodelay(true);
         })
     });
+    let health = crate::api::health::service(state.clone());
     let grpc_stop = wait_stop(stopped.clone());
     let grpc_task = tokio::spawn(async move {
         let served = grpc_builder
@@ -180,6 +184,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
             .add_service(grpc)
+            .add_service(health)
             .serve_with_incoming_shutdown(incoming, grpc_stop)
             .await;
         if let Err(e) = served {
@@ -204,8 +209,31 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         ),
     };
 
+    let tasks = vec![grpc_task, http_task];
+
+    // Loading runs models (warm-up): keep it off the async runtime's threads.
+    let loader = engine.clone();
+    let loaded = tokio::task::spawn_blocking(move || loader.load_repository())
+        .await
+        .map_err(|e| StartError::Thread { what: "the repository load", message: e.to_string() })
+        .and_then(|r| r.map_err(StartError::from));
+    let housekeeper = loaded.and_then(|()| {
+        Housekeeper::start(engine.clone(), cfg.reload, cfg.reload_debounce).map_err(StartError::Housekeeping)
+    });
+    let housekeeper = match housekeeper {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = stop.send(true);
+            for t in tasks {
+                let _ = t.await;
+            }
+            // The engine's last owner: drop it (joining model threads) off the runtime.
+            let _ = tokio::task::spawn_blocking(move || drop(engine)).await;
+            return Err(e);
+        }
+    };
     tracing::info!(%grpc_addr, %http_addr, tls = tls.is_some(), "sluice is serving");
-    Ok(RunningServer { grpc_addr, http_addr, engine, stop, tasks: vec![grpc_task, http_task], housekeeper })
+    Ok(RunningServer { grpc_addr, http_addr, engine, stop, draining, tasks, housekeeper })
 }
 
 fn spawn_http<L>(
@@ -225,6 +253,23 @@ where
 }
 
 impl RunningServer {
+    /// Turns every readiness answer (HTTP, v2 gRPC, grpc.health.v1, per model) to
+    /// not-ready while requests are still served.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// The drain a rolling update needs: not ready at once, serving on for `delay`
+    /// (while endpoints and balancers drop this replica), then `shutdown`.
+    pub async fn drain(self, delay: Duration) {
+        self.begin_drain();
+        if !delay.is_zero() {
+            tracing::info!("draining: not ready; serving for {} ms more", delay.as_millis());
+            tokio::time::sleep(delay).await;
+        }
+        self.shutdown().await
+    }
+
     /// Stops accepting, lets in-flight requests finish, then stops the model instances.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);

@@ -429,3 +429,51 @@ async fn a_model_reloaded_while_serving_loads_at_low_priority_but_serves_at_norm
     assert!(after.iter().all(|(_, nice)| *nice == base), "serving threads run at the server's priority: {after:?}");
     s.server.shutdown().await;
 }
+
+/// Makes `dir` hold `files` the way the kubelet lays out a ConfigMap volume: the files
+/// in a timestamped folder, `..data` a symlink to it, and each name a symlink through
+/// `..data`. An update writes a new folder and swaps `..data` in one rename.
+fn configmap_update(dir: &Path, generation: u32, files: &[(&str, &str)]) {
+    use std::os::unix::fs::symlink;
+    let folder = format!("..2026_12_05_00_00_{generation:02}.000000000");
+    std::fs::create_dir_all(dir.join(&folder)).unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.join(&folder).join(name), text).unwrap();
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+    let tmp = dir.join("..data_tmp");
+    symlink(&folder, &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if generation > 0 {
+        let old = format!("..2026_12_05_00_00_{:02}.000000000", generation - 1);
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_volume_update_is_picked_up() {
+    let repo = Repo::new();
+    repo.add("affine", &linear_model(4, 2.0, 1.0), MODEL_YAML);
+    let dir = repo.pipelines_path().to_path_buf();
+    std::fs::create_dir_all(&dir).unwrap();
+    configmap_update(&dir, 0, &[("calc.yaml", &pipeline("y"))]);
+    let mut cfg = repo.config();
+    cfg.reload = ReloadMode::Watch;
+    let s = start(cfg).await;
+    assert_eq!(call(&s.client, "calc", "", false).await.unwrap(), linear(2.0, 1.0));
+
+    configmap_update(&dir, 1, &[("calc.yaml", &pipeline("neg"))]);
+    let mut now = Vec::new();
+    for _ in 0..100 {
+        now = call(&s.client, "calc", "", false).await.unwrap();
+        if now == linear(-1.0, 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(now, linear(-1.0, 0.0), "the pipeline from the swapped ConfigMap serves");
+    assert_eq!(s.client.repository_index().await.unwrap().len(), 2, "no pipeline named after ..data or the folder");
+}

@@ -155,7 +155,7 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let r = req.into_inner();
-        let ready = self.state.engine.snapshot().servable(&r.name, &r.version).is_ok();
+        let ready = self.state.servable_ready(&r.name, &r.version);
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 

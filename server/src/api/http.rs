@@ -28,6 +28,9 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(|| async { StatusCode::OK }))
         .route("/v2/health/ready", get(server_ready))
+        // Kubernetes' startup probe: passes once every model that should load has loaded
+        // or failed (readiness may still be false then; liveness is checked only after).
+        .route("/v2/health/startup", get(server_started))
         .route("/v2/models/stats", get(all_stats))
         .route("/v2/models/{model}", get(model_metadata))
         .route("/v2/models/{model}/versions/{version}", get(model_metadata_v))
@@ -67,6 +70,14 @@ async fn server_ready(State(s): State<AppState>) -> StatusCode {
     }
 }
 
+async fn server_started(State(s): State<AppState>) -> StatusCode {
+    if s.engine.started() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
 async fn model_metadata(State(s): State<AppState>, Path(m): Path<String>) -> Result<Json<Value>, Error> {
     model_metadata_v(State(s), Path((m, String::new()))).await
 }
@@ -84,9 +95,9 @@ async fn model_ready(State(s): State<AppState>, Path(m): Path<String>) -> Status
 }
 async fn model_ready_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> StatusCode {
     match s.engine.snapshot().servable(&m, &v) {
-        Ok(_) => StatusCode::OK,
+        Ok(_) if !s.draining() => StatusCode::OK,
         Err(Error::ModelNotFound { .. }) => StatusCode::NOT_FOUND,
-        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod dashboard;
 pub mod error;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod views;
 
@@ -13,6 +14,7 @@ use crate::error::Error;
 use crate::request::{NamedTensor, StepTiming};
 use bytes::Bytes;
 use sluice_ops::{DataType, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,11 +28,25 @@ pub struct AppState {
     /// Turns true when the server starts to shut down: endless responses (the dashboard's
     /// event stream) end then, so a graceful shutdown does not wait on them.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Set when a drain begins (SIGTERM): every readiness answer turns false at once
+    /// while requests are still served, so balancers move traffic away first.
+    pub draining: Arc<AtomicBool>,
 }
 
 impl AppState {
+    /// Ready: the first repository load finished, every model and pipeline serves, and
+    /// the server is not draining.
     pub fn ready(&self) -> bool {
-        self.engine.snapshot().ready()
+        self.engine.started() && !self.draining() && self.engine.snapshot().ready()
+    }
+
+    /// Whether `name` (a model, pipeline or alias) can take requests now.
+    pub fn servable_ready(&self, name: &str, version: &str) -> bool {
+        !self.draining() && self.engine.snapshot().servable(name, version).is_ok()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Runs a repository load (`unload: false`) or unload off the async runtime: loading

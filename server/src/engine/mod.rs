@@ -91,6 +91,8 @@ pub struct EngineConfig {
     pub ops: Arc<OpRegistry>,
     /// Nice value of model loads once serving (0: normal priority); see `rt::priority`.
     pub load_nice: i32,
+    /// Other names for models and pipelines: alias -> name.
+    pub aliases: BTreeMap<String, String>,
 }
 
 #[derive(Clone)]
@@ -134,6 +136,8 @@ pub struct Snapshot {
     pub(crate) models: BTreeMap<String, ModelEntry>,
     /// Names unloaded through the API, kept out until loaded again.
     pub(crate) unloaded: BTreeSet<String>,
+    /// Other names requests may use for a model or pipeline (`--model-alias`).
+    pub(crate) aliases: Arc<BTreeMap<String, String>>,
 }
 
 impl Snapshot {
@@ -151,8 +155,18 @@ impl Snapshot {
         self.unloaded.iter().map(String::as_str)
     }
 
-    /// A ready model or pipeline by name and version ("" for the default).
+    /// The name `name` stands for: itself when a model or pipeline has it, else the
+    /// target of the alias it is, else itself (and the lookup fails on it).
+    pub fn resolve<'a>(&'a self, name: &'a str) -> &'a str {
+        if self.pipelines.contains_key(name) || self.models.contains_key(name) {
+            return name;
+        }
+        self.aliases.get(name).map_or(name, String::as_str)
+    }
+
+    /// A ready model or pipeline by name (or alias) and version ("" for the default).
     pub fn servable(&self, name: &str, version: &str) -> Result<Servable, Error> {
+        let name = self.resolve(name);
         match self.pipelines.get(name) {
             None => self.model(name, version).map(|m| Servable::Model(m.clone())),
             Some(_) if !version.is_empty() && version != DEFAULT_VERSION => {
@@ -175,6 +189,7 @@ impl Snapshot {
 
     /// A ready model by name and version ("" for the newest ready version).
     pub fn model(&self, name: &str, version: &str) -> Result<&Arc<LoadedModel>, Error> {
+        let name = self.resolve(name);
         let not_found = || Error::ModelNotFound {
             model: name.to_string(),
             version: (!version.is_empty()).then(|| version.to_string()),
@@ -260,12 +275,20 @@ impl Engine {
     /// Loads every model and pipeline of the repository. One that fails is kept as
     /// unavailable, with its reason, and the others still load.
     pub fn load(cfg: EngineConfig, metrics: Metrics) -> Result<Engine, ReloadError> {
+        let engine = Engine::new(cfg, metrics)?;
+        engine.load_repository()?;
+        Ok(engine)
+    }
+
+    /// An engine serving nothing yet: its CPU pools started, the repository not read.
+    /// A server answers health probes with it while `load_repository` runs.
+    pub fn new(cfg: EngineConfig, metrics: Metrics) -> Result<Engine, ReloadError> {
         let mut pools = HashMap::new();
         for p in &cfg.pools {
             let pool = CpuPool::start(p.clone(), &metrics).map_err(|e| ReloadError::Thread(e.to_string()))?;
             pools.insert(p.name.clone(), Arc::new(pool));
         }
-        let engine = Engine {
+        Ok(Engine {
             current: ArcSwap::from_pointee(Snapshot::default()),
             cfg,
             pools,
@@ -273,14 +296,30 @@ impl Engine {
             reloading: Mutex::new(()),
             retired: Mutex::new(Vec::new()),
             serving: Default::default(),
-        };
+        })
+    }
+
+    /// The first load of the whole repository, at normal CPU priority. Once it returns
+    /// every model that should load has loaded or failed (`started`).
+    pub fn load_repository(&self) -> Result<(), ReloadError> {
         // ONNX Runtime is loaded here, at normal priority, not by a later background load
         // (whose priority the library's own threads would keep). A missing library shows
         // up as each model's load error.
-        let _ = crate::backend::ort::init(&engine.cfg.ort_dylib);
-        engine.reload(&Scope::All)?;
-        engine.serving.store(true, std::sync::atomic::Ordering::Release);
-        Ok(engine)
+        let _ = crate::backend::ort::init(&self.cfg.ort_dylib);
+        self.reload(&Scope::All)?;
+        for (alias, target) in &self.cfg.aliases {
+            let snapshot = self.snapshot();
+            if !snapshot.pipelines.contains_key(target) && !snapshot.models.contains_key(target) {
+                tracing::warn!(%alias, %target, "--model-alias names no model or pipeline of the repository");
+            }
+        }
+        self.serving.store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether the first load of the repository has finished.
+    pub fn started(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -300,7 +339,9 @@ impl Engine {
 
     /// Takes this second's samples for the dashboard and the GPU metrics.
     pub fn sample(&self) {
-        self.telemetry.live.sample(self.snapshot().counters());
+        let snapshot = self.snapshot();
+        self.telemetry.live.sample(snapshot.counters());
+        self.telemetry.sample_queue_time(snapshot.models().map(|(name, _)| name));
         self.telemetry.sample_gpus();
     }
 

@@ -320,7 +320,7 @@ impl Engine {
     ) -> Result<Snapshot, ReloadError> {
         let models = self.build_models(old, unloaded, scope, report)?;
         let pipelines = self.build_pipelines(old, unloaded, &models, scope, report)?;
-        Ok(Snapshot { pipelines, models, unloaded: unloaded.clone() })
+        Ok(Snapshot { pipelines, models, unloaded: unloaded.clone(), aliases: Arc::new(self.cfg.aliases.clone()) })
     }
 
     fn build_models(

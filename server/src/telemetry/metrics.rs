@@ -28,6 +28,7 @@ pub struct Metrics {
     pub overhead: HistogramVec,
     pub batch_size: HistogramVec,
     pub queue_depth: IntGaugeVec,
+    pub queue_time_mean: prometheus::GaugeVec,
     pub abandoned: IntCounterVec,
     pub model_loads: IntCounterVec,
     pub pipeline_loads: IntCounterVec,
@@ -74,6 +75,11 @@ impl Metrics {
             h
         };
         let histogram = |name: &str, help: &str, buckets: &[f64]| histogram_by(name, help, buckets, &["model"]);
+        let fgauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = prometheus::GaugeVec::new(Opts::new(name, help), labels).expect("valid metric. This is a bug.");
+            registry.register(Box::new(g.clone())).expect("unique metric. This is a bug.");
+            g
+        };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric. This is a bug.");
             registry.register(Box::new(g.clone())).expect("unique metric. This is a bug.");
@@ -124,6 +130,12 @@ impl Metrics {
             ),
             batch_size: histogram("sluice_batch_size", "Rows per executed batch.", BATCH_BUCKETS),
             queue_depth,
+            queue_time_mean: fgauge(
+                "sluice_queue_time_mean_seconds",
+                "Mean time requests waited in the model's batch queue over the last 10 s: the signal to scale \
+                 replicas on (it rises only when demand exceeds what the replica can batch).",
+                &["model"],
+            ),
             abandoned: counter(
                 "sluice_abandoned_items_total",
                 "Queued items dropped before compute because their caller went away.",
@@ -223,15 +235,11 @@ impl Metrics {
                 "Time the CPU pool's threads spent running ops (summed over threads).",
                 &["pool"],
             ),
-            gpu_utilization: {
-                let g = prometheus::GaugeVec::new(
-                    Opts::new("sluice_gpu_utilization", "Fraction of NVML's last sample period (1/6 to 1 s) in which a kernel ran on the GPU."),
-                    &["gpu"],
-                )
-                .expect("valid metric. This is a bug.");
-                registry.register(Box::new(g.clone())).expect("unique metric. This is a bug.");
-                g
-            },
+            gpu_utilization: fgauge(
+                "sluice_gpu_utilization",
+                "Fraction of NVML's last sample period (1/6 to 1 s) in which a kernel ran on the GPU.",
+                &["gpu"],
+            ),
             gpu_memory_used: gauge("sluice_gpu_memory_used_bytes", "GPU memory in use, all processes (NVML).", &["gpu"]),
             gpu_memory_total: gauge("sluice_gpu_memory_total_bytes", "GPU memory in all (NVML).", &["gpu"]),
             registry,

@@ -15,6 +15,7 @@ use live::Live;
 use metrics::{Metrics, ModelMetrics};
 use parking_lot::Mutex;
 use stats::ModelStats;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 /// The server-wide recorders.
@@ -25,11 +26,47 @@ pub struct Telemetry {
     /// NVML, when the host has it, and the last sample of every GPU (for the dashboard).
     gpus: Gpus,
     gpu_samples: Mutex<Vec<GpuSample>>,
+    /// Per model, the queue-time histogram's (sum, count) at each of the last samples.
+    queue_window: Mutex<HashMap<String, VecDeque<(f64, u64)>>>,
 }
+
+/// Samples (one a second) the mean queue time is taken over: 10 s.
+const QUEUE_WINDOW: usize = 11;
 
 impl Telemetry {
     pub fn new(metrics: Metrics) -> Telemetry {
-        Telemetry { metrics, live: Live::default(), gpus: Gpus::open(), gpu_samples: Mutex::new(Vec::new()) }
+        Telemetry {
+            metrics,
+            live: Live::default(),
+            gpus: Gpus::open(),
+            gpu_samples: Mutex::new(Vec::new()),
+            queue_window: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets each model's mean queue time over the last 10 s (once a second, from the
+    /// housekeeping thread), from its queue-time histogram's running sum and count.
+    /// Models gone from `models` lose their series.
+    pub fn sample_queue_time<'a>(&self, models: impl Iterator<Item = &'a str>) {
+        let mut window = self.queue_window.lock();
+        let mut seen = HashSet::new();
+        for model in models {
+            seen.insert(model);
+            let h = self.metrics.queue_duration.with_label_values(&[model]);
+            let samples = window.entry(model.to_string()).or_default();
+            samples.push_back((h.get_sample_sum(), h.get_sample_count()));
+            if samples.len() > QUEUE_WINDOW {
+                samples.pop_front();
+            }
+            self.metrics.queue_time_mean.with_label_values(&[model]).set(window_mean(samples));
+        }
+        window.retain(|model, _| {
+            let keep = seen.contains(model.as_str());
+            if !keep {
+                let _ = self.metrics.queue_time_mean.remove_label_values(&[model]);
+            }
+            keep
+        });
     }
 
     /// Reads every GPU's utilisation and memory into the metrics (once a second, from
@@ -51,6 +88,15 @@ impl Telemetry {
     /// The last sample of every GPU (empty without NVML).
     pub fn gpu_samples(&self) -> Vec<GpuSample> {
         self.gpu_samples.lock().clone()
+    }
+}
+
+/// Mean of what was added to a (sum, count) series from its first sample to its last;
+/// 0 when nothing was.
+fn window_mean(samples: &VecDeque<(f64, u64)>) -> f64 {
+    match (samples.front(), samples.back()) {
+        (Some(&(s0, c0)), Some(&(s1, c1))) if c1 > c0 => (s1 - s0) / (c1 - c0) as f64,
+        _ => 0.0,
     }
 }
 
@@ -101,5 +147,32 @@ impl RequestSinks<'_> {
             Outcome::Rejected(error) => self.metrics.failure(error.error_type()),
         }
         live.record(self.name, elapsed, ok);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_time_is_the_mean_over_the_window_and_forgets_old_samples() {
+        let t = Telemetry::new(Metrics::new());
+        let h = t.metrics.queue_duration.with_label_values(&["m"]);
+        let mean = || t.metrics.queue_time_mean.with_label_values(&["m"]).get();
+        t.sample_queue_time(["m"].into_iter());
+        assert_eq!(mean(), 0.0, "no requests: no queue time");
+        h.observe(0.010);
+        h.observe(0.030);
+        t.sample_queue_time(["m"].into_iter());
+        assert!((mean() - 0.020).abs() < 1e-9, "{}", mean());
+        // Ten quiet seconds push those two out of the window.
+        for _ in 0..QUEUE_WINDOW - 1 {
+            t.sample_queue_time(["m"].into_iter());
+        }
+        assert_eq!(mean(), 0.0);
+        // A model that is gone loses its series.
+        t.sample_queue_time(std::iter::empty());
+        let text = t.metrics.render();
+        assert!(!text.contains("sluice_queue_time_mean_seconds{model=\"m\"}"), "{text}");
     }
 }
