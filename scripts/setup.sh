@@ -5,8 +5,11 @@
 # Python client plus perf_analyzer for the compatibility tests and benchmarks, and
 # Chromium with selenium for the dashboard's browser test.
 # Idempotent: a second run only checks that everything is in place.
-#   SLUICE_SKIP_RESNET=1   skip generating models/resnet50/model.onnx (tests do not need it)
+#   SLUICE_SKIP_RESNET=1   skip generating models/resnet50/model.onnx (only the deploy test,
+#                          which serves the example repository in containers, needs it)
 #   SLUICE_GPU=auto|1|0    the GPU runtime (below): auto installs it when nvidia-smi sees a GPU
+#   SLUICE_SKIP_DEPLOY=1   skip .venv-deploy (Helm's Go SDK and the schemas that
+#                          scripts/render_manifests.py renders and validates deploy/ with)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -80,6 +83,17 @@ if [ "$gpu" = 1 ]; then
   for d in "$GSITE/nvidia" "$GSITE/tensorrt_libs"; do [ -d "$d" ] && libdirs+=("$d"); done
   find "${libdirs[@]}" -name 'lib*.so*' -printf '%h\n' | sort -u > .sluice/lib-gpu/sluice-preload-dirs
   echo "setup: GPU runtime   .sluice/lib-gpu/libonnxruntime.so (serve with --ort-dylib .sluice/lib-gpu/libonnxruntime.so)"
+fi
+
+# deploy/: Helm v4's Go SDK (no helm binary), Kubernetes' JSON schemas and
+# prometheus-operator's types, in a venv of their own (~0.6 GB) for
+# scripts/render_manifests.py. The kserve SDK is installed without its
+# dependencies: the script only reads its generated model classes.
+if [ "${SLUICE_SKIP_DEPLOY:-0}" != 1 ]; then
+  venv_install .venv-deploy "the deploy checks (helm-python-sdk, kubernetes-validate)" \
+    helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 PyYAML==6.0.4 \
+    cloudcoil==0.6.0 cloudcoil-models-prometheus-operator==0.80.1.0
+  venv_install .venv-deploy "the kserve SDK's model classes" --no-deps kserve==0.21.0
 fi
 
 # Debian packages: perf_analyzer (inside the tritonclient 2.41.0 wheel) links libb64, even
