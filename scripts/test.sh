@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting and clippy (warnings are errors), then installs
-# what the tests need (ONNX Runtime, Triton's Python client and perf_analyzer; no ResNet
-# weights), then the whole cargo workspace's tests.
+# what the tests need (ONNX Runtime, Triton's Python client and perf_analyzer, the deploy
+# checks' Helm SDK and schemas, the example models: the container test serves them all), builds the container image, then the
+# whole cargo workspace's tests (tests/tests/deploy.rs starts the image as the rendered
+# Helm chart says; SLUICE_SKIP_DOCKER_TESTS=1 skips the image and that test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-SLUICE_SKIP_RESNET=1 scripts/setup.sh
+scripts/setup.sh
+# The image the deploy test runs (release build; the test rebuilds it too, a no-op then).
+if [ "${SLUICE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then SLUICE_IMAGE=sluice:test scripts/image.sh; fi
 cargo test --workspace --locked
 # The client's API docs (and their examples, run above as doctests) build without warnings.
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p sluice-client
