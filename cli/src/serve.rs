@@ -100,15 +100,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async {
-        let server = sluice_server::start(cfg).await?;
+        // Handlers first: as a container's PID 1, a signal without one is dropped, and a
+        // pod deleted during a long load would wait for its SIGKILL.
+        let mut signals = Signals::new()?;
+        let server = tokio::select! {
+            started = sluice_server::start(cfg) => started?,
+            _ = signals.recv() => {
+                eprintln!("signal during start-up: exiting before serving");
+                std::process::exit(0);
+            }
+        };
         println!("sluice serving gRPC on {} and HTTP on {}", server.grpc_addr, server.http_addr);
-        shutdown_signal().await;
+        signals.recv().await;
         tracing::info!(
             "shutting down: not ready from now on; finishing in-flight requests (a second signal exits at once)"
         );
         server.begin_drain();
-        tokio::spawn(async {
-            shutdown_signal().await;
+        tokio::spawn(async move {
+            signals.recv().await;
             eprintln!("second signal: exiting without finishing in-flight requests");
             std::process::exit(130);
         });
@@ -121,7 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("no longer accepting; waiting for in-flight requests");
             server.shutdown().await
         };
-        match tokio::time::timeout(drain + Duration::from_secs(args.shutdown_timeout_s), stop).await {
+        match tokio::time::timeout(drain.saturating_add(Duration::from_secs(args.shutdown_timeout_s)), stop).await {
             Ok(()) => tracing::info!("stopped"),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish within {} s; exiting", args.shutdown_timeout_s);
@@ -132,17 +141,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, installed once so that none is lost between two waits.
+struct Signals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -1,4 +1,5 @@
-//! The `sluice` binary itself: `check`, and `serve` stopping gracefully on SIGTERM.
+//! The `sluice` binary itself: `check`, and `serve` stopping gracefully on SIGTERM (also
+//! during the first load, and at once on a second signal).
 
 use sluice_client::{Client, InferOptions, Tensor};
 use sluice_tests::{affine_model, affine_reference, ort_dylib, Repo};
@@ -301,6 +302,108 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     });
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// The HTTP status of a GET (plain HTTP/1.0), or None while nothing accepts.
+fn http_get_status(http: &str, path: &str) -> Option<u16> {
+    let mut conn = std::net::TcpStream::connect(http).ok()?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).ok()?;
+    let mut head = String::new();
+    BufReader::new(conn).read_line(&mut head).ok()?;
+    head.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// Waits up to `limit` for the child to exit.
+fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("still running {limit:?} after the signal");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn term(child: &std::process::Child) {
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+}
+
+#[test]
+fn sigterm_during_the_first_load_exits_at_once() {
+    let repo = Repo::new();
+    // A load that takes seconds: a slow model warmed up many times.
+    let warmups = "  - {batch_size: 1}\n".repeat(200);
+    repo.add("busy", &sluice_tests::busy_model(400), &format!("max_batch_size: 0\nwarmup:\n{warmups}"));
+    let http = free_port();
+    let mut child = sluice()
+        .args(["serve", "--grpc-addr", &free_port(), "--http-addr", &http, "--drain-delay-s", "30", "--models"])
+        .arg(repo.path())
+        .arg("--ort-dylib")
+        .arg(ort_dylib())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Loading: the startup probe says 503.
+    let mut loading = false;
+    for _ in 0..500 {
+        match http_get_status(&http, "/v2/health/startup") {
+            Some(503) => {
+                loading = true;
+                break;
+            }
+            Some(other) => panic!("startup probe answered {other} before the load could be seen"),
+            None => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(loading, "the startup probe never answered");
+    term(&child);
+    let status = exit_within(&mut child, Duration::from_secs(3));
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn sigterm_drains_with_aliases_from_the_environment_and_a_second_signal_exits_at_once() {
+    let repo = Repo::new();
+    repo.add("held", &affine_model(4), "max_batch_size: 8\n");
+    let mut child = sluice()
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--drain-delay-s", "30"])
+        .env("SLUICE_MODEL_ALIAS", "first=held,second=held")
+        .arg("--models")
+        .arg(repo.path())
+        .arg("--ort-dylib")
+        .arg(ort_dylib())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let http = line.split_whitespace().nth(8).expect("the serving line").to_string();
+    assert_eq!(http_get_status(&http, "/v2/models/first/ready"), Some(200));
+    assert_eq!(http_get_status(&http, "/v2/models/second/ready"), Some(200));
+    assert_eq!(http_get_status(&http, "/v2/health/ready"), Some(200));
+
+    term(&child);
+    let mut draining = false;
+    for _ in 0..200 {
+        if http_get_status(&http, "/v2/health/ready") == Some(503) {
+            draining = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(draining, "not ready after SIGTERM");
+    assert_eq!(http_get_status(&http, "/v2/health/live"), Some(200), "still serving during the drain delay");
+    term(&child);
+    let status = exit_within(&mut child, Duration::from_secs(3));
+    assert_eq!(status.code(), Some(130), "the second signal exits at once: {status:?}");
 }
 
 /// Polls the server's /metrics (plain HTTP/1.0) until the held request is queued.

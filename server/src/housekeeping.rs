@@ -1,6 +1,7 @@
-//! The server's housekeeping thread: the `notify` watcher and its debounce (`--reload
-//! watch`), the reaping of replaced models off the async runtime, and the once-a-second
-//! samples for the dashboard and the GPU metrics.
+//! The server's housekeeping threads: the `notify` watcher and its debounce (`--reload
+//! watch`) and the reaping of replaced models off the async runtime on one; the
+//! once-a-second samples for the dashboard, the queue-time gauge and the GPU metrics on
+//! another.
 
 use crate::engine::reload::Scope;
 use crate::engine::Engine;
@@ -19,12 +20,14 @@ pub enum ReloadMode {
     None,
 }
 
-/// The server's housekeeping thread: watches the repository (in `watch` mode) and
-/// reloads after changes settle; also drops replaced models once their last request is
-/// done, and samples the dashboard's counters and the GPUs once a second.
+/// The server's housekeeping threads: one watches the repository (in `watch` mode) and
+/// reloads after changes settle, and drops replaced models once their last request is
+/// done; another samples the dashboard's counters, the queue-time gauge and the GPUs
+/// once a second.
 pub struct Housekeeper {
-    stop: crossbeam_channel::Sender<()>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropped to stop both threads (a disconnected channel is ready in `select!`).
+    stop: Option<crossbeam_channel::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -37,6 +40,8 @@ impl Housekeeper {
             ReloadMode::Watch => Some(watch(&engine, tx.clone())?),
             ReloadMode::Explicit | ReloadMode::None => None,
         };
+        let sample_engine = engine.clone();
+        let sample_stopped = stopped.clone();
         let thread = std::thread::Builder::new()
             // Linux keeps 15 bytes of a thread name.
             .name("sluice-keeper".into())
@@ -46,8 +51,6 @@ impl Housekeeper {
                 let _tx = tx;
                 let tick = crossbeam_channel::tick(Duration::from_millis(100));
                 let mut dirty_since: Option<Instant> = None;
-                // The dashboard's once-a-second counter samples are taken here too.
-                let mut sampled = Instant::now() - Duration::from_secs(1);
                 loop {
                     crossbeam_channel::select! {
                         recv(stopped) -> _ => break,
@@ -59,21 +62,37 @@ impl Housekeeper {
                         let _ = engine.reload(&Scope::All);
                     }
                     engine.reap();
-                    if sampled.elapsed() >= Duration::from_secs(1) {
-                        sampled = Instant::now();
-                        engine.sample();
-                    }
                 }
             })
             .map_err(|e| format!("cannot start the housekeeping thread: {e}"))?;
-        Ok(Housekeeper { stop, thread: Some(thread), _watcher: watcher })
+        // The once-a-second samples (dashboard, queue-time gauge, GPUs) on a thread of
+        // their own: a reload that takes minutes must not freeze what autoscaling reads.
+        let sampler = std::thread::Builder::new().name("sluice-sampler".into()).spawn(move || {
+            let tick = crossbeam_channel::tick(Duration::from_secs(1));
+            sample_engine.sample();
+            loop {
+                crossbeam_channel::select! {
+                    recv(sample_stopped) -> _ => break,
+                    recv(tick) -> _ => sample_engine.sample(),
+                }
+            }
+        });
+        let sampler = match sampler {
+            Ok(t) => t,
+            Err(e) => {
+                drop(stop);
+                let _ = thread.join();
+                return Err(format!("cannot start the sampling thread: {e}"));
+            }
+        };
+        Ok(Housekeeper { stop: Some(stop), threads: vec![thread, sampler], _watcher: watcher })
     }
 }
 
 impl Drop for Housekeeper {
     fn drop(&mut self) {
-        let _ = self.stop.try_send(());
-        if let Some(t) = self.thread.take() {
+        drop(self.stop.take());
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }

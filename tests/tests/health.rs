@@ -3,7 +3,7 @@
 //! update relies on (not ready at once, still serving, then stopped).
 
 use sluice_client::{InferOptions, Tensor};
-use sluice_tests::{affine_model, config, metric, start, Repo};
+use sluice_tests::{affine_model, busy_model, config, metric, start, Repo};
 use std::time::Duration;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -93,8 +93,8 @@ async fn drain_reports_not_ready_at_once_and_keeps_serving_until_the_delay_ends(
     }
 
     let (client, http, grpc) = (s.client.clone(), s.http.clone(), s.server.grpc_addr);
-    let drained = tokio::spawn(s.server.drain(Duration::from_millis(1500)));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.server.begin_drain();
+    let drained = tokio::spawn(s.server.drain(Duration::from_secs(4)));
 
     // Every readiness answer is false at once...
     assert_eq!(http_status(format!("{http}/v2/health/ready")).await, 503);
@@ -112,9 +112,64 @@ async fn drain_reports_not_ready_at_once_and_keeps_serving_until_the_delay_ends(
     assert_eq!(out[0].1.to_f32().unwrap(), vec![3.0, 5.0, 7.0, 9.0]);
     let fresh = sluice_client::Client::connect(format!("http://{grpc}")).await.unwrap();
     fresh.infer("affine", &[("x", &input())], InferOptions::default()).await.unwrap();
-    assert!(metric(&http, "sluice_queue_time_mean_seconds", &["model=\"affine\""]).await >= 0.0);
+    // The autoscaling gauge: sampled once a second, the mean queue wait of those requests.
+    let mut queue_time = 0.0;
+    for _ in 0..30 {
+        queue_time = metric(&http, "sluice_queue_time_mean_seconds", &["model=\"affine\""]).await;
+        if queue_time > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(queue_time > 0.0 && queue_time < 1.0, "mean queue time {queue_time}");
 
     // After the delay the server stops accepting and shuts down.
     tokio::time::timeout(Duration::from_secs(10), drained).await.expect("drain ends").unwrap();
     assert!(reqwest::get(format!("{http}/v2/health/live")).await.is_err(), "no longer accepting");
+}
+
+/// A free loopback port (bound and released; the server binds it a moment later).
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_repository_loads_the_server_is_live_but_not_started_and_models_are_unavailable() {
+    let repo = Repo::new();
+    // A load that takes a while: a slow model warmed up many times.
+    let warmups = "  - {batch_size: 1}\n".repeat(80);
+    repo.add("busy", &busy_model(400), &format!("max_batch_size: 0\nwarmup:\n{warmups}"));
+    let mut cfg = config(repo.path());
+    (cfg.grpc_addr, cfg.http_addr) = (free_port(), free_port());
+    let (http, grpc) = (format!("http://{}", cfg.http_addr), cfg.grpc_addr);
+    let starting = tokio::spawn(sluice_server::start(cfg));
+
+    // Seen while loading: live, not started, not ready; the model is "not ready yet".
+    let mut seen = false;
+    while !starting.is_finished() {
+        let Ok(r) = reqwest::get(format!("{http}/v2/health/startup")).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        if r.status() != 503 {
+            break;
+        }
+        assert_eq!(http_status(format!("{http}/v2/health/live")).await, 200);
+        assert_eq!(http_status(format!("{http}/v2/health/ready")).await, 503);
+        assert_eq!(http_status(format!("{http}/v2/models/busy/ready")).await, 503, "not 404 while loading");
+        let client = sluice_client::Client::connect(format!("http://{grpc}")).await.unwrap();
+        let x = Tensor::from_f32(vec![1, 512], &[1.0; 512]);
+        let err = client.infer("busy", &[("x", &x)], InferOptions::default()).await.unwrap_err();
+        if !starting.is_finished() {
+            assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+            assert!(err.to_string().contains("still loading"), "{err}");
+            seen = true;
+        }
+        break;
+    }
+    assert!(seen, "the load ended before the probes could be seen answering");
+    let s = starting.await.unwrap().expect("the server starts");
+    assert_eq!(http_status(format!("{http}/v2/health/startup")).await, 200);
+    assert_eq!(http_status(format!("{http}/v2/health/ready")).await, 200);
+    s.shutdown().await;
 }

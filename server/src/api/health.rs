@@ -74,6 +74,8 @@ impl Health for HealthApi {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stopping.wait_for(|s| *s) => return,
+                    // The client went away: no task left polling for nobody.
+                    _ = tx.closed() => return,
                 }
             }
         });

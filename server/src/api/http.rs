@@ -94,7 +94,7 @@ async fn model_ready(State(s): State<AppState>, Path(m): Path<String>) -> Status
     model_ready_v(State(s), Path((m, String::new()))).await
 }
 async fn model_ready_v(State(s): State<AppState>, Path((m, v)): Path<(String, String)>) -> StatusCode {
-    match s.engine.snapshot().servable(&m, &v) {
+    match s.engine.snapshot().servable(&m, &v).map_err(|e| s.engine.starting(e)) {
         Ok(_) if !s.draining() => StatusCode::OK,
         Err(Error::ModelNotFound { .. }) => StatusCode::NOT_FOUND,
         _ => StatusCode::SERVICE_UNAVAILABLE,

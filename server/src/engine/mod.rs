@@ -317,6 +317,19 @@ impl Engine {
         Ok(())
     }
 
+    /// While the first load runs, "no such model" is "not ready yet" (UNAVAILABLE / 503,
+    /// which clients retry), not a NOT_FOUND that looks final.
+    pub fn starting(&self, e: Error) -> Error {
+        match e {
+            Error::ModelNotFound { model, version } if !self.started() => Error::ModelNotReady {
+                model,
+                version,
+                reason: "the server is starting: the repository is still loading".into(),
+            },
+            e => e,
+        }
+    }
+
     /// Whether the first load of the repository has finished.
     pub fn started(&self) -> bool {
         self.serving.load(std::sync::atomic::Ordering::Acquire)
@@ -375,7 +388,8 @@ impl Engine {
     /// Runs one inference request through the model's batcher (or the pipeline), on
     /// the snapshot current when it starts.
     pub async fn infer(&self, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
-        let servable = self.current.load().servable(&req.model_name, &req.model_version)?;
+        let servable =
+            self.current.load().servable(&req.model_name, &req.model_version).map_err(|e| self.starting(e))?;
         let start = Instant::now();
         let result = match &servable {
             Servable::Model(m) => m.infer(req, deadline).await.map(|(resp, compute)| (resp, Some(compute))),

@@ -282,6 +282,9 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
     // Work whose caller's deadline has passed is not worth computing.
     let (batch, late): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.deadline.is_none_or(|d| d > start));
     for p in late {
+        // Their wait counts in the queue-time metrics: under overload these are the
+        // longest waits, which autoscaling on queue time must see.
+        shared.metrics.queue_duration.observe((start - p.enqueued).as_secs_f64());
         let _ = p.reply.send(Err(Error::DeadlineExceeded { model: shared.name.clone() }));
     }
     if batch.is_empty() {
