@@ -269,15 +269,16 @@ async fn bench_sweeps_concurrency_and_batch_size_and_writes_tables() {
     assert!(step.is_some_and(|l| l.starts_with("| 1 | 1 | affine | 1.00 | ")), "{stdout}");
 }
 
-#[test]
-fn sigterm_finishes_in_flight_requests_then_exits() {
-    let repo = Repo::new();
-    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n");
+/// `sluice serve` on ephemeral loopback ports with `extra` flags; returns the child and
+/// its gRPC and HTTP addresses, read from the line it prints once serving.
+fn serve(repo: &Repo, extra: &[&str], env: &[(&str, &str)]) -> (std::process::Child, String, String) {
     let mut child = sluice()
         .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--models"])
         .arg(repo.path())
         .arg("--ort-dylib")
         .arg(ort_dylib())
+        .args(extra)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -285,7 +286,15 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     // "sluice serving gRPC on 127.0.0.1:PORT and HTTP on 127.0.0.1:PORT"
     let words: Vec<&str> = line.split_whitespace().collect();
-    let (grpc, http) = (words[4].to_string(), words[8].to_string());
+    assert!(words.len() > 8, "not the serving line: {line}");
+    (child, words[4].to_string(), words[8].to_string())
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits() {
+    let repo = Repo::new();
+    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n");
+    let (mut child, grpc, http) = serve(&repo, &[], &[]);
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -373,19 +382,8 @@ fn sigterm_during_the_first_load_exits_at_once() {
 fn sigterm_drains_with_aliases_from_the_environment_and_a_second_signal_exits_at_once() {
     let repo = Repo::new();
     repo.add("held", &affine_model(4), "max_batch_size: 8\n");
-    let mut child = sluice()
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--drain-delay-s", "30"])
-        .env("SLUICE_MODEL_ALIAS", "first=held,second=held")
-        .arg("--models")
-        .arg(repo.path())
-        .arg("--ort-dylib")
-        .arg(ort_dylib())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let http = line.split_whitespace().nth(8).expect("the serving line").to_string();
+    let (mut child, _, http) =
+        serve(&repo, &["--drain-delay-s", "30"], &[("SLUICE_MODEL_ALIAS", "first=held,second=held")]);
     assert_eq!(http_get_status(&http, "/v2/models/first/ready"), Some(200));
     assert_eq!(http_get_status(&http, "/v2/models/second/ready"), Some(200));
     assert_eq!(http_get_status(&http, "/v2/health/ready"), Some(200));
@@ -463,18 +461,7 @@ fn serve_exports_request_spans_over_otlp() {
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), "max_batch_size: 8\n");
     let (collector, got) = fake_collector();
-    let mut child = sluice()
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--otlp-endpoint", &collector])
-        .arg("--models")
-        .arg(repo.path())
-        .arg("--ort-dylib")
-        .arg(ort_dylib())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let grpc = line.split_whitespace().nth(4).unwrap().to_string();
+    let (mut child, grpc, _) = serve(&repo, &["--otlp-endpoint", &collector], &[]);
     tokio::runtime::Runtime::new().unwrap().block_on(async {
         let client = Client::connect(format!("http://{grpc}")).await.unwrap();
         let t = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
