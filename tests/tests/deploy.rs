@@ -295,8 +295,27 @@ async fn the_rendered_chart_runs_the_image_and_a_rolling_restart_loses_no_reques
         return;
     }
     let root = repo_root();
-    // The image (cached: a no-op when the binary and base are unchanged).
-    run(Command::new(root.join("scripts/image.sh")).env("SLUICE_IMAGE", IMAGE).current_dir(&root));
+    // The image (cached: a no-op when the binary and base are unchanged). Without the
+    // variables cargo sets for a test: a build script (ring's) tracks CARGO_MANIFEST_DIR,
+    // and a changed value would rebuild half the release tree here and again in test.sh.
+    let mut image = Command::new(root.join("scripts/image.sh"));
+    for (k, _) in std::env::vars() {
+        let set_by_cargo_for_tests = k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || matches!(
+                k.as_str(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            );
+        if set_by_cargo_for_tests {
+            image.env_remove(k);
+        }
+    }
+    run(image.env("SLUICE_IMAGE", IMAGE).current_dir(&root));
     // The manifests, rendered with real Helm and validated against Kubernetes' and
     // KServe's schemas (the script fails on any invalid object).
     let out = tempfile::tempdir().unwrap();
