@@ -79,24 +79,26 @@ fn num(v: &Value, default: u64) -> u64 {
     v.as_u64().unwrap_or(default)
 }
 
-fn read_spec(rendered: &Path) -> Spec {
+/// The objects of a rendered multi-document YAML file.
+fn documents(rendered: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(rendered).unwrap();
-    let docs: Vec<Value> = text
-        .split("\n---")
+    text.split("\n---")
         .map(|d| serde_yaml_ng::from_str::<Value>(d).unwrap_or_else(|e| panic!("{}: {e}", rendered.display())))
         .filter(|v| !v.is_null())
-        .collect();
-    let of_kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k} rendered"));
-    let deployment = of_kind("Deployment");
-    let pod = &deployment["spec"]["template"]["spec"];
-    let containers = pod["containers"].as_sequence().unwrap();
-    let c = containers.iter().find(|c| c["name"] == "sluice").expect("a container named sluice");
-    let ports: BTreeMap<String, u16> =
-        c["ports"].as_sequence().unwrap().iter().map(|p| (s(&p["name"]), num(&p["containerPort"], 0) as u16)).collect();
-    let probe = |key: &str| {
+        .collect()
+}
+
+/// A container's ports by name.
+fn ports_of(c: &Value) -> BTreeMap<String, u16> {
+    c["ports"].as_sequence().unwrap().iter().map(|p| (s(&p["name"]), num(&p["containerPort"], 0) as u16)).collect()
+}
+
+impl Probe {
+    /// The container's `key` probe (an httpGet), its port by number or by name.
+    fn of(c: &Value, key: &str) -> Probe {
         let p = &c[key];
         let port = match &p["httpGet"]["port"] {
-            Value::String(name) => ports[name],
+            Value::String(name) => ports_of(c)[name],
             v => num(v, 0) as u16,
         };
         Probe {
@@ -105,7 +107,17 @@ fn read_spec(rendered: &Path) -> Spec {
             period: Duration::from_secs(num(&p["periodSeconds"], 10)),
             failure_threshold: num(&p["failureThreshold"], 3) as u32,
         }
-    };
+    }
+}
+
+fn read_spec(rendered: &Path) -> Spec {
+    let docs = documents(rendered);
+    let of_kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap_or_else(|| panic!("no {k} rendered"));
+    let deployment = of_kind("Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_sequence().unwrap();
+    let c = containers.iter().find(|c| c["name"] == "sluice").expect("a container named sluice");
+    let ports = ports_of(c);
     let sc = &c["securityContext"];
     let volumes: BTreeMap<String, &Value> =
         pod["volumes"].as_sequence().unwrap().iter().map(|v| (s(&v["name"]), v)).collect();
@@ -131,9 +143,9 @@ fn read_spec(rendered: &Path) -> Spec {
             .unwrap_or_default(),
         http_port: ports["http"],
         grpc_port: ports["grpc"],
-        startup: probe("startupProbe"),
-        readiness: probe("readinessProbe"),
-        liveness: probe("livenessProbe"),
+        startup: Probe::of(c, "startupProbe"),
+        readiness: Probe::of(c, "readinessProbe"),
+        liveness: Probe::of(c, "livenessProbe"),
         grace: Duration::from_secs(num(&pod["terminationGracePeriodSeconds"], 30)),
         user: format!("{}:{}", num(&sc["runAsUser"], 0), num(&sc["runAsGroup"], 0)),
         read_only_root: sc["readOnlyRootFilesystem"] == true,
@@ -445,8 +457,7 @@ async fn the_rendered_chart_runs_the_image_and_a_rolling_restart_loses_no_reques
 /// KServe does), the repository at /mnt/models: probes pass, and the pipeline answers
 /// under the InferenceService's name.
 async fn kserve_runtime_serves_under_the_inference_service_name(rendered: &Path, network: &str) {
-    let text = std::fs::read_to_string(rendered).unwrap();
-    let docs: Vec<Value> = text.split("\n---").filter_map(|d| serde_yaml_ng::from_str::<Value>(d).ok()).collect();
+    let docs = documents(rendered);
     let runtime = docs.iter().find(|d| d["kind"] == "ClusterServingRuntime").expect("the runtime");
     let isvc = docs.iter().find(|d| d["kind"] == "InferenceService").expect("the InferenceService");
     let c = &runtime["spec"]["containers"][0];
@@ -470,14 +481,8 @@ async fn kserve_runtime_serves_under_the_inference_service_name(rendered: &Path,
     let _gone = Cleanup { containers: vec![name.clone()], network: String::new() };
     let mut r = Replica { name, ip: String::new() };
     r.refresh_ip();
-    let probe = |key: &str| Probe {
-        path: s(&c[key]["httpGet"]["path"]),
-        port: num(&c[key]["httpGet"]["port"], 0) as u16,
-        period: Duration::from_secs(num(&c[key]["periodSeconds"], 10)),
-        failure_threshold: num(&c[key]["failureThreshold"], 3) as u32,
-    };
-    r.wait_for(&probe("startupProbe")).await;
-    r.wait_for(&probe("readinessProbe")).await;
+    r.wait_for(&Probe::of(c, "startupProbe")).await;
+    r.wait_for(&Probe::of(c, "readinessProbe")).await;
     let port = num(&c["ports"][0]["containerPort"], 0) as u16;
     let md: serde_json::Value =
         reqwest::get(r.url(port, &format!("/v2/models/{isvc_name}"))).await.unwrap().json().await.unwrap();

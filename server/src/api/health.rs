@@ -5,6 +5,7 @@
 //! they cannot drift from the v2 ready calls after a reload or when a drain begins.
 
 use super::AppState;
+use crate::error::Error;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio_stream::Stream;
@@ -34,10 +35,11 @@ impl HealthApi {
         if service.is_empty() || service == INFERENCE_SERVICE {
             return Some(serving(self.state.ready()));
         }
-        let snapshot = self.state.engine.snapshot();
-        let name = snapshot.resolve(service);
-        let known = snapshot.pipelines().any(|(n, _)| n == name) || snapshot.models().any(|(n, _)| n == name);
-        known.then(|| serving(self.state.servable_ready(name, "")))
+        match self.state.engine.snapshot().servable(service, "") {
+            Ok(_) => Some(serving(!self.state.draining())),
+            Err(Error::ModelNotFound { .. }) => None,
+            Err(_) => Some(ServingStatus::NotServing),
+        }
     }
 }
 
@@ -60,7 +62,9 @@ impl Health for HealthApi {
         let service = req.into_inner().service;
         let api = HealthApi { state: self.state.clone() };
         let mut stopping = self.state.stopping.clone();
-        let stream = async_stream_watch(move |tx| async move {
+        // A task feeds the stream; it ends when the client goes away or the server stops.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
             let mut last = None;
             let mut tick = tokio::time::interval(WATCH_INTERVAL);
             loop {
@@ -74,22 +78,10 @@ impl Health for HealthApi {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = stopping.wait_for(|s| *s) => return,
-                    // The client went away: no task left polling for nobody.
                     _ = tx.closed() => return,
                 }
             }
         });
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
-}
-
-/// A stream fed by a task: the task ends when the client goes away (its sends fail).
-fn async_stream_watch<F, Fut>(body: F) -> WatchStream
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<HealthCheckResponse, Status>>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(body(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

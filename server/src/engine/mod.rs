@@ -272,14 +272,6 @@ impl Retired {
 }
 
 impl Engine {
-    /// Loads every model and pipeline of the repository. One that fails is kept as
-    /// unavailable, with its reason, and the others still load.
-    pub fn load(cfg: EngineConfig, metrics: Metrics) -> Result<Engine, ReloadError> {
-        let engine = Engine::new(cfg, metrics)?;
-        engine.load_repository()?;
-        Ok(engine)
-    }
-
     /// An engine serving nothing yet: its CPU pools started, the repository not read.
     /// A server answers health probes with it while `load_repository` runs.
     pub fn new(cfg: EngineConfig, metrics: Metrics) -> Result<Engine, ReloadError> {
@@ -299,7 +291,8 @@ impl Engine {
         })
     }
 
-    /// The first load of the whole repository, at normal CPU priority. Once it returns
+    /// The first load of the whole repository, at normal CPU priority. One that fails is
+    /// kept as unavailable, with its reason, and the others still load; once it returns
     /// every model that should load has loaded or failed (`started`).
     pub fn load_repository(&self) -> Result<(), ReloadError> {
         // ONNX Runtime is loaded here, at normal priority, not by a later background load
