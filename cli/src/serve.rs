@@ -2,7 +2,7 @@
 
 use crate::repo::RepoArgs;
 use anyhow::Context;
-use sluice_server::{ReloadMode, ServerConfig, TlsFiles};
+use sluice_server::{AccessConfig, Limits, ModelControl, ReloadMode, Restriction, ServerConfig, TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -64,6 +64,35 @@ pub struct Args {
     /// repeat for more. KServe calls a model by its InferenceService's name.
     #[arg(long = "model-alias", env = "SLUICE_MODEL_ALIAS", value_delimiter = ',', value_parser = parse_alias)]
     aliases: Vec<(String, String)>,
+    /// Largest image, in pixels, any pipeline step may decode, resize or crop to
+    /// (default 8192 x 8192).
+    #[arg(long, env = "SLUICE_MAX_IMAGE_PIXELS", default_value_t = 64 << 20)]
+    max_image_pixels: u64,
+    /// MiB of decoded images alive at once, across all requests; past it, requests are
+    /// refused (RESOURCE_EXHAUSTED / 429) until others finish.
+    #[arg(long, env = "SLUICE_IMAGE_MEMORY_MB", default_value_t = 1024)]
+    image_memory_mb: usize,
+    /// MiB of request bodies received and not yet answered, across all requests; past
+    /// it, requests are refused at once. At least --max-message-mb.
+    #[arg(long, env = "SLUICE_MAX_INFLIGHT_MB", default_value_t = 512)]
+    max_inflight_mb: usize,
+    /// HTTP/2 streams one client connection may have open at once (advertised to clients).
+    #[arg(long = "max-streams", env = "SLUICE_MAX_STREAMS", default_value_t = 128)]
+    max_concurrent_streams: u32,
+    /// Require a key for API groups over gRPC, as Triton's flag of the same name:
+    /// `GROUP[,GROUP...]:HEADER=VALUE` (VALUE `@FILE` reads it from a file). Groups:
+    /// inference, health, metadata, model-config, statistics, model-repository. Repeat
+    /// for more; in the environment, separate them with ';'.
+    #[arg(long, env = "SLUICE_GRPC_RESTRICTED_PROTOCOL", value_delimiter = ';')]
+    grpc_restricted_protocol: Vec<Restriction>,
+    /// The same for HTTP, as Triton's --http-restricted-api; groups also metrics and
+    /// dashboard. For a bearer token: `GROUPS:authorization=Bearer TOKEN`.
+    #[arg(long, env = "SLUICE_HTTP_RESTRICTED_API", value_delimiter = ';')]
+    http_restricted_api: Vec<Restriction>,
+    /// Who may load, unload and reload through the API: loopback (clients on this host),
+    /// any (restrict it with a model-repository key), or off.
+    #[arg(long, env = "SLUICE_MODEL_CONTROL", value_enum, default_value = "loopback")]
+    model_control: ModelControl,
 }
 
 fn parse_alias(s: &str) -> Result<(String, String), String> {
@@ -91,6 +120,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         load_nice: args.load_nice,
         grpc_compress_responses: args.grpc_compress_responses,
         aliases: args.aliases.into_iter().collect(),
+        limits: Limits {
+            max_image_pixels: args.max_image_pixels,
+            image_memory_bytes: args.image_memory_mb.saturating_mul(1 << 20),
+            max_inflight_bytes: args.max_inflight_mb.saturating_mul(1 << 20),
+            max_concurrent_streams: args.max_concurrent_streams,
+            ..Limits::default()
+        },
+        access: AccessConfig {
+            grpc: args.grpc_restricted_protocol,
+            http: args.http_restricted_api,
+            model_control: args.model_control,
+        },
         ..ServerConfig::new(args.repo.models)
     };
     // The runtime does I/O only; models run on their own instance threads.

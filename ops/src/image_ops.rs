@@ -17,7 +17,11 @@ pub(crate) const OPS: &[OpSpec] = &[
     OpSpec {
         name: "decode_image",
         summary: "encoded JPEG/PNG bytes -> RGB image (EXIF orientation applied)",
-        params: &[param("max_pixels", "67108864", "refuse images with more pixels (decompression bombs)")],
+        params: &[param(
+            "max_pixels",
+            "server's --max-image-pixels",
+            "refuse images with more pixels (decompression bombs); at most the server's cap",
+        )],
         example: "{}",
         build: build_decode,
     },
@@ -100,17 +104,14 @@ fn image_in(inputs: &[Value], i: usize) -> Result<&Arc<Image>, OpError> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DecodeParams {
-    /// Refuse images with more pixels than this (decompression bombs).
-    #[serde(default = "default_max_pixels")]
-    max_pixels: u64,
-}
-
-fn default_max_pixels() -> u64 {
-    64 << 20
+    /// Refuse images with more pixels than this (decompression bombs); the server's
+    /// per-image cap applies as well.
+    #[serde(default)]
+    max_pixels: Option<u64>,
 }
 
 struct Decode {
-    max_pixels: u64,
+    max_pixels: Option<u64>,
 }
 
 pub(crate) fn build_decode(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
@@ -130,11 +131,14 @@ impl Op for Decode {
             Value::Bytes(b) => Some(b),
             _ => None,
         })?;
-        Ok(vec![Value::Image(Arc::new(decode_image(data, self.max_pixels)?))])
+        let max = self.max_pixels.unwrap_or(u64::MAX).min(crate::memory::max_image_pixels());
+        Ok(vec![Value::Image(Arc::new(decode_image(data, max)?))])
     }
 }
 
-/// Decodes a JPEG or PNG into RGB, applying the EXIF orientation of JPEGs.
+/// Decodes a JPEG or PNG into RGB, applying the EXIF orientation of JPEGs. The size in
+/// the header is checked against `max_pixels` and the image budget before any pixel
+/// memory is taken.
 pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
     let bad = |what: &str, e: &dyn std::fmt::Display| OpError::Invalid(format!("cannot decode {what}: {e}"));
     if data.starts_with(&[0xFF, 0xD8]) {
@@ -148,29 +152,55 @@ pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
         dec.decode_headers().map_err(|e| bad("JPEG", &e))?;
         let (w, h) = dec.dimensions().ok_or_else(|| bad("JPEG", &"no dimensions"))?;
         check_pixels(w, h, max_pixels)?;
-        let mut buf =
-            crate::value::pixel_buffer(dec.output_buffer_size().ok_or_else(|| bad("JPEG", &"size overflow"))?);
-        dec.decode_into(&mut buf).map_err(|e| bad("JPEG", &e))?;
+        let mut img = Image::alloc(w as u32, h as u32)?;
+        if dec.output_buffer_size() != Some(img.data.len()) {
+            return Err(bad("JPEG", &"unexpected output size"));
+        }
+        dec.decode_into(&mut img.data).map_err(|e| bad("JPEG", &e))?;
         let orientation = dec.exif().and_then(|e| exif_orientation(e)).unwrap_or(1);
-        Ok(orient(Image::new(w as u32, h as u32, buf), orientation))
+        orient(img, orientation)
     } else if data.starts_with(b"\x89PNG") {
-        let mut dec = png::Decoder::new(std::io::Cursor::new(data));
+        // The crate's own cap (64 MiB of output) would refuse large RGB images that are
+        // within ours: bound it by ours instead (4 bytes a pixel for RGBA before it is
+        // turned into RGB).
+        let limits = png::Limits { bytes: usize::try_from(max_pixels.saturating_mul(4)).unwrap_or(usize::MAX) };
+        let mut dec = png::Decoder::new_with_limits(std::io::Cursor::new(data), limits);
         dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
         let mut reader = dec.read_info().map_err(|e| bad("PNG", &e))?;
         let (w, h) = (reader.info().width, reader.info().height);
         check_pixels(w as usize, h as usize, max_pixels)?;
-        let mut buf =
-            crate::value::pixel_buffer(reader.output_buffer_size().ok_or_else(|| bad("PNG", &"size overflow"))?);
+        let mut img = Image::alloc(w, h)?;
+        let (color, _) = reader.output_color_type();
+        if color == png::ColorType::Rgb {
+            let frame = reader.next_frame(&mut img.data).map_err(|e| bad("PNG", &e))?;
+            if frame.buffer_size() != img.data.len() {
+                return Err(bad("PNG", &"unexpected frame size"));
+            }
+            return Ok(img);
+        }
+        // Other layouts decode into a scratch buffer, charged to the budget as well.
+        let len = reader.output_buffer_size().ok_or_else(|| bad("PNG", &"size overflow"))?;
+        let _scratch_charge = crate::memory::IMAGES.take(len)?;
+        let mut buf = crate::memory::try_zeroed(len)?;
         let frame = reader.next_frame(&mut buf).map_err(|e| bad("PNG", &e))?;
-        buf.truncate(frame.buffer_size());
-        let rgb = match frame.color_type {
-            png::ColorType::Rgb => buf,
-            png::ColorType::Rgba => buf.chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
-            png::ColorType::Grayscale => buf.iter().flat_map(|&g| [g, g, g]).collect(),
-            png::ColorType::GrayscaleAlpha => buf.chunks_exact(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+        let buf = &buf[..frame.buffer_size()];
+        let per_px = match frame.color_type {
+            png::ColorType::Rgba => 4,
+            png::ColorType::Grayscale => 1,
+            png::ColorType::GrayscaleAlpha => 2,
+            png::ColorType::Rgb => 3,
             png::ColorType::Indexed => return Err(bad("PNG", &"palette was not expanded")),
         };
-        Ok(Image::new(w, h, rgb))
+        if buf.len() != img.data.len() / 3 * per_px {
+            return Err(bad("PNG", &"unexpected frame size"));
+        }
+        for (out, px) in img.data.chunks_exact_mut(3).zip(buf.chunks_exact(per_px)) {
+            match per_px {
+                1 | 2 => out.fill(px[0]),
+                _ => out.copy_from_slice(&px[..3]),
+            }
+        }
+        Ok(img)
     } else {
         Err(OpError::Invalid(format!(
             "cannot decode image: not a JPEG or PNG ({} bytes, starting {:02x?})",
@@ -181,8 +211,14 @@ pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
 }
 
 fn check_pixels(w: usize, h: usize, max: u64) -> Result<(), OpError> {
-    if w == 0 || h == 0 || (w as u64) * (h as u64) > max {
-        return Err(OpError::Invalid(format!("image is {w}x{h}: outside 1..={max} pixels")));
+    if w == 0 || h == 0 {
+        return Err(OpError::Invalid(format!("image is {w}x{h}: empty")));
+    }
+    if (w as u64).saturating_mul(h as u64) > max {
+        return Err(OpError::TooLarge(format!(
+            "image is {w}x{h}: over the limit of {max} pixels (the decode node's max_pixels, or sluice serve \
+             --max-image-pixels)"
+        )));
     }
     Ok(())
 }
@@ -215,7 +251,7 @@ fn exif_orientation(exif: &[u8]) -> Option<u16> {
 }
 
 /// Applies an EXIF orientation (1..=8) so the image is upright.
-fn orient(img: Image, orientation: u16) -> Image {
+fn orient(img: Image, orientation: u16) -> Result<Image, OpError> {
     let (w, h) = (img.width as usize, img.height as usize);
     // For each output pixel (x, y) of an output of size (ow, oh): its source pixel.
     let transposed = matches!(orientation, 5..=8);
@@ -233,18 +269,18 @@ fn orient(img: Image, orientation: u16) -> Image {
         }
     };
     if !(2..=8).contains(&orientation) {
-        return img;
+        return Ok(img);
     }
-    let mut out = vec![0u8; img.data.len()];
+    let mut out = Image::alloc(ow as u32, oh as u32)?;
     for y in 0..oh {
         for x in 0..ow {
             let (sx, sy) = src(x, y);
             let s = (sy * w + sx) * 3;
             let d = (y * ow + x) * 3;
-            out[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
+            out.data[d..d + 3].copy_from_slice(&img.data[s..s + 3]);
         }
     }
-    Image::new(ow as u32, oh as u32, out)
+    Ok(out)
 }
 
 // ---- resize ----
@@ -328,20 +364,20 @@ pub fn resize_to(src: &Image, w: u32, h: u32) -> Result<Image, OpError> {
         return Ok(src.clone());
     }
     let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
-    let mut out = crate::value::pixel_buffer(w as usize * h as usize * 3);
-    let mut d = TypedImage::<U8x3>::from_buffer(w, h, &mut out).map_err(internal)?;
+    let mut out = Image::alloc(w, h)?;
+    let mut d = TypedImage::<U8x3>::from_buffer(w, h, &mut out.data).map_err(internal)?;
     RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)?;
-    Ok(Image::new(w, h, out))
+    Ok(out)
 }
 
 /// Resizes the region (left, top, w, h) of `src` into a fresh `ow` x `oh` image.
 pub fn crop_resize(src: &Image, region: (u32, u32, u32, u32), ow: u32, oh: u32) -> Result<Image, OpError> {
     let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
     let c = TypedCroppedImage::new(s, region.0, region.1, region.2, region.3).map_err(internal)?;
-    let mut out = vec![0u8; ow as usize * oh as usize * 3];
-    let mut d = TypedImage::<U8x3>::from_buffer(ow, oh, &mut out).map_err(internal)?;
+    let mut out = Image::alloc(ow, oh)?;
+    let mut d = TypedImage::<U8x3>::from_buffer(ow, oh, &mut out.data).map_err(internal)?;
     RESIZER.with_borrow_mut(|r| r.resize_typed(&c, &mut d, &bilinear())).map_err(internal)?;
-    Ok(Image::new(ow, oh, out))
+    Ok(out)
 }
 
 fn internal(e: impl std::fmt::Display) -> OpError {
@@ -365,7 +401,8 @@ impl Resize {
             ResizeMode::Letterbox => {
                 let (_, left, top, w, h) = letterbox_geometry(src.width, src.height, p.width, p.height);
                 let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
-                let mut out = Image::filled(p.width, p.height, [p.pad; 3]);
+                let mut out = Image::alloc(p.width, p.height)?;
+                out.data.fill(p.pad);
                 let canvas = TypedImage::<U8x3>::from_buffer(p.width, p.height, &mut out.data).map_err(internal)?;
                 let mut d = TypedCroppedImageMut::new(canvas, left, top, w, h).map_err(internal)?;
                 RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)?;
@@ -374,10 +411,19 @@ impl Resize {
             ResizeMode::ShorterSideCrop => {
                 let shorter = p.shorter.unwrap_or(p.width.max(p.height)) as f32;
                 let scale = shorter / src.width.min(src.height) as f32;
-                let rw = ((src.width as f32 * scale).round() as u32).max(p.width);
-                let rh = ((src.height as f32 * scale).round() as u32).max(p.height);
+                // In f64: a 1-pixel-high image scaled to 256 must not round or saturate
+                // into a size the per-image cap then misjudges.
+                let side = |v: u32, min: u32| ((v as f64 * scale as f64).round().min(u32::MAX as f64) as u32).max(min);
+                let (rw, rh) = (side(src.width, p.width), side(src.height, p.height));
+                crate::memory::image_bytes(rw as u64, rh as u64).map_err(|e| match e {
+                    OpError::TooLarge(m) => OpError::TooLarge(format!(
+                        "shorter_side_crop would first resize {}x{} to {rw}x{rh}: {m}",
+                        src.width, src.height
+                    )),
+                    e => e,
+                })?;
                 let resized = resize_to(src, rw, rh)?;
-                Ok(crop_copy(&resized, (rw - p.width) / 2, (rh - p.height) / 2, p.width, p.height))
+                crop_copy(&resized, (rw - p.width) / 2, (rh - p.height) / 2, p.width, p.height)
             }
             ResizeMode::FitMultiple => {
                 let (w, h) = fit_multiple(src.width, src.height, p.min_side, p.max_side, p.multiple);
@@ -419,14 +465,14 @@ pub fn fit_multiple(w: u32, h: u32, min_side: Option<u32>, max_side: Option<u32>
 }
 
 /// Copies the rectangle (left, top, w, h) out of `src`.
-pub fn crop_copy(src: &Image, left: u32, top: u32, w: u32, h: u32) -> Image {
+pub fn crop_copy(src: &Image, left: u32, top: u32, w: u32, h: u32) -> Result<Image, OpError> {
     let row = src.width as usize * 3;
-    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
-    for y in top..top + h {
+    let mut out = Image::alloc(w, h)?;
+    for (y, dst) in (top..top + h).zip(out.data.chunks_exact_mut(w as usize * 3)) {
         let start = y as usize * row + left as usize * 3;
-        out.extend_from_slice(&src.data[start..start + w as usize * 3]);
+        dst.copy_from_slice(&src.data[start..start + w as usize * 3]);
     }
-    Image::new(w, h, out)
+    Ok(out)
 }
 
 // ---- normalize / to_tensor ----
@@ -591,14 +637,17 @@ impl Op for Rotate180 {
         Ok(vec![inputs[0].clone()])
     }
     fn run(&self, inputs: &[Value]) -> OpResult {
-        Ok(vec![Value::Image(Arc::new(rotate_180(image_in(inputs, 0)?)))])
+        Ok(vec![Value::Image(Arc::new(rotate_180(image_in(inputs, 0)?)?))])
     }
 }
 
 /// The image turned upside down: its pixels in reverse order.
-pub fn rotate_180(img: &Image) -> Image {
-    let data: Vec<u8> = img.data.chunks_exact(3).rev().flatten().copied().collect();
-    Image::new(img.width, img.height, data)
+pub fn rotate_180(img: &Image) -> Result<Image, OpError> {
+    let mut out = Image::alloc(img.width, img.height)?;
+    for (d, s) in out.data.chunks_exact_mut(3).zip(img.data.chunks_exact(3).rev()) {
+        d.copy_from_slice(s);
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -642,7 +691,7 @@ impl Op for CropBoxes {
                 let (left, top, w, h) = clamp_box(b, img.width, img.height);
                 let crop = match self.resize {
                     Some([rw, rh]) => crop_resize(img, (left, top, w, h), rw, rh)?,
-                    None => crop_copy(img, left, top, w, h),
+                    None => crop_copy(img, left, top, w, h)?,
                 };
                 Ok(Value::Image(Arc::new(crop)))
             })
@@ -672,14 +721,14 @@ mod tests {
     fn exif_orientations_turn_the_image_upright() {
         // 2x1 image: red, green. Orientation 6 means "rotate 90 clockwise to view".
         let img = Image::new(2, 1, vec![255, 0, 0, 0, 255, 0]);
-        let r = orient(img.clone(), 6);
+        let r = orient(img.clone(), 6).unwrap();
         assert_eq!((r.width, r.height), (1, 2));
         assert_eq!(r.pixel(0, 0), [255, 0, 0]);
-        let r = orient(img.clone(), 3);
+        let r = orient(img.clone(), 3).unwrap();
         assert_eq!(r.pixel(0, 0), [0, 255, 0]);
-        let r = orient(img.clone(), 8);
+        let r = orient(img.clone(), 8).unwrap();
         assert_eq!(r.pixel(0, 0), [0, 255, 0]);
-        assert_eq!(orient(img.clone(), 1), img);
+        assert_eq!(orient(img.clone(), 1).unwrap(), img);
     }
 
     #[test]
@@ -856,7 +905,7 @@ impl Op for CropQuads {
                 let crop = warp_quad(img, pts)?;
                 let tall =
                     self.rotate_tall_ratio > 0.0 && crop.height as f32 >= crop.width as f32 * self.rotate_tall_ratio;
-                Ok(Value::Image(Arc::new(if tall { rotate90_ccw(&crop) } else { crop })))
+                Ok(Value::Image(Arc::new(if tall { rotate90_ccw(&crop)? } else { crop })))
             })
             .collect::<Result<Vec<_>, OpError>>()?;
         Ok(vec![Value::List(Arc::new(crops))])
@@ -871,7 +920,7 @@ fn dist(a: (f32, f32), b: (f32, f32)) -> f32 {
 pub fn warp_quad(img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
     let w = dist(q[0], q[1]).max(dist(q[3], q[2])).round().max(1.0) as u32;
     let h = dist(q[0], q[3]).max(dist(q[1], q[2])).round().max(1.0) as u32;
-    if !q.iter().all(|p| p.0.is_finite() && p.1.is_finite()) || w as u64 * h as u64 > 64 << 20 {
+    if !q.iter().all(|p| p.0.is_finite() && p.1.is_finite()) {
         return Err(OpError::Invalid(format!("quad {q:?} is not a usable box")));
     }
     let dst = [(0.0, 0.0), (w as f32, 0.0), (w as f32, h as f32), (0.0, h as f32)];
@@ -881,7 +930,8 @@ pub fn warp_quad(img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
         let i = (y.clamp(0, ih - 1) * iw + x.clamp(0, iw - 1)) as usize * 3;
         [img.data[i] as f32, img.data[i + 1] as f32, img.data[i + 2] as f32]
     };
-    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+    let mut img_out = Image::alloc(w, h)?;
+    let mut out = img_out.data.iter_mut();
     for y in 0..h {
         for x in 0..w {
             let (xf, yf) = (x as f64, y as f64);
@@ -895,11 +945,13 @@ pub fn warp_quad(img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
             for ch in 0..3 {
                 let top = a[ch] + (b[ch] - a[ch]) * fx;
                 let bottom = c[ch] + (e[ch] - c[ch]) * fx;
-                out.push((top + (bottom - top) * fy).round().clamp(0.0, 255.0) as u8);
+                if let Some(o) = out.next() {
+                    *o = (top + (bottom - top) * fy).round().clamp(0.0, 255.0) as u8;
+                }
             }
         }
     }
-    Ok(Image::new(w, h, out))
+    Ok(img_out)
 }
 
 /// The 3x3 perspective transform (row-major, last element 1) taking each `from` point to
@@ -932,17 +984,20 @@ fn homography(from: [(f32, f32); 4], to: [(f32, f32); 4]) -> Option<[f64; 8]> {
 }
 
 /// Turns the image 90 degrees counter-clockwise.
-fn rotate90_ccw(img: &Image) -> Image {
+fn rotate90_ccw(img: &Image) -> Result<Image, OpError> {
     let (w, h) = (img.width as usize, img.height as usize);
-    let mut out = Vec::with_capacity(img.data.len());
+    let mut out = Image::alloc(h as u32, w as u32)?;
+    let mut dst = out.data.chunks_exact_mut(3);
     for y in 0..w {
         for x in 0..h {
             // Output (x, y) of a w-high, h-wide image comes from input (w - 1 - y, x).
             let i = (x * w + (w - 1 - y)) * 3;
-            out.extend_from_slice(&img.data[i..i + 3]);
+            if let Some(d) = dst.next() {
+                d.copy_from_slice(&img.data[i..i + 3]);
+            }
         }
     }
-    Image::new(h as u32, w as u32, out)
+    Ok(out)
 }
 
 struct FromTensor;
@@ -963,8 +1018,10 @@ impl Op for FromTensor {
     fn run(&self, inputs: &[Value]) -> OpResult {
         let t = input(inputs, 0, "a tensor", Value::as_tensor)?;
         match (t.dtype, t.shape.as_slice()) {
-            (DataType::U8, &[h, w, 3]) if h > 0 && w > 0 => {
-                Ok(vec![Value::Image(Arc::new(Image::new(w as u32, h as u32, t.data.to_vec())))])
+            (DataType::U8, &[h, w, 3]) if h > 0 && w > 0 && h <= u32::MAX as usize && w <= u32::MAX as usize => {
+                let mut img = Image::alloc(w as u32, h as u32)?;
+                img.data.copy_from_slice(&t.data);
+                Ok(vec![Value::Image(Arc::new(img))])
             }
             _ => Err(OpError::Invalid(format!("expected UINT8 [H,W,3], got {} {:?}", t.dtype, t.shape))),
         }
@@ -981,13 +1038,13 @@ mod quad_tests {
         let img = Image::new(8, 6, data);
         let crop = warp_quad(&img, [(2.0, 1.0), (6.0, 1.0), (6.0, 4.0), (2.0, 4.0)]).unwrap();
         assert_eq!((crop.width, crop.height), (4, 3));
-        assert_eq!(crop, crop_copy(&img, 2, 1, 4, 3));
+        assert_eq!(crop, crop_copy(&img, 2, 1, 4, 3).unwrap());
     }
 
     #[test]
     fn tall_crops_are_turned_and_degenerate_quads_refused() {
         let img = Image::new(2, 1, vec![1, 1, 1, 2, 2, 2]);
-        let r = rotate90_ccw(&img);
+        let r = rotate90_ccw(&img).unwrap();
         assert_eq!((r.width, r.height), (1, 2));
         assert_eq!(r.data, vec![2, 2, 2, 1, 1, 1], "the right pixel ends on top");
         assert!(warp_quad(&img, [(0.0, 0.0); 4]).is_err());

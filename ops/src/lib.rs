@@ -4,6 +4,7 @@
 
 pub mod detect;
 pub mod image_ops;
+pub mod memory;
 pub mod ocr;
 pub mod op;
 pub mod tensor;

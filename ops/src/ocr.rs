@@ -496,7 +496,7 @@ impl Op for Orient180 {
             .filter(|p| p.len() == 2)
             .ok_or_else(|| OpError::Invalid("expected FP32 [2] direction probabilities".into()))?;
         if probs[1] > probs[0] && probs[1] > self.threshold {
-            return Ok(vec![Value::Image(Arc::new(rotate_180(img)))]);
+            return Ok(vec![Value::Image(Arc::new(rotate_180(img)?))]);
         }
         Ok(vec![Value::Image(img.clone())])
     }

@@ -11,6 +11,14 @@ pub enum OpError {
     /// The input data is bad (a corrupt image, a tensor of the wrong shape): the caller's fault.
     #[error("{0}")]
     Invalid(String),
+    /// The input is well formed but over a size limit (pixels per image, dims): the
+    /// message names the limit and the flag or key that raises it.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The server is short of a shared resource (the image memory budget) right now:
+    /// the same request may succeed when others finish.
+    #[error("{0}")]
+    Busy(String),
     /// Something the input cannot explain.
     #[error("{0}")]
     Internal(String),
@@ -51,6 +59,9 @@ pub trait Op: Send + Sync + 'static {
 pub type MetadataLookup<'a> = &'a dyn Fn(&str, &str) -> Option<String>;
 
 /// What the registry passes to an op's constructor.
+/// The largest file an op parameter may name.
+pub const MAX_PARAM_FILE_BYTES: u64 = 16 << 20;
+
 pub struct BuildContext<'a> {
     /// Parameters as written in the pipeline file (null when none).
     pub params: serde_json::Value,
@@ -76,6 +87,33 @@ impl<'a> BuildContext<'a> {
         let lookup = self.metadata.ok_or_else(|| format!("no model repository to read '{model}' metadata from"))?;
         lookup(model, key)
             .ok_or_else(|| format!("model '{model}' has no metadata '{key}' (or is not in the repository)"))
+    }
+
+    /// Reads a text file a parameter names (labels), relative to the pipeline's folder.
+    /// It must be a regular file inside that folder (no absolute paths, no `..` or
+    /// symlinks out of it) of at most [`MAX_PARAM_FILE_BYTES`]: a pipeline file must
+    /// not turn the server into a reader of other files or of endless ones.
+    pub fn read_text(&self, name: &str) -> Result<String, String> {
+        use std::io::Read;
+        let base = self.base_dir.canonicalize().map_err(|e| format!("{}: {e}", self.base_dir.display()))?;
+        let joined = self.base_dir.join(name);
+        let path = joined.canonicalize().map_err(|e| format!("{}: {e}", joined.display()))?;
+        if !path.starts_with(&base) {
+            return Err(format!("{name}: files a pipeline names must be inside its folder {}", base.display()));
+        }
+        let file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", joined.display()))?;
+        let meta = file.metadata().map_err(|e| format!("{}: {e}", joined.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{}: not a regular file", joined.display()));
+        }
+        let mut text = String::new();
+        file.take(MAX_PARAM_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("{}: {e}", joined.display()))?;
+        if text.len() as u64 > MAX_PARAM_FILE_BYTES {
+            return Err(format!("{}: larger than {} MiB", joined.display(), MAX_PARAM_FILE_BYTES >> 20));
+        }
+        Ok(text)
     }
 
     /// Decodes the parameters into an op's typed parameter struct.

@@ -21,7 +21,7 @@ pub(crate) const OPS: &[OpSpec] = &[
         summary: "FP32 scores -> the k best: scores, classes, labels",
         params: &[
             param("k", "required", "how many"),
-            param("labels", "none", "text file, one label per line, relative to the pipeline file"),
+            param("labels", "none", "text file, one label per line, in the pipeline's folder (at most 16 MiB)"),
             param("softmax", "false", "apply softmax first (for logits)"),
         ],
         example: r#"{"k": 5}"#,
@@ -122,8 +122,7 @@ pub(crate) fn build_topk(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
     }
     let labels = match &p.labels {
         Some(file) => {
-            let path = ctx.base_dir.join(file);
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("labels file {}: {e}", path.display()))?;
+            let text = ctx.read_text(file).map_err(|e| format!("labels file {e}"))?;
             Some(text.lines().map(|l| l.trim().to_string()).collect())
         }
         None => None,
@@ -340,6 +339,29 @@ mod tests {
         assert_eq!(labels, vec![&b"dog"[..], &b"fish"[..]]);
         let too_few = Tensor::from_f32(vec![1], &[0.5]);
         assert!(matches!(op.run(&[Value::Tensor(too_few)]), Err(OpError::Invalid(_))));
+    }
+
+    #[test]
+    fn label_files_must_be_small_regular_files_inside_the_pipeline_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let pipes = root.path().join("pipelines");
+        std::fs::create_dir(&pipes).unwrap();
+        std::fs::write(root.path().join("secret.txt"), "a\n").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret.txt"), pipes.join("link.txt")).unwrap();
+        std::fs::write(pipes.join("big.txt"), vec![b'x'; (crate::op::MAX_PARAM_FILE_BYTES + 1) as usize]).unwrap();
+        for (file, says) in [
+            ("../secret.txt", "inside its folder"),
+            ("link.txt", "inside its folder"),
+            ("/etc/passwd", "inside its folder"),
+            ("/dev/zero", "inside its folder"),
+            (".", "not a regular file"),
+            ("big.txt", "larger than 16 MiB"),
+            ("missing.txt", "No such file"),
+        ] {
+            let ctx = BuildContext::new(serde_json::json!({"k": 2, "labels": file}), &pipes);
+            let e = build_topk(&ctx).err().unwrap();
+            assert!(e.starts_with("labels file") && e.contains(says), "{file}: {e}");
+        }
     }
 
     #[test]

@@ -1,17 +1,27 @@
 //! What flows along a pipeline's edges, and the static types a pipeline is checked with.
 
+use crate::memory::Charge;
 use crate::tensor::{DataType, Tensor};
 use bytes::Bytes;
 use std::fmt;
 use std::sync::Arc;
 
-/// A decoded image: 8-bit RGB, rows top to bottom, pixels interleaved (HWC).
-#[derive(Clone, PartialEq, Eq)]
+/// A decoded image: 8-bit RGB, rows top to bottom, pixels interleaved (HWC). Its bytes
+/// are counted in the image memory budget ([`crate::memory`]) for as long as it lives.
+#[derive(Clone)]
 pub struct Image {
     pub width: u32,
     pub height: u32,
     pub data: Vec<u8>,
+    charge: Charge,
 }
+
+impl PartialEq for Image {
+    fn eq(&self, other: &Image) -> bool {
+        (self.width, self.height) == (other.width, other.height) && self.data == other.data
+    }
+}
+impl Eq for Image {}
 
 impl fmt::Debug for Image {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -22,14 +32,16 @@ impl fmt::Debug for Image {
 /// Large pixel buffers kept for reuse. A fresh multi-megabyte allocation is fresh pages
 /// from the kernel, and faulting them in costs more than decoding into them (15+ ms for
 /// a 4000x3000 image); buffers of dropped images are kept here and handed to the next
-/// decode of a similar size.
+/// decode of a similar size. Bounded in count and bytes: idle memory, not in the budget.
 static SPARE_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 /// Smaller buffers come from the allocator's own free lists cheaply.
 const REUSE_MIN_BYTES: usize = 1 << 20;
 const SPARE_MAX: usize = 8;
+/// At most this many bytes of spare buffers (a 4032x3024 photo is 37 MB).
+pub const SPARE_MAX_BYTES: usize = 128 << 20;
 
 /// A zeroed buffer of `len` bytes, reusing a spare one when there is one big enough.
-pub fn pixel_buffer(len: usize) -> Vec<u8> {
+fn pixel_buffer(len: usize) -> Result<Vec<u8>, crate::OpError> {
     if len >= REUSE_MIN_BYTES {
         let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
         // The smallest spare that fits, so big buffers stay for big images.
@@ -39,17 +51,24 @@ pub fn pixel_buffer(len: usize) -> Vec<u8> {
             drop(spare);
             buf.clear();
             buf.resize(len, 0);
-            return buf;
+            return Ok(buf);
         }
     }
-    vec![0; len]
+    crate::memory::try_zeroed(len)
+}
+
+/// Bytes held by spare buffers now.
+pub fn spare_bytes() -> usize {
+    SPARE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner()).iter().map(Vec::capacity).sum()
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        if self.data.capacity() >= REUSE_MIN_BYTES {
+        let cap = self.data.capacity();
+        if cap >= REUSE_MIN_BYTES {
             let mut spare = SPARE_BUFFERS.lock().unwrap_or_else(|e| e.into_inner());
-            if spare.len() < SPARE_MAX {
+            let held: usize = spare.iter().map(Vec::capacity).sum();
+            if spare.len() < SPARE_MAX && held + cap <= SPARE_MAX_BYTES {
                 spare.push(std::mem::take(&mut self.data));
             }
         }
@@ -57,14 +76,29 @@ impl Drop for Image {
 }
 
 impl Image {
+    /// A black `width` x `height` image, after checking the per-image cap and taking its
+    /// bytes from the image budget: over either, an error and nothing allocated.
+    pub fn alloc(width: u32, height: u32) -> Result<Image, crate::OpError> {
+        let bytes = crate::memory::image_bytes(width as u64, height as u64)?;
+        let charge = crate::memory::IMAGES.take(bytes)?;
+        Ok(Image { width, height, data: pixel_buffer(bytes)?, charge })
+    }
+
+    /// An image of pixels already in memory (counted, never refused).
     pub fn new(width: u32, height: u32, data: Vec<u8>) -> Image {
         assert_eq!(data.len(), width as usize * height as usize * 3, "RGB buffer size");
-        Image { width, height, data }
+        let charge = crate::memory::IMAGES.force(data.len());
+        Image { width, height, data, charge }
     }
 
     pub fn filled(width: u32, height: u32, rgb: [u8; 3]) -> Image {
         let data = rgb.iter().copied().cycle().take(width as usize * height as usize * 3).collect();
-        Image { width, height, data }
+        Image::new(width, height, data)
+    }
+
+    /// The bytes this image holds in the budget.
+    pub fn charged(&self) -> usize {
+        self.charge.bytes()
     }
 
     pub fn pixel(&self, x: u32, y: u32) -> [u8; 3] {
@@ -201,13 +235,13 @@ mod tests {
 
     #[test]
     fn large_pixel_buffers_are_reused() {
-        let len = 5_000_001 * 3;
-        let img = Image::new(5_000_001, 1, pixel_buffer(len));
+        let img = Image::alloc(5_000_001, 1).unwrap();
         let ptr = img.data.as_ptr();
         drop(img);
-        let again = pixel_buffer(len - 3);
-        assert_eq!(again.as_ptr(), ptr, "the dropped image's buffer came back");
-        assert!(again.iter().all(|&b| b == 0) && again.len() == len - 3);
+        let again = Image::alloc(5_000_000, 1).unwrap();
+        assert_eq!(again.data.as_ptr(), ptr, "the dropped image's buffer came back");
+        assert!(again.data.iter().all(|&b| b == 0) && again.data.len() == 15_000_000);
+        assert!(spare_bytes() <= SPARE_MAX_BYTES);
     }
 
     #[test]

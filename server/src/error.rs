@@ -13,6 +13,12 @@ pub enum Error {
     BadRequest(String),
     #[error("model '{model}': queue is full ({capacity} requests waiting); retry later")]
     QueueFull { model: String, capacity: usize },
+    /// Well formed but over a size limit; the message names the limit and what raises it.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Short of a shared resource now (memory budgets); the same request may succeed later.
+    #[error("{0}")]
+    Busy(String),
     #[error("CPU pool '{pool}' is full ({capacity} jobs waiting); retry later")]
     PoolFull { pool: String, capacity: usize },
     #[error("pipeline '{pipeline}', node '{node}': {message}")]
@@ -56,6 +62,8 @@ impl Error {
             Error::ModelNotReady { .. } => "model_not_ready",
             Error::InvalidInput { .. } | Error::BadRequest(_) => "invalid_input",
             Error::QueueFull { .. } | Error::PoolFull { .. } => "queue_full",
+            Error::TooLarge(_) => "too_large",
+            Error::Busy(_) => "busy",
             Error::NodeInvalid { .. } => "invalid_input",
             Error::NodeFailed { .. } => "node_failed",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",

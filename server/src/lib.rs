@@ -25,10 +25,11 @@ mod server;
 mod telemetry;
 mod tls;
 
+pub use api::access::{ApiGroup, ModelControl, Restriction};
 pub use error::Error;
 pub use housekeeping::ReloadMode;
 pub use sched::pool::PoolConfig;
-pub use server::{start, RunningServer, ServerConfig, StartError};
+pub use server::{start, AccessConfig, Limits, RunningServer, ServerConfig, StartError};
 pub use sluice_ops::op::{OpRegistry, OpSpec};
 pub use tls::TlsFiles;
 

@@ -2,6 +2,8 @@
 //! gRPC and HTTP over one engine, and on shutdown stop accepting, finish in-flight
 //! requests, then drain the model queues.
 
+use crate::api::access::{AccessLayer, AccessRules, ModelControl, Protocol, Restriction};
+use crate::api::inflight::{InflightBudget, InflightLayer};
 use crate::api::{grpc::GrpcApi, http, AppState};
 use crate::engine::reload::ReloadError;
 use crate::engine::{Engine, EngineConfig};
@@ -56,6 +58,45 @@ pub struct ServerConfig {
     /// Other names for models and pipelines, alias -> name: KServe calls a model by its
     /// InferenceService's name.
     pub aliases: BTreeMap<String, String>,
+    pub limits: Limits,
+    /// Keys per API group and protocol, and who may load and unload.
+    pub access: AccessConfig,
+}
+
+/// Access control (see `api::access` and docs/security.md).
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    pub grpc: Vec<Restriction>,
+    pub http: Vec<Restriction>,
+    pub model_control: ModelControl,
+}
+
+/// What one client, one request or a burst of them may take (see docs/security.md).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Pixels of any one image a pipeline decodes, resizes or crops.
+    pub max_image_pixels: u64,
+    /// Bytes of images alive at once across all requests; past it, requests are refused
+    /// (RESOURCE_EXHAUSTED / 429) until others finish.
+    pub image_memory_bytes: usize,
+    /// Bytes of request bodies received and not yet answered, across all requests.
+    pub max_inflight_bytes: usize,
+    /// HTTP/2 streams a client may open at once on one connection (advertised).
+    pub max_concurrent_streams: u32,
+    /// Bytes of gRPC metadata / HTTP headers per request.
+    pub max_header_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_image_pixels: sluice_ops::memory::DEFAULT_MAX_IMAGE_PIXELS,
+            image_memory_bytes: sluice_ops::memory::DEFAULT_IMAGE_MEMORY_BYTES,
+            max_inflight_bytes: 512 << 20,
+            max_concurrent_streams: 128,
+            max_header_bytes: 64 << 10,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -79,6 +120,8 @@ impl ServerConfig {
             grpc_compress_responses: false,
             ops: Arc::new(OpRegistry::builtin()),
             aliases: BTreeMap::new(),
+            limits: Limits::default(),
+            access: AccessConfig::default(),
         }
     }
 }
@@ -96,6 +139,8 @@ pub enum StartError {
     Housekeeping(String),
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 pub struct RunningServer {
@@ -114,6 +159,17 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 
 /// Loads the repository and starts serving; returns once both listeners accept.
 pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
+    if cfg.limits.max_inflight_bytes < cfg.max_message_bytes {
+        return Err(StartError::Config(format!(
+            "--max-inflight-mb ({} MiB) must be at least --max-message-mb ({} MiB), or no message of the largest \
+             size could ever be received",
+            cfg.limits.max_inflight_bytes >> 20,
+            cfg.max_message_bytes >> 20
+        )));
+    }
+    sluice_ops::memory::set_max_image_pixels(cfg.limits.max_image_pixels);
+    sluice_ops::memory::IMAGES.set_limit(cfg.limits.image_memory_bytes);
+    let inflight = InflightLayer::new(InflightBudget::new(cfg.limits.max_inflight_bytes));
     // Bad TLS files fail the start before anything is loaded.
     let tls = cfg.tls.as_ref().map(Tls::load).transpose().map_err(StartError::Tls)?;
     let mut grpc_builder = tonic::transport::Server::builder();
@@ -178,11 +234,21 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     });
     let health = crate::api::health::service(state.clone());
     let grpc_stop = wait_stop(stopped.clone());
+    let (limits, inflight_grpc) = (cfg.limits.clone(), inflight.clone());
+    let model_control = if cfg.reload == ReloadMode::None { ModelControl::Off } else { cfg.access.model_control };
+    let rules = |restrictions: &Vec<Restriction>| AccessRules { restrictions: restrictions.clone(), model_control };
+    let grpc_access = AccessLayer::new(rules(&cfg.access.grpc), Protocol::Grpc);
+    let http_access = AccessLayer::new(rules(&cfg.access.http), Protocol::Http);
     let grpc_task = tokio::spawn(async move {
         let served = grpc_builder
             // Image tensors are large: the 64 KiB HTTP/2 default window costs round trips.
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(16 << 20))
+            .max_concurrent_streams(Some(limits.max_concurrent_streams))
+            .http2_max_header_list_size(Some(limits.max_header_bytes))
+            // Outermost first: refused callers send no bytes into the budget.
+            .layer(grpc_access)
+            .layer(inflight_grpc)
             .add_service(grpc)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, grpc_stop)
@@ -192,13 +258,15 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         }
     });
 
-    let app = http::router(state, cfg.max_message_bytes);
+    // Router layers wrap what came before: the access check runs first.
+    let app = http::router(state, cfg.max_message_bytes).layer(inflight).layer(http_access);
     let http_stop = wait_stop(stopped);
     let http_task = match &tls {
         Some(tls) => {
             let listener =
                 tls.http_listener(http_listener).map_err(|source| StartError::Bind { addr: cfg.http_addr, source })?;
-            spawn_http(listener, app, http_stop)
+            // Tapped (doing nothing) so that axum records the client's address.
+            spawn_http(listener.tap_io(|_| {}), app, http_stop)
         }
         None => spawn_http(
             http_listener.tap_io(|tcp| {
@@ -242,10 +310,12 @@ fn spawn_http<L>(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> JoinHandle<()>
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    SocketAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
     tokio::spawn(async move {
+        // The client's address reaches handlers and the access check (model control).
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
             tracing::error!("HTTP server stopped: {e}");
         }

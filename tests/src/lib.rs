@@ -496,3 +496,66 @@ pub mod pki {
         }
     }
 }
+
+/// Docker for the tests that run the image (deploy, hostile): the image built once,
+/// commands that must succeed.
+pub mod docker {
+    use std::process::Command;
+
+    /// The image the tests run; scripts/test.sh builds it first.
+    pub const IMAGE: &str = "sluice:test";
+
+    /// SLUICE_SKIP_DOCKER_TESTS=1 skips the container tests where there is no Docker.
+    pub fn skip() -> bool {
+        std::env::var("SLUICE_SKIP_DOCKER_TESTS").is_ok_and(|v| v == "1")
+    }
+
+    /// Runs a command to its end; panics with its output unless it succeeds.
+    pub fn run(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{cmd:?} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        text
+    }
+
+    pub fn docker(args: &[&str]) -> String {
+        run(Command::new("docker").args(args)).trim().to_string()
+    }
+
+    /// Builds [`IMAGE`] (cached: a no-op when the binary and base are unchanged).
+    /// Without the variables cargo sets for a test: a build script (ring's) tracks
+    /// CARGO_MANIFEST_DIR, and a changed value would rebuild half the release tree here
+    /// and again in test.sh.
+    pub fn build_image() {
+        let root = super::repo_root();
+        let mut image = Command::new(root.join("scripts/image.sh"));
+        for (k, _) in std::env::vars() {
+            let set_by_cargo_for_tests = k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_")
+                || matches!(
+                    k.as_str(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "CARGO_RUSTC_CURRENT_DIR"
+                );
+            if set_by_cargo_for_tests {
+                image.env_remove(k);
+            }
+        }
+        run(image.env("SLUICE_IMAGE", IMAGE).current_dir(&root));
+    }
+
+    /// A container's address on its (only) network.
+    pub fn ip(name: &str) -> String {
+        docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name])
+    }
+
+    /// The last lines of a container's output, for failure messages.
+    pub fn logs(name: &str, lines: usize) -> String {
+        let out = Command::new("docker").args(["logs", "--tail", &lines.to_string(), name]).output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+}

@@ -7,6 +7,7 @@
 
 use serde_yaml_ng::Value;
 use sluice_client::{Client, InferOptions, Tensor};
+use sluice_tests::docker::{build_image, docker, run, skip, IMAGE};
 use sluice_tests::repo_root;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,24 +15,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const IMAGE: &str = "sluice:test";
-
-fn skip() -> bool {
-    std::env::var("SLUICE_SKIP_DOCKER_TESTS").is_ok_and(|v| v == "1")
-}
-
-/// Runs a command to its end; panics with its output unless it succeeds.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    text
-}
-
-fn docker(args: &[&str]) -> String {
-    run(Command::new("docker").args(args)).trim().to_string()
-}
 
 /// An HTTP probe as the kubelet runs it.
 #[derive(Debug, Clone)]
@@ -215,7 +198,7 @@ impl Replica {
     }
 
     fn refresh_ip(&mut self) {
-        self.ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &self.name]);
+        self.ip = sluice_tests::docker::ip(&self.name);
     }
 
     fn url(&self, port: u16, path: &str) -> String {
@@ -239,8 +222,7 @@ impl Replica {
     }
 
     fn logs(&self) -> String {
-        let out = Command::new("docker").args(["logs", "--tail", "40", &self.name]).output().unwrap();
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        sluice_tests::docker::logs(&self.name, 40)
     }
 }
 
@@ -307,27 +289,7 @@ async fn the_rendered_chart_runs_the_image_and_a_rolling_restart_loses_no_reques
         return;
     }
     let root = repo_root();
-    // The image (cached: a no-op when the binary and base are unchanged). Without the
-    // variables cargo sets for a test: a build script (ring's) tracks CARGO_MANIFEST_DIR,
-    // and a changed value would rebuild half the release tree here and again in test.sh.
-    let mut image = Command::new(root.join("scripts/image.sh"));
-    for (k, _) in std::env::vars() {
-        let set_by_cargo_for_tests = k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_BIN_")
-            || matches!(
-                k.as_str(),
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_RUSTC_CURRENT_DIR"
-            );
-        if set_by_cargo_for_tests {
-            image.env_remove(k);
-        }
-    }
-    run(image.env("SLUICE_IMAGE", IMAGE).current_dir(&root));
+    build_image();
     // The manifests, rendered with real Helm and validated against Kubernetes' and
     // KServe's schemas (the script fails on any invalid object).
     let out = tempfile::tempdir().unwrap();

@@ -305,9 +305,9 @@ async fn without_model_control_load_and_unload_are_refused() {
     cfg.reload = ReloadMode::None;
     let s = start(cfg).await;
     let err = s.client.repository_load("affine").await.unwrap_err();
-    assert_eq!(err.code(), Some(Code::FailedPrecondition));
+    assert_eq!(err.code(), Some(Code::PermissionDenied));
     assert!(err.to_string().contains("--reload none"), "{err}");
-    assert_eq!(s.client.repository_unload("affine").await.unwrap_err().code(), Some(Code::FailedPrecondition));
+    assert_eq!(s.client.repository_unload("affine").await.unwrap_err().code(), Some(Code::PermissionDenied));
     assert_eq!(call(&s.client, "affine", "", true).await.unwrap(), linear(2.0, 1.0));
     s.server.shutdown().await;
 }

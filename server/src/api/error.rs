@@ -12,7 +12,10 @@ fn codes(e: &Error) -> (Code, StatusCode) {
         Error::InvalidInput { .. } | Error::BadRequest(_) | Error::NodeInvalid { .. } => {
             (Code::InvalidArgument, StatusCode::BAD_REQUEST)
         }
-        Error::QueueFull { .. } | Error::PoolFull { .. } => (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS),
+        Error::QueueFull { .. } | Error::PoolFull { .. } | Error::Busy(_) => {
+            (Code::ResourceExhausted, StatusCode::TOO_MANY_REQUESTS)
+        }
+        Error::TooLarge(_) => (Code::ResourceExhausted, StatusCode::PAYLOAD_TOO_LARGE),
         Error::DeadlineExceeded { .. } => (Code::DeadlineExceeded, StatusCode::GATEWAY_TIMEOUT),
         // Triton answers a load that fails with 400 too.
         Error::Repository(_) => (Code::FailedPrecondition, StatusCode::BAD_REQUEST),

@@ -1,11 +1,13 @@
 //! The protocol layer: gRPC and HTTP served together over one engine. Handlers only
 //! translate wire types and map errors (`error`); everything else is the engine's.
 
+pub mod access;
 pub mod dashboard;
 pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod http;
+pub mod inflight;
 pub mod views;
 
 use crate::engine::reload::ReloadReport;

@@ -10,7 +10,7 @@ use ort::environment::Environment;
 use ort::ep::ExecutionProvider as _;
 use ort::memory::Allocator;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue};
+use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynTensor, DynValue, TensorElementType};
 use sluice_ops::{DataType, Tensor};
 use std::borrow::Cow;
@@ -150,6 +150,9 @@ fn dlerror_of(_path: &Path) -> String {
 /// allowed batch size), so a batch is copied once, straight from the requests into memory
 /// ONNX Runtime reads, without allocating (and page-faulting) a new buffer each time.
 const STAGED_SHAPES: usize = 4;
+/// Bytes of staged buffers kept per input beyond the one in use: a model whose inputs
+/// vary in size (OCR's detector) must not keep four of its largest shapes for life.
+const STAGED_MAX_BYTES: usize = 64 << 20;
 
 pub struct OrtBackend {
     /// One session, or one per allowed batch size (`Some(size)`) on GPU providers.
@@ -161,6 +164,10 @@ pub struct OrtBackend {
     input_names: Vec<String>,
     output_names: Vec<String>,
     device: String,
+    /// For models whose inputs vary beyond the batch size: each run gives the memory
+    /// arena's unused blocks back, so memory follows the current shapes rather than
+    /// the largest ever seen.
+    run_options: Option<RunOptions>,
 }
 
 fn ort_err(context: &str) -> impl Fn(ort::Error<ort::session::builder::SessionBuilder>) -> String + '_ {
@@ -256,7 +263,7 @@ pub fn load(
             t.name
         ));
     }
-    let (first, placed) = session(dylib, source, cfg, device)?;
+    let (first, placed) = session(dylib, source, cfg, device, shrink_arena(cfg, inputs))?;
     // GPU providers re-plan their kernels whenever a session's input shape changes (see
     // allowed_batch_sizes): give each allowed batch size a session of its own, so every
     // session only ever sees one shape. On CPU one session serves all sizes.
@@ -264,7 +271,7 @@ pub fn load(
     let sessions = if placed != "cpu" && !allowed.is_empty() {
         let mut sessions = vec![(Some(allowed[0]), first)];
         for &size in &allowed[1..] {
-            sessions.push((Some(size), session(dylib, source, cfg, device)?.0));
+            sessions.push((Some(size), session(dylib, source, cfg, device, false)?.0));
         }
         sessions
     } else {
@@ -277,6 +284,13 @@ pub fn load(
         input_names: inputs.iter().map(|t| t.name.clone()).collect(),
         output_names: outputs.iter().map(|t| t.name.clone()).collect(),
         device: placed,
+        run_options: if shrink_arena(cfg, inputs) {
+            let mut o = RunOptions::new().map_err(|e| format!("run options: {e}"))?;
+            o.set("memory.enable_memory_arena_shrinkage", "cpu:0").map_err(|e| format!("run options: {e}"))?;
+            Some(o)
+        } else {
+            None
+        },
     })
 }
 
@@ -308,7 +322,13 @@ fn builder(env: &Environment, cfg: &ModelYaml) -> Result<ort::session::builder::
 /// session is tried again without it, as long as another provider in the list (or `cpu`)
 /// remains; the CPU provider is always there underneath, so listing `cpu` only says that
 /// running on it alone is acceptable.
-fn session(dylib: &Path, source: &ModelSource, cfg: &ModelYaml, device: i32) -> Result<(Session, String), String> {
+fn session(
+    dylib: &Path,
+    source: &ModelSource,
+    cfg: &ModelYaml,
+    device: i32,
+    variable: bool,
+) -> Result<(Session, String), String> {
     let model_file = source.file.as_path();
     let env = environment(dylib)?;
     let wanted = cfg.providers();
@@ -324,6 +344,10 @@ fn session(dylib: &Path, source: &ModelSource, cfg: &ModelYaml, device: i32) -> 
     let mut failures: Vec<String> = Vec::new();
     loop {
         let mut builder = builder(env, cfg)?;
+        if variable {
+            // Memory patterns are planned per input shape and kept: no use when shapes vary.
+            builder = builder.with_memory_pattern(false).map_err(ort_err("memory pattern"))?;
+        }
         let mut gpus = Vec::new();
         let left: Vec<ExecutionProvider> = wanted.iter().copied().filter(|p| !skip.contains(p)).collect();
         for p in left {
@@ -371,6 +395,15 @@ fn session(dylib: &Path, source: &ModelSource, cfg: &ModelYaml, device: i32) -> 
             }
         }
     }
+}
+
+/// Whether a model's inputs vary in more than the batch size (image sides, sequence
+/// lengths): ONNX Runtime's arena then grows to the largest shape it has seen and keeps it,
+/// unless told to shrink after each run. `shrink_arena` in model.yaml decides; by default
+/// it follows the inputs.
+fn shrink_arena(cfg: &ModelYaml, inputs: &[TensorInfo]) -> bool {
+    let skip = usize::from(cfg.max_batch_size > 0);
+    cfg.shrink_arena.unwrap_or_else(|| inputs.iter().any(|t| t.dims.iter().skip(skip).any(|&d| d < 0)))
 }
 
 /// FNV-1a, 64 bits: a stable content key (std's hasher may change between releases).
@@ -567,6 +600,12 @@ impl OrtBackend {
                     .map_err(|e| BackendError(format!("cannot allocate input tensor: {e}")))?;
                 list.insert(0, (dtype, shape.to_vec(), t));
                 list.truncate(self.staged_shapes);
+                let bytes = |(d, s, _): &(DataType, Vec<usize>, DynTensor)| {
+                    sluice_ops::tensor::element_count(s) * d.size().unwrap_or(0)
+                };
+                while list.len() > 1 && list[1..].iter().map(bytes).sum::<usize>() > STAGED_MAX_BYTES {
+                    list.pop();
+                }
             }
         }
         Ok(&mut list[0].2)
@@ -611,7 +650,12 @@ impl Backend for OrtBackend {
             .zip(&self.staged)
             .map(|(n, list)| (Cow::Borrowed(n.as_str()), SessionInputValue::from(list[0].2.view())))
             .collect();
-        let outputs = self.sessions[i].1.run(views).map_err(|e| BackendError(e.to_string()))?;
+        let session = &mut self.sessions[i].1;
+        let outputs = match &self.run_options {
+            Some(o) => session.run_with_options(views, o),
+            None => session.run(views),
+        }
+        .map_err(|e| BackendError(e.to_string()))?;
         collect_outputs(&self.output_names, &outputs)
     }
 
@@ -623,7 +667,12 @@ impl Backend for OrtBackend {
             .map(|(n, t)| Ok((Cow::Borrowed(n.as_str()), SessionInputValue::from(to_input(t)?))))
             .collect::<Result<Vec<_>, BackendError>>()?;
         let i = self.session_for(inputs.first().and_then(|t| t.shape.first().copied()));
-        let outputs = self.sessions[i].1.run(values).map_err(|e| BackendError(e.to_string()))?;
+        let session = &mut self.sessions[i].1;
+        let outputs = match &self.run_options {
+            Some(o) => session.run_with_options(values, o),
+            None => session.run(values),
+        }
+        .map_err(|e| BackendError(e.to_string()))?;
         collect_outputs(&self.output_names, &outputs)
     }
 

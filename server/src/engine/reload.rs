@@ -527,7 +527,7 @@ impl Engine {
                 }
                 continue;
             };
-            let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()));
+            let text = crate::repository::read_config(file).map_err(|e| format!("{}: {e}", file.display()));
             if let (Ok(text), Some(PipelineSlot::Ready { pipeline, .. })) = (&text, prev) {
                 if pipeline.source == *text && still_bound(pipeline, models) && !scope.forces(name) {
                     pipelines.insert(name.clone(), PipelineSlot::Ready { pipeline: pipeline.clone(), stale: None });

@@ -125,6 +125,8 @@ pub fn model_inputs(spec: &ModelSpec, given: Vec<NamedTensor>) -> Result<(Vec<Te
                 ),
             ));
         }
+        let skip = usize::from(spec.config.max_batch_size > 0);
+        within_max_dim(spec, &info.name, &t.shape[skip..], &info.dims[skip..], skip)?;
         // Byte lengths were checked when the tensor was built from the wire.
         debug_assert!(t.validate().is_ok());
         if spec.config.max_batch_size > 0 {
@@ -132,4 +134,28 @@ pub fn model_inputs(spec: &ModelSpec, given: Vec<NamedTensor>) -> Result<(Vec<Te
         }
     }
     Ok((tensors, rows.unwrap_or(1)))
+}
+
+/// Checks a request's sizes of an input's variable dims against the model's `max_dim`
+/// (the batch dimension is bounded by max_batch_size instead). `shape` and `dims` are
+/// aligned and start at dimension `first_axis`.
+pub fn within_max_dim(
+    spec: &ModelSpec,
+    input: &str,
+    shape: &[usize],
+    dims: &[i64],
+    first_axis: usize,
+) -> Result<(), Error> {
+    for (i, (&given, &declared)) in shape.iter().zip(dims).enumerate() {
+        if declared < 0 && given > spec.config.max_dim {
+            let m = &spec.name;
+            return Err(Error::TooLarge(format!(
+                "model '{m}': input '{input}' has size {given} in dimension {}, over the model's max_dim of {} \
+                 (max_dim in models/{m}/model.yaml)",
+                first_axis + i,
+                spec.config.max_dim
+            )));
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,9 @@
 
 pub mod check;
 
+/// The most a warm-up input may take: a file must not make a load allocate without bound.
+const MAX_WARMUP_BYTES: usize = 1 << 30;
+
 use crate::backend::{self, Backend};
 use crate::error::Error;
 use crate::repository::{model_yaml::Warmup, ModelSpec};
@@ -195,8 +198,20 @@ fn warm_up(spec: &ModelSpec, backend: &mut dyn Backend) -> Result<(), LoadError>
                         DataType::Bytes
                     ))
                 })?;
-                let n = sluice_ops::tensor::element_count(&shape);
-                Ok(Tensor { dtype: info.dtype, shape, data: vec![0u8; n * size].into() })
+                // Sizes come from a file: checked, and bounded, before anything is allocated.
+                let bytes = shape
+                    .iter()
+                    .try_fold(size, |acc, &d| acc.checked_mul(d))
+                    .filter(|&b| b <= MAX_WARMUP_BYTES)
+                    .ok_or_else(|| {
+                        LoadError::WarmupInput(format!(
+                            "input '{}' of shape {shape:?} would take over {} MiB to warm up",
+                            info.name,
+                            MAX_WARMUP_BYTES >> 20
+                        ))
+                    })?;
+                let data = sluice_ops::memory::try_zeroed(bytes).map_err(|e| LoadError::WarmupInput(e.to_string()))?;
+                Ok(Tensor { dtype: info.dtype, shape, data: data.into() })
             })
             .collect::<Result<Vec<_>, LoadError>>()?;
         backend.run(&inputs).map_err(|e| LoadError::Warmup { batch_size: w.batch_size, message: e.to_string() })?;

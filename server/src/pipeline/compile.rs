@@ -204,15 +204,26 @@ struct RawOutput {
     line: Option<usize>,
 }
 
+/// The most nodes a pipeline may have: compile and run time grow with it, and a file
+/// must not be able to stall the reload thread.
+pub const MAX_NODES: usize = 1000;
+
 /// Compiles the pipeline `name` from `text` (the contents of `file`), in phases; each
 /// phase adds what it finds to the errors, and compiling stops where later phases would
 /// only repeat them.
 pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Result<Plan, CompileError> {
     let fail = |errors| CompileError { file: file.to_path_buf(), errors };
+    if let Err((line, message)) = crate::repository::check_nesting(text) {
+        return Err(fail(vec![Diagnostic { line: Some(line), node: None, message }]));
+    }
     let yaml: PipelineYaml = serde_yaml_ng::from_str(text).map_err(|e| {
         let line = e.location().map(|l| l.line());
         fail(vec![Diagnostic { line, node: None, message: e.to_string() }])
     })?;
+    if yaml.nodes.len() > MAX_NODES {
+        let message = format!("{} nodes; a pipeline may have at most {MAX_NODES}", yaml.nodes.len());
+        return Err(fail(vec![Diagnostic { line: None, node: None, message }]));
+    }
     let mut c = Compiler {
         loc: Locator::new(text),
         base_dir: file.parent().unwrap_or(Path::new(".")),
@@ -888,6 +899,52 @@ mod tests {
         assert_eq!(plan.outputs[0].dims, vec![3]);
         assert!(plan.warnings.is_empty());
         assert!(plan.to_dot().contains("tensor FP32 [3,8,8]"));
+    }
+
+    /// decode -> rotations -> to_tensor: a chain of `n` nodes.
+    fn chain(n: usize) -> String {
+        let mut text = format!("{HEAD}outputs:\n  - {{name: o, from: n{}.tensor}}\nnodes:\n", n - 1);
+        text.push_str("  - {name: n0, op: decode_image, inputs: {bytes: image}}\n");
+        for i in 1..n - 1 {
+            text.push_str(&format!("  - {{name: n{i}, op: rotate180, inputs: {{image: n{}.image}}}}\n", i - 1));
+        }
+        text.push_str(&format!("  - {{name: n{}, op: to_tensor, inputs: {{image: n{}.image}}}}\n", n - 1, n - 2));
+        text
+    }
+
+    #[test]
+    fn long_chains_compile_on_a_small_stack_and_longer_ones_are_refused() {
+        let longest = chain(MAX_NODES);
+        let plan = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || compile_str(&longest).map(|p| p.nodes.len()))
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(plan, Ok(MAX_NODES));
+        let started = std::time::Instant::now();
+        let e = errors_of(&chain(50_000));
+        assert!(e.contains("50000 nodes; a pipeline may have at most 1000"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        for (bomb, line) in [
+            (format!("{HEAD}outputs: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)), 3),
+            (format!("{HEAD}outputs:\n  {}x\n", "- ".repeat(100_000)), 4),
+            (format!("{HEAD}outputs: {{a: {}1{}}}\n", "{b: ".repeat(65), "}".repeat(65)), 3),
+        ] {
+            let started = std::time::Instant::now();
+            let e = errors_of(&bomb);
+            let at = format!("pipelines/p.yaml:{line}: ");
+            assert!(e.starts_with(&at) && e.contains("at most 64"), "{}", &e[..e.len().min(200)]);
+            assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        }
+        // Quotes and comments do not count.
+        let fine = good("  - {name: extra, op: rotate180, inputs: {image: decode.image}} # [[[[[[\n");
+        let quoted = compile_str(&format!("{fine}description: \"{}\"\n", "[".repeat(200)));
+        assert!(quoted.is_ok(), "{:?}", quoted.err());
     }
 
     #[test]

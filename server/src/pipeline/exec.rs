@@ -488,6 +488,8 @@ impl Pipeline {
                     ),
                 ));
             }
+            crate::model::check::within_max_dim(spec, &info.name, &t.shape, dims, usize::from(batched))
+                .map_err(|e| Error::TooLarge(format!("pipeline '{}', node '{}': {e}", self.plan.name, node.name)))?;
             tensors.push(if batched { with_batch_dim(t) } else { t });
         }
         Ok(tensors)
@@ -507,6 +509,12 @@ impl Pipeline {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(OpError::Invalid(msg))) => Err(self.node_invalid(node, msg)),
             Ok(Err(OpError::Internal(msg))) => Err(self.node_failed(node, msg)),
+            Ok(Err(OpError::TooLarge(msg))) => {
+                Err(Error::TooLarge(format!("pipeline '{}', node '{}': {msg}", self.plan.name, node.name)))
+            }
+            Ok(Err(OpError::Busy(msg))) => {
+                Err(Error::Busy(format!("pipeline '{}', node '{}': {msg}", self.plan.name, node.name)))
+            }
         }
     }
 

@@ -90,10 +90,91 @@ pub fn scan(dir: &Path) -> Result<Vec<Scanned>, String> {
         .collect())
 }
 
+/// ONNX files are protobuf messages, which cannot exceed 2 GiB (weights beyond that live
+/// in external data files, which ONNX Runtime reads itself).
+pub const MAX_ONNX_BYTES: u64 = 2 << 30;
+
+/// Reads a model.onnx of at most [`MAX_ONNX_BYTES`].
+pub fn read_onnx(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > MAX_ONNX_BYTES {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file of at most 2 GiB"));
+    }
+    let mut bytes = Vec::new();
+    bytes.try_reserve_exact(meta.len() as usize).map_err(|_| Error::new(ErrorKind::OutOfMemory, "no memory"))?;
+    file.take(MAX_ONNX_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_ONNX_BYTES {
+        return Err(Error::new(ErrorKind::InvalidInput, "larger than 2 GiB"));
+    }
+    Ok(bytes)
+}
+
+/// The largest model.yaml or pipeline file read.
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+/// The deepest nesting of lists and maps a model.yaml or pipeline file may have.
+pub const MAX_NESTING: usize = 64;
+
+/// Reads a model.yaml or pipeline file: a regular file of at most [`MAX_CONFIG_BYTES`].
+pub fn read_config(path: &Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(Error::new(ErrorKind::InvalidInput, format!("larger than {} MiB", MAX_CONFIG_BYTES >> 20)));
+    }
+    Ok(text)
+}
+
+/// Refuses YAML nested deeper than [`MAX_NESTING`] before the parser sees it: the parser
+/// takes time quadratic in the depth. Counts flow brackets (`[[[`) and block sequence
+/// dashes on one line (`- - -`) plus indentation, outside quotes and comments; returns
+/// the 1-based line where the limit is crossed.
+pub fn check_nesting(text: &str) -> Result<(), (usize, String)> {
+    let mut flow = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let too_deep = |depth: usize| (n + 1, format!("nested {depth} levels deep; at most {MAX_NESTING}"));
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let mut rest = line.trim_start_matches(' ');
+        let mut dashes = 0;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| (rest == "-").then_some("")) {
+            dashes += 1;
+            rest = r.trim_start_matches(' ');
+        }
+        // Each level of block nesting takes at least one column or one dash.
+        if flow == 0 && indent / 2 + dashes > MAX_NESTING {
+            return Err(too_deep(indent / 2 + dashes));
+        }
+        let mut quote: Option<char> = None;
+        for c in rest.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    if flow + dashes + indent / 2 > MAX_NESTING {
+                        return Err(too_deep(flow + dashes + indent / 2));
+                    }
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads one model folder's model.yaml and finds its versions.
 pub fn read_dir(dir: &Path, name: &str) -> Result<ModelDir, String> {
     let yaml_path = dir.join("model.yaml");
-    let yaml_text = match std::fs::read_to_string(&yaml_path) {
+    let yaml_text = match read_config(&yaml_path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(format!("{}: {e}", yaml_path.display())),
@@ -144,7 +225,7 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
     let fingerprint = m.fingerprint(onnx_path);
     let yaml_path = &m.yaml_path;
     let config = m.config.clone();
-    let bytes = std::fs::read(onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
+    let bytes = read_onnx(onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let sig = crate::onnx::signature::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let (inputs, outputs) =
         apply_overrides(&config, sig.clone()).map_err(|e| format!("{}: {e}", yaml_path.display()))?;

@@ -117,6 +117,28 @@ pub struct ModelYaml {
     /// Which of the numbered version folders (`models/<name>/<n>/model.onnx`) are served.
     #[serde(default)]
     pub version_policy: VersionPolicy,
+    /// The largest size a request may give any variable dimension of an input other than
+    /// the batch dimension (image sides, sequence lengths): memory for activations grows
+    /// with it, and one huge input must not take the server's memory.
+    #[serde(default = "default_max_dim")]
+    pub max_dim: usize,
+    /// Give ONNX Runtime's unused arena memory back after every run (CPU). By default on
+    /// for models whose inputs vary in more than the batch size, so memory follows the
+    /// shapes in use rather than the largest seen; costs some allocation per run.
+    #[serde(default)]
+    pub shrink_arena: Option<bool>,
+}
+
+/// Caps on what a model.yaml may ask for: each value is allocated or started at load.
+pub const MAX_BATCH_SIZE: usize = 4096;
+pub const MAX_QUEUE_SIZE: usize = 1 << 20;
+pub const MAX_THREADS: usize = 256;
+/// Instances per CPU core, and per GPU.
+pub const INSTANCES_PER_CORE: usize = 4;
+pub const INSTANCES_PER_GPU: usize = 16;
+
+fn default_max_dim() -> usize {
+    4096
 }
 
 /// Triton's version policies: `{latest: N}` (the default, N = 1), `all`, or
@@ -292,6 +314,7 @@ fn default_queue() -> usize {
 impl ModelYaml {
     /// Parses a model.yaml; errors carry `path:line:column`.
     pub fn parse(path: &Path, text: &str) -> Result<ModelYaml, String> {
+        super::check_nesting(text).map_err(|(line, m)| format!("{}:{line}: {m}", path.display()))?;
         let cfg: ModelYaml =
             if text.trim().is_empty() { serde_yaml_ng::from_str("{}") } else { serde_yaml_ng::from_str(text) }
                 .map_err(|e| yaml_error(path, &e))?;
@@ -362,8 +385,30 @@ impl ModelYaml {
         if self.instances == 0 {
             return Err("instances must be at least 1".into());
         }
-        if self.max_queue_size == 0 {
-            return Err("max_queue_size must be at least 1".into());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let most = if self.wants_gpu() { INSTANCES_PER_GPU } else { INSTANCES_PER_CORE * cores };
+        if self.instances > most {
+            return Err(format!(
+                "instances {} is more than this machine can run usefully: at most {most} ({})",
+                self.instances,
+                if self.wants_gpu() {
+                    format!("{INSTANCES_PER_GPU} per GPU")
+                } else {
+                    format!("{INSTANCES_PER_CORE} per CPU core, {cores} cores")
+                }
+            ));
+        }
+        if self.max_queue_size == 0 || self.max_queue_size > MAX_QUEUE_SIZE {
+            return Err(format!("max_queue_size {} must be between 1 and {MAX_QUEUE_SIZE}", self.max_queue_size));
+        }
+        if self.max_batch_size > MAX_BATCH_SIZE {
+            return Err(format!("max_batch_size {} is over the limit of {MAX_BATCH_SIZE}", self.max_batch_size));
+        }
+        if self.intra_op_threads > MAX_THREADS {
+            return Err(format!("intra_op_threads {} is over the limit of {MAX_THREADS}", self.intra_op_threads));
+        }
+        if self.max_dim == 0 {
+            return Err("max_dim must be at least 1".into());
         }
         for &p in &self.dynamic_batching.preferred_batch_sizes {
             if p == 0 || p > self.max_batch_size.max(1) {
@@ -390,7 +435,7 @@ impl ModelYaml {
             _ => {}
         }
         for w in &self.warmup {
-            if w.batch_size == 0 || (self.max_batch_size > 0 && w.batch_size > self.max_batch_size) {
+            if w.batch_size == 0 || w.batch_size > self.max_batch_size.max(1) {
                 return Err(format!(
                     "warmup batch_size {} must be between 1 and max_batch_size ({})",
                     w.batch_size, self.max_batch_size
@@ -450,6 +495,13 @@ mod tests {
             ("tensorrt:\n  profile:\n    x: {min: [2], opt: [1], max: [3]}\n", "min <= opt <= max"),
             ("tensorrt:\n  fp32: true\n", "unknown field `fp32`"),
             ("execution_providers: [rocm]\n", "unknown variant `rocm`"),
+            ("instances: 100000\n", "at most"),
+            ("execution_provider: cuda\ninstances: 17\n", "16 per GPU"),
+            ("max_batch_size: 2000000000\n", "over the limit of 4096"),
+            ("warmup:\n  - batch_size: 2000000000\n", "between 1 and max_batch_size (0)"),
+            ("max_queue_size: 4000000000\n", "between 1 and"),
+            ("intra_op_threads: 100000\n", "over the limit"),
+            ("max_dim: 0\n", "at least 1"),
         ] {
             let e = parse(bad).unwrap_err();
             assert!(e.contains(says) && e.starts_with("models/m/model.yaml"), "{bad}: {e}");

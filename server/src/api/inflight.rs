@@ -1,0 +1,259 @@
+//! A byte budget for request bodies in flight, shared by both protocols. Each request's
+//! bytes are taken from the budget as they arrive (HTTP: all at once from its
+//! Content-Length, before any is read) and given back when its answer is sent, so a
+//! burst of large requests is refused with RESOURCE_EXHAUSTED / 429 instead of all being
+//! buffered and decoded at once.
+
+use super::access::Denied;
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use parking_lot::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The budget: one permit per byte.
+#[derive(Clone)]
+pub struct InflightBudget {
+    sem: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl InflightBudget {
+    pub fn new(limit_bytes: usize) -> InflightBudget {
+        // tokio caps a semaphore's permits at usize::MAX >> 3.
+        let limit = limit_bytes.min(Semaphore::MAX_PERMITS);
+        InflightBudget { sem: Arc::new(Semaphore::new(limit)), limit }
+    }
+
+    /// Bytes held by requests now.
+    pub fn used(&self) -> usize {
+        self.limit - self.sem.available_permits()
+    }
+
+    fn lease(&self) -> Lease {
+        Lease(Arc::new(LeaseInner { budget: self.clone(), held: Mutex::new(None) }))
+    }
+}
+
+/// One request's share; every clone (the body's, the response future's) must be gone
+/// before its bytes return to the budget.
+#[derive(Clone)]
+struct Lease(Arc<LeaseInner>);
+
+struct LeaseInner {
+    budget: InflightBudget,
+    held: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Lease {
+    fn take(&self, bytes: usize) -> Result<(), String> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let b = &self.0.budget;
+        let n = u32::try_from(bytes).map_err(|_| format!("a body frame of {bytes} bytes"))?;
+        let permit = b.sem.clone().try_acquire_many_owned(n).map_err(|_| {
+            format!(
+                "too many request bytes in flight: {} MiB of the {} MiB budget are held by other requests \
+                 (sluice serve --max-inflight-mb); retry later",
+                b.used() >> 20,
+                b.limit >> 20
+            )
+        })?;
+        let mut held = self.0.held.lock();
+        match held.as_mut() {
+            Some(p) => p.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+/// A request body that takes its bytes from the lease as they arrive; past the budget it
+/// fails with a RESOURCE_EXHAUSTED status (tonic answers the call with it).
+pub struct BudgetedBody<B> {
+    inner: B,
+    lease: Lease,
+    /// Taken up front from the declared length.
+    counted: bool,
+}
+
+impl<B> Body for BudgetedBody<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        Poll::Ready(match frame {
+            Some(Ok(f)) => {
+                let len = if self.counted { 0 } else { f.data_ref().map_or(0, |d| d.remaining()) };
+                match self.lease.take(len) {
+                    Ok(()) => Some(Ok(f)),
+                    Err(m) => Some(Err(Box::new(tonic::Status::resource_exhausted(m)))),
+                }
+            }
+            Some(Err(e)) => Some(Err(e.into())),
+            None => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The tower layer for both servers.
+#[derive(Clone)]
+pub struct InflightLayer {
+    budget: InflightBudget,
+}
+
+impl InflightLayer {
+    pub fn new(budget: InflightBudget) -> InflightLayer {
+        InflightLayer { budget }
+    }
+}
+
+impl<S> tower::Layer<S> for InflightLayer {
+    type Service = Inflight<S>;
+    fn layer(&self, inner: S) -> Inflight<S> {
+        Inflight { inner, budget: self.budget.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Inflight<S> {
+    inner: S,
+    budget: InflightBudget,
+}
+
+/// The request body of one of the two servers: refused requests are answered in its
+/// protocol, and a budgeted body is boxed back into it.
+pub trait ProtocolBody: Body + Sized + Send + Unpin + 'static {
+    fn refuse(message: String) -> http::Response<Self>;
+    fn deny(denied: Denied) -> http::Response<Self>;
+    fn wrap(b: BudgetedBody<Self>) -> Self;
+}
+
+/// gRPC: RESOURCE_EXHAUSTED, trailers-only.
+impl ProtocolBody for tonic::body::Body {
+    fn refuse(message: String) -> http::Response<Self> {
+        tonic::Status::resource_exhausted(message).into_http()
+    }
+    fn deny(denied: Denied) -> http::Response<Self> {
+        match denied {
+            Denied::Key(m) => tonic::Status::unauthenticated(m),
+            Denied::Forbidden(m) => tonic::Status::permission_denied(m),
+        }
+        .into_http()
+    }
+    fn wrap(b: BudgetedBody<Self>) -> Self {
+        tonic::body::Body::new(b)
+    }
+}
+
+/// HTTP: 429 with the v2 protocol's error body.
+impl ProtocolBody for axum::body::Body {
+    fn refuse(message: String) -> http::Response<Self> {
+        use axum::response::IntoResponse;
+        crate::error::Error::Busy(message).into_response()
+    }
+    fn deny(denied: Denied) -> http::Response<Self> {
+        use axum::response::IntoResponse;
+        let (status, m) = match denied {
+            Denied::Key(m) => (http::StatusCode::UNAUTHORIZED, m),
+            Denied::Forbidden(m) => (http::StatusCode::FORBIDDEN, m),
+        };
+        (status, axum::Json(serde_json::json!({ "error": m }))).into_response()
+    }
+    fn wrap(b: BudgetedBody<Self>) -> Self {
+        axum::body::Body::new(b)
+    }
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Inflight<S>
+where
+    B: ProtocolBody,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<B>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let lease = self.budget.lease();
+        // A declared length is taken whole before a byte is read (hyper holds the body
+        // to it); otherwise bytes are taken frame by frame.
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if let Some(n) = declared {
+            if let Err(m) = lease.take(n) {
+                return Box::pin(std::future::ready(Ok(B::refuse(m))));
+            }
+        }
+        let body_lease = lease.clone();
+        let req = req.map(|inner| B::wrap(BudgetedBody { inner, lease: body_lease, counted: declared.is_some() }));
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await;
+            // Held until the answer is ready: the decoded request lives that long.
+            drop(lease);
+            resp
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    type Frames = futures::stream::Iter<std::vec::IntoIter<Result<Frame<bytes::Bytes>, std::convert::Infallible>>>;
+
+    fn chunked(parts: &[&'static [u8]]) -> http_body_util::StreamBody<Frames> {
+        let frames: Vec<_> = parts.iter().map(|p| Ok(Frame::data(bytes::Bytes::from_static(p)))).collect();
+        http_body_util::StreamBody::new(futures::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn bodies_take_bytes_as_they_arrive_and_give_them_back() {
+        let budget = InflightBudget::new(10);
+        let first = BudgetedBody { inner: chunked(&[b"12345", b"678"]), lease: budget.lease(), counted: false };
+        let held = first.collect().await.unwrap().to_bytes();
+        assert_eq!(&held[..], b"12345678");
+        assert_eq!(budget.used(), 0, "the lease went with the body");
+
+        let lease = budget.lease();
+        let a = BudgetedBody { inner: chunked(&[b"1234567"]), lease: lease.clone(), counted: false };
+        let _a = a.collect().await.unwrap();
+        assert_eq!(budget.used(), 7, "held while the request is answered");
+        let b = BudgetedBody { inner: chunked(&[b"12", b"345"]), lease: budget.lease(), counted: false };
+        let err = b.collect().await.unwrap_err();
+        let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("--max-inflight-mb"), "{}", status.message());
+        drop(lease);
+        assert_eq!(budget.used(), 0);
+    }
+}
