@@ -50,8 +50,21 @@ fn photo(w: u32, h: u32) -> Vec<u8> {
     sluice_tests::png(&sluice_ops::Image::new(w, h, data.collect()))
 }
 
-fn memory_of(container: &str, file: &str) -> u64 {
-    docker(&["exec", container, "cat", &format!("/sys/fs/cgroup/{file}")]).parse().unwrap_or(0)
+/// The container's memory now (`peak: false`) or at its highest, from its cgroup (v2,
+/// or v1's memory controller).
+fn memory_of(container: &str, peak: bool) -> u64 {
+    let files = if peak {
+        ["memory.peak", "memory/memory.max_usage_in_bytes"]
+    } else {
+        ["memory.current", "memory/memory.usage_in_bytes"]
+    };
+    for f in files {
+        let out = Command::new("docker").args(["exec", container, "cat", &format!("/sys/fs/cgroup/{f}")]).output();
+        if let Some(v) = out.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok()) {
+            return v;
+        }
+    }
+    0
 }
 
 /// HTTP infer with one BYTES input holding `data` (the binary tensor extension).
@@ -158,7 +171,7 @@ async fn hostile_requests_and_files_fail_alone_in_a_4_gib_container() {
         assert!(t0.elapsed() < Duration::from_secs(120), "not ready:\n{}", sluice_tests::docker::logs(&name, 40));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let baseline = memory_of(&name, "memory.current");
+    let baseline = memory_of(&name, false);
     eprintln!("ready in {:?}; memory {} MiB", t0.elapsed(), baseline >> 20);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -293,7 +306,7 @@ async fn hostile_requests_and_files_fail_alone_in_a_4_gib_container() {
             let (s, b) = http_image(&http, &base, "ocr", &photo(w, h)).await;
             assert_eq!(s, 200, "ocr {w}x{h}: {b}");
         }
-        after.push(memory_of(&name, "memory.current"));
+        after.push(memory_of(&name, false));
         eprintln!("after OCR round {round}: {} MiB", after[round] >> 20);
     }
     assert!(
@@ -306,14 +319,14 @@ async fn hostile_requests_and_files_fail_alone_in_a_4_gib_container() {
     stop.store(true, Ordering::Relaxed);
     canary_task.await.unwrap();
     let failed = tally.failed.lock().unwrap().clone();
-    let peak = memory_of(&name, "memory.peak");
+    let peak = memory_of(&name, true);
     let state = docker(&["inspect", "-f", "{{.State.Running}} {{.State.OOMKilled}} {{.RestartCount}}", &name]);
     eprintln!(
         "canary: {} ok, {} failed; memory peak {} MiB, now {} MiB (baseline {} MiB); state {state}",
         tally.ok.load(Ordering::Relaxed),
         failed.len(),
         peak >> 20,
-        memory_of(&name, "memory.current") >> 20,
+        memory_of(&name, false) >> 20,
         baseline >> 20
     );
     assert_eq!(state, "true false 0", "the server was killed:\n{}", sluice_tests::docker::logs(&name, 40));
