@@ -79,6 +79,17 @@ pub struct Args {
     /// HTTP/2 streams one client connection may have open at once (advertised to clients).
     #[arg(long = "max-streams", env = "SLUICE_MAX_STREAMS", default_value_t = 128)]
     max_concurrent_streams: u32,
+    /// Open connections per listener (gRPC and HTTP each); past it, new clients wait in
+    /// the kernel's backlog. Keep it below the process's open-file limit.
+    #[arg(long, env = "SLUICE_MAX_CONNECTIONS", default_value_t = 768)]
+    max_connections: usize,
+    /// Seconds an HTTP/1 client has to send a request's headers (and may stay idle
+    /// between requests).
+    #[arg(long, env = "SLUICE_HTTP_HEADER_TIMEOUT_S", default_value_t = 10)]
+    http_header_timeout_s: u64,
+    /// Seconds an HTTP client has to send a request's whole body.
+    #[arg(long, env = "SLUICE_HTTP_BODY_TIMEOUT_S", default_value_t = 60)]
+    http_body_timeout_s: u64,
     /// Require a key for API groups over gRPC, as Triton's flag of the same name:
     /// `GROUP[,GROUP...]:HEADER=VALUE` (VALUE `@FILE` reads it from a file). Groups:
     /// inference, health, metadata, model-config, statistics, model-repository. Repeat
@@ -125,6 +136,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             image_memory_bytes: args.image_memory_mb.saturating_mul(1 << 20),
             max_inflight_bytes: args.max_inflight_mb.saturating_mul(1 << 20),
             max_concurrent_streams: args.max_concurrent_streams,
+            max_connections: args.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(args.http_header_timeout_s.max(1)),
+            body_read_timeout: Duration::from_secs(args.http_body_timeout_s.max(1)),
             ..Limits::default()
         },
         access: AccessConfig {

@@ -3,6 +3,7 @@
 //! requests, then drain the model queues.
 
 use crate::api::access::{AccessLayer, AccessRules, ModelControl, Protocol, Restriction};
+use crate::api::conn::{self, ConnLimits};
 use crate::api::inflight::{InflightBudget, InflightLayer};
 use crate::api::{grpc::GrpcApi, http, AppState};
 use crate::engine::reload::ReloadError;
@@ -24,7 +25,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::StreamExt;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -85,6 +85,13 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// Bytes of gRPC metadata / HTTP headers per request.
     pub max_header_bytes: u32,
+    /// Open connections per listener; past it, new clients wait in the backlog.
+    pub max_connections: usize,
+    /// HTTP/1 clients must send a request's headers within this (and may stay idle
+    /// between requests no longer).
+    pub header_read_timeout: Duration,
+    /// HTTP clients must send a request's whole body within this.
+    pub body_read_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -95,6 +102,10 @@ impl Default for Limits {
             max_inflight_bytes: 512 << 20,
             max_concurrent_streams: 128,
             max_header_bytes: 64 << 10,
+            // Below the usual 1024 open files per process, with room for model files.
+            max_connections: 768,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -169,7 +180,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     }
     sluice_ops::memory::set_max_image_pixels(cfg.limits.max_image_pixels);
     sluice_ops::memory::IMAGES.set_limit(cfg.limits.image_memory_bytes);
-    let inflight = InflightLayer::new(InflightBudget::new(cfg.limits.max_inflight_bytes));
+
     // Bad TLS files fail the start before anything is loaded.
     let tls = cfg.tls.as_ref().map(Tls::load).transpose().map_err(StartError::Tls)?;
     let mut grpc_builder = tonic::transport::Server::builder();
@@ -201,6 +212,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         .map_err(|e| StartError::Thread { what: "the engine", message: e.to_string() })??;
     let engine = Arc::new(engine);
     let (stop, stopped) = watch::channel(false);
+    let inflight = InflightLayer::new(InflightBudget::new(cfg.limits.max_inflight_bytes), stopped.clone());
     let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
         engine: engine.clone(),
@@ -224,14 +236,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     if cfg.grpc_compress_responses {
         grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
     }
-    // Nagle's algorithm holds back HTTP/2's small frames (window updates, headers) behind a
-    // delayed ACK: 40 ms stalls per large request. tonic's own nodelay setting does not
-    // reach sockets from a custom incoming stream, so set it on each accepted one.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc_listener).map(|conn| {
-        conn.inspect(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        })
-    });
+    // Connections are counted and set to nodelay as they are accepted (api::conn).
+    let incoming = conn::grpc_incoming(grpc_listener, cfg.limits.max_connections, stopped.clone());
     let health = crate::api::health::service(state.clone());
     let grpc_stop = wait_stop(stopped.clone());
     let (limits, inflight_grpc) = (cfg.limits.clone(), inflight.clone());
@@ -259,20 +265,29 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     });
 
     // Router layers wrap what came before: the access check runs first.
-    let app = http::router(state, cfg.max_message_bytes).layer(inflight).layer(http_access);
-    let http_stop = wait_stop(stopped);
+    let app = http::router(state, cfg.max_message_bytes)
+        .layer(inflight)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(cfg.limits.body_read_timeout))
+        .layer(http_access);
+    let conn_limits = ConnLimits {
+        max_connections: cfg.limits.max_connections,
+        header_read_timeout: cfg.limits.header_read_timeout,
+        max_concurrent_streams: cfg.limits.max_concurrent_streams,
+        max_header_bytes: cfg.limits.max_header_bytes,
+    };
+    let http_stop = stopped;
     let http_task = match &tls {
         Some(tls) => {
             let listener =
                 tls.http_listener(http_listener).map_err(|source| StartError::Bind { addr: cfg.http_addr, source })?;
-            // Tapped (doing nothing) so that axum records the client's address.
-            spawn_http(listener.tap_io(|_| {}), app, http_stop)
+            spawn_http(listener, app, conn_limits, http_stop)
         }
         None => spawn_http(
             http_listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             }),
             app,
+            conn_limits,
             http_stop,
         ),
     };
@@ -304,22 +319,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     Ok(RunningServer { grpc_addr, http_addr, engine, stop, draining, tasks, housekeeper })
 }
 
-fn spawn_http<L>(
-    listener: L,
-    app: axum::Router,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> JoinHandle<()>
+fn spawn_http<L>(listener: L, app: axum::Router, limits: ConnLimits, stop: watch::Receiver<bool>) -> JoinHandle<()>
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
-    SocketAddr: for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    tokio::spawn(async move {
-        // The client's address reaches handlers and the access check (model control).
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-            tracing::error!("HTTP server stopped: {e}");
-        }
-    })
+    tokio::spawn(conn::serve_http(listener, app, limits, stop))
 }
 
 impl RunningServer {

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The budget: one permit per byte.
@@ -79,6 +79,9 @@ pub struct BudgetedBody<B> {
     lease: Lease,
     /// Taken up front from the declared length.
     counted: bool,
+    /// Resolves when the server starts to shut down: a body still arriving then fails,
+    /// so a client sending slowly cannot hold the shutdown.
+    stopping: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl<B> Body for BudgetedBody<B>
@@ -90,7 +93,18 @@ where
     type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
-        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(f) => f,
+            Poll::Pending => {
+                if let Some(stop) = self.stopping.as_mut() {
+                    if stop.as_mut().poll(cx).is_ready() {
+                        let status = tonic::Status::unavailable("the server is shutting down");
+                        return Poll::Ready(Some(Err(Box::new(status))));
+                    }
+                }
+                return Poll::Pending;
+            }
+        };
         Poll::Ready(match frame {
             Some(Ok(f)) => {
                 let len = if self.counted { 0 } else { f.data_ref().map_or(0, |d| d.remaining()) };
@@ -117,18 +131,20 @@ where
 #[derive(Clone)]
 pub struct InflightLayer {
     budget: InflightBudget,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl InflightLayer {
-    pub fn new(budget: InflightBudget) -> InflightLayer {
-        InflightLayer { budget }
+    /// `stopping` turns true when the server starts to shut down.
+    pub fn new(budget: InflightBudget, stopping: tokio::sync::watch::Receiver<bool>) -> InflightLayer {
+        InflightLayer { budget, stopping }
     }
 }
 
 impl<S> tower::Layer<S> for InflightLayer {
     type Service = Inflight<S>;
     fn layer(&self, inner: S) -> Inflight<S> {
-        Inflight { inner, budget: self.budget.clone() }
+        Inflight { inner, budget: self.budget.clone(), stopping: self.stopping.clone() }
     }
 }
 
@@ -136,6 +152,7 @@ impl<S> tower::Layer<S> for InflightLayer {
 pub struct Inflight<S> {
     inner: S,
     budget: InflightBudget,
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The request body of one of the two servers: refused requests are answered in its
@@ -213,7 +230,13 @@ where
             }
         }
         let body_lease = lease.clone();
-        let req = req.map(|inner| B::wrap(BudgetedBody { inner, lease: body_lease, counted: declared.is_some() }));
+        let mut rx = self.stopping.clone();
+        let stopping: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            let _ = rx.wait_for(|s| *s).await;
+        });
+        let req = req.map(|inner| {
+            B::wrap(BudgetedBody { inner, lease: body_lease, counted: declared.is_some(), stopping: Some(stopping) })
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await;
@@ -239,16 +262,18 @@ mod tests {
     #[tokio::test]
     async fn bodies_take_bytes_as_they_arrive_and_give_them_back() {
         let budget = InflightBudget::new(10);
-        let first = BudgetedBody { inner: chunked(&[b"12345", b"678"]), lease: budget.lease(), counted: false };
+        let first =
+            BudgetedBody { inner: chunked(&[b"12345", b"678"]), lease: budget.lease(), counted: false, stopping: None };
         let held = first.collect().await.unwrap().to_bytes();
         assert_eq!(&held[..], b"12345678");
         assert_eq!(budget.used(), 0, "the lease went with the body");
 
         let lease = budget.lease();
-        let a = BudgetedBody { inner: chunked(&[b"1234567"]), lease: lease.clone(), counted: false };
+        let a = BudgetedBody { inner: chunked(&[b"1234567"]), lease: lease.clone(), counted: false, stopping: None };
         let _a = a.collect().await.unwrap();
         assert_eq!(budget.used(), 7, "held while the request is answered");
-        let b = BudgetedBody { inner: chunked(&[b"12", b"345"]), lease: budget.lease(), counted: false };
+        let b =
+            BudgetedBody { inner: chunked(&[b"12", b"345"]), lease: budget.lease(), counted: false, stopping: None };
         let err = b.collect().await.unwrap_err();
         let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);

@@ -2,6 +2,7 @@
 //! translate wire types and map errors (`error`); everything else is the engine's.
 
 pub mod access;
+pub mod conn;
 pub mod dashboard;
 pub mod error;
 pub mod grpc;

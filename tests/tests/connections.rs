@@ -1,0 +1,114 @@
+//! Connections a client opens and does not use well: headers sent a byte at a time,
+//! connections held idle past the listener's limit, bodies never finished while the
+//! server shuts down. Each is cut off or waits its turn; the server goes on serving and
+//! stops on time.
+
+use sluice_tests::{affine_model, config, start, Repo};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const YAML: &str = "max_batch_size: 8\n";
+
+/// Waits for the server to close `c`: Ok(how long) on EOF or reset, Err on `limit`.
+async fn closed_within(c: &mut TcpStream, limit: Duration) -> Result<Duration, Duration> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(t0.elapsed()), c.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(t0.elapsed()),
+            Ok(Ok(_)) => {} // a 408 or similar before the close
+            Err(_) => return Err(t0.elapsed()),
+        }
+    }
+}
+
+async fn live(http: &str) -> bool {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    matches!(client.get(format!("{http}/v2/health/live")).send().await, Ok(r) if r.status().is_success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_are_cut_off_and_the_server_goes_on() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), YAML);
+    let mut cfg = config(repo.path());
+    cfg.limits.header_read_timeout = Duration::from_secs(1);
+    let s = start(cfg).await;
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut c = TcpStream::connect(s.server.http_addr).await.unwrap();
+        c.write_all(b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        slow.push(c);
+    }
+    assert!(live(&s.http).await, "others are served meanwhile");
+    for c in &mut slow {
+        let took = closed_within(c, Duration::from_secs(5)).await.expect("a slow client is cut off");
+        assert!(took < Duration::from_secs(5));
+    }
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_until_others_close() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), YAML);
+    let mut cfg = config(repo.path());
+    cfg.limits.max_connections = 8;
+    cfg.limits.header_read_timeout = Duration::from_secs(60);
+    let s = start(cfg).await;
+    assert!(live(&s.http).await);
+    // Eight idle connections on each port fill both listeners.
+    let mut idle = Vec::new();
+    for addr in [s.server.http_addr, s.server.grpc_addr] {
+        for _ in 0..8 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!live(&s.http).await, "a ninth HTTP client waits in the backlog");
+    let grpc = format!("http://{}", s.server.grpc_addr);
+    let ready = |timeout: Duration| {
+        let grpc = grpc.clone();
+        async move {
+            let ep = tonic::transport::Endpoint::from_shared(grpc).unwrap().timeout(timeout).connect_timeout(timeout);
+            let Ok(ch) = ep.connect().await else { return false };
+            let mut c = sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch);
+            c.server_live(sluice_proto::ServerLiveRequest {}).await.is_ok()
+        }
+    };
+    assert!(!ready(Duration::from_secs(1)).await, "a ninth gRPC client waits in the backlog");
+    drop(idle);
+    let t0 = Instant::now();
+    while !(live(&s.http).await && ready(Duration::from_secs(1)).await) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "served again once the idle ones closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_requests_do_not_hold_the_shutdown() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), YAML);
+    let mut cfg = config(repo.path());
+    cfg.limits.header_read_timeout = Duration::from_secs(60);
+    cfg.limits.body_read_timeout = Duration::from_secs(60);
+    let s = start(cfg).await;
+    let mut mid_header = TcpStream::connect(s.server.http_addr).await.unwrap();
+    mid_header.write_all(b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut mid_body = TcpStream::connect(s.server.http_addr).await.unwrap();
+    mid_body
+        .write_all(b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\": [")
+        .await
+        .unwrap();
+    let idle_grpc = TcpStream::connect(s.server.grpc_addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), s.server.shutdown()).await.expect("shutdown finishes");
+    assert!(t0.elapsed() < Duration::from_secs(3), "shutdown took {:?}", t0.elapsed());
+    for c in [&mut mid_header, &mut mid_body] {
+        closed_within(c, Duration::from_secs(2)).await.expect("closed by the shutdown");
+    }
+    drop(idle_grpc);
+}
