@@ -13,6 +13,9 @@ mod api;
 pub mod backend;
 mod engine;
 mod error;
+/// Entry points for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing;
 mod housekeeping;
 mod model;
 mod onnx;

@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Top-level modules from the top down; a module may use those after it.
+/// Top-level modules from the top down; a module may use those after it. (`fuzzing`
+/// only hands bytes to the parsers of the layers below.)
 const LAYERS: &[&str] =
-    &["server", "api", "housekeeping", "engine", "pipeline", "model", "sched", "backend", "repository"];
+    &["fuzzing", "server", "api", "housekeeping", "engine", "pipeline", "model", "sched", "backend", "repository"];
 /// Used by anything, using only each other.
 const LEAVES: &[&str] = &["request", "error", "telemetry", "rt", "onnx", "tls"];
 

@@ -257,7 +257,7 @@ async fn infer_v(
 }
 
 /// Which outputs go back as binary: by name, plus a default for the unnamed.
-struct BinaryOutputs {
+pub(crate) struct BinaryOutputs {
     default: bool,
     named: Vec<(String, bool)>,
 }
@@ -268,7 +268,7 @@ impl BinaryOutputs {
     }
 }
 
-fn parse_infer(
+pub(crate) fn parse_infer(
     model: &str,
     version: &str,
     headers: &HeaderMap,
