@@ -62,7 +62,7 @@ try:
         sys.exit("the server did not become ready")
 
     def bench(name, extra, tag):
-        args = [sluice, "bench", name, "-u", f"http://127.0.0.1:{grpc}", "--format", "json",
+        args = [sluice, "bench", name, "--url", f"http://127.0.0.1:{grpc}", "--format", "json",
                 "--out", out / f"{tag}.json"] + extra
         for img in workloads[name]:
             args += ["--image", img]

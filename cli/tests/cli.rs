@@ -528,3 +528,55 @@ async fn client_commands_speak_tls_with_the_given_ca_and_certificate() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key"), "{}", String::from_utf8_lossy(&out.stderr));
     s.shutdown().await;
 }
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[test]
+fn out_of_file_descriptors_the_server_waits_instead_of_spinning() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), "max_batch_size: 8\n");
+    // More connections allowed than the process has descriptors for: accepts fail.
+    let (mut child, grpc, http) = serve(&repo, &["--max-connections", "1000"], &[]);
+    let pid = child.id();
+    let limited = Command::new("prlimit").args(["--pid", &pid.to_string(), "--nofile=64:64"]).status().unwrap();
+    assert!(limited.success());
+    let mut held = Vec::new();
+    // 200 in all: some accepted until descriptors run out, the rest left in the listen
+    // backlogs (128 each), none refused.
+    for addr in [&grpc, &http] {
+        for _ in 0..100 {
+            match std::net::TcpStream::connect(addr.as_str()) {
+                Ok(c) => held.push(c),
+                Err(e) => panic!("connect: {e}"),
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_seconds(pid) - before;
+    assert!(spent < 0.3, "the server used {spent:.2} s of CPU in 2 s while out of descriptors");
+    drop(held);
+    // Served again once the connections are gone.
+    let t0 = std::time::Instant::now();
+    loop {
+        let ok = Command::new("curl")
+            .args(["-sf", "-m", "1", &format!("http://{http}/v2/health/live")])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "not served again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

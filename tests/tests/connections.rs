@@ -1,6 +1,6 @@
 //! Connections a client opens and does not use well: headers sent a byte at a time,
 //! connections held idle past the listener's limit, bodies never finished while the
-//! server shuts down. Each is cut off or waits its turn; the server goes on serving and
+//! server shuts down, a megabyte of gRPC metadata. Each is cut off or waits its turn; the server goes on serving and
 //! stops on time.
 
 use sluice_tests::{affine_model, config, start, Repo};
@@ -111,4 +111,32 @@ async fn half_sent_requests_do_not_hold_the_shutdown() {
         closed_within(c, Duration::from_secs(2)).await.expect("closed by the shutdown");
     }
     drop(idle_grpc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_metadata_closes_only_its_own_connection() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), YAML);
+    let s = start(config(repo.path())).await;
+    let mut raw = sluice_proto::grpc_inference_service_client::GrpcInferenceServiceClient::connect(format!(
+        "http://{}",
+        s.server.grpc_addr
+    ))
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(sluice_proto::ServerReadyRequest {});
+    req.metadata_mut().insert("x-junk", "a".repeat(1 << 20).parse().unwrap());
+    assert!(raw.server_ready(req).await.is_err(), "1 MB of metadata is refused");
+    // h2 answers a header flood by closing that connection (GOAWAY ENHANCE_YOUR_CALM);
+    // the client's channel connects again and is served.
+    let t0 = Instant::now();
+    loop {
+        let next = raw.server_ready(sluice_proto::ServerReadyRequest {}).await;
+        if next.is_ok_and(|r| r.into_inner().ready) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "the same client is served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.server.shutdown().await;
 }
