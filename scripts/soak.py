@@ -71,7 +71,7 @@ try:
 
     capacity = {}
     for name in workloads:
-        r = bench(name, ["--concurrency", "4", "--duration", "15", "--warmup", "3"], f"capacity_{name}")
+        r = bench(name, ["--concurrency", "4", "--seconds", "15", "--warmup", "3"], f"capacity_{name}")
         capacity[name] = r[0]["throughput"]
     rates = {n: max(capacity[n] / 6, 0.5) for n in workloads}
 
@@ -89,8 +89,8 @@ try:
     sampler = threading.Thread(target=sample)
     sampler.start()
     runs = [threading.Thread(target=bench, args=(
-        n, ["--rate", f"{rates[n]:.2f}", "--poisson", "--duration", str(int(minutes * 60)), "--warmup", "0",
-            "--requests-csv", out / f"requests_{n}.csv"], f"soak_{n}")) for n in workloads]
+        n, ["--rate", f"{rates[n]:.2f}", "--poisson", "--seconds", str(int(minutes * 60)), "--warmup", "0",
+            "--samples", out / f"requests_{n}.csv"], f"soak_{n}")) for n in workloads]
     for t in runs:
         t.start()
     for t in runs:
