@@ -87,7 +87,8 @@ pub struct Args {
     /// between requests).
     #[arg(long, env = "SLUICE_HTTP_HEADER_TIMEOUT_S", default_value_t = 10)]
     http_header_timeout_s: u64,
-    /// Seconds an HTTP client has to send a request's whole body.
+    /// Seconds a client has to send a request's whole body (HTTP body or gRPC message);
+    /// a slow sender must not hold its share of --max-inflight-mb for long.
     #[arg(long, env = "SLUICE_HTTP_BODY_TIMEOUT_S", default_value_t = 60)]
     http_body_timeout_s: u64,
     /// Require a key for API groups over gRPC, as Triton's flag of the same name:

@@ -90,7 +90,7 @@ pub struct Limits {
     /// HTTP/1 clients must send a request's headers within this (and may stay idle
     /// between requests no longer).
     pub header_read_timeout: Duration,
-    /// HTTP clients must send a request's whole body within this.
+    /// Clients must send a request's whole body (HTTP, or a gRPC message) within this.
     pub body_read_timeout: Duration,
 }
 
@@ -212,7 +212,11 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         .map_err(|e| StartError::Thread { what: "the engine", message: e.to_string() })??;
     let engine = Arc::new(engine);
     let (stop, stopped) = watch::channel(false);
-    let inflight = InflightLayer::new(InflightBudget::new(cfg.limits.max_inflight_bytes), stopped.clone());
+    let inflight = InflightLayer::new(
+        InflightBudget::new(cfg.limits.max_inflight_bytes),
+        stopped.clone(),
+        cfg.limits.body_read_timeout,
+    );
     let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
         engine: engine.clone(),
@@ -237,8 +241,15 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
         grpc = grpc.send_compressed(tonic::codec::CompressionEncoding::Gzip);
     }
     // Connections are counted and set to nodelay as they are accepted (api::conn).
-    let incoming = conn::grpc_incoming(grpc_listener, cfg.limits.max_connections, stopped.clone());
+
     let health = crate::api::health::service(state.clone());
+    let conn_limits = ConnLimits {
+        max_connections: cfg.limits.max_connections,
+        header_read_timeout: cfg.limits.header_read_timeout,
+        max_concurrent_streams: cfg.limits.max_concurrent_streams,
+        max_header_bytes: cfg.limits.max_header_bytes,
+    };
+    let incoming = conn::grpc_incoming(grpc_listener, &conn_limits, stopped.clone());
     let grpc_stop = wait_stop(stopped.clone());
     let (limits, inflight_grpc) = (cfg.limits.clone(), inflight.clone());
     let model_control = if cfg.reload == ReloadMode::None { ModelControl::Off } else { cfg.access.model_control };
@@ -265,16 +276,8 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     });
 
     // Router layers wrap what came before: the access check runs first.
-    let app = http::router(state, cfg.max_message_bytes)
-        .layer(inflight)
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(cfg.limits.body_read_timeout))
-        .layer(http_access);
-    let conn_limits = ConnLimits {
-        max_connections: cfg.limits.max_connections,
-        header_read_timeout: cfg.limits.header_read_timeout,
-        max_concurrent_streams: cfg.limits.max_concurrent_streams,
-        max_header_bytes: cfg.limits.max_header_bytes,
-    };
+    let app = http::router(state, cfg.max_message_bytes).layer(inflight).layer(http_access);
+
     let http_stop = stopped;
     let http_task = match &tls {
         Some(tls) => {

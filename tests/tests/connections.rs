@@ -140,3 +140,39 @@ async fn oversized_metadata_closes_only_its_own_connection() {
     }
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_and_slow_bodies_are_cut_off() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), YAML);
+    let mut cfg = config(repo.path());
+    cfg.limits.header_read_timeout = Duration::from_secs(1);
+    cfg.limits.body_read_timeout = Duration::from_secs(2);
+    let s = start(cfg).await;
+    // Connected, nothing sent: neither protocol keeps the slot past the header timeout.
+    for addr in [s.server.http_addr, s.server.grpc_addr] {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        closed_within(&mut c, Duration::from_secs(4)).await.expect("a silent connection is closed");
+    }
+    // A body sent a byte at a time, each byte in time, the whole too slow: the request
+    // fails when its time is up instead of holding its budget.
+    let mut c = TcpStream::connect(s.server.http_addr).await.unwrap();
+    c.write_all(b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n").await.unwrap();
+    let t0 = Instant::now();
+    let mut answer = Vec::new();
+    while t0.elapsed() < Duration::from_secs(6) {
+        let _ = c.write_all(b" ").await;
+        let mut buf = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(300), c.read(&mut buf)).await {
+            answer.extend_from_slice(&buf[..n]);
+            if n == 0 || answer.starts_with(b"HTTP/1.1 ") {
+                break;
+            }
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 4"), "{answer}");
+    assert!(t0.elapsed() > Duration::from_millis(1500) && t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    assert!(live(&s.http).await);
+    s.server.shutdown().await;
+}

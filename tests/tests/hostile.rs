@@ -246,7 +246,8 @@ async fn hostile_requests_and_files_fail_alone_in_a_4_gib_container() {
     expect("ocr_det 1x3x4096x4096 (192 MiB)", 413, "max_dim");
     expect("resnet50 250 MiB body", 400, "does not match");
 
-    // Eight 200 MiB gRPC messages at once: the in-flight budget (512 MiB) takes two.
+    // Eight 200 MiB gRPC messages at once: the in-flight budget (512 MiB) cannot hold
+    // them all; those it cannot are refused as their bytes arrive.
     let big = Tensor::from_f32(vec![1, 3, 4096, 4267], &vec![0.0; 3 * 4096 * 4267]);
     let big = Arc::new(big);
     let sends = (0..8).map(|_| {
@@ -398,5 +399,6 @@ async fn hostile_requests_and_files_fail_alone_in_a_4_gib_container() {
         final_rss >> 20,
         baseline_rss >> 20
     );
+    assert!(peak > baseline, "the cgroup's memory could not be read ({peak})");
     assert!(peak < MEMORY_CAP - (512 << 20), "peak {} MiB: too close to the cap", peak >> 20);
 }

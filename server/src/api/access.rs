@@ -171,7 +171,7 @@ impl AccessRules {
                         "model control is off (sluice serve --model-control off, or --reload none)".into(),
                     ))
                 }
-                ModelControl::Loopback if !peer.is_some_and(|p| p.ip().is_loopback()) => {
+                ModelControl::Loopback if !peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) => {
                     return Err(Denied::Forbidden(format!(
                         "model control is allowed only from the server's own host; this call came from {}: start \
                          the server with --model-control any (and a key: --http-restricted-api / \
@@ -201,6 +201,20 @@ pub fn cross_origin(headers: &http::HeaderMap) -> bool {
     origin_host.is_none() || origin_host != host
 }
 
+/// Whether the host a request was addressed to (Host, or HTTP/2's authority) is this
+/// machine by a loopback name: with model control for loopback clients only, a request
+/// to any other name from a loopback address is a browser tricked by DNS rebinding (a
+/// page's own name pointed at 127.0.0.1).
+pub fn addressed_to_loopback(authority: Option<&str>) -> bool {
+    let Some(a) = authority else { return false };
+    let host = match a.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => a.rsplit_once(':').map_or(a, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
 /// The group of a gRPC method (`/package.Service/Method`) and whether it changes what
 /// is served; `None` for methods of no known service (answered UNIMPLEMENTED anyway).
 pub fn grpc_group(path: &str) -> Option<(ApiGroup, bool)> {
@@ -224,17 +238,23 @@ pub fn grpc_group(path: &str) -> Option<(ApiGroup, bool)> {
 /// The group of an HTTP path and whether it changes what is served.
 pub fn http_group(path: &str) -> Option<(ApiGroup, bool)> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // The shapes of http.rs's routes: a model's own calls come after its name (and
+    // version), so a model named "ready" or "stats" is still a name.
+    let model_call = |call: &str| match call {
+        "infer" => Some(ApiGroup::Inference),
+        "ready" => Some(ApiGroup::Health),
+        "config" => Some(ApiGroup::ModelConfig),
+        "stats" => Some(ApiGroup::Statistics),
+        _ => None,
+    };
     Some(match parts.as_slice() {
         ["v2", "health", ..] => (ApiGroup::Health, false),
         ["v2"] => (ApiGroup::Metadata, false),
         ["v2", "repository", "index"] => (ApiGroup::ModelRepository, false),
         ["v2", "repository", ..] => (ApiGroup::ModelRepository, true),
         ["v2", "models", "stats"] => (ApiGroup::Statistics, false),
-        ["v2", "models", .., "infer"] => (ApiGroup::Inference, false),
-        ["v2", "models", .., "ready"] => (ApiGroup::Health, false),
-        ["v2", "models", .., "config"] => (ApiGroup::ModelConfig, false),
-        ["v2", "models", .., "stats"] => (ApiGroup::Statistics, false),
-        ["v2", "models", ..] => (ApiGroup::Metadata, false),
+        ["v2", "models", _] | ["v2", "models", _, "versions", _] => (ApiGroup::Metadata, false),
+        ["v2", "models", _, call] | ["v2", "models", _, "versions", _, call] => (model_call(call)?, false),
         ["metrics"] => (ApiGroup::Metrics, false),
         ["dashboard", ..] => (ApiGroup::Dashboard, false),
         _ => return None,
@@ -311,13 +331,23 @@ where
             Some((group, mutating)) => {
                 let checked = self.rules.check(group, mutating, req.headers(), peer(&req));
                 // A page on another site may not make a browser change what is served.
+                let authority = req
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .or_else(|| req.uri().authority().map(|a| a.as_str()));
                 let browser_forgery = self.protocol == Protocol::Http
                     && (mutating || group == ApiGroup::ModelRepository)
-                    && cross_origin(req.headers());
+                    && (cross_origin(req.headers())
+                        || (mutating
+                            && self.rules.model_control == ModelControl::Loopback
+                            && !addressed_to_loopback(authority)));
                 match checked {
-                    Ok(()) if browser_forgery => {
-                        Err(Denied::Forbidden("cross-origin requests may not use the repository API".into()))
-                    }
+                    Ok(()) if browser_forgery => Err(Denied::Forbidden(
+                        "cross-origin requests may not use the repository API (and with --model-control \
+                         loopback, a request must be addressed to localhost or a loopback address)"
+                            .into(),
+                    )),
                     other => other,
                 }
             }
@@ -404,6 +434,17 @@ mod tests {
     }
 
     #[test]
+    fn loopback_names_are_recognised() {
+        for a in ["localhost:8000", "127.0.0.1:8000", "127.0.0.1", "[::1]:8000", "LOCALHOST", "[::ffff:127.0.0.1]:80"] {
+            assert!(addressed_to_loopback(Some(a)), "{a}");
+        }
+        for a in ["evil.example:8000", "10.0.0.1:8000", "sluice.serving.svc"] {
+            assert!(!addressed_to_loopback(Some(a)), "{a}");
+        }
+        assert!(!addressed_to_loopback(None));
+    }
+
+    #[test]
     fn every_route_has_a_group() {
         assert_eq!(http_group("/v2/models/m/versions/1/infer"), Some((ApiGroup::Inference, false)));
         assert_eq!(http_group("/v2/models/m/ready"), Some((ApiGroup::Health, false)));
@@ -412,6 +453,9 @@ mod tests {
         assert_eq!(http_group("/v2/repository/models/m/unload"), Some((ApiGroup::ModelRepository, true)));
         assert_eq!(http_group("/v2/repository/index"), Some((ApiGroup::ModelRepository, false)));
         assert_eq!(http_group("/dashboard/events"), Some((ApiGroup::Dashboard, false)));
+        assert_eq!(http_group("/v2/models/ready"), Some((ApiGroup::Metadata, false)), "a model named ready");
+        assert_eq!(http_group("/v2/models/infer/versions/3"), Some((ApiGroup::Metadata, false)));
+        assert_eq!(http_group("/v2/models/stats/stats"), Some((ApiGroup::Statistics, false)));
         assert_eq!(
             grpc_group("/inference.GRPCInferenceService/RepositoryModelLoad"),
             Some((ApiGroup::ModelRepository, true))

@@ -61,62 +61,88 @@ async fn accept_limited(
     }
 }
 
-/// A TCP connection holding one of its listener's slots until it closes.
-pub struct Limited {
-    tcp: TcpStream,
+/// A connection holding one of its listener's slots until it closes. Until the client
+/// has sent [`HANDSHAKE_BYTES`] (HTTP/2's preface and a SETTINGS header, or the start of
+/// an HTTP/1 request), it has the header timeout to do so, and at shutdown it reads as
+/// closed: a client that connects and sends nothing holds a slot only that long.
+pub struct Limited<IO> {
+    io: IO,
     _slot: OwnedSemaphorePermit,
     /// Bytes received so far, up to [`HANDSHAKE_BYTES`].
     received: usize,
-    /// Resolves when the server stops: a client that has not even sent HTTP/2's preface
-    /// and first SETTINGS by then reads as closed, instead of holding the shutdown.
-    stopping: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The handshake deadline or the shutdown, whichever comes first; taken once fired.
+    cutoff: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The cutoff fired before the handshake: reads see the end of the stream.
+    cut: bool,
 }
 
 /// HTTP/2's connection preface (24 bytes) and a SETTINGS frame's header (9).
 const HANDSHAKE_BYTES: usize = 33;
 
-impl AsyncRead for Limited {
+impl<IO> Limited<IO> {
+    fn new(io: IO, slot: OwnedSemaphorePermit, handshake: Duration, stopping: watch::Receiver<bool>) -> Self {
+        let cutoff = Box::pin(async move {
+            tokio::select! {
+                () = stopped(stopping) => {}
+                () = tokio::time::sleep(handshake) => {}
+            }
+        });
+        Limited { io, _slot: slot, received: 0, cutoff: Some(cutoff), cut: false }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Limited<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.cut {
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
-        match Pin::new(&mut self.tcp).poll_read(cx, buf) {
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 self.received = (self.received + buf.filled().len() - before).min(HANDSHAKE_BYTES);
+                if self.received >= HANDSHAKE_BYTES {
+                    self.cutoff = None;
+                }
                 Poll::Ready(r)
             }
-            Poll::Pending if self.received < HANDSHAKE_BYTES && self.stopping.as_mut().poll(cx).is_ready() => {
-                Poll::Ready(Ok(()))
-            }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match self.cutoff.as_mut().map(|c| c.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => {
+                    self.cutoff = None;
+                    self.cut = true;
+                    Poll::Ready(Ok(()))
+                }
+                _ => Poll::Pending,
+            },
         }
     }
 }
 
-impl AsyncWrite for Limited {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Limited<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
-impl tonic::transport::server::Connected for Limited {
+impl tonic::transport::server::Connected for Limited<TcpStream> {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp.connect_info()
+        self.io.connect_info()
     }
 }
 
@@ -130,20 +156,44 @@ fn stopped(mut stopping: watch::Receiver<bool>) -> Pin<Box<dyn Future<Output = (
 /// The gRPC server's connections: limited, backing off on errors.
 pub fn grpc_incoming(
     listener: TcpListener,
-    max_connections: usize,
+    limits: &ConnLimits,
     stopping: watch::Receiver<bool>,
-) -> impl futures::Stream<Item = io::Result<Limited>> + Send + 'static {
-    let slots = Arc::new(Semaphore::new(max_connections));
+) -> impl futures::Stream<Item = io::Result<Limited<TcpStream>>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let handshake = limits.header_read_timeout;
     futures::stream::unfold((listener, slots), move |(listener, slots)| {
         let stopping = stopping.clone();
         async move {
             let (tcp, _, slot) = accept_limited(&listener, &slots).await;
-            Some((Ok(Limited { tcp, _slot: slot, received: 0, stopping: stopped(stopping) }), (listener, slots)))
+            Some((Ok(Limited::new(tcp, slot, handshake, stopping)), (listener, slots)))
         }
     })
 }
 
-/// Requests of one HTTP connection whose answer is not ready yet.
+/// A response body that keeps its request counted in flight until it has been sent.
+struct Guarded {
+    body: axum::body::Body,
+    _guard: InFlightGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Requests of one HTTP connection whose answer is not sent yet.
 #[derive(Clone, Default)]
 struct InFlight(Arc<AtomicUsize>);
 
@@ -224,13 +274,15 @@ where
                 req
             })
             .map_future(move |answer| {
+                // In flight until the answer's body has been sent, not just its headers.
                 let guard = counted.enter();
                 async move {
-                    let r = answer.await;
-                    drop(guard);
-                    r
+                    answer.await.map(|resp: axum::response::Response| {
+                        resp.map(|body| axum::body::Body::new(Guarded { body, _guard: guard }))
+                    })
                 }
             });
+        let io = Limited::new(io, slot, limits.header_read_timeout, stopping.clone());
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
         let conn = graceful.watch(conn.into_owned());
         let stopping = stopping.clone();
@@ -241,7 +293,6 @@ where
                 },
                 () = idle_after_stop(stopping, flight) => tracing::debug!(%peer, "closed at shutdown"),
             }
-            drop(slot);
         });
     }
     drop(listener);

@@ -79,9 +79,10 @@ pub struct BudgetedBody<B> {
     lease: Lease,
     /// Taken up front from the declared length.
     counted: bool,
-    /// Resolves when the server starts to shut down: a body still arriving then fails,
-    /// so a client sending slowly cannot hold the shutdown.
-    stopping: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Resolves when the server starts to shut down or the body's time is up: a body
+    /// still arriving then fails, so a client sending slowly can neither hold its share
+    /// of the budget for long nor hold the shutdown. Taken once it has fired.
+    cutoff: Option<Pin<Box<dyn Future<Output = &'static str> + Send>>>,
 }
 
 impl<B> Body for BudgetedBody<B>
@@ -96,11 +97,9 @@ where
         let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(f) => f,
             Poll::Pending => {
-                if let Some(stop) = self.stopping.as_mut() {
-                    if stop.as_mut().poll(cx).is_ready() {
-                        let status = tonic::Status::unavailable("the server is shutting down");
-                        return Poll::Ready(Some(Err(Box::new(status))));
-                    }
+                if let Some(Poll::Ready(why)) = self.cutoff.as_mut().map(|c| c.as_mut().poll(cx)) {
+                    self.cutoff = None;
+                    return Poll::Ready(Some(Err(Box::new(tonic::Status::unavailable(why)))));
                 }
                 return Poll::Pending;
             }
@@ -132,19 +131,30 @@ where
 pub struct InflightLayer {
     budget: InflightBudget,
     stopping: tokio::sync::watch::Receiver<bool>,
+    body_timeout: std::time::Duration,
 }
 
 impl InflightLayer {
-    /// `stopping` turns true when the server starts to shut down.
-    pub fn new(budget: InflightBudget, stopping: tokio::sync::watch::Receiver<bool>) -> InflightLayer {
-        InflightLayer { budget, stopping }
+    /// `stopping` turns true when the server starts to shut down; a body must arrive
+    /// whole within `body_timeout`.
+    pub fn new(
+        budget: InflightBudget,
+        stopping: tokio::sync::watch::Receiver<bool>,
+        body_timeout: std::time::Duration,
+    ) -> InflightLayer {
+        InflightLayer { budget, stopping, body_timeout }
     }
 }
 
 impl<S> tower::Layer<S> for InflightLayer {
     type Service = Inflight<S>;
     fn layer(&self, inner: S) -> Inflight<S> {
-        Inflight { inner, budget: self.budget.clone(), stopping: self.stopping.clone() }
+        Inflight {
+            inner,
+            budget: self.budget.clone(),
+            stopping: self.stopping.clone(),
+            body_timeout: self.body_timeout,
+        }
     }
 }
 
@@ -153,19 +163,21 @@ pub struct Inflight<S> {
     inner: S,
     budget: InflightBudget,
     stopping: tokio::sync::watch::Receiver<bool>,
+    body_timeout: std::time::Duration,
 }
 
 /// The request body of one of the two servers: refused requests are answered in its
 /// protocol, and a budgeted body is boxed back into it.
 pub trait ProtocolBody: Body + Sized + Send + Unpin + 'static {
-    fn refuse(message: String) -> http::Response<Self>;
+    /// `too_large`: the request alone is over the budget (413), not just now (429).
+    fn refuse(message: String, too_large: bool) -> http::Response<Self>;
     fn deny(denied: Denied) -> http::Response<Self>;
     fn wrap(b: BudgetedBody<Self>) -> Self;
 }
 
 /// gRPC: RESOURCE_EXHAUSTED, trailers-only.
 impl ProtocolBody for tonic::body::Body {
-    fn refuse(message: String) -> http::Response<Self> {
+    fn refuse(message: String, _too_large: bool) -> http::Response<Self> {
         tonic::Status::resource_exhausted(message).into_http()
     }
     fn deny(denied: Denied) -> http::Response<Self> {
@@ -182,9 +194,12 @@ impl ProtocolBody for tonic::body::Body {
 
 /// HTTP: 429 with the v2 protocol's error body.
 impl ProtocolBody for axum::body::Body {
-    fn refuse(message: String) -> http::Response<Self> {
+    fn refuse(message: String, too_large: bool) -> http::Response<Self> {
         use axum::response::IntoResponse;
-        crate::error::Error::Busy(message).into_response()
+        match too_large {
+            true => crate::error::Error::TooLarge(message).into_response(),
+            false => crate::error::Error::Busy(message).into_response(),
+        }
     }
     fn deny(denied: Denied) -> http::Response<Self> {
         use axum::response::IntoResponse;
@@ -225,17 +240,31 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if let Some(n) = declared {
+            if n > self.budget.limit {
+                let m = format!(
+                    "a body of {} MiB is larger than the whole in-flight budget of {} MiB (sluice serve \
+                     --max-inflight-mb)",
+                    n >> 20,
+                    self.budget.limit >> 20
+                );
+                return Box::pin(std::future::ready(Ok(B::refuse(m, true))));
+            }
             if let Err(m) = lease.take(n) {
-                return Box::pin(std::future::ready(Ok(B::refuse(m))));
+                return Box::pin(std::future::ready(Ok(B::refuse(m, false))));
             }
         }
         let body_lease = lease.clone();
-        let mut rx = self.stopping.clone();
-        let stopping: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-            let _ = rx.wait_for(|s| *s).await;
+        let (mut rx, timeout) = (self.stopping.clone(), self.body_timeout);
+        let cutoff: Pin<Box<dyn Future<Output = &'static str> + Send>> = Box::pin(async move {
+            tokio::select! {
+                _ = rx.wait_for(|s| *s) => "the server is shutting down",
+                () = tokio::time::sleep(timeout) => {
+                    "the request body did not arrive in time (sluice serve --http-body-timeout-s)"
+                }
+            }
         });
         let req = req.map(|inner| {
-            B::wrap(BudgetedBody { inner, lease: body_lease, counted: declared.is_some(), stopping: Some(stopping) })
+            B::wrap(BudgetedBody { inner, lease: body_lease, counted: declared.is_some(), cutoff: Some(cutoff) })
         });
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -263,17 +292,16 @@ mod tests {
     async fn bodies_take_bytes_as_they_arrive_and_give_them_back() {
         let budget = InflightBudget::new(10);
         let first =
-            BudgetedBody { inner: chunked(&[b"12345", b"678"]), lease: budget.lease(), counted: false, stopping: None };
+            BudgetedBody { inner: chunked(&[b"12345", b"678"]), lease: budget.lease(), counted: false, cutoff: None };
         let held = first.collect().await.unwrap().to_bytes();
         assert_eq!(&held[..], b"12345678");
         assert_eq!(budget.used(), 0, "the lease went with the body");
 
         let lease = budget.lease();
-        let a = BudgetedBody { inner: chunked(&[b"1234567"]), lease: lease.clone(), counted: false, stopping: None };
+        let a = BudgetedBody { inner: chunked(&[b"1234567"]), lease: lease.clone(), counted: false, cutoff: None };
         let _a = a.collect().await.unwrap();
         assert_eq!(budget.used(), 7, "held while the request is answered");
-        let b =
-            BudgetedBody { inner: chunked(&[b"12", b"345"]), lease: budget.lease(), counted: false, stopping: None };
+        let b = BudgetedBody { inner: chunked(&[b"12", b"345"]), lease: budget.lease(), counted: false, cutoff: None };
         let err = b.collect().await.unwrap_err();
         let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);

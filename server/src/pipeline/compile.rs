@@ -934,6 +934,7 @@ mod tests {
             (format!("{HEAD}outputs: {}{}\n", "[".repeat(100_000), "]".repeat(100_000)), 3),
             (format!("{HEAD}outputs:\n  {}x\n", "- ".repeat(100_000)), 4),
             (format!("{HEAD}outputs: {{a: {}1{}}}\n", "{b: ".repeat(65), "}".repeat(65)), 3),
+            (format!("{HEAD}outputs:\n  {}x\n", "? ".repeat(100)), 4),
         ] {
             let started = std::time::Instant::now();
             let e = errors_of(&bomb);
@@ -941,10 +942,18 @@ mod tests {
             assert!(e.starts_with(&at) && e.contains("at most 64"), "{}", &e[..e.len().min(200)]);
             assert!(started.elapsed() < std::time::Duration::from_secs(1));
         }
-        // Quotes and comments do not count.
+        // Comments do not count, nor indentation: JSON-style files nest by brackets only.
         let fine = good("  - {name: extra, op: rotate180, inputs: {image: decode.image}} # [[[[[[\n");
-        let quoted = compile_str(&format!("{fine}description: \"{}\"\n", "[".repeat(200)));
-        assert!(quoted.is_ok(), "{:?}", quoted.err());
+        let commented = compile_str(&format!("{fine}description: it's a # [[[[{}\n", "[".repeat(200)));
+        assert!(commented.is_ok(), "{:?}", commented.err());
+        let indented: String = (0..40).map(|d| format!("{}[\n", " ".repeat(4 * d))).collect();
+        let closed: String = (0..40).rev().map(|d| format!("{}]\n", " ".repeat(4 * d))).collect();
+        assert!(crate::repository::check_nesting(&format!("a:\n{indented}{closed}")).is_ok());
+        // Stray brackets and apostrophes in plain scalars do not switch the checks off.
+        let e = errors_of(&format!("{HEAD}description: b[c it's\noutputs:\n  {}x\n", "- ".repeat(100)));
+        assert!(e.contains("at most 64"), "{e}");
+        let e = errors_of(&format!("{HEAD}k': {}\n", "[".repeat(100)));
+        assert!(e.contains("at most 64"), "{e}");
     }
 
     #[test]

@@ -131,41 +131,41 @@ pub fn read_config(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-/// Refuses YAML nested deeper than [`MAX_NESTING`] before the parser sees it: the parser
-/// takes time quadratic in the depth. Counts flow brackets (`[[[`) and block sequence
-/// dashes on one line (`- - -`) plus indentation, outside quotes and comments; returns
-/// the 1-based line where the limit is crossed.
+/// Refuses YAML nested deeper than [`MAX_NESTING`] before the parser sees it: the
+/// parser's time grows with the square of the depth, and the deep forms are cheap to
+/// write: flow brackets (`[[[`) and compact block entries on one line (`- - -`, `? ? ?`).
+/// Brackets are counted across lines (flow collections span lines), outside comments
+/// (`#` at the start or after a space); quotes are not tracked, so brackets inside
+/// strings count too (real files never hold 64 unclosed ones). Deep indentation needs
+/// file size quadratic in the depth, which the size cap bounds. Returns the 1-based
+/// line where the limit is crossed.
 pub fn check_nesting(text: &str) -> Result<(), (usize, String)> {
     let mut flow = 0usize;
     for (n, line) in text.lines().enumerate() {
         let too_deep = |depth: usize| (n + 1, format!("nested {depth} levels deep; at most {MAX_NESTING}"));
-        let indent = line.len() - line.trim_start_matches(' ').len();
-        let mut rest = line.trim_start_matches(' ');
-        let mut dashes = 0;
-        while let Some(r) = rest.strip_prefix("- ").or_else(|| (rest == "-").then_some("")) {
-            dashes += 1;
-            rest = r.trim_start_matches(' ');
+        let mut rest = line.trim_start_matches([' ', '\t']);
+        let mut compact = 0;
+        while let Some(r) = ["- ", "? "].iter().find_map(|p| rest.strip_prefix(p)) {
+            compact += 1;
+            rest = r.trim_start_matches([' ', '\t']);
         }
-        // Each level of block nesting takes at least one column or one dash.
-        if flow == 0 && indent / 2 + dashes > MAX_NESTING {
-            return Err(too_deep(indent / 2 + dashes));
+        if flow + compact > MAX_NESTING {
+            return Err(too_deep(flow + compact));
         }
-        let mut quote: Option<char> = None;
+        let mut prev_blank = true;
         for c in rest.chars() {
-            match (quote, c) {
-                (Some(q), c) if c == q => quote = None,
-                (Some(_), _) => {}
-                (None, '"' | '\'') => quote = Some(c),
-                (None, '#') => break,
-                (None, '[' | '{') => {
+            match c {
+                '#' if prev_blank => break,
+                '[' | '{' => {
                     flow += 1;
-                    if flow + dashes + indent / 2 > MAX_NESTING {
-                        return Err(too_deep(flow + dashes + indent / 2));
+                    if flow + compact > MAX_NESTING {
+                        return Err(too_deep(flow + compact));
                     }
                 }
-                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                ']' | '}' => flow = flow.saturating_sub(1),
                 _ => {}
             }
+            prev_blank = c == ' ' || c == '\t';
         }
     }
     Ok(())
