@@ -176,3 +176,41 @@ async fn silent_connections_and_slow_bodies_are_cut_off() {
     assert!(live(&s.http).await);
     s.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_listeners_advertise_the_stream_limit() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), YAML);
+    let mut cfg = config(repo.path());
+    cfg.limits.max_concurrent_streams = 16;
+    let s = start(cfg).await;
+    let grpc_call = "/inference.GRPCInferenceService/ServerLive";
+    let mut clients = Vec::new();
+    for (addr, path) in [(s.server.grpc_addr, grpc_call), (s.server.http_addr, "/v2/models/affine/infer")] {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, mut conn) = h2::client::handshake(tcp).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(200), &mut conn).await;
+        // The SETTINGS frame carries the limit (a conforming client then queues the rest;
+        // h2 refuses streams past it from one that does not).
+        assert_eq!(conn.max_concurrent_send_streams(), 16, "{addr}");
+        tokio::spawn(conn);
+        // 40 requests whose bodies never finish and whose answers are never read.
+        let mut client = Some(client);
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            let Some(c) = client.take() else { break };
+            let Ok(Ok(mut ready)) = tokio::time::timeout(Duration::from_millis(300), c.ready()).await else {
+                break;
+            };
+            let req = tonic::codegen::http::Request::post(format!("http://{addr}{path}"))
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            held.push(ready.send_request(req, false).unwrap());
+            client = Some(ready);
+        }
+        clients.push((client, held));
+    }
+    assert!(live(&s.http).await, "others are served meanwhile");
+    s.server.shutdown().await;
+}
