@@ -293,7 +293,11 @@ fn serve(repo: &Repo, extra: &[&str], env: &[(&str, &str)]) -> (std::process::Ch
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let repo = Repo::new();
-    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n");
+    repo.add(
+        "held",
+        &affine_model(4),
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 500000\n  hold: delay\n",
+    );
     let (mut child, grpc, http) = serve(&repo, &[], &[]);
 
     let rt = tokio::runtime::Runtime::new().unwrap();

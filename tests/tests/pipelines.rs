@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::Code;
 
-const CLASSIFIER_YAML: &str = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 5000\n";
-const DETECTOR_YAML: &str = "max_batch_size: 4\ndynamic_batching:\n  max_queue_delay_us: 2000\n";
+const CLASSIFIER_YAML: &str = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 5000\n  hold: delay\n";
+const DETECTOR_YAML: &str = "max_batch_size: 4\ndynamic_batching:\n  max_queue_delay_us: 2000\n  hold: delay\n";
 
 fn example(name: &str) -> String {
     std::fs::read_to_string(repo_root().join("pipelines").join(format!("{name}.yaml"))).expect("example pipeline")
@@ -409,7 +409,7 @@ async fn a_model_node_may_shorten_its_models_batching_delay() {
     repo.add(
         "affine",
         &sluice_tests::affine_model(4),
-        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 2000000\n",
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 2000000\n  hold: delay\n",
     );
     let node = |delay: &str| {
         format!("max_batch_size: 0\ninputs:\n  - {{name: x, dtype: FP32, dims: [4]}}\noutputs:\n  - {{name: y, from: m.y}}\nnodes:\n  - name: m\n    model: affine\n    inputs: {{x: x}}\n{delay}")
@@ -429,7 +429,7 @@ async fn a_model_node_may_cap_its_batch_size() {
     repo.add(
         "affine",
         &sluice_tests::affine_model(4),
-        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 200000\n",
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 200000\n  hold: delay\n",
     );
     let yaml = "max_batch_size: 0\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: m.y}\nnodes:\n  - name: m\n    model: affine\n    inputs: {x: x}\n    max_batch_size: 2\n";
     repo.pipeline("small", yaml);

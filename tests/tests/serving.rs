@@ -7,7 +7,7 @@ use sluice_tests::{affine_model, affine_reference, config, start, Repo};
 use std::time::Duration;
 use tonic::Code;
 
-const AFFINE_YAML: &str = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 20000\n";
+const AFFINE_YAML: &str = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 20000\n  hold: delay\n";
 
 fn affine_repo() -> Repo {
     let repo = Repo::new();
@@ -302,7 +302,7 @@ async fn a_full_queue_rejects_at_once() {
     repo.add(
         "held",
         &affine_model(4),
-        "max_batch_size: 8\nmax_queue_size: 2\ndynamic_batching:\n  max_queue_delay_us: 1500000\n",
+        "max_batch_size: 8\nmax_queue_size: 2\ndynamic_batching:\n  max_queue_delay_us: 1500000\n  hold: delay\n",
     );
     let s = start(config(repo.path())).await;
     let (_, t) = x(1, 0.0);
@@ -371,7 +371,11 @@ async fn broken_models_are_reported_and_the_others_still_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_deadlines_fail_fast_and_are_not_computed() {
     let repo = Repo::new();
-    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 400000\n");
+    repo.add(
+        "held",
+        &affine_model(4),
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 400000\n  hold: delay\n",
+    );
     let s = start(config(repo.path())).await;
     let (_, t) = x(1, 0.0);
     let opts = InferOptions { timeout: Some(Duration::from_millis(50)), ..Default::default() };
@@ -406,7 +410,11 @@ async fn expired_deadlines_fail_fast_and_are_not_computed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_in_flight_requests() {
     let repo = Repo::new();
-    repo.add("held", &affine_model(4), "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 300000\n");
+    repo.add(
+        "held",
+        &affine_model(4),
+        "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 300000\n  hold: delay\n",
+    );
     let s = start(config(repo.path())).await;
     let (v, t) = x(1, 3.0);
     let client = s.client.clone();

@@ -8,7 +8,10 @@ const MAX_WARMUP_BYTES: usize = 1 << 30;
 
 use crate::backend::{self, Backend};
 use crate::error::Error;
-use crate::repository::{model_yaml::Warmup, ModelSpec};
+use crate::repository::{
+    model_yaml::{Hold, Warmup},
+    ModelSpec,
+};
 use crate::request::{InferRequest, InferResponse, NamedTensor, StepTiming};
 use crate::sched::{queue::BatchPolicy, Computed, ItemLimits, ModelScheduler, Reply};
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
@@ -74,6 +77,7 @@ impl LoadedModel {
             max_queue_delay: Duration::from_micros(cfg.dynamic_batching.max_queue_delay_us),
             preferred: cfg.dynamic_batching.preferred_batch_sizes.clone(),
             max_queue_size: cfg.max_queue_size,
+            adaptive: cfg.dynamic_batching.hold == Hold::Adaptive,
         };
         let model_metrics = metrics.for_model(&spec.name);
         let allowed = cfg.dynamic_batching.allowed_batch_sizes.clone();

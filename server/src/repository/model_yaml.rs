@@ -281,6 +281,20 @@ pub struct DynamicBatching {
     /// ResNet-50 with cuDNN 9), so on GPU each instance keeps one session per size.
     #[serde(default)]
     pub allowed_batch_sizes: Vec<usize>,
+    /// When an idle instance holds a partial batch for more requests.
+    #[serde(default)]
+    pub hold: Hold,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    /// Only while more requests are expected within the delay: the senders of a batch
+    /// that just finished, or requests arriving back to back.
+    #[default]
+    Adaptive,
+    /// Always until the delay (Triton's behaviour): every partial batch waits it out.
+    Delay,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

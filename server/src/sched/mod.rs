@@ -243,7 +243,10 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>, im: &InstanceMe
                 }
             }
         };
+        let items = batch.len();
         run_batch(shared, backend.as_mut(), batch, im);
+        // Their senders may send again: the adaptive hold waits for them.
+        shared.queue.lock().completed(Instant::now(), items);
     }
 }
 
@@ -408,6 +411,7 @@ mod tests {
             max_queue_delay: Duration::from_millis(delay_ms),
             preferred: vec![],
             max_queue_size: 16,
+            adaptive: true,
         };
         let all = Metrics::new();
         let (metrics, mut instance) = (all.for_model("m"), vec![all.for_instance("m", 0)]);
@@ -440,8 +444,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_output_without_the_batch_dimension_is_named_in_the_error() {
-        let policy =
-            BatchPolicy { max_batch_size: 8, max_queue_delay: Duration::ZERO, preferred: vec![], max_queue_size: 4 };
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_queue_delay: Duration::ZERO,
+            preferred: vec![],
+            max_queue_size: 4,
+            adaptive: true,
+        };
         let all = Metrics::new();
         let s = ModelScheduler::start(
             "m",

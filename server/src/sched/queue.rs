@@ -1,7 +1,15 @@
 //! The dynamic batcher's state, kept free of channels and threads so tests can drive it
 //! with made-up instants. A batch is cut when it is full (max_batch_size rows, or a
-//! preferred size that can be formed exactly), or when its oldest item has waited
-//! max_queue_delay.
+//! preferred size that can be formed exactly), when its oldest item has waited
+//! max_queue_delay, or (with the adaptive hold, the default) as soon as nothing more is
+//! expected to join it in time.
+//!
+//! Adaptive hold: max_queue_delay is a bound, not a wait. An idle instance holds a partial
+//! batch only while more items are expected: the requests answered by the batches that
+//! finished within the last delay have not all come back yet (their clients, in a closed
+//! loop, send again right away), or items are still arriving back to back (a burst, such
+//! as one request's fan-out). A trickle of requests is cut on arrival instead of each
+//! waiting the whole delay and then queueing behind a batch that started late.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -35,6 +43,9 @@ pub struct BatchPolicy {
     /// Sorted ascending.
     pub preferred: Vec<usize>,
     pub max_queue_size: usize,
+    /// Hold partial batches only while more items are expected (false: always until the
+    /// delay, Triton's behaviour).
+    pub adaptive: bool,
 }
 
 #[derive(Debug)]
@@ -49,13 +60,34 @@ pub struct BatchQueue<T> {
     items: VecDeque<T>,
     policy: BatchPolicy,
     abandoned: u64,
+    /// When the latest item arrived, and whether it came within [`BURST_GAP`] of the one
+    /// before.
+    last_arrival: Option<Instant>,
+    in_burst: bool,
+    /// Items answered by recently finished batches whose senders have not sent again yet,
+    /// and until when that is expected (a finish plus the delay).
+    owed: usize,
+    owed_until: Option<Instant>,
 }
+
+/// Arrivals this close together are a burst: the batch is held a little longer for the
+/// next. Items submitted back to back (one request's fan-out, many clients answered at
+/// once) arrive microseconds apart, and the instance may look at the queue between two.
+const BURST_GAP: Duration = Duration::from_micros(100);
 
 impl<T: Item> BatchQueue<T> {
     pub fn new(mut policy: BatchPolicy) -> Self {
         policy.preferred.sort_unstable();
         policy.preferred.dedup();
-        BatchQueue { items: VecDeque::new(), policy, abandoned: 0 }
+        BatchQueue {
+            items: VecDeque::new(),
+            policy,
+            abandoned: 0,
+            last_arrival: None,
+            in_burst: false,
+            owed: 0,
+            owed_until: None,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -77,8 +109,36 @@ impl<T: Item> BatchQueue<T> {
         if self.items.len() >= self.policy.max_queue_size {
             return Err(item);
         }
+        let at = item.enqueued();
+        self.in_burst = self.last_arrival.is_some_and(|last| at.saturating_duration_since(last) < BURST_GAP);
+        self.last_arrival = Some(self.last_arrival.map_or(at, |last| last.max(at)));
+        self.owed = self.owed.saturating_sub(1);
         self.items.push_back(item);
         Ok(())
+    }
+
+    /// A batch of `items` requests finished at `now`: their senders may send again.
+    pub fn completed(&mut self, now: Instant, items: usize) {
+        if self.owed_until.is_none_or(|t| now >= t) {
+            self.owed = 0;
+        }
+        self.owed += items;
+        self.owed_until = Some(now + self.policy.max_queue_delay);
+    }
+
+    /// Until when a partial batch whose cut-off is `deadline` is worth holding at `now`;
+    /// `None`: cut it now.
+    fn hold_until(&self, now: Instant, deadline: Instant) -> Option<Instant> {
+        if !self.policy.adaptive {
+            return Some(deadline);
+        }
+        let returning = self.owed_until.filter(|&t| self.owed > 0 && now < t);
+        let burst = self.last_arrival.filter(|_| self.in_burst).map(|last| last + BURST_GAP);
+        let until = match (returning, burst) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(until.min(deadline))
     }
 
     /// Decides what to run now. With `flush` (shutdown), waiting items are cut at once.
@@ -132,7 +192,10 @@ impl<T: Item> BatchQueue<T> {
         } else if let Some(n) = self.preferred_prefix(&picked) {
             n
         } else {
-            return Poll::Wait(Some(deadline));
+            match self.hold_until(now, deadline) {
+                Some(until) if now < until => return Poll::Wait(Some(until)),
+                _ => picked.len(),
+            }
         };
         Poll::Batch(self.remove(&picked[..take]))
     }
@@ -203,6 +266,7 @@ mod tests {
             max_queue_delay: Duration::from_millis(delay_ms),
             preferred,
             max_queue_size: cap,
+            adaptive: true,
         })
     }
 
@@ -221,6 +285,7 @@ mod tests {
     fn waits_for_the_delay_then_cuts_what_is_there() {
         let t0 = Instant::now();
         let mut q = queue(8, 10, vec![], 16);
+        q.completed(t0, 4);
         q.push(it(1, 1, t0)).unwrap();
         q.push(it(2, 1, t0 + Duration::from_millis(4))).unwrap();
         match q.poll(t0 + Duration::from_millis(5), false) {
@@ -229,6 +294,81 @@ mod tests {
         }
         assert_eq!(ids(q.poll(t0 + Duration::from_millis(10), false)), vec![1, 2]);
         assert!(matches!(q.poll(t0 + Duration::from_millis(11), false), Poll::Wait(None)));
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_trickle_of_requests_is_not_held_for_a_batch() {
+        // One request every 30 ms against a 2 ms delay: none has company, none waits.
+        let t0 = Instant::now();
+        let mut q = queue(8, 2, vec![], 16);
+        for (id, at) in [(1, 0), (2, 30), (3, 60), (4, 90)] {
+            q.push(it(id, 1, t0 + ms(at))).unwrap();
+            assert_eq!(ids(q.poll(t0 + ms(at), false)), vec![id], "cut on arrival");
+            q.completed(t0 + ms(at + 1), 1);
+        }
+    }
+
+    #[test]
+    fn a_closed_loop_at_low_concurrency_is_not_held() {
+        // One client that sends again as soon as it is answered: nobody else is coming.
+        let t0 = Instant::now();
+        let mut q = queue(8, 2, vec![], 16);
+        let mut at = t0;
+        for id in 0..5 {
+            q.push(it(id, 1, at)).unwrap();
+            assert_eq!(ids(q.poll(at, false)), vec![id]);
+            at += Duration::from_micros(300);
+            q.completed(at, 1);
+            at += Duration::from_micros(100);
+        }
+    }
+
+    #[test]
+    fn the_senders_of_a_finished_batch_are_waited_for_within_the_delay() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 10, vec![], 16);
+        q.completed(t0, 3);
+        q.push(it(1, 1, t0 + ms(1))).unwrap();
+        assert!(matches!(q.poll(t0 + ms(1), false), Poll::Wait(Some(t)) if t == t0 + ms(10)));
+        q.push(it(2, 1, t0 + ms(3))).unwrap();
+        assert!(matches!(q.poll(t0 + ms(3), false), Poll::Wait(Some(_))));
+        q.push(it(3, 1, t0 + ms(5))).unwrap();
+        assert_eq!(ids(q.poll(t0 + ms(5), false)), vec![1, 2, 3], "all three came back: cut");
+        // A batch whose senders do not all come back is cut when its finish is a delay old.
+        q.completed(t0 + ms(6), 3);
+        q.push(it(4, 1, t0 + ms(7))).unwrap();
+        assert!(matches!(q.poll(t0 + ms(7), false), Poll::Wait(Some(t)) if t == t0 + ms(16)));
+        assert_eq!(ids(q.poll(t0 + ms(16), false)), vec![4]);
+    }
+
+    #[test]
+    fn a_burst_is_gathered_and_cut_when_it_ends() {
+        // Items 20 us apart are held while they keep coming, and cut BURST_GAP after the
+        // last one, well before the 10 ms delay.
+        let t0 = Instant::now();
+        let us = Duration::from_micros;
+        let mut q = queue(16, 10, vec![], 32);
+        q.push(it(0, 1, t0)).unwrap();
+        for i in 1..6u64 {
+            let now = t0 + us(20 * i);
+            q.push(it(i as u32, 1, now)).unwrap();
+            assert!(matches!(q.poll(now, false), Poll::Wait(Some(t)) if t == now + BURST_GAP), "item {i}");
+        }
+        assert_eq!(ids(q.poll(t0 + us(100) + BURST_GAP, false)), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn without_the_adaptive_hold_every_batch_waits_for_the_delay() {
+        let t0 = Instant::now();
+        let mut q = queue(8, 2, vec![], 16);
+        q.policy.adaptive = false;
+        q.push(it(1, 1, t0)).unwrap();
+        assert!(matches!(q.poll(t0, false), Poll::Wait(Some(t)) if t == t0 + ms(2)));
+        assert_eq!(ids(q.poll(t0 + ms(2), false)), vec![1]);
     }
 
     #[test]
@@ -257,6 +397,7 @@ mod tests {
     fn preferred_size_is_cut_at_once() {
         let t0 = Instant::now();
         let mut q = queue(8, 1000, vec![2, 4], 16);
+        q.completed(t0, 8);
         q.push(it(1, 1, t0)).unwrap();
         assert!(matches!(q.poll(t0, false), Poll::Wait(Some(_))));
         q.push(it(2, 1, t0)).unwrap();
@@ -329,6 +470,7 @@ mod tests {
     fn an_item_with_a_shorter_delay_cuts_the_batch_sooner() {
         let t0 = Instant::now();
         let mut q = queue(8, 10, vec![], 16);
+        q.completed(t0, 4);
         q.push(it(1, 1, t0)).unwrap();
         let mut urgent = it(2, 1, t0 + Duration::from_millis(1));
         urgent.delay = Some(Duration::from_millis(2));
