@@ -163,7 +163,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             started = sluice_server::start(cfg) => started?,
             _ = signals.recv() => {
                 eprintln!("signal during start-up: exiting before serving");
-                std::process::exit(0);
+                sluice_server::exit_now(0);
             }
         };
         println!("sluice serving gRPC on {} and HTTP on {}", server.grpc_addr, server.http_addr);
@@ -175,7 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(async move {
             signals.recv().await;
             eprintln!("second signal: exiting without finishing in-flight requests");
-            std::process::exit(130);
+            sluice_server::exit_now(130);
         });
         let drain = Duration::from_secs(args.drain_delay_s);
         let stop = async move {
@@ -190,7 +190,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(()) => tracing::info!("stopped"),
             Err(_) => {
                 tracing::warn!("in-flight requests did not finish within {} s; exiting", args.shutdown_timeout_s);
-                std::process::exit(1);
+                sluice_server::exit_now(1);
             }
         }
         Ok(())

@@ -52,4 +52,5 @@ pub mod offline {
 
 /// For tests: how many model loads ran at background priority.
 #[doc(hidden)]
+pub use rt::exit_now;
 pub use rt::priority::background_runs;

@@ -11,3 +11,15 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// Ends the process at once, without exit handlers or the static destructors of loaded
+/// libraries: other threads may still be inside ONNX Runtime (a load, a warm-up, a
+/// batch), and its destructors would tear its state down under them (a SIGSEGV instead of
+/// the exit code asked for). Standard output and error are flushed first.
+pub fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit takes no pointers and does not return.
+    unsafe { libc::_exit(code) }
+}
