@@ -212,9 +212,15 @@ impl Drop for ModelScheduler {
 }
 
 fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>, im: &InstanceMetrics) {
+    // Requests answered by this instance's last batch: their senders may send again, which
+    // the adaptive hold waits for. Told to the queue under the lock taken for the next batch.
+    let mut answered = 0;
     loop {
         let batch = {
             let mut q = shared.queue.lock();
+            if answered > 0 {
+                q.completed(Instant::now(), answered);
+            }
             loop {
                 let stopping = shared.stopping.load(Ordering::Acquire);
                 let before = q.abandoned();
@@ -243,10 +249,8 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>, im: &InstanceMe
                 }
             }
         };
-        let items = batch.len();
+        answered = batch.len();
         run_batch(shared, backend.as_mut(), batch, im);
-        // Their senders may send again: the adaptive hold waits for them.
-        shared.queue.lock().completed(Instant::now(), items);
     }
 }
 
