@@ -565,27 +565,26 @@ impl Op for Normalize {
         let src_ch: [usize; 3] = if p.channel_order == ChannelOrder::Rgb { [0, 1, 2] } else { [2, 1, 0] };
         let mul: [f32; 3] = std::array::from_fn(|c| p.scale / p.std[c]);
         let add: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
-        let mut out = vec![0f32; plane * 3];
+        // Filled by appending (no zeroing pass) and handed to the tensor without a copy.
+        let mut out: Vec<f32> = Vec::new();
+        out.try_reserve_exact(plane * 3).map_err(|_| {
+            OpError::Busy(format!("cannot allocate {} MiB for a tensor; retry later", plane * 12 >> 20))
+        })?;
         match p.layout {
             Layout::Nchw => {
                 for c in 0..3 {
-                    let dst = &mut out[c * plane..(c + 1) * plane];
                     let s = src_ch[c];
-                    for (d, px) in dst.iter_mut().zip(img.data.chunks_exact(3)) {
-                        *d = px[s] as f32 * mul[c] + add[c];
-                    }
+                    out.extend(img.data.chunks_exact(3).map(|px| px[s] as f32 * mul[c] + add[c]));
                 }
             }
             Layout::Nhwc => {
-                for (d, px) in out.chunks_exact_mut(3).zip(img.data.chunks_exact(3)) {
-                    for c in 0..3 {
-                        d[c] = px[src_ch[c]] as f32 * mul[c] + add[c];
-                    }
+                for px in img.data.chunks_exact(3) {
+                    out.extend(std::array::from_fn::<f32, 3, _>(|c| px[src_ch[c]] as f32 * mul[c] + add[c]));
                 }
             }
         }
         let shape = self.dims(Some((img.width, img.height))).iter().map(|&d| d as usize).collect();
-        Ok(vec![Value::Tensor(Tensor::from_f32(shape, &out))])
+        Ok(vec![Value::Tensor(Tensor::from_f32_vec(shape, out))])
     }
 }
 

@@ -453,7 +453,7 @@ impl Op for TextLineTensor {
                 }
             }
         }
-        Ok(vec![Value::Tensor(Tensor::from_f32(vec![3, h, pw as usize], &out))])
+        Ok(vec![Value::Tensor(Tensor::from_f32_vec(vec![3, h, pw as usize], out))])
     }
 }
 

@@ -25,6 +25,16 @@ pub enum DataType {
     Bytes,
 }
 
+/// A vector of plain values seen as its bytes: lets a `Bytes` own an op's output
+/// buffer as it is (`Tensor::from_f32_vec`).
+struct PodBytes<T>(Vec<T>);
+
+impl<T: bytemuck::Pod> AsRef<[u8]> for PodBytes<T> {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
 impl DataType {
     pub const ALL: [DataType; 14] = [
         DataType::Bool,
@@ -195,13 +205,27 @@ impl Tensor {
         Tensor::from_le(DataType::I64, shape, values, |v| v.to_le_bytes())
     }
 
-    fn from_le<T: Copy, const N: usize>(
+    /// An F32 tensor that takes `values` as its buffer, without copying them (on
+    /// little-endian hosts, where the values already are the tensor's bytes).
+    pub fn from_f32_vec(shape: Vec<usize>, values: Vec<f32>) -> Tensor {
+        assert_eq!(element_count(&shape), values.len(), "shape does not match values");
+        if cfg!(target_endian = "big") {
+            return Tensor::from_f32(shape, &values);
+        }
+        Tensor { dtype: DataType::F32, shape, data: Bytes::from_owner(PodBytes(values)) }
+    }
+
+    fn from_le<T: bytemuck::Pod, const N: usize>(
         dtype: DataType,
         shape: Vec<usize>,
         values: &[T],
         f: impl Fn(T) -> [u8; N],
     ) -> Tensor {
         assert_eq!(element_count(&shape), values.len(), "shape does not match values");
+        if cfg!(target_endian = "little") {
+            // One copy of the whole buffer instead of one small append per element.
+            return Tensor { dtype, shape, data: Bytes::copy_from_slice(bytemuck::cast_slice(values)) };
+        }
         let mut buf = BytesMut::with_capacity(values.len() * N);
         for v in values {
             buf.extend_from_slice(&f(*v));
@@ -336,6 +360,19 @@ pub fn bytes_offsets(data: &[u8]) -> Result<Vec<(usize, usize)>, TensorError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owned_and_copied_f32_tensors_hold_the_same_little_endian_bytes() {
+        let values = vec![1.0f32, -2.5, 3.25, f32::MIN_POSITIVE, 0.0, 1e30];
+        let expected: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let owned = Tensor::from_f32_vec(vec![2, 3], values.clone());
+        let copied = Tensor::from_f32(vec![2, 3], &values);
+        assert_eq!(&owned.data[..], &expected[..]);
+        assert_eq!(owned, copied);
+        assert_eq!(owned.to_f32(), Some(values));
+        let ints = Tensor::from_i64(vec![2], &[-1, 1 << 40]);
+        assert_eq!(&ints.data[..], &[(-1i64).to_le_bytes(), (1i64 << 40).to_le_bytes()].concat()[..]);
+    }
 
     #[test]
     fn dtype_names_round_trip() {

@@ -92,7 +92,7 @@ impl Op for Softmax {
     fn run(&self, inputs: &[Value]) -> OpResult {
         let (t, mut v) = f32_in(inputs, 0)?;
         softmax_rows(&mut v, t.shape.last().copied().unwrap_or(1));
-        Ok(vec![Value::Tensor(Tensor::from_f32(t.shape.clone(), &v))])
+        Ok(vec![Value::Tensor(Tensor::from_f32_vec(t.shape.clone(), v))])
     }
 }
 
