@@ -1,5 +1,11 @@
-"""The `detect` pipeline the benchmarks serve: JPEG decode -> letterbox to 320x320 -> the
-example YOLO-shaped detector -> NMS. Shared by bench_pipeline.py and bench_reload.py."""
+"""What the pipeline benchmarks share: the `detect` pipeline they serve (JPEG decode ->
+letterbox to 320x320 -> the example YOLO-shaped detector -> NMS; bench_pipeline.py,
+bench_reload.py, bench_peers.py) and the photo-like JPEG they send."""
+import io
+
+import numpy as np
+from PIL import Image
+
 
 
 def detect_pipeline(max_detections=8):
@@ -21,3 +27,17 @@ nodes:
     inputs: {{predictions: detector.predictions, image: decode.image}}
     params: {{width: 320, height: 320, max_detections: {max_detections}}}
 """
+
+
+def photo(w, h):
+    """A JPEG with photo-like content (smooth shading, edges, noise), quality 90."""
+    rng = np.random.default_rng(w)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
+    for _ in range(12):
+        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(h // 20, h // 4)
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()

@@ -11,10 +11,8 @@ usage: bench_pipeline.py OUT_DIR [SECONDS]
 """
 import base64
 import csv
-import io
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -24,10 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench_detect import detect_pipeline
-
-import numpy as np
-from PIL import Image
+from bench_detect import detect_pipeline, photo
 
 out = Path(sys.argv[1])
 secs = int(sys.argv[2]) if len(sys.argv) > 2 else 5
@@ -35,20 +30,6 @@ out.mkdir(parents=True, exist_ok=True)
 root = Path(__file__).resolve().parent.parent
 GRPC, HTTP = "127.0.0.1:18101", "127.0.0.1:18100"
 CONCURRENCY = 4
-
-
-def photo(w, h):
-    """A JPEG with photo-like content (smooth shading, edges, noise), quality 90."""
-    rng = np.random.default_rng(w)
-    yy, xx = np.mgrid[0:h, 0:w]
-    img = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
-    for _ in range(12):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(h // 20, h // 4)
-        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = rng.integers(0, 256, 3)
-    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def metric(name, label):

@@ -1,0 +1,242 @@
+"""sluice beside the Python servers its users would otherwise pick, in one run: MLServer and
+the KServe Python server, each from PyPI in its own venv, serving the same ONNX files with
+ONNX Runtime at the same thread counts (scripts/peers/steps.py does the pipelines' steps in
+Pillow and NumPy inside predict), all driven by the same perf_analyzer over gRPC, batch-1
+requests. Neither peer answers Triton's ModelConfig call, which perf_analyzer makes before
+it starts: scripts/peers/modelconfig.py answers it inside their process.
+
+Servers run one at a time, each serving one workload. Server CPU is read from /proc over
+the whole perf_analyzer run (every process of the server), per inference at the measured
+rate. Run by scripts/bench_peers.sh, which builds and installs first.
+
+usage: bench_peers.py OUT_DIR [SECONDS]
+  PEER_WORKLOADS  which workloads (default: all five)
+  PEER_SERVERS    which servers (default: sluice mlserver mlserver-nobatch kserve)
+"""
+import base64
+import csv
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from bench_detect import detect_pipeline, photo
+
+out = Path(sys.argv[1])
+secs = float(sys.argv[2]) if len(sys.argv) > 2 else 5
+out.mkdir(parents=True, exist_ok=True)
+root = Path(__file__).resolve().parent.parent
+HTTP, GRPC = 18300, 18301
+TICK = os.sysconf("SC_CLK_TCK")
+
+# workload: (concurrencies, the models it runs, sluice serves a pipeline of this text / file)
+WORKLOADS = {
+    "tiny": ([1, 4, 16], ["tiny"], None),
+    "resnet50": ([1, 4], ["resnet50"], None),
+    "classify": ([1, 4], ["resnet50"], "classify.yaml"),
+    "detect": ([1, 4], ["detector"], detect_pipeline()),
+    "detect_crop_classify": ([1, 4], ["detector", "resnet50"], "detect_crop_classify.yaml"),
+}
+BATCHABLE = {"tiny", "resnet50", "classify"}
+SERVERS = os.environ.get("PEER_SERVERS", "sluice mlserver mlserver-nobatch kserve").split()
+chosen = os.environ.get("PEER_WORKLOADS", " ".join(WORKLOADS)).split()
+
+
+def tree_cpu(pid):
+    """CPU seconds of pid and every live process under it."""
+    children, ticks = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(d))
+        ticks[int(d)] = int(fields[11]) + int(fields[12])
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += ticks.get(p, 0)
+        todo += children.get(p, [])
+    return total / TICK
+
+
+def wait_ready(proc, name, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {name} was ready")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{HTTP}/v2/models/{name}/ready", timeout=2).status == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{name} not ready after {timeout} s")
+
+
+def model_dir(repo, model):
+    """The model folder sluice serves: the shipped model.yaml (tiny: gen_tiny's)."""
+    d = repo / "models" / model
+    d.mkdir(parents=True)
+    src = models / model
+    os.symlink(src / "model.onnx", d / "model.onnx")
+    shutil.copy(src / "model.yaml", d / "model.yaml")
+
+
+def start_sluice(repo, workload, log):
+    _, needs, pipeline = WORKLOADS[workload]
+    for m in needs:
+        model_dir(repo, m)
+    (repo / "pipelines").mkdir()
+    if pipeline:
+        text = (root / "pipelines" / pipeline).read_text() if pipeline.endswith(".yaml") else pipeline
+        (repo / "pipelines" / f"{workload}.yaml").write_text(text)
+    return subprocess.Popen(
+        [root / "target/release/sluice", "serve", "--models", repo / "models", "--pipelines", repo / "pipelines",
+         "--grpc-addr", f"127.0.0.1:{GRPC}", "--http-addr", f"127.0.0.1:{HTTP}",
+         "--ort-dylib", root / ".sluice/lib/libonnxruntime.so"], stdout=log, stderr=log)
+
+
+def peer_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(root / "scripts/peers")
+    return env
+
+
+def meta():
+    from importlib import util
+    spec = util.spec_from_file_location("peer_meta", root / "scripts/peers/steps.py")
+    # steps.py imports onnxruntime and PIL, which .venv has too.
+    mod = util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.WORKLOADS
+
+
+def start_mlserver(repo, workload, log, batching):
+    w = meta()[workload]
+    (repo / "settings.json").write_text(json.dumps(
+        {"http_port": HTTP, "grpc_port": GRPC, "metrics_port": HTTP + 2, "host": "127.0.0.1", "debug": False}))
+    d = repo / workload
+    d.mkdir()
+    settings = {
+        "name": workload, "implementation": "mlserver_runtime.Workload",
+        "parameters": {"extra": {"workload": workload, "models": str(models)}},
+        "inputs": w.inputs, "outputs": w.outputs,
+    }
+    if batching:
+        # The adaptive batching of MLServer's docs, at sluice's settings for these models.
+        settings.update(max_batch_size=8, max_batch_time=0.002)
+    (d / "model-settings.json").write_text(json.dumps(settings))
+    venv = root / ".venv-mlserver/bin"
+    return subprocess.Popen(
+        [venv / "python", "-c", "import modelconfig, sys; from mlserver.cli.main import main; "
+         "sys.argv = ['mlserver', 'start', sys.argv[1]]; main()", repo],
+        stdout=log, stderr=log, env=peer_env(), cwd=repo)
+
+
+def start_kserve(repo, workload, log):
+    return subprocess.Popen(
+        [root / ".venv-kserve/bin/python", root / "scripts/peers/kserve_server.py", "--workload", workload,
+         "--models_dir", models, "--http_port", str(HTTP), "--grpc_port", str(GRPC)],
+        stdout=log, stderr=log, env=peer_env(), cwd=repo)
+
+
+def measure(workload, server, conc, data):
+    tag = f"{workload}_{server}_c{conc}"
+    csv_path = out / f"{tag}.csv"
+    cmd = [root / ".sluice/bin/perf_analyzer", "-i", "grpc", "-u", f"127.0.0.1:{GRPC}", "-m", workload, "-b", "1",
+           "--concurrency-range", f"{conc}:{conc}", "-p", str(int(secs * 1000)), "-s", "25", "-r", "8",
+           "-f", csv_path]
+    # Tensors of zeros where no image is sent: perf_analyzer's random bytes make NaNs,
+    # which MLServer cannot encode.
+    cmd += ["--input-data", data, "--shape", "image:1"] if data else ["--input-data", "zero"]
+    if csv_path.exists():
+        csv_path.unlink()
+    with open(out / f"{tag}.log", "w") as log:
+        subprocess.run(cmd, stdout=log, stderr=log, timeout=900)
+    if not csv_path.exists():
+        return None
+    row = next(csv.DictReader(open(csv_path)))
+    return float(row["Inferences/Second"]), float(row["p50 latency"]) / 1000, float(row["p99 latency"]) / 1000
+
+
+def run(workload, server, data):
+    concs = WORKLOADS[workload][0]
+    if server == "mlserver-nobatch" and workload not in BATCHABLE:
+        return {}
+    repo = Path(tempfile.mkdtemp())
+    log = open(out / f"{workload}_{server}.server.log", "w")
+    if server == "sluice":
+        proc = start_sluice(repo, workload, log)
+    elif server.startswith("mlserver"):
+        proc = start_mlserver(repo, workload, log, batching=server == "mlserver" and workload in BATCHABLE)
+    else:
+        proc = start_kserve(repo, workload, log)
+    results = {}
+    try:
+        wait_ready(proc, workload)
+        for conc in concs:
+            c0, t0 = tree_cpu(proc.pid), time.time()
+            r = measure(workload, server, conc, data)
+            cpu = (tree_cpu(proc.pid) - c0) / (time.time() - t0)
+            results[conc] = r and (*r, cpu / r[0] * 1000)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(repo)
+    return results
+
+
+models = Path(tempfile.mkdtemp()) / "models"
+models.mkdir()
+for m in ("resnet50", "detector"):
+    (models / m).mkdir()
+    os.symlink(root / f"models/{m}/model.onnx", models / m / "model.onnx")
+    shutil.copy(root / f"models/{m}/model.yaml", models / m / "model.yaml")
+subprocess.run([sys.executable, root / "scripts/gen_tiny.py", models / "tiny"], check=True, stdout=subprocess.DEVNULL)
+
+image = photo(640, 480)
+data = out / "image.json"
+data.write_text(json.dumps({"data": [{"image": {"b64": base64.b64encode(struct.pack("<I", len(image)) + image).decode(),
+                                                "shape": [1]}}]}))
+
+print(f"perf_analyzer over gRPC, batch 1, {secs:g} s windows; BYTES workloads send one {len(image) // 1024} KB "
+      "640x480 JPEG; server CPU ms per inference over the whole run")
+print()
+print("| workload | server | concurrency | infer/s | p50 ms | p99 ms | server CPU ms/inference |")
+print("|---|---|---|---|---|---|---|")
+best = {}
+for workload in chosen:
+    for server in SERVERS:
+        res = run(workload, server, data if workload not in ("tiny", "resnet50") else None)
+        for conc, r in res.items():
+            if r is None:
+                print(f"| {workload} | {server} | {conc} | unstable | | | |", flush=True)
+                continue
+            ips, p50, p99, cpu = r
+            print(f"| {workload} | {server} | {conc} | {ips:,.1f} | {p50:.2f} | {p99:.2f} | {cpu:.3f} |", flush=True)
+            key = (workload, server.split("-")[0])
+            best[key] = max(best.get(key, 0), ips)
+
+print()
+print("Best infer/s over the concurrencies (MLServer: batching on or off, whichever served more):")
+print()
+print("| workload | sluice | MLServer | KServe | sluice / MLServer | sluice / KServe |")
+print("|---|---|---|---|---|---|")
+for workload in chosen:
+    s, m, k = (best.get((workload, x), 0) for x in ("sluice", "mlserver", "kserve"))
+    ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+    print(f"| {workload} | {s:,.1f} | {m:,.1f} | {k:,.1f} | {ratio(s, m)} | {ratio(s, k)} |")
+shutil.rmtree(models.parent)
