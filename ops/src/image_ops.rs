@@ -568,7 +568,7 @@ impl Op for Normalize {
         // Filled by appending (no zeroing pass) and handed to the tensor without a copy.
         let mut out: Vec<f32> = Vec::new();
         out.try_reserve_exact(plane * 3).map_err(|_| {
-            OpError::Busy(format!("cannot allocate {} MiB for a tensor; retry later", plane * 12 >> 20))
+            OpError::Busy(format!("cannot allocate {} MiB for a tensor; retry later", (plane * 12) >> 20))
         })?;
         match p.layout {
             Layout::Nchw => {
