@@ -7,6 +7,7 @@ and the sites that allocate the most bytes per request with their average block 
 Run by scripts/profile_allocs.sh.
 
 usage: profile_allocs.py OUT_DIR [FEW MANY]
+  PROFILE_REUSE=1  analyse the DHAT profiles already in OUT_DIR instead of serving again
 """
 import json
 import os
@@ -28,6 +29,8 @@ GRPC, HTTP = "127.0.0.1:18401", "127.0.0.1:18400"
 
 def profile(proto, n, repo):
     dhat = out / f"dhat-{proto}-{n}.json"
+    if os.environ.get("PROFILE_REUSE") == "1" and dhat.exists():
+        return json.load(open(dhat))
     server = subprocess.Popen(
         ["valgrind", "--tool=dhat", f"--dhat-out-file={dhat}", root / "target/release/sluice", "serve",
          "--models", repo, "--pipelines", "/nonexistent", "--grpc-addr", GRPC, "--http-addr", HTTP,
@@ -61,42 +64,51 @@ def profile(proto, n, repo):
 
 
 def sites(prof):
-    """Total (bytes, blocks) per allocation site, keyed by its innermost frames."""
+    """Total (bytes, blocks) per allocation site, keyed by its first frames outside the
+    allocator (the same site in two runs has different addresses, not different frames)."""
     table = prof["ftbl"]
     by = {}
     for pp in prof["pps"]:
-        key = " <- ".join(table[f] for f in pp["fs"][:12])
+        frames = [table[f].split(": ", 1)[-1] for f in pp["fs"]]
+        frames = [f for f in frames if not any(s in f for s in ALLOCATOR)]
+        key = " <- ".join(frames[:4])
         tb, tbk = by.get(key, (0, 0))
         by[key] = (tb + pp["tb"], tbk + pp["tbk"])
     return by
 
 
+ALLOCATOR = ("library/alloc/", "library/core/", "library/std/src/alloc", "vgpreload", "[root]")
+
+
 def short(key):
-    """The first frames of the site that are sluice's own or a crate's, not the allocator's."""
-    frames = [f.split(": ", 1)[-1] for f in key.split(" <- ")]
-    keep = [f for f in frames if not any(s in f for s in ("alloc::", "realloc", "malloc", "calloc", "core::ptr", "raw_vec"))]
-    return " <- ".join(f[:90] for f in keep[:3])
+    return " <- ".join(f[:100] for f in key.split(" <- ")[:3])
+
+
+def totals(prof):
+    return sum(pp["tb"] for pp in prof["pps"]), sum(pp["tbk"] for pp in prof["pps"])
 
 
 repo = Path(tempfile.mkdtemp())
 subprocess.run([sys.executable, root / "scripts/gen_tiny.py", repo / "tiny"], check=True, stdout=subprocess.DEVNULL)
 print(f"the tiny model, batch-1 requests one after another; per request = ({MANY} requests - {FEW}) / {MANY - FEW}")
 print()
-print("| protocol | allocations / request | bytes / request | largest block allocated per request |")
+print("| protocol | allocations / request | bytes / request | largest block of a per-request site |")
 print("|---|---|---|---|")
 details = {}
 for proto in ("grpc", "http"):
-    few, many = sites(profile(proto, FEW, repo)), sites(profile(proto, MANY, repo))
+    few_prof, many_prof = profile(proto, FEW, repo), profile(proto, MANY, repo)
+    (tb0, tbk0), (tb1, tbk1) = totals(few_prof), totals(many_prof)
+    few, many = sites(few_prof), sites(many_prof)
+    # Per site, only those that allocate on (about) every request: start-up work varies a
+    # little from run to run, so single sites are noisy where the totals are not.
     diff = {}
     for key, (tb, tbk) in many.items():
-        tb0, tbk0 = few.get(key, (0, 0))
-        if tbk > tbk0:
-            diff[key] = ((tb - tb0) / (MANY - FEW), (tbk - tbk0) / (MANY - FEW))
-    blocks = sum(k for _, k in diff.values())
-    total = sum(b for b, _ in diff.values())
-    # The largest block among sites that allocate on (about) every request.
-    largest = max((b / k for b, k in diff.values() if k >= 0.5), default=0)
-    print(f"| {proto} | {blocks:.1f} | {total:,.0f} | {largest:,.0f} B |")
+        b0, k0 = few.get(key, (0, 0))
+        if (tbk - k0) / (MANY - FEW) >= 0.5:
+            diff[key] = ((tb - b0) / (MANY - FEW), (tbk - k0) / (MANY - FEW))
+    largest = max((b / k for b, k in diff.values()), default=0)
+    n = MANY - FEW
+    print(f"| {proto} | {(tbk1 - tbk0) / n:.0f} | {(tb1 - tb0) / n:,.0f} | {largest:,.0f} B |")
     details[proto] = sorted(diff.items(), key=lambda kv: -kv[1][0])[:8]
 for proto, top in details.items():
     print()
