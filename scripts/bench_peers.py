@@ -1,13 +1,13 @@
 """sluice beside the Python servers its users would otherwise pick, in one run: MLServer and
 the KServe Python server, each from PyPI in its own venv, serving the same ONNX files with
-ONNX Runtime at the same thread counts (scripts/peers/steps.py does the pipelines' steps in
-Pillow and NumPy inside predict), all driven by the same perf_analyzer over gRPC, batch-1
+ONNX Runtime with the same session options (scripts/peers/steps.py does the pipelines'
+steps in OpenCV and NumPy inside predict), all driven by the same perf_analyzer over gRPC, batch-1
 requests. Neither peer answers Triton's ModelConfig call, which perf_analyzer makes before
 it starts: scripts/peers/modelconfig.py answers it inside their process.
 
-Servers run one at a time, each serving one workload. Server CPU is read from /proc over
-the whole perf_analyzer run (every process of the server), per inference at the measured
-rate. Run by scripts/bench_peers.sh, which builds and installs first.
+Servers run one at a time, each serving one workload. Server CPU is an estimate: CPU time
+of the server's live processes over the whole perf_analyzer run (its trials included)
+divided by the run's length and by the rate perf_analyzer reports. Run by scripts/bench_peers.sh, which builds and installs first.
 
 usage: bench_peers.py OUT_DIR [SECONDS]
   PEER_WORKLOADS  which workloads (default: all five)
@@ -26,6 +26,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 from bench_detect import detect_pipeline, photo
 
 out = Path(sys.argv[1])
@@ -105,19 +106,20 @@ def start_sluice(repo, workload, log):
          "--ort-dylib", root / ".sluice/lib/libonnxruntime.so"], stdout=log, stderr=log)
 
 
-def peer_env():
+def peer_env(workload=None):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(root / "scripts/peers")
+    # What modelconfig.py answers perf_analyzer: the pipeline's max_batch_size in sluice.
+    env["PEER_MAX_BATCH_SIZE"] = "4" if workload == "detect_crop_classify" else "8"
     return env
 
 
 def meta():
-    from importlib import util
-    spec = util.spec_from_file_location("peer_meta", root / "scripts/peers/steps.py")
-    # steps.py imports onnxruntime and PIL, which .venv has too.
-    mod = util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.WORKLOADS
+    """Each workload's V2 metadata, read from steps.py in a peer's venv (it imports OpenCV
+    and ONNX Runtime, which .venv does not need)."""
+    code = ("import json, steps; print(json.dumps({k: {'inputs': w.inputs, 'outputs': w.outputs} "
+            "for k, w in steps.WORKLOADS.items()}))")
+    return json.loads(subprocess.check_output([root / ".venv-mlserver/bin/python", "-c", code], env=peer_env()))
 
 
 def start_mlserver(repo, workload, log, batching):
@@ -129,7 +131,7 @@ def start_mlserver(repo, workload, log, batching):
     settings = {
         "name": workload, "implementation": "mlserver_runtime.Workload",
         "parameters": {"extra": {"workload": workload, "models": str(models)}},
-        "inputs": w.inputs, "outputs": w.outputs,
+        "inputs": w["inputs"], "outputs": w["outputs"],
     }
     if batching:
         # The adaptive batching of MLServer's docs, at sluice's settings for these models.
@@ -139,14 +141,33 @@ def start_mlserver(repo, workload, log, batching):
     return subprocess.Popen(
         [venv / "python", "-c", "import modelconfig, sys; from mlserver.cli.main import main; "
          "sys.argv = ['mlserver', 'start', sys.argv[1]]; main()", repo],
-        stdout=log, stderr=log, env=peer_env(), cwd=repo)
+        stdout=log, stderr=log, env=peer_env(workload), cwd=repo)
 
 
 def start_kserve(repo, workload, log):
     return subprocess.Popen(
         [root / ".venv-kserve/bin/python", root / "scripts/peers/kserve_server.py", "--workload", workload,
          "--models_dir", models, "--http_port", str(HTTP), "--grpc_port", str(GRPC)],
-        stdout=log, stderr=log, env=peer_env(), cwd=repo)
+        stdout=log, stderr=log, env=peer_env(workload), cwd=repo)
+
+
+def answer(workload, image):
+    """What the server answers for the benchmark's image, to show that every server does
+    the same work: the boxes found (detect), crops classified (detect_crop_classify), the
+    best class (classify)."""
+    if workload not in ("classify", "detect", "detect_crop_classify"):
+        return ""
+    import tritonclient.grpc as tc
+    client = tc.InferenceServerClient(f"127.0.0.1:{GRPC}")
+    inp = tc.InferInput("image", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[image]], dtype=object))
+    res = client.infer(workload, [inp])
+    client.close()
+    if workload == "classify":
+        return f"top-1 class {int(res.as_numpy('classes').reshape(-1)[0])}"
+    if workload == "detect":
+        return f"{res.as_numpy('boxes').reshape(-1, 4).shape[0]} boxes"
+    return f"{int(res.as_numpy('count').reshape(-1)[0])} crops"
 
 
 def measure(workload, server, conc, data):
@@ -168,7 +189,7 @@ def measure(workload, server, conc, data):
     return float(row["Inferences/Second"]), float(row["p50 latency"]) / 1000, float(row["p99 latency"]) / 1000
 
 
-def run(workload, server, data):
+def run(workload, server, data, image):
     concs = WORKLOADS[workload][0]
     if server == "mlserver-nobatch" and workload not in BATCHABLE:
         return {}
@@ -183,6 +204,7 @@ def run(workload, server, data):
     results = {}
     try:
         wait_ready(proc, workload)
+        answers[(workload, server)] = answer(workload, image)
         for conc in concs:
             c0, t0 = tree_cpu(proc.pid), time.time()
             r = measure(workload, server, conc, data)
@@ -217,10 +239,10 @@ print(f"perf_analyzer over gRPC, batch 1, {secs:g} s windows; BYTES workloads se
 print()
 print("| workload | server | concurrency | infer/s | p50 ms | p99 ms | server CPU ms/inference |")
 print("|---|---|---|---|---|---|---|")
-best = {}
+best, answers = {}, {}
 for workload in chosen:
     for server in SERVERS:
-        res = run(workload, server, data if workload not in ("tiny", "resnet50") else None)
+        res = run(workload, server, data if workload not in ("tiny", "resnet50") else None, image)
         for conc, r in res.items():
             if r is None:
                 print(f"| {workload} | {server} | {conc} | unstable | | | |", flush=True)
@@ -239,4 +261,13 @@ for workload in chosen:
     s, m, k = (best.get((workload, x), 0) for x in ("sluice", "mlserver", "kserve"))
     ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"
     print(f"| {workload} | {s:,.1f} | {m:,.1f} | {k:,.1f} | {ratio(s, m)} | {ratio(s, k)} |")
+if any(answers.values()):
+    print()
+    print("What each server answered for the image (the models have random weights; the same")
+    print("counts say the servers did the same work):")
+    print()
+    for workload in chosen:
+        got = [f"{server} {a}" for (w, server), a in answers.items() if w == workload and a]
+        if got:
+            print(f"- {workload}: " + "; ".join(got))
 shutil.rmtree(models.parent)

@@ -8,9 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
-# The same ONNX Runtime and Pillow as .venv; uvloop 0.21.0 because MLServer 1.7.1's
-# event-loop setup fails on newer ones.
-COMMON=(onnxruntime==1.31.1 pillow==13.0.0)
+# The same ONNX Runtime as .venv, OpenCV for the pipelines' image steps; uvloop 0.21.0
+# because MLServer 1.7.1's event-loop setup fails on newer ones.
+COMMON=(onnxruntime==1.31.1 opencv-python-headless==4.12.0.88)
 peer_venv() { # DIR REQ...
   local dir=$1
   shift

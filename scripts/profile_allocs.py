@@ -43,6 +43,8 @@ def profile(proto, n, repo):
                     break
             except Exception:
                 time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the server under valgrind was not ready in time; see {out}/server-{proto}-{n}.log")
         x = np.arange(4, dtype=np.float32).reshape(1, 4)
         if proto == "grpc":
             import tritonclient.grpc as tc
@@ -92,7 +94,7 @@ repo = Path(tempfile.mkdtemp())
 subprocess.run([sys.executable, root / "scripts/gen_tiny.py", repo / "tiny"], check=True, stdout=subprocess.DEVNULL)
 print(f"the tiny model, batch-1 requests one after another; per request = ({MANY} requests - {FEW}) / {MANY - FEW}")
 print()
-print("| protocol | allocations / request | bytes / request | largest block of a per-request site |")
+print("| protocol | allocations / request | bytes / request | mean block size, largest of the per-request sites |")
 print("|---|---|---|---|")
 details = {}
 for proto in ("grpc", "http"):

@@ -12,6 +12,7 @@ import os
 import grpc
 
 SERVICE = "inference.GRPCInferenceService"
+# The max_batch_size sluice's model or pipeline declares (bench_peers.py sets it).
 MAX_BATCH = int(os.environ.get("PEER_MAX_BATCH_SIZE", "8"))
 
 

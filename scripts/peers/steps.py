@@ -1,32 +1,40 @@
 """The benchmark workloads as the Python servers' users would write them: the same ONNX
-files, ONNX Runtime sessions with the same thread counts as sluice's model.yaml, and the
-pipelines' steps in Pillow and NumPy inside predict. Shared by the MLServer runtime and the
-KServe model of scripts/bench_peers.py (each imports it from its own venv).
+files, ONNX Runtime sessions with the same options as sluice's (intra-op threads from its
+model.yaml, spinning off), and the pipelines' steps in OpenCV and NumPy inside predict.
+OpenCV because its kernels are the ones sluice's ops match (bilinear without antialiasing,
+as `cv2.resize(INTER_LINEAR)`; Pillow's BILINEAR smooths when shrinking, which is more
+work). Shared by the MLServer runtime and the KServe model of scripts/bench_peers.py (each
+imports it from its own venv).
 
 A workload maps input arrays (batch first, as the V2 protocol carries them) to output
 arrays. Its `inputs`/`outputs` are the V2 metadata perf_analyzer reads: the same names,
 datatypes and shapes as sluice serves, so perf_analyzer sends every server the same bytes.
 """
-import io
 import os
 
+import cv2
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
+# OpenCV's own thread pool would compete with ONNX Runtime's threads, as sluice's CPU
+# pools are sized not to.
+cv2.setNumThreads(1)
 
 
 def session(path, threads):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # sluice turns spinning off (its CPU pools need the cores); the same here.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 def decode(blob):
-    return Image.open(io.BytesIO(bytes(blob))).convert("RGB")
+    img = cv2.imdecode(np.frombuffer(bytes(blob), np.uint8), cv2.IMREAD_COLOR)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def softmax_top5(logits):
@@ -36,48 +44,44 @@ def softmax_top5(logits):
     return np.take_along_axis(p, idx, axis=1).astype(np.float32), idx.astype(np.int64)
 
 
+def to_chw(img):
+    return ((img.astype(np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1)
+
+
 def classify_input(img):
     """torchvision's eval transform: shorter side to 256, centre crop 224, normalize, CHW."""
-    w, h = img.size
+    h, w = img.shape[:2]
     s = 256 / min(w, h)
     rw, rh = max(224, round(w * s)), max(224, round(h * s))
-    img = img.resize((rw, rh), Image.BILINEAR)
+    img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_LINEAR)
     left, top = (rw - 224) // 2, (rh - 224) // 2
-    img = img.crop((left, top, left + 224, top + 224))
-    return ((np.asarray(img, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1)
+    return to_chw(img[top:top + 224, left:left + 224])
 
 
 def letterbox(img, size=320, pad=114):
-    w, h = img.size
+    h, w = img.shape[:2]
     scale = min(size / w, size / h)
     nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
     left, top = (size - nw) // 2, (size - nh) // 2
-    canvas = Image.new("RGB", (size, size), (pad, pad, pad))
-    canvas.paste(img.resize((nw, nh), Image.BILINEAR), (left, top))
-    x = np.asarray(canvas, np.float32).transpose(2, 0, 1) / 255
-    return x, scale, left, top
+    canvas = np.full((size, size, 3), pad, np.uint8)
+    canvas[top:top + nh, left:left + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    return canvas.astype(np.float32).transpose(2, 0, 1) / 255, scale, left, top
 
 
 def nms(boxes, scores, classes, iou_threshold=0.45, max_detections=8):
-    """Greedy class-wise NMS, best first (the usual NumPy version)."""
-    order = np.argsort(-scores)
+    """Greedy class-wise NMS, best first, vectorised over the remaining boxes."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    order = np.argsort(-scores, kind="stable")
     keep = []
-    for i in order:
-        if len(keep) == max_detections:
-            break
-        ok = True
-        for k in keep:
-            if classes[k] != classes[i]:
-                continue
-            x1, y1 = max(boxes[i, 0], boxes[k, 0]), max(boxes[i, 1], boxes[k, 1])
-            x2, y2 = min(boxes[i, 2], boxes[k, 2]), min(boxes[i, 3], boxes[k, 3])
-            inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-            area = lambda b: (b[2] - b[0]) * (b[3] - b[1])
-            if inter / (area(boxes[i]) + area(boxes[k]) - inter + 1e-9) > iou_threshold:
-                ok = False
-                break
-        if ok:
-            keep.append(i)
+    while order.size and len(keep) < max_detections:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter + 1e-9)
+        order = rest[(iou <= iou_threshold) | (classes[rest] != classes[i])]
     return np.array(keep, np.int64)
 
 
@@ -87,7 +91,7 @@ def detections(pred, img, scale, left, top, score_threshold=0.25):
     score = pred[:, 4] * pred[np.arange(len(pred)), 5 + cls]
     m = score >= score_threshold
     p, score, cls = pred[m], score[m], cls[m]
-    w, h = img.size
+    h, w = img.shape[:2]
     x1 = np.clip((p[:, 0] - p[:, 2] / 2 - left) / scale, 0, w)
     y1 = np.clip((p[:, 1] - p[:, 3] / 2 - top) / scale, 0, h)
     x2 = np.clip((p[:, 0] + p[:, 2] / 2 - left) / scale, 0, w)
@@ -174,10 +178,11 @@ class DetectCropClassify(Detect):
         scores, classes = np.zeros((0, 5), np.float32), np.zeros((0, 5), np.int64)
         if n:
             crops = []
+            h, w = img.shape[:2]
             for x1, y1, x2, y2 in boxes:
-                c = img.crop((int(x1), int(y1), max(int(x1) + 1, int(np.ceil(x2))), max(int(y1) + 1, int(np.ceil(y2)))))
-                c = np.asarray(c.resize((224, 224), Image.BILINEAR), np.float32) / 255
-                crops.append(((c - MEAN) / STD).transpose(2, 0, 1))
+                x1, y1 = min(int(x1), w - 1), min(int(y1), h - 1)
+                crop = img[y1:max(y1 + 1, int(np.ceil(y2))), x1:max(x1 + 1, int(np.ceil(x2)))]
+                crops.append(to_chw(cv2.resize(crop, (224, 224), interpolation=cv2.INTER_LINEAR)))
             scores, classes = softmax_top5(self.classifier.run(None, {"input": np.stack(crops)})[0])
         return {"boxes": boxes[None], "box_scores": box_scores[None], "box_classes": box_classes[None],
                 "crop_scores": scores[None], "crop_classes": classes[None], "count": np.array([[n]], np.int64)}
