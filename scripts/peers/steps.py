@@ -105,34 +105,32 @@ def t(name, datatype, shape):
     return {"name": name, "datatype": datatype, "shape": shape}
 
 
-class Tiny:
+class TensorModel:
+    """A model served alone: the request's one tensor straight into its session."""
+
+    def __init__(self, models):
+        self.s = session(os.path.join(models, self.model, "model.onnx"), self.threads)
+
+    def __call__(self, x):
+        name = self.inputs[0]["name"]
+        return {self.outputs[0]["name"]: self.s.run(None, {name: x[name]})[0]}
+
+
+class Tiny(TensorModel):
+    model, threads = "tiny", 1
     inputs = [t("x", "FP32", [-1, 4])]
     outputs = [t("y", "FP32", [-1, 4])]
-    batchable = True
-
-    def __init__(self, models):
-        self.s = session(os.path.join(models, "tiny/model.onnx"), 1)
-
-    def __call__(self, x):
-        return {"y": self.s.run(None, {"x": x["x"]})[0]}
 
 
-class Resnet50:
+class Resnet50(TensorModel):
+    model, threads = "resnet50", 2
     inputs = [t("input", "FP32", [-1, 3, 224, 224])]
     outputs = [t("logits", "FP32", [-1, 1000])]
-    batchable = True
-
-    def __init__(self, models):
-        self.s = session(os.path.join(models, "resnet50/model.onnx"), 2)
-
-    def __call__(self, x):
-        return {"logits": self.s.run(None, {"input": x["input"]})[0]}
 
 
 class Classify:
     inputs = [t("image", "BYTES", [-1, 1])]
     outputs = [t("scores", "FP32", [-1, 5]), t("classes", "INT64", [-1, 5])]
-    batchable = True
 
     def __init__(self, models):
         self.s = session(os.path.join(models, "resnet50/model.onnx"), 2)
@@ -147,7 +145,6 @@ class Detect:
     """One image per request (the boxes of several would need padding to batch)."""
     inputs = [t("image", "BYTES", [-1, 1])]
     outputs = [t("boxes", "FP32", [-1, -1, 4])]
-    batchable = False
 
     def __init__(self, models):
         self.s = session(os.path.join(models, "detector/model.onnx"), 2)
