@@ -14,7 +14,6 @@ pub const SERVER_NAME: &str = "sluice";
 pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Only what is implemented in full.
 pub const EXTENSIONS: &[&str] = &["model_configuration", "model_repository", "statistics", "binary_tensor_data"];
-pub const PLATFORM: &str = "onnxruntime_onnx";
 /// Pipelines are served as models of this platform (not Triton's "ensemble", which makes
 /// clients such as perf_analyzer look for ensemble steps in the config).
 pub const PIPELINE_PLATFORM: &str = "sluice_pipeline";
@@ -105,7 +104,7 @@ pub fn model_metadata(m: &LoadedModel) -> pb::ModelMetadataResponse {
     pb::ModelMetadataResponse {
         name: m.spec.name.clone(),
         versions: vec![m.spec.version.to_string()],
-        platform: PLATFORM.to_string(),
+        platform: m.spec.config.backend.platform().to_string(),
         inputs: m.spec.inputs.iter().map(t).collect(),
         outputs: m.spec.outputs.iter().map(t).collect(),
     }
@@ -153,8 +152,8 @@ pub fn model_config(m: &LoadedModel) -> pb::ModelConfig {
     let gpu = m.devices.iter().any(|d| d != "cpu");
     pb::ModelConfig {
         name: m.spec.name.clone(),
-        platform: PLATFORM.to_string(),
-        backend: "onnxruntime".to_string(),
+        platform: cfg.backend.platform().to_string(),
+        backend: cfg.backend.as_str().to_string(),
         max_batch_size: cfg.max_batch_size as i32,
         input: m
             .spec

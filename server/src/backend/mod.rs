@@ -2,6 +2,8 @@
 //! synchronous: scheduling, batching and the async runtime live elsewhere.
 
 pub mod ort;
+#[cfg(feature = "tract")]
+pub mod tract;
 
 use sluice_ops::Tensor;
 

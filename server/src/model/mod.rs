@@ -9,7 +9,7 @@ const MAX_WARMUP_BYTES: usize = 1 << 30;
 use crate::backend::{self, Backend};
 use crate::error::Error;
 use crate::repository::{
-    model_yaml::{Hold, Warmup},
+    model_yaml::{BackendKind, Hold, Warmup},
     ModelSpec,
 };
 use crate::request::{InferRequest, InferResponse, NamedTensor, StepTiming};
@@ -56,19 +56,43 @@ impl LoadedModel {
         let cfg = &spec.config;
         let mut instances: Vec<Box<dyn Backend>> = Vec::with_capacity(cfg.instances);
         let mut devices = Vec::with_capacity(cfg.instances);
-        // `instances` per GPU for GPU providers; CPU models have one "device".
-        let gpus = if cfg.wants_gpu() { cfg.devices() } else { vec![0] };
-        let source = backend::ort::ModelSource::prepare(ort_dylib, &spec.onnx_path, cfg).map_err(LoadError::Backend)?;
-        for &gpu in &gpus {
-            for _ in 0..cfg.instances {
-                let mut b = backend::ort::load(ort_dylib, &source, cfg, gpu, &spec.inputs, &spec.outputs)
-                    .map_err(LoadError::Backend)?;
-                warm_up(&spec, &mut b)?;
-                devices.push(b.device());
-                instances.push(Box::new(b));
+        match cfg.backend {
+            BackendKind::Onnxruntime => {
+                // `instances` per GPU for GPU providers; CPU models have one "device".
+                let gpus = if cfg.wants_gpu() { cfg.devices() } else { vec![0] };
+                let source =
+                    backend::ort::ModelSource::prepare(ort_dylib, &spec.onnx_path, cfg).map_err(LoadError::Backend)?;
+                for &gpu in &gpus {
+                    for _ in 0..cfg.instances {
+                        let mut b = backend::ort::load(ort_dylib, &source, cfg, gpu, &spec.inputs, &spec.outputs)
+                            .map_err(LoadError::Backend)?;
+                        warm_up(&spec, &mut b)?;
+                        devices.push(b.device());
+                        instances.push(Box::new(b));
+                    }
+                    if devices.iter().all(|d| d == "cpu") {
+                        break; // fell back to CPU: `instances` in all, not per listed GPU
+                    }
+                }
             }
-            if devices.iter().all(|d| d == "cpu") {
-                break; // fell back to CPU: `instances` in all, not per listed GPU
+            #[cfg(feature = "tract")]
+            BackendKind::Tract => {
+                // Planned once; the instances share the plans (and the weights).
+                let model = backend::tract::TractModel::load(&spec.onnx_path, cfg, &spec.inputs, &spec.outputs)
+                    .map_err(LoadError::Backend)?;
+                for _ in 0..cfg.instances {
+                    let mut b = model.instance().map_err(LoadError::Backend)?;
+                    warm_up(&spec, &mut b)?;
+                    devices.push(b.device());
+                    instances.push(Box::new(b));
+                }
+            }
+            #[cfg(not(feature = "tract"))]
+            BackendKind::Tract => {
+                return Err(LoadError::Backend(format!(
+                    "{}: backend: tract, but this sluice was built without tract (cargo build --features tract)",
+                    spec.dir.join("model.yaml").display()
+                )))
             }
         }
         let stats = Arc::new(ModelStats::default());

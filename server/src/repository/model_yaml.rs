@@ -8,8 +8,30 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
+    /// ONNX Runtime (`ort`), loaded at run time: CPU, CUDA and TensorRT.
     #[default]
     Onnxruntime,
+    /// tract-onnx, compiled in (cargo feature `tract`): CPU only, fixed shapes, no
+    /// shared library to install.
+    Tract,
+}
+
+impl BackendKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BackendKind::Onnxruntime => "onnxruntime",
+            BackendKind::Tract => "tract",
+        }
+    }
+
+    /// The `platform` of the model's metadata and configuration (Triton's name for ONNX
+    /// Runtime's; tract has none there).
+    pub fn platform(&self) -> &'static str {
+        match self {
+            BackendKind::Onnxruntime => "onnxruntime_onnx",
+            BackendKind::Tract => "tract_onnx",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -47,7 +69,7 @@ pub enum ConvSearch {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelYaml {
-    /// Only ONNX Runtime for now.
+    /// What runs the model: `onnxruntime` (the default) or `tract`.
     #[serde(default)]
     pub backend: BackendKind,
     /// Where the model runs (shorthand for a one-provider `execution_providers`); a GPU
@@ -364,6 +386,9 @@ impl ModelYaml {
     }
 
     fn check(&self) -> Result<(), String> {
+        if self.backend == BackendKind::Tract && self.wants_gpu() {
+            return Err("backend: tract runs on the CPU only; GPU execution providers are ONNX Runtime's".into());
+        }
         if !self.execution_providers.is_empty() && self.execution_provider != ExecutionProvider::Cpu {
             return Err("give either execution_provider or execution_providers, not both".into());
         }
@@ -542,6 +567,16 @@ mod tests {
         assert_eq!(m.dynamic_batching.preferred_batch_sizes, vec![4, 8]);
         assert_eq!(m.execution_provider, ExecutionProvider::Cuda);
         assert_eq!(m.warmup[0].batch_size, 8);
+    }
+
+    #[test]
+    fn tract_runs_on_cpu_only() {
+        let m = parse("backend: tract\nmax_batch_size: 12\n").unwrap();
+        assert_eq!((m.backend.as_str(), m.backend.platform()), ("tract", "tract_onnx"));
+        let err = parse("backend: tract\nexecution_providers: [cuda, cpu]\n").unwrap_err();
+        assert!(err.contains("tract runs on the CPU only"), "{err}");
+        let err = parse("backend: tensorflow\n").unwrap_err();
+        assert!(err.starts_with("models/m/model.yaml:1:10: backend: unknown variant `tensorflow`"), "{err}");
     }
 
     #[test]
