@@ -4,11 +4,13 @@
 //!
 //! cargo run --release --example ort_bench -- MODEL_DIR [--batches 1,2,4,8] [--seconds 10]
 
-use sluice_ops::Tensor;
 use sluice_server::backend::{self, Backend};
 use sluice_server::offline;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+mod common;
+use common::inputs_for;
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -49,22 +51,7 @@ fn main() -> anyhow::Result<()> {
     println!("| batch | items/s | p50 ms/batch |");
     println!("|---|---|---|");
     for &n in &batches {
-        let inputs: Vec<Tensor> = spec
-            .inputs
-            .iter()
-            .map(|t| {
-                let shape: Vec<usize> = t
-                    .dims
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| if i == 0 && d < 0 { n } else { d.max(1) as usize })
-                    .collect();
-                let count: usize = shape.iter().product();
-                // Non-zero data: zeros can take faster paths than real inputs.
-                let v: Vec<f32> = (0..count).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect();
-                Tensor::from_f32(shape, &v)
-            })
-            .collect();
+        let inputs = inputs_for(&spec.inputs, spec.config.max_batch_size > 0, n);
         b.run(&inputs).map_err(|e| anyhow::anyhow!("{e}"))?; // warm-up
         let mut lat = Vec::new();
         let start = Instant::now();
