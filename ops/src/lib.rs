@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod detect;
+pub mod filter;
 pub mod image_ops;
 pub mod memory;
 pub mod ocr;

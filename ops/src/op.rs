@@ -202,7 +202,9 @@ impl OpRegistry {
     /// Every op sluice ships.
     pub fn builtin() -> OpRegistry {
         let mut r = OpRegistry::empty();
-        for family in [crate::image_ops::OPS, crate::tensor_ops::OPS, crate::detect::OPS, crate::ocr::OPS] {
+        for family in
+            [crate::image_ops::OPS, crate::tensor_ops::OPS, crate::detect::OPS, crate::filter::OPS, crate::ocr::OPS]
+        {
             for spec in family {
                 r.ops.push(spec.clone());
             }

@@ -262,6 +262,60 @@ async fn detect_crop_classify_fans_out_over_zero_one_and_many_boxes() {
     assert_eq!(metric(&s.http, "sluice_node_fanout_items_sum", &labels).await, 8.0);
 }
 
+/// detect_crop_classify with a `filter_boxes` node (`params`) between NMS and the crops.
+fn filtered_detect_crop_classify(params: &str) -> String {
+    let text = example("detect_crop_classify")
+        .replace("from: nms.boxes}", "from: keep.boxes}")
+        .replace("from: nms.scores}", "from: keep.scores}")
+        .replace("from: nms.classes}", "from: keep.classes}")
+        .replace("boxes: nms.boxes}", "boxes: keep.boxes}")
+        .replace(
+            "  - name: crop\n",
+            &format!(
+                "  - name: keep\n    op: filter_boxes\n    inputs: {{boxes: nms.boxes, scores: nms.scores, classes: nms.classes}}\n    params: {params}\n  - name: crop\n"
+            ),
+        );
+    assert_eq!(text.matches("keep.").count(), 4, "the example changed: {text}");
+    text
+}
+
+/// A filter before the fan-out decides what the classifier sees: one that drops every
+/// box leaves the classifier's counters at zero; one that keeps class 1 sends it exactly
+/// the class-1 box, and the outputs are that box's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_runs_the_classifier_only_on_the_boxes_it_keeps() {
+    let repo = example_repo(&[]);
+    repo.pipeline("drop_all", &filtered_detect_crop_classify("{min_score: 1.5}"));
+    repo.pipeline("class_1", &filtered_detect_crop_classify("{classes: [1], min_score: 0.5}"));
+    let s = start(repo.config()).await;
+    // Red cells are class 0 for the stand-in detector; a yellow one (red and green) is class 1.
+    let mut img = cells_image(&[(0, 0), (5, 1), (2, 7)]);
+    for y in 7 * 32..8 * 32 {
+        for x in 2 * 32..3 * 32 {
+            img.data[((y * 320 + x) * 3 + 1) as usize] = 255;
+        }
+    }
+    let input = bytes_input(&[png(&img)]);
+    let c = &s.client;
+    let call = |p: &'static str| {
+        let input = input.clone();
+        async move { c.infer(p, &[("image", &input)], InferOptions::default()).await.unwrap() }
+    };
+    let classified = |m: &'static str| async move { c.model_statistics(m).await.unwrap()[0].inference_count };
+
+    let out: HashMap<String, Tensor> = call("drop_all").await.into_iter().collect();
+    assert_eq!(out["count"].to_i64().unwrap(), vec![0]);
+    assert_eq!(out["boxes"].shape, vec![1, 0, 4]);
+    assert_eq!((classified("detector").await, classified("resnet50").await), (1, 0), "the classifier never ran");
+
+    let out: HashMap<String, Tensor> = call("class_1").await.into_iter().collect();
+    assert_eq!(out["count"].to_i64().unwrap(), vec![1]);
+    assert_eq!(out["box_classes"].to_i64().unwrap(), vec![1]);
+    assert_eq!(out["boxes"].to_f32().unwrap(), vec![64.0, 224.0, 96.0, 256.0]);
+    assert_eq!(out["crop_classes"].shape, vec![1, 1, 5]);
+    assert_eq!(classified("resnet50").await, 1, "one crop classified");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_image_fails_only_its_request_naming_the_node() {
     let repo = example_repo(&["classify"]);
