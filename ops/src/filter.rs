@@ -109,10 +109,13 @@ impl Op for FilterBoxes {
         let (boxes, scores, classes) = (tensor(0, "boxes")?, tensor(1, "scores")?, tensor(2, "classes")?);
         let n = scores.shape.first().copied().unwrap_or(0);
         let wrong = |what: &str, t: &Tensor| OpError::Invalid(format!("{what} of shape {:?} for {n} scores", t.shape));
+        if scores.shape.len() != 1 {
+            return Err(OpError::Invalid(format!("scores must be [n], not of shape {:?}", scores.shape)));
+        }
         if boxes.shape != [n, 4] {
             return Err(wrong("boxes", boxes));
         }
-        if scores.shape.len() != 1 || classes.shape != [n] {
+        if classes.shape != [n] {
             return Err(wrong("classes", classes));
         }
         let b = boxes.to_f32().ok_or_else(|| OpError::Invalid(format!("boxes must be FP32, not {}", boxes.dtype)))?;
@@ -152,6 +155,9 @@ impl Op for Select {
     fn infer(&mut self, inputs: &[ValueType]) -> Result<Vec<ValueType>, String> {
         match &inputs[0] {
             ValueType::List(_) | ValueType::Any => Ok(vec![inputs[0].clone()]),
+            ValueType::Tensor { dtype: Some(DataType::Bytes), .. } => {
+                Err("select picks rows of fixed-size tensors, not BYTES (select from a list instead)".into())
+            }
             ValueType::Tensor { dtype, dims } => {
                 // Rows are picked: the first dim becomes variable.
                 let dims =
@@ -172,6 +178,14 @@ impl Op for Select {
             Value::Tensor(t) => *t.shape.first().ok_or_else(|| OpError::Invalid("a scalar has no rows".into()))?,
             v => return Err(OpError::Invalid(format!("expected a list or a tensor, got {}", v.kind()))),
         };
+        // At most as many as there are items: the output is never larger than the input
+        // (indices may repeat, and would otherwise ask for memory without bound).
+        if idx.len() > len {
+            return Err(OpError::Invalid(format!(
+                "{} indices for {len} items: select keeps at most every item once",
+                idx.len()
+            )));
+        }
         let picked: Vec<usize> = idx
             .iter()
             .map(|&i| usize::try_from(i).ok().filter(|&i| i < len))
@@ -179,6 +193,9 @@ impl Op for Select {
             .ok_or_else(|| OpError::Invalid(format!("indices {idx:?} out of range for {len} items")))?;
         Ok(vec![match &inputs[0] {
             Value::List(l) => Value::List(Arc::new(picked.iter().map(|&i| l[i].clone()).collect())),
+            Value::Tensor(t) if t.dtype == DataType::Bytes => {
+                return Err(OpError::Invalid("select picks rows of fixed-size tensors, not BYTES".into()))
+            }
             Value::Tensor(t) => {
                 let row = t.data.len() / len.max(1);
                 let mut data = Vec::with_capacity(row * picked.len());
@@ -265,7 +282,9 @@ mod tests {
         let out = op.run(&[t.clone(), idx]).unwrap();
         let rows = out[0].as_tensor().unwrap();
         assert_eq!((rows.shape.clone(), rows.to_f32().unwrap()), (vec![2, 2], vec![3.0, 3.5, 1.0, 1.5]));
-        let err = op.run(&[t, Value::Tensor(Tensor::from_i64(vec![1], &[4]))]).unwrap_err();
+        let err = op.run(&[t.clone(), Value::Tensor(Tensor::from_i64(vec![1], &[4]))]).unwrap_err();
         assert!(err.to_string().contains("out of range for 4 items"), "{err}");
+        let err = op.run(&[t, Value::Tensor(Tensor::from_i64(vec![5], &[0; 5]))]).unwrap_err();
+        assert!(err.to_string().contains("5 indices for 4 items"), "{err}");
     }
 }

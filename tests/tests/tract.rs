@@ -149,10 +149,17 @@ async fn what_tract_cannot_run_fails_its_load_naming_why() {
         "backend: tract\nmax_batch_size: 2\ninputs:\n  - name: input\n    dims: [-1, 3, -1, -1]\n",
     );
     repo.add("fine", &tiny_classifier(), "backend: tract\nmax_batch_size: 2\n");
+    // Its input is declared batched but its output has no batch dimension, so its
+    // batches could not be split back.
+    let unbatched = "backend: tract\nmax_batch_size: 2\ninputs:\n  - name: x\n    dims: [-1, 512]\n";
+    repo.add("unbatched", &sluice_tests::busy_model(2), unbatched);
     let s = start(repo.config()).await;
     let c = &s.client;
     let why = reason_of(c, "unknown").await;
-    assert!(why.contains("FrobnicateHarder") && why.contains("model.onnx"), "{why}");
+    assert!(why.contains("does not implement the ONNX operator(s) FrobnicateHarder"), "{why}");
+    assert!(why.contains("model.onnx"), "{why}");
+    let why = reason_of(c, "unbatched").await;
+    assert!(why.contains("output 'y' has a fixed first dimension 1"), "{why}");
     let why = reason_of(c, "variable").await;
     assert!(why.contains("'input'") && why.contains("inputs:"), "{why}");
     assert!(c.model_ready("fine").await.unwrap());
@@ -176,5 +183,77 @@ async fn a_tract_model_reloads() {
     let (y, neg) = sluice_tests::affine_reference(&x);
     assert_eq!(out[0].1.to_f32().unwrap(), y);
     assert_eq!(out[1].1.to_f32().unwrap(), neg);
+    s.server.shutdown().await;
+}
+
+/// Requests of 1, 3 and 4 rows arriving together share tract batches (several requests'
+/// rows in one batch, run row by row or on a padded plan) and each gets its own rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_share_tract_batches_and_get_their_own_rows() {
+    let repo = Repo::new();
+    let batching = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 50000\n  hold: delay\n";
+    repo.add("tiny", &tiny_classifier(), batching);
+    repo.add("tiny_tract", &tiny_classifier(), &format!("backend: tract\n{batching}"));
+    let sized = format!("backend: tract\n{batching}  allowed_batch_sizes: [4, 8]\n");
+    repo.add("tiny_tract_sized", &tiny_classifier(), &sized);
+    let s = start(repo.config()).await;
+    let c = &s.client;
+    let requests: Vec<Tensor> = [1usize, 3, 4]
+        .iter()
+        .enumerate()
+        .map(|(k, &rows)| Tensor::from_f32(vec![rows, 3, 224, 224], &noise(rows * 3 * 224 * 224, k as u32 + 5)))
+        .collect();
+    for model in ["tiny", "tiny_tract", "tiny_tract_sized"] {
+        let calls = requests.iter().map(|t| infer(c, model, "input", t));
+        let answers = futures::future::join_all(calls).await;
+        let want: Vec<Vec<f32>> = futures::future::join_all(requests.iter().map(|t| infer(c, "tiny", "input", t)))
+            .await
+            .into_iter()
+            .map(|o| o[0].1.to_f32().unwrap())
+            .collect();
+        for (k, (got, want)) in answers.iter().zip(&want).enumerate() {
+            assert_eq!(got[0].1.shape, vec![requests[k].shape[0], 1000], "{model} request {k}");
+            let d = max_difference(&got[0].1.to_f32().unwrap(), want);
+            assert!(d <= TOLERANCE, "{model} request {k}: differs by {d}");
+        }
+        let stats = c.model_statistics(model).await.unwrap();
+        let largest = stats[0].batch_stats.iter().map(|b| b.batch_size).max().unwrap_or(0);
+        assert!(largest >= 4, "{model}: requests shared a batch: {:?}", stats[0].batch_stats);
+    }
+    s.server.shutdown().await;
+}
+
+/// BOOL inputs from the wire may carry any byte; tract sees only 0 and 1 (as ONNX
+/// Runtime does), and a model without a batch dimension runs as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bool_inputs_are_normalised_and_unbatched_models_run() {
+    use prost::Message;
+    use sluice_tests::onnx::*;
+    let mut x = value("x", &[Some(1), Some(3)]);
+    let mut y = value("y", &[Some(1), Some(3)]);
+    for v in [&mut x, &mut y] {
+        v.r#type.as_mut().unwrap().tensor_type.as_mut().unwrap().elem_type = 9; // BOOL
+    }
+    let not = model(GraphProto {
+        name: "not".into(),
+        node: vec![node("Not", &["x"], &["y"])],
+        input: vec![x],
+        output: vec![y],
+        ..Default::default()
+    })
+    .encode_to_vec();
+    let repo = Repo::new();
+    repo.add("not", &not, "backend: tract\n");
+    repo.add("busy", &sluice_tests::busy_model(2), "backend: tract\n");
+    repo.add("busy_ort", &sluice_tests::busy_model(2), "");
+    let s = start(repo.config()).await;
+    let c = &s.client;
+    let t = Tensor::new(sluice_client::DataType::Bool, vec![1, 3], vec![0u8, 7, 255].into()).unwrap();
+    let out = infer(c, "not", "x", &t).await;
+    assert_eq!(out[0].1.data.to_vec(), vec![1u8, 0, 0], "7 and 255 are true");
+    let x = Tensor::from_f32(vec![1, 512], &noise(512, 4));
+    let (a, b) = (infer(c, "busy", "x", &x).await, infer(c, "busy_ort", "x", &x).await);
+    assert_eq!(a[0].1.shape, vec![1, 512]);
+    assert!(max_difference(&a[0].1.to_f32().unwrap(), &b[0].1.to_f32().unwrap()) <= TOLERANCE);
     s.server.shutdown().await;
 }

@@ -41,6 +41,12 @@ impl BatchInput<'_> {
     }
 }
 
+/// BOOL elements from the wire may be any byte; ONNX Runtime, tract (and Rust's `bool`,
+/// which outputs are read as) allow only 0 and 1.
+pub(crate) fn normalize_bools(bytes: &mut [u8]) {
+    bytes.iter_mut().for_each(|b| *b = u8::from(*b != 0));
+}
+
 /// `rows` zero rows shaped like `like`'s rows.
 fn zero_rows(like: &Tensor, rows: usize) -> Tensor {
     let mut shape = like.shape.clone();

@@ -2,7 +2,7 @@
 //! builds and runs without the native library; models that need it fail to load with a
 //! clear message when it is missing.
 
-use super::{Backend, BackendError, BatchInput};
+use super::{normalize_bools, Backend, BackendError, BatchInput};
 use crate::onnx::signature::TensorInfo;
 use crate::repository::model_yaml::{ArenaExtend, ConvSearch, ExecutionProvider, ModelYaml};
 use crate::rt::priority;
@@ -511,12 +511,6 @@ fn to_ort_type(d: DataType) -> Result<TensorElementType, BackendError> {
             return Err(BackendError("string tensors are not supported by the ONNX Runtime backend".into()))
         }
     })
-}
-
-/// BOOL elements from the wire may be any byte; ONNX Runtime (and Rust's `bool`, which
-/// outputs are read as) allow only 0 and 1.
-fn normalize_bools(bytes: &mut [u8]) {
-    bytes.iter_mut().for_each(|b| *b = u8::from(*b != 0));
 }
 
 fn to_input(t: &Tensor) -> Result<DynTensor, BackendError> {

@@ -3,7 +3,7 @@
 //! gets one optimised plan per allowed batch size (the sizes the batcher pads to), made
 //! once per load and shared by its instances; each instance keeps its own run state.
 
-use super::{Backend, BackendError, BatchInput};
+use super::{normalize_bools, Backend, BackendError, BatchInput};
 use crate::onnx::signature::TensorInfo;
 use crate::repository::model_yaml::ModelYaml;
 use sluice_ops::tensor::Dims;
@@ -17,10 +17,12 @@ use tract_onnx::prelude::{
 
 /// A model planned for each batch size it runs at; shared by its instances.
 pub struct TractModel {
-    /// `(Some(batch size), plan)` per allowed size, or one `(None, plan)` for a model
-    /// without a batch dimension. Sorted by size.
+    /// `(Some(batch size), plan)` per planned size, sorted, or one `(None, plan)` for a
+    /// model without a batch dimension.
     plans: Vec<(Option<usize>, Arc<TypedSimplePlan>)>,
     inputs: Vec<TensorInfo>,
+    outputs: Vec<String>,
+    file: std::path::PathBuf,
 }
 
 /// tract's element type for one of sluice's (tract has no bfloat16 and no strings).
@@ -71,7 +73,10 @@ fn batch_sizes(cfg: &ModelYaml) -> Vec<Option<usize>> {
     } else if allowed.is_empty() {
         vec![Some(1)]
     } else {
-        allowed.iter().map(|&s| Some(s)).collect()
+        let mut sizes = allowed.clone();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes.into_iter().map(Some).collect()
     }
 }
 
@@ -158,7 +163,12 @@ impl TractModel {
                 .map_err(|e| format!("{at}: tract cannot plan {what}: {e:#}"))?;
             plans.push((size, plan));
         }
-        Ok(TractModel { plans, inputs: inputs.to_vec() })
+        Ok(TractModel {
+            plans,
+            inputs: inputs.to_vec(),
+            outputs: outputs.iter().map(|t| t.name.clone()).collect(),
+            file: file.to_path_buf(),
+        })
     }
 
     /// One instance: the shared plans, each with a run state of its own.
@@ -166,9 +176,11 @@ impl TractModel {
         let states = self
             .plans
             .iter()
-            .map(|(size, plan)| plan.spawn().map(|s| (*size, s)).map_err(|e| format!("tract: {e}")))
+            .map(|(size, plan)| {
+                plan.spawn().map(|s| (*size, s)).map_err(|e| format!("{}: tract: {e}", self.file.display()))
+            })
             .collect::<Result<_, _>>()?;
-        Ok(TractBackend { states, inputs: self.inputs.clone() })
+        Ok(TractBackend { states, inputs: self.inputs.clone(), outputs: self.outputs.clone() })
     }
 }
 
@@ -182,6 +194,7 @@ struct Rows<'a> {
 pub struct TractBackend {
     states: Vec<(Option<usize>, TypedSimpleState)>,
     inputs: Vec<TensorInfo>,
+    outputs: Vec<String>,
 }
 
 impl TractBackend {
@@ -251,12 +264,16 @@ impl Backend for TractBackend {
                     slot.copy_from_slice(row);
                     at += row.len();
                 }
+                if dt == DatumType::Bool {
+                    normalize_bools(dst);
+                }
                 values.push(t.into_tvalue());
             }
             let state = self.state_for(total - done).1;
             let outputs = state.run(values).map_err(|e| BackendError(format!("tract: {e:#}")))?;
             for (k, v) in outputs.iter().enumerate() {
-                let (dtype, shape, bytes) = output_rows(v, batched.then_some((take, planned)))?;
+                let name = self.outputs.get(k).map_or("?", String::as_str);
+                let (dtype, shape, bytes) = output_rows(name, v, batched.then_some((take, planned)))?;
                 match joined.get_mut(k) {
                     Some((_, s, b)) => {
                         s[0] += shape[0];
@@ -283,17 +300,28 @@ impl Backend for TractBackend {
 
 /// A tract output's type, shape and bytes; with `(take, planned)`, cut to its first
 /// `take` rows when the plan ran `planned`.
-fn output_rows(t: &TractTensor, chunk: Option<(usize, usize)>) -> Result<(DataType, Vec<usize>, &[u8]), BackendError> {
+fn output_rows<'t>(
+    name: &str,
+    t: &'t TractTensor,
+    chunk: Option<(usize, usize)>,
+) -> Result<(DataType, Vec<usize>, &'t [u8]), BackendError> {
     let dtype = data_type(t.datum_type())
-        .ok_or_else(|| BackendError(format!("tract produced an output of type {:?}", t.datum_type())))?;
+        .ok_or_else(|| BackendError(format!("output '{name}': tract gave type {:?}", t.datum_type())))?;
     let mut shape = t.shape().to_vec();
     let mut bytes = t.as_bytes();
-    if let (Some((take, planned)), Some(first)) = (chunk, shape.first_mut()) {
-        if *first != planned {
-            return Err(BackendError(format!("an output of shape {shape:?} has no batch dimension of {planned}")));
+    if let Some((take, planned)) = chunk {
+        match shape.first_mut() {
+            Some(first) if *first == planned && planned > 0 => {
+                bytes = &bytes[..bytes.len() / planned * take];
+                *first = take;
+            }
+            _ => {
+                return Err(BackendError(format!(
+                    "output '{name}' of shape {shape:?} has no batch dimension (the plan ran {planned} rows); \
+                     set max_batch_size: 0 for models without one"
+                )))
+            }
         }
-        bytes = &bytes[..bytes.len() / planned * take];
-        *first = take;
     }
     Ok((dtype, shape, bytes))
 }
