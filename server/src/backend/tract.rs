@@ -198,12 +198,11 @@ pub struct TractBackend {
 }
 
 impl TractBackend {
-    /// The run state for a chunk of `rows` rows: the smallest planned size that holds
-    /// them, else the largest (the chunk is then cut to it). Returns the planned size.
-    fn state_for(&mut self, rows: usize) -> (usize, &mut TypedSimpleState) {
+    /// The plan for a chunk of `rows` rows: the smallest planned size that holds them,
+    /// else the largest (the chunk is then cut to it). Returns its index and size.
+    fn plan_for(&self, rows: usize) -> (usize, usize) {
         let at = self.states.iter().position(|(s, _)| s.is_none_or(|s| s >= rows)).unwrap_or(self.states.len() - 1);
-        let (size, state) = &mut self.states[at];
-        (size.unwrap_or(rows), state)
+        (at, self.states[at].0.unwrap_or(rows))
     }
 }
 
@@ -240,7 +239,7 @@ impl Backend for TractBackend {
         let mut joined: Vec<(DataType, Vec<usize>, Vec<u8>)> = Vec::new();
         let mut done = 0;
         while done < total {
-            let (planned, _) = self.state_for(total - done);
+            let (plan, planned) = self.plan_for(total - done);
             let take = planned.min(total - done);
             let mut values: TVec<TValue> = tvec![];
             for (input, info) in rows.iter().zip(&self.inputs) {
@@ -269,8 +268,7 @@ impl Backend for TractBackend {
                 }
                 values.push(t.into_tvalue());
             }
-            let state = self.state_for(total - done).1;
-            let outputs = state.run(values).map_err(|e| BackendError(format!("tract: {e:#}")))?;
+            let outputs = self.states[plan].1.run(values).map_err(|e| BackendError(format!("tract: {e:#}")))?;
             for (k, v) in outputs.iter().enumerate() {
                 let name = self.outputs.get(k).map_or("?", String::as_str);
                 let (dtype, shape, bytes) = output_rows(name, v, batched.then_some((take, planned)))?;
