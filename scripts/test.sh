@@ -2,19 +2,46 @@
 # Runs every check and test: formatting and clippy (warnings are errors; every cargo
 # feature on, as for the tests: the tract backend is built and tested), then installs
 # what the tests need (ONNX Runtime, Triton's Python client and perf_analyzer, the deploy
-# checks' Helm SDK and schemas, the example models: the container test serves them all), builds the container image, then the
-# whole cargo workspace's tests (tests/tests/deploy.rs starts the image as the rendered
-# Helm chart says, tests/tests/hostile.rs runs it under a 4 GiB cap; SLUICE_SKIP_DOCKER_TESTS=1
-# skips the image and those tests), then the fuzz targets for 20 s each.
+# checks' Helm SDK and schemas, the example models: the container test serves them all),
+# builds the workspace's tests and the container image, then runs the whole workspace's
+# tests (tests/tests/deploy.rs starts the image as the rendered Helm chart says,
+# tests/tests/hostile.rs runs it under a 4 GiB cap; SLUICE_SKIP_DOCKER_TESTS=1 skips the
+# image and those tests), then the fuzz targets for 20 s each.
+#
+# The tests build in the release profile: the image needs a release `sluice`, and one
+# release build of the dependencies serves both (a dev-profile test build beside the
+# image's release build compiled every dependency twice: ~13 of the suite's minutes on 2
+# cores). Debug assertions and overflow checks still run in the fuzz targets (cargo fuzz
+# turns them on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$SECONDS
+step() { echo "test.sh: $* (at $((SECONDS - t0)) s)"; }
+
+step "fmt"
 cargo fmt --all --check
+step "clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+step "setup"
 scripts/setup.sh
-# The image the deploy test runs (release build; the test rebuilds it too, a no-op then).
-if [ "${SLUICE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then SLUICE_IMAGE=sluice:test scripts/image.sh; fi
-cargo test --workspace --all-features --locked
+step "test build (release)"
+cargo test --workspace --all-features --release --locked --no-run
+# The image the deploy and hostile tests run, from the binary just built (tests/ rebuild
+# it through scripts/image.sh with the same SLUICE_BIN: a cached no-op then). A copy: a
+# later build must not change the binary under the image.
+if [ "${SLUICE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then
+  step "image"
+  mkdir -p .sluice/image-bin
+  cp target/release/sluice .sluice/image-bin/sluice
+  export SLUICE_BIN=$PWD/.sluice/image-bin/sluice
+  SLUICE_IMAGE=sluice:test scripts/image.sh
+fi
+step "tests"
+cargo test --workspace --all-features --release --locked
 # Every fuzz target from its committed corpus, briefly (scripts/fuzz.sh 600 by hand).
+step "fuzz"
 scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-20}"
 # The client's API docs (and their examples, run above as doctests) build without warnings.
+step "client docs"
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --locked -p sluice-client
+step "done"
