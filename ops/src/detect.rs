@@ -153,7 +153,11 @@ impl Op for DetectYolo {
         })?;
         let dets = self.decode(&preds, width, img.width, img.height);
         let n = dets.len();
-        let boxes: Vec<f32> = dets.iter().flat_map(|d| d.bbox).collect();
+        // Boxes in the picture's full-size frame, also when it was decoded reduced (NMS
+        // is unchanged by scaling the axes: IoU is a ratio of areas).
+        let (sx, sy) = img.source_scale();
+        let boxes: Vec<f32> =
+            dets.iter().flat_map(|d| [d.bbox[0] / sx, d.bbox[1] / sy, d.bbox[2] / sx, d.bbox[3] / sy]).collect();
         let scores: Vec<f32> = dets.iter().map(|d| d.score).collect();
         let classes: Vec<i64> = dets.iter().map(|d| d.class as i64).collect();
         Ok(vec![

@@ -357,7 +357,9 @@ impl Op for DbPostprocess {
             s => return Err(OpError::Invalid(format!("expected a probability map [1,H,W], got {s:?}"))),
         };
         let prob = t.to_f32().ok_or_else(|| OpError::Invalid(format!("expected FP32, got {}", t.dtype)))?;
-        let boxes = self.boxes(&prob, w, h, img.width, img.height);
+        // Quads in the picture's full-size frame, also when it was decoded reduced.
+        let (sw, sh) = img.source_size();
+        let boxes = self.boxes(&prob, w, h, sw, sh);
         let quads: Vec<f32> =
             boxes.iter().flat_map(|(q, _)| q.iter().flat_map(|&(x, y)| [x as f32, y as f32])).collect();
         let scores: Vec<f32> = boxes.iter().map(|(_, s)| *s).collect();

@@ -13,19 +13,25 @@ pub struct Image {
     pub width: u32,
     pub height: u32,
     pub data: Vec<u8>,
+    /// The picture's full size when this image shows it smaller (a reduced decode).
+    source: Option<(u32, u32)>,
     charge: Charge,
 }
 
 impl PartialEq for Image {
     fn eq(&self, other: &Image) -> bool {
-        (self.width, self.height) == (other.width, other.height) && self.data == other.data
+        (self.width, self.height, self.source_size()) == (other.width, other.height, other.source_size())
+            && self.data == other.data
     }
 }
 impl Eq for Image {}
 
 impl fmt::Debug for Image {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Image({}x{})", self.width, self.height)
+        match self.source {
+            Some((w, h)) => write!(f, "Image({}x{} of {w}x{h})", self.width, self.height),
+            None => write!(f, "Image({}x{})", self.width, self.height),
+        }
     }
 }
 
@@ -81,19 +87,39 @@ impl Image {
     pub fn alloc(width: u32, height: u32) -> Result<Image, crate::OpError> {
         let bytes = crate::memory::image_bytes(width as u64, height as u64)?;
         let charge = crate::memory::IMAGES.take(bytes)?;
-        Ok(Image { width, height, data: pixel_buffer(bytes)?, charge })
+        Ok(Image { width, height, data: pixel_buffer(bytes)?, source: None, charge })
     }
 
     /// An image of pixels already in memory (counted, never refused).
     pub fn new(width: u32, height: u32, data: Vec<u8>) -> Image {
         assert_eq!(data.len(), width as usize * height as usize * 3, "RGB buffer size");
         let charge = crate::memory::IMAGES.force(data.len());
-        Image { width, height, data, charge }
+        Image { width, height, data, source: None, charge }
     }
 
     pub fn filled(width: u32, height: u32, rgb: [u8; 3]) -> Image {
         let data = rgb.iter().copied().cycle().take(width as usize * height as usize * 3).collect();
         Image::new(width, height, data)
+    }
+
+    /// The size of the picture this image shows, at full resolution: its own size, or the
+    /// encoded image's when it was decoded at a reduced scale (`decode_image`'s
+    /// `max_side`). Coordinates on an image (detections, crop boxes) are in this frame,
+    /// so a reduced decode changes a pipeline's cost, not its answers' units.
+    pub fn source_size(&self) -> (u32, u32) {
+        self.source.unwrap_or((self.width, self.height))
+    }
+
+    /// This image, marked as a `width` x `height` picture shown smaller.
+    pub fn with_source_size(mut self, width: u32, height: u32) -> Image {
+        self.source = ((width, height) != (self.width, self.height)).then_some((width, height));
+        self
+    }
+
+    /// Image pixels per source pixel, across and down (1.0 unless reduced).
+    pub fn source_scale(&self) -> (f32, f32) {
+        let (sw, sh) = self.source_size();
+        (self.width as f32 / sw as f32, self.height as f32 / sh as f32)
     }
 
     /// The bytes this image holds in the budget.
