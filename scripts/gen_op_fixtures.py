@@ -1,7 +1,8 @@
 """Writes the reference fixtures that ops/tests/references.rs checks the ops against.
 
 The references come from the libraries vision models are trained with: OpenCV for
-resizing (INTER_LINEAR), Pillow (libjpeg) for JPEG decoding and EXIF orientation, numpy
+resizing (INTER_LINEAR; INTER_AREA, INTER_CUBIC and DCT-scaled JPEG decodes for the
+`opencv` engine), Pillow (libjpeg) for JPEG decoding and EXIF orientation, numpy
 for normalisation. Run from the repository root with the set-up step's venv:
 
     .venv/bin/python scripts/gen_op_fixtures.py ops/tests/fixtures
@@ -53,6 +54,15 @@ m = cv2.getPerspectiveTransform(quad, np.float32([[0, 0], [qw, 0], [qw, qh], [0,
 warped = cv2.warpPerspective(src, m, (qw, qh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 (out / "quad.rgb").write_bytes(warped.tobytes())
 (out / "quad.json").write_text(f'{{"quad": {quad.tolist()}, "width": {qw}, "height": {qh}}}')
+
+# The OpenCV engine's other kernels (`engine: opencv`): INTER_AREA, INTER_CUBIC, and a
+# JPEG decoded at half size by libjpeg's DCT scaling (IMREAD_REDUCED_COLOR_2), as RGB.
+(out / "resize_down_area.rgb").write_bytes(cv2.resize(src, (17, 11), interpolation=cv2.INTER_AREA).tobytes())
+cubic = cv2.warpPerspective(src, m, (qw, qh), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+(out / "quad_cubic.rgb").write_bytes(cubic.tobytes())
+half = cv2.imdecode(np.frombuffer((out / "photo.jpg").read_bytes(), np.uint8), cv2.IMREAD_REDUCED_COLOR_2)
+(out / "photo_half.rgb").write_bytes(cv2.cvtColor(half, cv2.COLOR_BGR2RGB).tobytes())
+print("half size", half.shape[1], "x", half.shape[0])
 
 # Resize modes, each from OpenCV's INTER_LINEAR plus numpy slicing / padding.
 def letterbox(img, dw, dh, pad):

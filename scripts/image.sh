@@ -3,7 +3,9 @@
 # Runtime's libonnxruntime.so on a minimal Debian bookworm (glibc 2.36, libstdc++, libgcc).
 #
 #   SLUICE_IMAGE=name:tag      the image to build (default sluice:latest)
-#   SLUICE_BIN=/path/to/sluice use this binary instead of `cargo build --release --locked`
+#   SLUICE_BIN=/path/to/sluice use this binary instead of `cargo build --release --locked
+#                              --features tract` (tract is pure Rust: the image needs no
+#                              more libraries for it; OpenCV's would be, so not `opencv`)
 #   SLUICE_ORT_LIB=/path/.so   ONNX Runtime library (default .sluice/lib/libonnxruntime.so,
 #                              linked by scripts/setup.sh; the file is copied, not the link)
 #   SLUICE_BASE=image          base image (the Dockerfile's BASE); unset: debian:bookworm-slim
@@ -174,8 +176,8 @@ if [ -n "${SLUICE_BIN:-}" ]; then
   BIN=$SLUICE_BIN
   say "binary $BIN (SLUICE_BIN)"
 else
-  say "cargo build --release --locked -p sluice-cli"
-  cargo build --release --locked -p sluice-cli
+  say "cargo build --release --locked -p sluice-cli --features tract"
+  cargo build --release --locked -p sluice-cli --features tract
   BIN=${CARGO_TARGET_DIR:-target}/release/sluice
 fi
 if [ ! -f "$BIN" ] || [ ! -x "$BIN" ]; then die "$BIN is not an executable file"; fi

@@ -10,6 +10,8 @@
 #   SLUICE_GPU=auto|1|0    the GPU runtime (below): auto installs it when nvidia-smi sees a GPU
 #   SLUICE_SKIP_DEPLOY=1   skip .venv-deploy (Helm's Go SDK and the schemas that
 #                          scripts/render_manifests.py renders and validates deploy/ with)
+#   SLUICE_OPENCV=1        also Debian's OpenCV development packages and libclang, for
+#                          the `opencv` cargo feature (the test command builds it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -108,6 +110,15 @@ debs=()
 [ -x /usr/bin/chromium ] || debs+=(chromium)
 [ -x /usr/bin/chromedriver ] || debs+=(chromium-driver)
 command -v tmux >/dev/null || debs+=(tmux)
+# SLUICE_OPENCV=1 (the test command sets it): what the `opencv` cargo feature builds
+# against: OpenCV's core, imgproc and imgcodecs headers and libraries (not all of
+# libopencv-dev, which pulls in every module) and libclang, with which the opencv crate
+# generates its bindings.
+if [ "${SLUICE_OPENCV:-0}" = 1 ]; then
+  [ -e /usr/include/opencv4/opencv2/imgcodecs.hpp ] || debs+=(libopencv-core-dev libopencv-imgproc-dev libopencv-imgcodecs-dev)
+  command -v clang >/dev/null || debs+=(clang)
+  compgen -G "/usr/lib/llvm-*/lib/libclang.so" >/dev/null || debs+=(libclang-dev)
+fi
 if [ ${#debs[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then command -v sudo >/dev/null && sudo=sudo || sudo=none; fi

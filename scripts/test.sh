@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting and clippy (warnings are errors; every cargo
-# feature on, as for the tests: the tract backend is built and tested), then installs
-# what the tests need (ONNX Runtime, Triton's Python client and perf_analyzer, the deploy
-# checks' Helm SDK and schemas, the example models: the container test serves them all),
-# builds the workspace's tests and the container image, then runs the whole workspace's
-# tests (tests/tests/deploy.rs starts the image as the rendered Helm chart says,
-# tests/tests/hostile.rs runs it under a 4 GiB cap; SLUICE_SKIP_DOCKER_TESTS=1 skips the
-# image and those tests), then the fuzz targets for 20 s each.
+# Runs every check and test: installs what the tests need (ONNX Runtime, Triton's Python
+# client and perf_analyzer, the deploy checks' Helm SDK and schemas, the example models:
+# the container test serves them all; OpenCV's development files for the `opencv`
+# feature), then formatting and clippy (warnings are errors; every cargo feature on, as
+# for the tests), builds the workspace's tests and the container image, runs the whole
+# workspace's tests (tests/tests/deploy.rs starts the image as the rendered Helm chart
+# says, tests/tests/hostile.rs runs it under a 4 GiB cap; SLUICE_SKIP_DOCKER_TESTS=1 skips
+# the image and those tests), then the OpenCV engine's tests, then the fuzz targets for
+# 20 s each.
 #
 # The tests build in the release profile: the image needs a release `sluice`, and one
 # release build of the dependencies serves both (a dev-profile test build beside the
 # image's release build compiled every dependency twice: ~13 of the suite's minutes on 2
 # cores). Debug assertions and overflow checks still run in the fuzz targets (cargo fuzz
-# turns them on).
+# turns them on). The image's binary has every feature but `opencv` (its binary needs
+# OpenCV's shared libraries, which the image does not carry); the OpenCV tests then
+# rebuild only the crates the feature changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 step() { echo "test.sh: $* (at $((SECONDS - t0)) s)"; }
 
+step "setup"
+SLUICE_OPENCV=1 scripts/setup.sh
 step "fmt"
 cargo fmt --all --check
 step "clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
-step "setup"
-scripts/setup.sh
-step "test build (release)"
-cargo test --workspace --all-features --release --locked --no-run
+# Every feature of every workspace package but `opencv`.
+features=$(cargo metadata --no-deps --format-version 1 --locked | python3 -c '
+import json, sys
+pkgs = json.load(sys.stdin)["packages"]
+print(",".join(p["name"] + "/" + f for p in pkgs for f in p["features"] if f != "opencv"))')
+step "test build (release; features $features)"
+cargo test --workspace --features "$features" --release --locked --no-run
 # The image the deploy and hostile tests run, from the binary just built (tests/ rebuild
 # it through scripts/image.sh with the same SLUICE_BIN: a cached no-op then). A copy: a
 # later build must not change the binary under the image.
@@ -37,7 +45,10 @@ if [ "${SLUICE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then
   SLUICE_IMAGE=sluice:test scripts/image.sh
 fi
 step "tests"
-cargo test --workspace --all-features --release --locked
+cargo test --workspace --features "$features" --release --locked
+# The OpenCV engine: its reference and end-to-end tests (the same dependency build).
+step "tests with opencv"
+cargo test --workspace --all-features --release --locked --test references --test opencv
 # Every fuzz target from its committed corpus, briefly (scripts/fuzz.sh 600 by hand).
 step "fuzz"
 scripts/fuzz.sh "${SLUICE_FUZZ_SECONDS:-20}"

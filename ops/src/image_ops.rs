@@ -17,11 +17,19 @@ pub(crate) const OPS: &[OpSpec] = &[
     OpSpec {
         name: "decode_image",
         summary: "encoded JPEG/PNG bytes -> RGB image (EXIF orientation applied)",
-        params: &[param(
-            "max_pixels",
-            "server's --max-image-pixels",
-            "refuse images with more pixels (decompression bombs); at most the server's cap",
-        )],
+        params: &[
+            param(
+                "max_pixels",
+                "server's --max-image-pixels",
+                "refuse images with more pixels (decompression bombs); at most the server's cap",
+            ),
+            ENGINE,
+            param(
+                "max_side",
+                "none",
+                "engine opencv: decode JPEGs at 1/2, 1/4 or 1/8 size, the smallest whose longer side is still >= this",
+            ),
+        ],
         example: "{}",
         build: build_decode,
     },
@@ -37,6 +45,8 @@ pub(crate) const OPS: &[OpSpec] = &[
             param("multiple", "32", "fit_multiple: each side rounded to a multiple of this"),
             param("max_side", "none", "fit_multiple: scale down to at most this"),
             param("min_side", "none", "fit_multiple: scale up to at least this"),
+            ENGINE,
+            INTERPOLATION,
         ],
         example: r#"{"mode": "stretch", "width": 224, "height": 224}"#,
         build: build_resize,
@@ -71,18 +81,18 @@ pub(crate) const OPS: &[OpSpec] = &[
     OpSpec {
         name: "crop_boxes",
         summary: "image + boxes [n,4] -> list of n crops",
-        params: &[param("resize", "none", "[w, h]: resize every crop to this size")],
+        params: &[param("resize", "none", "[w, h]: resize every crop to this size"), ENGINE, INTERPOLATION],
         example: "{}",
         build: build_crop_boxes,
     },
     OpSpec {
         name: "crop_quads",
         summary: "image + quads [n,4,2] -> list of n perspective-warped crops",
-        params: &[param(
-            "rotate_tall_ratio",
-            "0",
-            "turn crops at least this many times taller than wide by 90 degrees",
-        )],
+        params: &[
+            param("rotate_tall_ratio", "0", "turn crops at least this many times taller than wide by 90 degrees"),
+            ENGINE,
+            INTERPOLATION,
+        ],
         example: "{}",
         build: build_crop_quads,
     },
@@ -99,6 +109,148 @@ fn image_in(inputs: &[Value], i: usize) -> Result<&Arc<Image>, OpError> {
     input(inputs, i, "an image", Value::as_image)
 }
 
+// ---- engines ----
+
+/// Which library runs an image op's kernels (`engine:` on decode_image, resize,
+/// crop_boxes and crop_quads).
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Pure Rust (zune-jpeg, png, fast_image_resize): always built in.
+    #[default]
+    Rust,
+    /// OpenCV's (cargo feature `opencv`): cv2's exact kernels, and reduced JPEG decodes.
+    Opencv,
+}
+
+/// The resampling kernel of `engine: opencv` (cv2's INTER_* flags).
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    /// Bilinear without antialiasing (INTER_LINEAR, cv2.resize's default).
+    #[default]
+    Linear,
+    /// Pixel-area averaging (INTER_AREA): what cv2 users shrink images with.
+    Area,
+    /// Bicubic (INTER_CUBIC): PaddleOCR's text-line warp.
+    Cubic,
+    /// Nearest neighbour (INTER_NEAREST).
+    Nearest,
+}
+
+impl Interpolation {
+    #[cfg(feature = "opencv")]
+    pub(crate) fn opencv(self) -> i32 {
+        use opencv::imgproc::{INTER_AREA, INTER_CUBIC, INTER_LINEAR, INTER_NEAREST};
+        match self {
+            Interpolation::Linear => INTER_LINEAR,
+            Interpolation::Area => INTER_AREA,
+            Interpolation::Cubic => INTER_CUBIC,
+            Interpolation::Nearest => INTER_NEAREST,
+        }
+    }
+}
+
+/// Whether this build has OpenCV (the cargo feature `opencv`).
+pub const OPENCV: bool = cfg!(feature = "opencv");
+
+/// The kernels of an op: its engine and, with OpenCV, the interpolation.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Kernel {
+    pub engine: Engine,
+    pub interpolation: Interpolation,
+}
+
+impl Kernel {
+    /// The kernel of `engine` and `interpolation` params, refused at pipeline load (the
+    /// error names the param) where this build cannot run it.
+    fn new(engine: Engine, interpolation: Interpolation) -> Result<Kernel, String> {
+        Kernel { engine, interpolation }.check().map(|()| Kernel { engine, interpolation })
+    }
+
+    fn check(&self) -> Result<(), String> {
+        match self.engine {
+            Engine::Opencv if !OPENCV => Err("bad params: engine: opencv needs a sluice built with the `opencv` \
+                 cargo feature (cargo build --release --features opencv); this one has only engine: rust"
+                .into()),
+            Engine::Rust if self.interpolation != Interpolation::Linear => Err(format!(
+                "bad params: interpolation: {:?} needs engine: opencv (the rust engine resizes bilinearly)",
+                self.interpolation
+            )
+            .to_lowercase()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resizes the whole of `src` into a fresh `w` x `h` image.
+    pub fn resize_to(&self, src: &Image, w: u32, h: u32) -> Result<Image, OpError> {
+        match self.engine {
+            Engine::Rust => resize_to(src, w, h),
+            Engine::Opencv => {
+                let mut out = Image::alloc(w, h)?;
+                self.resize_into(src, (0, 0, src.width, src.height), &mut out, (0, 0, w, h))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Resizes the region (left, top, w, h) of `src` into a fresh `ow` x `oh` image.
+    pub fn crop_resize(&self, src: &Image, region: (u32, u32, u32, u32), ow: u32, oh: u32) -> Result<Image, OpError> {
+        match self.engine {
+            Engine::Rust => crop_resize(src, region, ow, oh),
+            Engine::Opencv => {
+                let mut out = Image::alloc(ow, oh)?;
+                self.resize_into(src, region, &mut out, (0, 0, ow, oh))?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Resizes the region `from` of `src` into the region `to` of `dst`.
+    fn resize_into(
+        &self,
+        src: &Image,
+        from: (u32, u32, u32, u32),
+        dst: &mut Image,
+        to: (u32, u32, u32, u32),
+    ) -> Result<(), OpError> {
+        match self.engine {
+            Engine::Rust => {
+                let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
+                let s = TypedCroppedImage::new(s, from.0, from.1, from.2, from.3).map_err(internal)?;
+                let canvas = TypedImage::<U8x3>::from_buffer(dst.width, dst.height, &mut dst.data).map_err(internal)?;
+                let mut d = TypedCroppedImageMut::new(canvas, to.0, to.1, to.2, to.3).map_err(internal)?;
+                RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)
+            }
+            #[cfg(feature = "opencv")]
+            Engine::Opencv => crate::cv::resize(src, from, dst, to, self.interpolation),
+            #[cfg(not(feature = "opencv"))]
+            Engine::Opencv => Err(no_opencv()),
+        }
+    }
+
+    /// Warps a quad onto an upright image (see [`warp_quad`]).
+    fn warp_quad(&self, img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
+        match self.engine {
+            Engine::Rust => warp_quad(img, q),
+            #[cfg(feature = "opencv")]
+            Engine::Opencv => crate::cv::warp_quad(img, q, quad_size(q)?, self.interpolation),
+            #[cfg(not(feature = "opencv"))]
+            Engine::Opencv => Err(no_opencv()),
+        }
+    }
+}
+
+#[cfg(not(feature = "opencv"))]
+fn no_opencv() -> OpError {
+    OpError::Internal("engine: opencv in a build without the `opencv` feature".into())
+}
+
+const ENGINE: crate::op::Param =
+    param("engine", "rust", "rust, or opencv: OpenCV's kernels (a build with the `opencv` cargo feature)");
+const INTERPOLATION: crate::op::Param =
+    param("interpolation", "linear", "engine opencv: linear, area (cv2.INTER_AREA, for shrinking), cubic or nearest");
+
 // ---- decode ----
 
 #[derive(Deserialize)]
@@ -108,15 +260,32 @@ struct DecodeParams {
     /// per-image cap applies as well.
     #[serde(default)]
     max_pixels: Option<u64>,
+    #[serde(default)]
+    engine: Engine,
+    /// The pipeline needs at most this many pixels on the longer side: JPEGs decode at
+    /// a DCT scale (engine opencv).
+    #[serde(default)]
+    max_side: Option<u32>,
 }
 
 struct Decode {
     max_pixels: Option<u64>,
+    engine: Engine,
+    #[cfg_attr(not(feature = "opencv"), allow(dead_code))]
+    max_side: Option<u32>,
 }
 
 pub(crate) fn build_decode(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
     let p: DecodeParams = ctx.params()?;
-    Ok(Box::new(Decode { max_pixels: p.max_pixels }))
+    Kernel::new(p.engine, Interpolation::Linear)?;
+    match p.max_side {
+        Some(0) => return Err("bad params: max_side must be > 0".into()),
+        Some(_) if p.engine != Engine::Opencv => {
+            return Err("bad params: max_side (a reduced JPEG decode) needs engine: opencv".into())
+        }
+        _ => {}
+    }
+    Ok(Box::new(Decode { max_pixels: p.max_pixels, engine: p.engine, max_side: p.max_side }))
 }
 
 impl Op for Decode {
@@ -132,7 +301,14 @@ impl Op for Decode {
             _ => None,
         })?;
         let max = self.max_pixels.unwrap_or(u64::MAX).min(crate::memory::max_image_pixels());
-        Ok(vec![Value::Image(Arc::new(decode_image(data, max)?))])
+        let img = match self.engine {
+            Engine::Rust => decode_image(data, max)?,
+            #[cfg(feature = "opencv")]
+            Engine::Opencv => crate::cv::decode(data, max, self.max_side)?,
+            #[cfg(not(feature = "opencv"))]
+            Engine::Opencv => return Err(no_opencv()),
+        };
+        Ok(vec![Value::Image(Arc::new(img))])
     }
 }
 
@@ -142,17 +318,8 @@ impl Op for Decode {
 pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
     let bad = |what: &str, e: &dyn std::fmt::Display| OpError::Invalid(format!("cannot decode {what}: {e}"));
     if data.starts_with(&[0xFF, 0xD8]) {
-        use zune_core::bytestream::ZCursor;
-        use zune_core::colorspace::ColorSpace;
-        use zune_core::options::DecoderOptions;
-        let side = (max_pixels as usize).min(u16::MAX as usize);
-        let opts =
-            DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB).set_max_width(side).set_max_height(side);
-        let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(data), opts);
-        dec.decode_headers().map_err(|e| bad("JPEG", &e))?;
-        let (w, h) = dec.dimensions().ok_or_else(|| bad("JPEG", &"no dimensions"))?;
-        check_pixels(w, h, max_pixels)?;
-        let mut img = Image::alloc(w as u32, h as u32)?;
+        let (mut dec, w, h) = jpeg_decoder(data, max_pixels)?;
+        let mut img = Image::alloc(w, h)?;
         if dec.output_buffer_size() != Some(img.data.len()) {
             return Err(bad("JPEG", &"unexpected output size"));
         }
@@ -210,6 +377,32 @@ pub fn decode_image(data: &[u8], max_pixels: u64) -> Result<Image, OpError> {
     }
 }
 
+type Jpeg<'a> = zune_jpeg::JpegDecoder<zune_core::bytestream::ZCursor<&'a [u8]>>;
+
+/// A JPEG decoder with the headers read (nothing decoded yet), and the image's size,
+/// checked against `max_pixels`.
+fn jpeg_decoder(data: &[u8], max_pixels: u64) -> Result<(Jpeg<'_>, u32, u32), OpError> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    let bad = |e: &dyn std::fmt::Display| OpError::Invalid(format!("cannot decode JPEG: {e}"));
+    let side = (max_pixels as usize).min(u16::MAX as usize);
+    let opts =
+        DecoderOptions::default().jpeg_set_out_colorspace(ColorSpace::RGB).set_max_width(side).set_max_height(side);
+    let mut dec = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(data), opts);
+    dec.decode_headers().map_err(|e| bad(&e))?;
+    let (w, h) = dec.dimensions().ok_or_else(|| bad(&"no dimensions"))?;
+    check_pixels(w, h, max_pixels)?;
+    Ok((dec, w as u32, h as u32))
+}
+
+/// A JPEG's size (checked against `max_pixels`) and EXIF orientation, from its headers.
+#[cfg_attr(not(feature = "opencv"), allow(dead_code))]
+pub(crate) fn jpeg_header(data: &[u8], max_pixels: u64) -> Result<(u32, u32, u16), OpError> {
+    let (dec, w, h) = jpeg_decoder(data, max_pixels)?;
+    Ok((w, h, dec.exif().and_then(|e| exif_orientation(e)).unwrap_or(1)))
+}
+
 fn check_pixels(w: usize, h: usize, max: u64) -> Result<(), OpError> {
     if w == 0 || h == 0 {
         return Err(OpError::Invalid(format!("image is {w}x{h}: empty")));
@@ -251,7 +444,7 @@ fn exif_orientation(exif: &[u8]) -> Option<u16> {
 }
 
 /// Applies an EXIF orientation (1..=8) so the image is upright.
-fn orient(img: Image, orientation: u16) -> Result<Image, OpError> {
+pub(crate) fn orient(img: Image, orientation: u16) -> Result<Image, OpError> {
     let (w, h) = (img.width as usize, img.height as usize);
     // For each output pixel (x, y) of an output of size (ow, oh): its source pixel.
     let transposed = matches!(orientation, 5..=8);
@@ -319,6 +512,10 @@ struct ResizeParams {
     max_side: Option<u32>,
     #[serde(default)]
     min_side: Option<u32>,
+    #[serde(default)]
+    engine: Engine,
+    #[serde(default)]
+    interpolation: Interpolation,
 }
 
 fn default_multiple() -> u32 {
@@ -327,6 +524,7 @@ fn default_multiple() -> u32 {
 
 struct Resize {
     p: ResizeParams,
+    kernel: Kernel,
 }
 
 pub(crate) fn build_resize(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
@@ -346,7 +544,8 @@ pub(crate) fn build_resize(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
         }
         _ => {}
     }
-    Ok(Box::new(Resize { p }))
+    let kernel = Kernel::new(p.engine, p.interpolation)?;
+    Ok(Box::new(Resize { p, kernel }))
 }
 
 thread_local! {
@@ -397,15 +596,12 @@ impl Resize {
     fn apply(&self, src: &Image) -> Result<Image, OpError> {
         let p = &self.p;
         match p.mode {
-            ResizeMode::Stretch => resize_to(src, p.width, p.height),
+            ResizeMode::Stretch => self.kernel.resize_to(src, p.width, p.height),
             ResizeMode::Letterbox => {
                 let (_, left, top, w, h) = letterbox_geometry(src.width, src.height, p.width, p.height);
-                let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
                 let mut out = Image::alloc(p.width, p.height)?;
                 out.data.fill(p.pad);
-                let canvas = TypedImage::<U8x3>::from_buffer(p.width, p.height, &mut out.data).map_err(internal)?;
-                let mut d = TypedCroppedImageMut::new(canvas, left, top, w, h).map_err(internal)?;
-                RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)?;
+                self.kernel.resize_into(src, (0, 0, src.width, src.height), &mut out, (left, top, w, h))?;
                 Ok(out)
             }
             ResizeMode::ShorterSideCrop => {
@@ -422,12 +618,12 @@ impl Resize {
                     )),
                     e => e,
                 })?;
-                let resized = resize_to(src, rw, rh)?;
+                let resized = self.kernel.resize_to(src, rw, rh)?;
                 crop_copy(&resized, (rw - p.width) / 2, (rh - p.height) / 2, p.width, p.height)
             }
             ResizeMode::FitMultiple => {
                 let (w, h) = fit_multiple(src.width, src.height, p.min_side, p.max_side, p.multiple);
-                resize_to(src, w, h)
+                self.kernel.resize_to(src, w, h)
             }
         }
     }
@@ -655,11 +851,17 @@ struct CropParams {
     /// Resize every crop to this size (width, height); none: keep each crop's own size.
     #[serde(default)]
     resize: Option<[u32; 2]>,
+    #[serde(default)]
+    engine: Engine,
+    #[serde(default)]
+    interpolation: Interpolation,
 }
 
-/// One crop per box (x1, y1, x2, y2 in pixels), clamped to the image: a fan-out.
+/// One crop per box (x1, y1, x2, y2 in the picture's pixels), clamped to the image: a
+/// fan-out.
 struct CropBoxes {
     resize: Option<[u32; 2]>,
+    kernel: Kernel,
 }
 
 pub(crate) fn build_crop_boxes(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
@@ -667,7 +869,7 @@ pub(crate) fn build_crop_boxes(ctx: &BuildContext) -> Result<Box<dyn Op>, String
     if p.resize.is_some_and(|[w, h]| w == 0 || h == 0) {
         return Err("bad params: resize sizes must be > 0".into());
     }
-    Ok(Box::new(CropBoxes { resize: p.resize }))
+    Ok(Box::new(CropBoxes { resize: p.resize, kernel: Kernel::new(p.engine, p.interpolation)? }))
 }
 
 impl Op for CropBoxes {
@@ -684,12 +886,14 @@ impl Op for CropBoxes {
         let coords = boxes.to_f32().filter(|_| boxes.shape.len() == 2 && boxes.shape[1] == 4).ok_or_else(|| {
             OpError::Invalid(format!("boxes must be FP32 [n,4], got {} {:?}", boxes.dtype, boxes.shape))
         })?;
+        // Boxes are in the picture's frame: a reduced decode is cropped where they fall.
+        let (sx, sy) = img.source_scale();
         let crops = coords
             .chunks_exact(4)
             .map(|b| {
-                let (left, top, w, h) = clamp_box(b, img.width, img.height);
+                let (left, top, w, h) = clamp_box(&[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], img.width, img.height);
                 let crop = match self.resize {
-                    Some([rw, rh]) => crop_resize(img, (left, top, w, h), rw, rh)?,
+                    Some([rw, rh]) => self.kernel.crop_resize(img, (left, top, w, h), rw, rh)?,
                     None => crop_copy(img, left, top, w, h)?,
                 };
                 Ok(Value::Image(Arc::new(crop)))
@@ -761,7 +965,10 @@ mod tests {
                 multiple: 32,
                 max_side: None,
                 min_side: None,
+                engine: Engine::Rust,
+                interpolation: Interpolation::Linear,
             },
+            kernel: Kernel::default(),
         };
         let out = op.apply(&Image::filled(16, 8, [200, 100, 50])).unwrap();
         assert_eq!((out.width, out.height), (8, 8));
@@ -783,7 +990,10 @@ mod tests {
                 multiple: 32,
                 max_side: None,
                 min_side: None,
+                engine: Engine::Rust,
+                interpolation: Interpolation::Linear,
             },
+            kernel: Kernel::default(),
         };
         let src = gradient(8, 4);
         let out = op.apply(&src).unwrap();
@@ -802,10 +1012,12 @@ mod tests {
             multiple: 32,
             max_side: Some(960),
             min_side: None,
+            engine: Engine::Rust,
+            interpolation: Interpolation::Linear,
         };
         assert_eq!(fit_multiple(640, 480, Some(736), None, 32), (992, 736), "PaddleOCR's limit_type min, 736");
         assert_eq!(fit_multiple(48, 100, Some(736), Some(2000), 32), (736, 1536));
-        let out = Resize { p }.apply(&gradient(100, 50)).unwrap();
+        let out = Resize { p, kernel: Kernel::default() }.apply(&gradient(100, 50)).unwrap();
         assert_eq!((out.width, out.height), (96, 64));
     }
 
@@ -838,7 +1050,7 @@ mod tests {
     #[test]
     fn crops_are_clamped_to_the_image() {
         let img = Arc::new(gradient(10, 10));
-        let op = CropBoxes { resize: None };
+        let op = CropBoxes { resize: None, kernel: Kernel::default() };
         let boxes = Tensor::from_f32(vec![3, 4], &[2.0, 3.0, 5.0, 7.0, -5.0, -5.0, 100.0, 100.0, 4.0, 4.0, 4.0, 4.0]);
         let out = op.run(&[Value::Image(img.clone()), Value::Tensor(boxes)]).unwrap();
         let crops = out[0].as_list().unwrap();
@@ -867,6 +1079,10 @@ struct QuadParams {
     /// 0: never.
     #[serde(default)]
     rotate_tall_ratio: f32,
+    #[serde(default)]
+    engine: Engine,
+    #[serde(default)]
+    interpolation: Interpolation,
 }
 
 /// One upright crop per quadrilateral (x,y of its 4 corners, clockwise from the top left,
@@ -876,11 +1092,12 @@ struct QuadParams {
 /// BORDER_REPLICATE, which text recognisers are trained on). A fan-out.
 struct CropQuads {
     rotate_tall_ratio: f32,
+    kernel: Kernel,
 }
 
 pub(crate) fn build_crop_quads(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
     let p: QuadParams = ctx.params()?;
-    Ok(Box::new(CropQuads { rotate_tall_ratio: p.rotate_tall_ratio }))
+    Ok(Box::new(CropQuads { rotate_tall_ratio: p.rotate_tall_ratio, kernel: Kernel::new(p.engine, p.interpolation)? }))
 }
 
 impl Op for CropQuads {
@@ -897,11 +1114,13 @@ impl Op for CropQuads {
         let v = quads.to_f32().filter(|_| ok_shape).ok_or_else(|| {
             OpError::Invalid(format!("quads must be FP32 [n,4,2] or [n,8], got {} {:?}", quads.dtype, quads.shape))
         })?;
+        // Quads are in the picture's frame: a reduced decode is cut where they fall.
+        let (sx, sy) = img.source_scale();
         let crops = v
             .chunks_exact(8)
             .map(|q| {
-                let pts: [(f32, f32); 4] = std::array::from_fn(|i| (q[2 * i], q[2 * i + 1]));
-                let crop = warp_quad(img, pts)?;
+                let pts: [(f32, f32); 4] = std::array::from_fn(|i| (q[2 * i] * sx, q[2 * i + 1] * sy));
+                let crop = self.kernel.warp_quad(img, pts)?;
                 let tall =
                     self.rotate_tall_ratio > 0.0 && crop.height as f32 >= crop.width as f32 * self.rotate_tall_ratio;
                 Ok(Value::Image(Arc::new(if tall { rotate90_ccw(&crop)? } else { crop })))
@@ -915,13 +1134,24 @@ fn dist(a: (f32, f32), b: (f32, f32)) -> f32 {
     ((a.0 - b.0).powi(2) + (a.1 - b.1).powi(2)).sqrt()
 }
 
-/// Warps the quad (top-left, top-right, bottom-right, bottom-left) onto an upright image.
-pub fn warp_quad(img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
-    let w = dist(q[0], q[1]).max(dist(q[3], q[2])).round().max(1.0) as u32;
-    let h = dist(q[0], q[3]).max(dist(q[1], q[2])).round().max(1.0) as u32;
+/// The upright size of a quad's crop: its longer top/bottom edge by its longer
+/// left/right edge.
+fn quad_size(q: [(f32, f32); 4]) -> Result<(u32, u32), OpError> {
     if !q.iter().all(|p| p.0.is_finite() && p.1.is_finite()) {
         return Err(OpError::Invalid(format!("quad {q:?} is not a usable box")));
     }
+    let w = dist(q[0], q[1]).max(dist(q[3], q[2])).round().max(1.0);
+    let h = dist(q[0], q[3]).max(dist(q[1], q[2])).round().max(1.0);
+    // Pixels are checked by the allocation; the sides must fit its u32s first.
+    if w > u32::MAX as f32 || h > u32::MAX as f32 {
+        return Err(OpError::TooLarge(format!("quad {q:?} spans {w}x{h} pixels")));
+    }
+    Ok((w as u32, h as u32))
+}
+
+/// Warps the quad (top-left, top-right, bottom-right, bottom-left) onto an upright image.
+pub fn warp_quad(img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
+    let (w, h) = quad_size(q)?;
     let dst = [(0.0, 0.0), (w as f32, 0.0), (w as f32, h as f32), (0.0, h as f32)];
     let m = homography(dst, q).ok_or_else(|| OpError::Invalid(format!("quad {q:?} is degenerate")))?;
     let (iw, ih) = (img.width as i64, img.height as i64);
