@@ -19,7 +19,7 @@ mkdir -p "$out"
 grpc=127.0.0.1:18211
 http=127.0.0.1:18210
 repo=$(mktemp -d)
-trap 'kill $pid 2>/dev/null; rm -rf "$repo"' EXIT
+trap 'kill ${pid:-} 2>/dev/null; rm -rf "$repo"' EXIT
 mkdir -p "$repo/models" "$repo/pipelines"
 ln -s "$PWD/models/detector" "$repo/models/detector"
 .venv/bin/python - "$repo" <<'PY'

@@ -123,7 +123,7 @@ if [ ${#debs[@]} -gt 0 ]; then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then command -v sudo >/dev/null && sudo=sudo || sudo=none; fi
   if [ "$sudo" = none ]; then
-    echo "setup: WARNING: ${debs[*]} missing and we are not root (no sudo): perf_analyzer, the OCR or the dashboard tests will fail" >&2
+    echo "setup: WARNING: ${debs[*]} missing and we are not root (no sudo): perf_analyzer, the OCR or the dashboard tests, or a build with the opencv feature, will fail" >&2
   else
     echo "setup: installing Debian's ${debs[*]}"
     $sudo apt-get update -qq

@@ -84,16 +84,20 @@ pub fn decode(data: &[u8], max_pixels: u64, max_side: Option<u32>) -> Result<Ima
             _ => imgcodecs::IMREAD_REDUCED_COLOR_8,
         };
     // OpenCV decodes (BGR) into a buffer of its own: charged like ours while it lives.
-    let _scratch = crate::memory::IMAGES.take(crate::memory::image_bytes(rw as u64, rh as u64)?)?;
+    // A progressive JPEG also keeps every DCT coefficient of the full-size image (2
+    // bytes a sample) whatever the output scale: charged at full size then.
+    let (cw, ch) = if progressive(data) { (w, h) } else { (rw, rh) };
+    let _scratch = crate::memory::IMAGES.take(crate::memory::image_bytes(cw as u64, ch as u64)?.saturating_mul(2))?;
     let len = i32::try_from(data.len()).map_err(|_| OpError::TooLarge(format!("{} bytes of JPEG", data.len())))?;
     let encoded = Mat::new_rows_cols_with_data(1, len, data).map_err(cv("input header"))?;
     let bgr = imgcodecs::imdecode(&encoded, flags).map_err(|e| OpError::Invalid(format!("cannot decode JPEG: {e}")))?;
     if bgr.empty() {
         return Err(OpError::Invalid("cannot decode JPEG: OpenCV's decoder refused it".into()));
     }
+    // The file's own fault (headers that two decoders read differently): the client's.
     if (bgr.cols(), bgr.rows(), bgr.typ()) != (rw as i32, rh as i32, CV_8UC3) {
-        return Err(OpError::Internal(format!(
-            "OpenCV decoded {}x{} (type {}) where {rw}x{rh} 8-bit BGR was expected",
+        return Err(OpError::Invalid(format!(
+            "cannot decode JPEG: OpenCV decoded {}x{} (type {}) where its header says {rw}x{rh} 8-bit colour",
             bgr.cols(),
             bgr.rows(),
             bgr.typ()
@@ -112,6 +116,27 @@ pub fn decode(data: &[u8], max_pixels: u64, max_side: Option<u32>) -> Result<Ima
     let transposed = matches!(orientation, 5..=8);
     let img = orient(img, orientation)?;
     Ok(if transposed { img.with_source_size(h, w) } else { img.with_source_size(w, h) })
+}
+
+/// Whether a JPEG is progressive (or otherwise multi-scan: SOF2, SOF6, SOF10, SOF14),
+/// from its markers before the first scan. Bounded by the data: each step moves past
+/// one marker segment.
+fn progressive(data: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= data.len() {
+        if data[i] != 0xFF {
+            return false;
+        }
+        let marker = data[i + 1];
+        match marker {
+            0xC2 | 0xC6 | 0xCA | 0xCE => return true,
+            0xC0 | 0xC1 | 0xC3 | 0xC5 | 0xC7 | 0xC9 | 0xCB | 0xCD | 0xCF | 0xDA => return false,
+            // Fill bytes before a marker.
+            0xFF => i += 1,
+            _ => i += 2 + u16::from_be_bytes([data[i + 2], data[i + 3]]) as usize,
+        }
+    }
+    false
 }
 
 /// Resizes the rectangle `from` (left, top, width, height) of `src` into the rectangle

@@ -156,8 +156,11 @@ impl Op for DetectYolo {
         // Boxes in the picture's full-size frame, also when it was decoded reduced (NMS
         // is unchanged by scaling the axes: IoU is a ratio of areas).
         let (sx, sy) = img.source_scale();
+        let (sw, sh) = img.source_size();
+        let x = |v: f32| (v / sx).min(sw as f32);
+        let y = |v: f32| (v / sy).min(sh as f32);
         let boxes: Vec<f32> =
-            dets.iter().flat_map(|d| [d.bbox[0] / sx, d.bbox[1] / sy, d.bbox[2] / sx, d.bbox[3] / sy]).collect();
+            dets.iter().flat_map(|d| [x(d.bbox[0]), y(d.bbox[1]), x(d.bbox[2]), y(d.bbox[3])]).collect();
         let scores: Vec<f32> = dets.iter().map(|d| d.score).collect();
         let classes: Vec<i64> = dets.iter().map(|d| d.class as i64).collect();
         Ok(vec![

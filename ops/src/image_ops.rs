@@ -234,7 +234,16 @@ impl Kernel {
         match self.engine {
             Engine::Rust => warp_quad(img, q),
             #[cfg(feature = "opencv")]
-            Engine::Opencv => crate::cv::warp_quad(img, q, quad_size(q)?, self.interpolation),
+            Engine::Opencv => {
+                // cv::getPerspectiveTransform gives a matrix of zeros for a quad with no
+                // area rather than an error: refuse it as the pure-Rust warp does.
+                let size = quad_size(q)?;
+                let dst = [(0.0, 0.0), (size.0 as f32, 0.0), (size.0 as f32, size.1 as f32), (0.0, size.1 as f32)];
+                if homography(dst, q).is_none() {
+                    return Err(OpError::Invalid(format!("quad {q:?} is degenerate")));
+                }
+                crate::cv::warp_quad(img, q, size, self.interpolation)
+            }
             #[cfg(not(feature = "opencv"))]
             Engine::Opencv => Err(no_opencv()),
         }
@@ -560,7 +569,8 @@ fn bilinear() -> ResizeOptions {
 /// Resizes the whole of `src` into a fresh `w` x `h` image.
 pub fn resize_to(src: &Image, w: u32, h: u32) -> Result<Image, OpError> {
     if (src.width, src.height) == (w, h) {
-        return Ok(src.clone());
+        // A resize makes a new frame: like every other size, it is its own picture.
+        return Ok(src.clone().with_source_size(w, h));
     }
     let s = TypedImageRef::<U8x3>::from_buffer(src.width, src.height, &src.data).map_err(internal)?;
     let mut out = Image::alloc(w, h)?;
@@ -836,13 +846,14 @@ impl Op for Rotate180 {
     }
 }
 
-/// The image turned upside down: its pixels in reverse order.
+/// The image turned upside down: its pixels in reverse order (the same picture size).
 pub fn rotate_180(img: &Image) -> Result<Image, OpError> {
     let mut out = Image::alloc(img.width, img.height)?;
     for (d, s) in out.data.chunks_exact_mut(3).zip(img.data.chunks_exact(3).rev()) {
         d.copy_from_slice(s);
     }
-    Ok(out)
+    let (sw, sh) = img.source_size();
+    Ok(out.with_source_size(sw, sh))
 }
 
 #[derive(Deserialize)]
@@ -1097,6 +1108,9 @@ struct CropQuads {
 
 pub(crate) fn build_crop_quads(ctx: &BuildContext) -> Result<Box<dyn Op>, String> {
     let p: QuadParams = ctx.params()?;
+    if p.interpolation == Interpolation::Area {
+        return Err("bad params: interpolation: area is for shrinking; a warp takes linear, cubic or nearest".into());
+    }
     Ok(Box::new(CropQuads { rotate_tall_ratio: p.rotate_tall_ratio, kernel: Kernel::new(p.engine, p.interpolation)? }))
 }
 

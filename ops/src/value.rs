@@ -110,9 +110,11 @@ impl Image {
         self.source.unwrap_or((self.width, self.height))
     }
 
-    /// This image, marked as a `width` x `height` picture shown smaller.
+    /// This image, marked as showing a `width` x `height` picture (at its own size, or
+    /// smaller). A size of 0 is ignored: the image is then its own picture.
     pub fn with_source_size(mut self, width: u32, height: u32) -> Image {
-        self.source = ((width, height) != (self.width, self.height)).then_some((width, height));
+        let own = (self.width, self.height);
+        self.source = (width > 0 && height > 0 && (width, height) != own).then_some((width, height));
         self
     }
 

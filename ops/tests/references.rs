@@ -174,11 +174,43 @@ mod opencv_engine {
     }
 
     fn photo_jpeg(w: u32, h: u32) -> Vec<u8> {
+        encode(w, h, false)
+    }
+
+    /// A gradient as a JPEG, baseline or progressive.
+    fn encode(w: u32, h: u32, progressive: bool) -> Vec<u8> {
         let data: Vec<u8> = (0..w * h).flat_map(|i| [(i % w * 255 / w) as u8, (i / w * 255 / h) as u8, 90]).collect();
         let src = Mat::new_rows_cols_with_bytes::<Vec3b>(h as i32, w as i32, &data).unwrap();
         let mut buf = opencv::core::Vector::<u8>::new();
-        opencv::imgcodecs::imencode_def(".jpg", &src, &mut buf).unwrap();
+        let params = opencv::core::Vector::<i32>::from_slice(&[
+            opencv::imgcodecs::IMWRITE_JPEG_PROGRESSIVE,
+            i32::from(progressive),
+        ]);
+        opencv::imgcodecs::imencode(".jpg", &src, &mut buf, &params).unwrap();
         buf.to_vec()
+    }
+
+    #[test]
+    fn odd_sizes_round_up_as_libjpeg_does_and_progressive_files_decode_reduced() {
+        // 201 / 8 and 121 / 8 round up: 26x16.
+        for progressive in [false, true] {
+            let img = cv_decode(&encode(201, 121, progressive), 1 << 20, Some(26)).unwrap();
+            assert_eq!((img.width, img.height, img.source_size()), (26, 16, (201, 121)), "progressive {progressive}");
+        }
+        let (a, b) = (encode(201, 121, false), encode(201, 121, true));
+        assert!(a[2..].windows(2).any(|m| m == [0xFF, 0xC0]) && b[2..].windows(2).any(|m| m == [0xFF, 0xC2]));
+    }
+
+    #[test]
+    fn a_degenerate_quad_is_invalid_input_on_opencv_too() {
+        let src = Value::Image(Arc::new(decode("src.png")));
+        let flat =
+            Value::Tensor(sluice_ops::Tensor::from_f32(vec![1, 8], &[1.0, 1.0, 9.0, 9.0, 17.0, 17.0, 25.0, 25.0]));
+        let op = OpRegistry::builtin()
+            .build("crop_quads", &BuildContext::new(serde_json::json!({"engine": "opencv"}), Path::new(".")))
+            .unwrap();
+        let e = op.run(&[src, flat]).unwrap_err();
+        assert!(matches!(&e, OpError::Invalid(m) if m.contains("degenerate")), "{e}");
     }
 
     #[test]
@@ -309,6 +341,8 @@ fn engine_params_are_checked_when_the_pipeline_loads() {
     assert!(e.contains("interpolation: area needs engine: opencv"), "{e}");
     let e = build("decode_image", serde_json::json!({"max_side": 320}));
     assert!(e.contains("max_side") && e.contains("engine: opencv"), "{e}");
+    let e = build("crop_quads", serde_json::json!({"interpolation": "area"}));
+    assert!(e.contains("a warp takes linear, cubic or nearest"), "{e}");
     let e = build("crop_boxes", serde_json::json!({"engine": "cuda"}));
     assert!(e.contains("cuda"), "{e}");
     let e = build("decode_image", serde_json::json!({"engine": "opencv"}));

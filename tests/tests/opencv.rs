@@ -1,12 +1,12 @@
 //! `engine: opencv` end to end (cargo feature `opencv`): a detection pipeline whose
 //! decode and letterbox run on OpenCV, and one that decodes its JPEG at a quarter of the
 //! size (`max_side`), answer over the wire with the boxes of the pure-Rust pipeline, in
-//! the photo's own pixels; a crop of the reduced decode lands on the same object; a
-//! pipeline that asks for a reduced decode without OpenCV fails its load naming the line.
+//! the photo's own pixels; a crop of the reduced decode lands on the same object
+//! (tests/tests/pipelines.rs: OpenCV params without `engine: opencv` fail the load).
 #![cfg(feature = "opencv")]
 
 use sluice_client::{InferOptions, Tensor};
-use sluice_tests::{start, tiny_classifier, tiny_detector, Repo};
+use sluice_tests::{start, tiny_detector, Repo};
 use std::collections::HashMap;
 
 const DETECTOR_YAML: &str = "max_batch_size: 4\ndynamic_batching:\n  max_queue_delay_us: 2000\n";
@@ -94,20 +94,4 @@ async fn opencv_pipelines_find_the_boxes_of_the_rust_one_in_the_photos_pixels() 
             assert!(rgb[0] > 200.0 && rgb[1] < 40.0 && rgb[2] < 40.0, "{p}: crop {i} colour {rgb:?}");
         }
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reduced_decode_without_engine_opencv_fails_the_load_naming_the_line() {
-    let repo = Repo::new();
-    repo.add("detector", &tiny_detector(), DETECTOR_YAML);
-    repo.add("resnet50", &tiny_classifier(), "max_batch_size: 4\n");
-    repo.pipeline("no_engine", &detect("{max_side: 320}", ""));
-    repo.pipeline("area_on_rust", &detect("{}", ", interpolation: area"));
-    let s = start(repo.config()).await;
-    let index = s.client.repository_index().await.unwrap();
-    let reason = |name: &str| index.iter().find(|m| m.name == name).map(|m| m.reason.clone()).unwrap();
-    let r = reason("no_engine");
-    assert!(r.contains("no_engine.yaml:7: node 'decode'") && r.contains("max_side"), "{r}");
-    let r = reason("area_on_rust");
-    assert!(r.contains("area_on_rust.yaml:9: node 'letterbox'") && r.contains("interpolation: area"), "{r}");
 }

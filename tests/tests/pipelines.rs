@@ -547,3 +547,30 @@ async fn a_nodes_concurrency_limit_holds_across_requests() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opencv_params_without_engine_opencv_fail_the_load_naming_the_line() {
+    let repo = Repo::new();
+    let decode = |params: &str, resize: &str| {
+        format!(
+            "inputs:\n  - {{name: image, dtype: BYTES, dims: [1]}}\noutputs:\n  - {{name: o, from: small.image}}\nnodes:\n  \
+             - {{name: decode, op: decode_image, inputs: {{bytes: image}}, params: {params}}}\n  - name: small\n    \
+             op: resize\n    inputs: {{image: decode.image}}\n    params: {{mode: stretch, width: 8, height: 8{resize}}}\n"
+        )
+    };
+    repo.pipeline("no_engine", &decode("{max_side: 320}", ""));
+    repo.pipeline("area_on_rust", &decode("{}", ", interpolation: area"));
+    let s = start(repo.config()).await;
+    let index = s.client.repository_index().await.unwrap();
+    let reason = |name: &str| index.iter().find(|m| m.name == name).map(|m| m.reason.clone()).unwrap();
+    let r = reason("no_engine");
+    assert!(
+        r.contains("no_engine.yaml:6: node 'decode'") && r.contains("max_side") && r.contains("engine: opencv"),
+        "{r}"
+    );
+    let r = reason("area_on_rust");
+    assert!(
+        r.contains("area_on_rust.yaml:8: node 'small'") && r.contains("interpolation: area needs engine: opencv"),
+        "{r}"
+    );
+}
