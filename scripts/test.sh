@@ -45,7 +45,8 @@ if [ "${SLUICE_SKIP_DOCKER_TESTS:-0}" != 1 ]; then
   SLUICE_IMAGE=sluice:test scripts/image.sh
 fi
 step "tests"
-cargo test --workspace --features "$features" --release --locked
+# Every test binary runs even after one fails: one CI run reports every failure.
+cargo test --workspace --features "$features" --release --locked --no-fail-fast
 # The OpenCV engine: its reference and end-to-end tests (the same dependency build).
 step "tests with opencv"
 cargo test --workspace --all-features --release --locked --test references --test opencv

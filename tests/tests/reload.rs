@@ -406,6 +406,22 @@ fn thread_nice(prefixes: &[&str]) -> Vec<(String, i64)> {
     found
 }
 
+/// The `prio` model's instance threads and ONNX Runtime's, once at least `instances`
+/// instance threads have their names (up to 5 s). A thread takes its name when it first
+/// runs, and on a busy machine one spawned a moment ago may not have run yet.
+#[cfg(target_os = "linux")]
+async fn instance_threads(instances: usize) -> Vec<(String, i64)> {
+    let mut found = thread_nice(&["model-prio", "ort-intra-op"]);
+    for _ in 0..250 {
+        if found.iter().filter(|(n, _)| n.starts_with("model-prio")).count() >= instances {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        found = thread_nice(&["model-prio", "ort-intra-op"]);
+    }
+    found
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg(target_os = "linux")]
 async fn a_model_reloaded_while_serving_loads_at_low_priority_but_serves_at_normal() {
@@ -413,7 +429,7 @@ async fn a_model_reloaded_while_serving_loads_at_low_priority_but_serves_at_norm
     let yaml = "max_batch_size: 8\nintra_op_threads: 2\ninstances: 2\n";
     repo.add("prio", &linear_model(4, 2.0, 1.0), yaml);
     let s = start(repo.config()).await;
-    let before = thread_nice(&["model-prio", "ort-intra-op"]);
+    let before = instance_threads(2).await;
     assert_eq!(before.iter().filter(|(n, _)| n.starts_with("model-prio")).count(), 2, "{before:?}");
     assert!(before.iter().any(|(n, _)| n == "ort-intra-op"), "ONNX Runtime's pool threads are named: {before:?}");
 
@@ -423,19 +439,9 @@ async fn a_model_reloaded_while_serving_loads_at_low_priority_but_serves_at_norm
     assert!(sluice_server::background_runs() > loads, "the reload loaded in the background");
     assert_eq!(call(&s.client, "prio", "", true).await.unwrap(), linear(3.0, 0.0));
     // The load ran on a nice-19 thread; what it started for serving did not inherit that.
-    // A thread takes its name when it first runs: on a busy machine, the second instance
-    // may not have run yet when the first has answered.
-    let instances = |t: &[(String, i64)]| t.iter().filter(|(n, _)| n.starts_with("model-prio")).count();
-    let mut after = thread_nice(&["model-prio", "ort-intra-op"]);
-    for _ in 0..250 {
-        if instances(&after) >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        after = thread_nice(&["model-prio", "ort-intra-op"]);
-    }
+    let after = instance_threads(2).await;
     let base = before[0].1;
-    assert!(instances(&after) >= 2, "{after:?}");
+    assert!(after.iter().filter(|(n, _)| n.starts_with("model-prio")).count() >= 2, "{after:?}");
     assert!(after.iter().all(|(_, nice)| *nice == base), "serving threads run at the server's priority: {after:?}");
     s.server.shutdown().await;
 }
