@@ -388,6 +388,52 @@ async fn an_op_panic_fails_its_request_with_internal_and_the_server_keeps_servin
     assert_eq!(out[0].1.to_f32().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
 }
 
+/// A custom op that declares one output and returns none: an op author's bug.
+struct ReturnsNothing;
+impl Op for ReturnsNothing {
+    fn inputs(&self) -> Vec<sluice_ops::Port> {
+        vec![op::port("value", sluice_ops::ValueType::Any)]
+    }
+    fn outputs(&self) -> Vec<sluice_ops::Port> {
+        vec![op::port("value", sluice_ops::ValueType::Any)]
+    }
+    fn infer(&mut self, inputs: &[sluice_ops::ValueType]) -> Result<Vec<sluice_ops::ValueType>, String> {
+        Ok(inputs.to_vec())
+    }
+    fn run(&self, _: &[Value]) -> op::OpResult {
+        Ok(vec![])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_op_that_breaks_its_contract_fails_its_request_or_its_load_not_the_server() {
+    let nothing = OpSpec::new("test_returns_nothing", "returns no outputs", |_| Ok(Box::new(ReturnsNothing)));
+    let panics = OpSpec::new("test_build_panics", "panics when built", |_| panic!("a constructor's bug"));
+    let repo = Repo::new();
+    let node = |op: &str| format!("{TENSOR_PIPELINE}  - name: last\n    op: {op}\n    inputs: {{value: x}}\n");
+    repo.pipeline("short", &node("test_returns_nothing"));
+    repo.pipeline("unbuildable", &node("test_build_panics"));
+    repo.pipeline(
+        "fine",
+        &node("test_returns_nothing")
+            .replace("test_returns_nothing", "softmax")
+            .replace("value: x", "tensor: x")
+            .replace("last.value", "last.tensor"),
+    );
+    let ops = OpRegistry::builtin().with(nothing).unwrap().with(panics).unwrap();
+    let s = start(ServerConfig { ops: Arc::new(ops), ..repo.config() }).await;
+    let x = Tensor::from_f32(vec![4], &[1.0, 2.0, 3.0, 4.0]);
+    let err = s.client.infer("short", &[("x", &x)], InferOptions::default()).await.unwrap_err();
+    let ClientError::Status(st) = &err else { panic!("{err}") };
+    assert_eq!(st.code(), Code::Internal, "{}", st.message());
+    assert_eq!(st.message(), "pipeline 'short', node 'last': op returned 0 outputs, but declares 1 (value)");
+    let index = s.client.repository_index().await.unwrap();
+    let broken = index.iter().find(|m| m.name == "unbuildable").unwrap();
+    assert_eq!(broken.state, "UNAVAILABLE");
+    assert!(broken.reason.contains("compiling panicked: a constructor's bug"), "{}", broken.reason);
+    assert!(s.client.infer("fine", &[("x", &x)], InferOptions::default()).await.is_ok(), "the server keeps serving");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_pipeline_is_reported_and_the_others_still_serve() {
     let repo = Repo::new();

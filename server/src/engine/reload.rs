@@ -538,7 +538,11 @@ impl Engine {
                 if models.contains_key(name) {
                     return Err(format!("{}: a model is named '{name}' too; rename one of them", file.display()));
                 }
-                let plan = pipeline::compile(name, file, &text, &catalog).map_err(|e| e.to_string())?;
+                // Ops' constructors (a user's own too) run here: a panic fails this
+                // pipeline's load, not the reload.
+                let plan = catch_unwind(AssertUnwindSafe(|| pipeline::compile(name, file, &text, &catalog)))
+                    .map_err(|p| format!("{}: compiling panicked: {}", file.display(), panic_message(p)))?
+                    .map_err(|e| e.to_string())?;
                 for w in &plan.warnings {
                     tracing::warn!("{}", Located(file, w));
                 }

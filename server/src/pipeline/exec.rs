@@ -506,6 +506,17 @@ impl Pipeline {
                 tracing::error!(pipeline = %self.plan.name, node = %node.name, "op panicked: {panic}");
                 Err(self.node_failed(node, format!("op panicked: {panic}")))
             }
+            // An op (a user's own too) must give what it declares: the nodes after it
+            // index its outputs by port and trust their kinds.
+            Ok(Ok(v)) if v.len() != node.output_names.len() => Err(self.node_failed(
+                node,
+                format!(
+                    "op returned {} outputs, but declares {} ({})",
+                    v.len(),
+                    node.output_names.len(),
+                    node.output_names.join(", ")
+                ),
+            )),
             Ok(Ok(v)) => Ok(v),
             Ok(Err(OpError::Invalid(msg))) => Err(self.node_invalid(node, msg)),
             Ok(Err(OpError::Internal(msg))) => Err(self.node_failed(node, msg)),
