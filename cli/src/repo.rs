@@ -50,19 +50,18 @@ pub struct OpsArgs {
 
 /// The repository read and checked, with the pools a server started with these
 /// arguments would have.
-fn scan(repo: &RepoArgs) -> anyhow::Result<ScannedRepo> {
+fn scan(repo: &RepoArgs, ops: OpRegistry) -> anyhow::Result<ScannedRepo> {
     let mut pools: Vec<String> = repo.pools.iter().map(|p| p.name.clone()).collect();
     if !pools.iter().any(|p| p == PoolConfig::DEFAULT_NAME) {
         pools.push(PoolConfig::DEFAULT_NAME.to_string());
     }
-    ScannedRepo::scan(&repo.models, pools, OpRegistry::builtin()).map_err(anyhow::Error::msg)
+    ScannedRepo::scan(&repo.models, pools, ops).map_err(anyhow::Error::msg)
 }
 
 /// Every op of the registry: its summary, its ports (as built with its example params)
 /// and its params with their defaults.
-pub fn ops(args: OpsArgs) -> anyhow::Result<()> {
+pub fn ops(args: OpsArgs, registry: &OpRegistry) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let registry = OpRegistry::builtin();
     let mut out = String::new();
     if args.markdown {
         out.push_str("| op | inputs -> outputs | params |\n|---|---|---|\n");
@@ -99,8 +98,8 @@ fn print_all(text: &str) -> anyhow::Result<()> {
     }
 }
 
-pub fn check(args: CheckArgs) -> anyhow::Result<()> {
-    let scanned = scan(&args.repo)?;
+pub fn check(args: CheckArgs, ops: OpRegistry) -> anyhow::Result<()> {
+    let scanned = scan(&args.repo, ops)?;
     let mut failed = 0;
     for (name, versions) in &scanned.models {
         let versions = match versions {
@@ -157,8 +156,8 @@ pub fn check(args: CheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn graph(args: GraphArgs) -> anyhow::Result<()> {
-    let scanned = scan(&args.repo)?;
+pub fn graph(args: GraphArgs, ops: OpRegistry) -> anyhow::Result<()> {
+    let scanned = scan(&args.repo, ops)?;
     let as_path = PathBuf::from(&args.pipeline);
     let file = if as_path.is_file() { as_path } else { args.repo.pipelines.join(format!("{}.yaml", args.pipeline)) };
     let name = file.file_stem().and_then(|s| s.to_str()).unwrap_or("pipeline").to_string();

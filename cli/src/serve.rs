@@ -2,7 +2,7 @@
 
 use crate::repo::RepoArgs;
 use anyhow::Context;
-use sluice_server::{AccessConfig, Limits, ModelControl, ReloadMode, Restriction, ServerConfig, TlsFiles};
+use sluice_server::{AccessConfig, Limits, ModelControl, OpRegistry, ReloadMode, Restriction, ServerConfig, TlsFiles};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -114,8 +114,9 @@ fn parse_alias(s: &str) -> Result<(String, String), String> {
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
+pub fn run(args: Args, ops: OpRegistry) -> anyhow::Result<()> {
     let cfg = ServerConfig {
+        ops: std::sync::Arc::new(ops),
         pipelines_dir: Some(args.repo.pipelines),
         pools: args.repo.pools,
         ort_dylib: args.ort_dylib,

@@ -14,6 +14,9 @@ pub mod tensor;
 pub mod tensor_ops;
 pub mod value;
 
+// The byte buffer of `Value::Bytes` and `Tensor::data`: ops of users' own crates need
+// no `bytes` dependency of a matching version.
+pub use bytes::Bytes;
 pub use op::{BuildContext, Op, OpError, OpRegistry, OpSpec, Port};
 pub use tensor::{DataType, Tensor, TensorError};
 pub use value::{Image, Value, ValueType};

@@ -247,8 +247,11 @@ impl OpRegistry {
     }
 }
 
-/// The `i`th input, which the executor guarantees has the declared kind.
-pub(crate) fn input<'a, T>(
+/// The `i`th input, picked out as the op needs it (`Value::as_tensor`,
+/// `Value::as_image`, ...); `what` names the expected kind in the error. The executor
+/// hands an op inputs of the kinds its ports declare, so a mismatch is an
+/// [`OpError::Invalid`] naming both.
+pub fn input<'a, T>(
     inputs: &'a [Value],
     i: usize,
     what: &str,
