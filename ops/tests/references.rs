@@ -71,16 +71,22 @@ fn normalize_matches_numpy() {
     assert!(max < 1e-5, "max difference {max}");
 }
 
-#[test]
-fn quad_crops_match_opencv_warp_perspective() {
-    let src = decode("src.png");
+/// quad.json: the crop's expected size, and the quad's corners as x, y pairs.
+fn quad_fixture() -> (serde_json::Value, Vec<f32>) {
     let spec: serde_json::Value = serde_json::from_slice(&fixture("quad.json")).unwrap();
-    let q: Vec<f32> = spec["quad"]
+    let q = spec["quad"]
         .as_array()
         .unwrap()
         .iter()
         .flat_map(|p| [p[0].as_f64().unwrap() as f32, p[1].as_f64().unwrap() as f32])
         .collect();
+    (spec, q)
+}
+
+#[test]
+fn quad_crops_match_opencv_warp_perspective() {
+    let src = decode("src.png");
+    let (spec, q) = quad_fixture();
     let ours = sluice_ops::image_ops::warp_quad(&src, std::array::from_fn(|i| (q[2 * i], q[2 * i + 1]))).unwrap();
     assert_eq!(
         (ours.width as u64, ours.height as u64),
@@ -297,13 +303,7 @@ mod opencv_engine {
     #[test]
     fn quad_crops_match_opencv_warp_perspective_linear_and_cubic() {
         let src = Value::Image(Arc::new(decode("src.png")));
-        let spec: serde_json::Value = serde_json::from_slice(&fixture("quad.json")).unwrap();
-        let q: Vec<f32> = spec["quad"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|p| [p[0].as_f64().unwrap() as f32, p[1].as_f64().unwrap() as f32])
-            .collect();
+        let (_, q) = quad_fixture();
         let quads = Value::Tensor(sluice_ops::Tensor::from_f32(vec![1, 4, 2], &q));
         // Per kernel, the largest difference allowed (bicubic's weights span more levels).
         for (name, interpolation, tolerance) in [("quad.rgb", "linear", 3), ("quad_cubic.rgb", "cubic", 6)] {

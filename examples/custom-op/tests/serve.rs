@@ -81,6 +81,18 @@ async fn the_custom_op_answers_over_the_wire() {
     assert!(boxes.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{boxes:?}");
 }
 
+/// `sluice-custom check` on the repository.
+fn run_check(repo: &Repo) -> std::process::Output {
+    sluice_custom()
+        .arg("check")
+        .arg("--models")
+        .arg(repo.path())
+        .arg("--pipelines")
+        .arg(repo.pipelines_path())
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn ops_and_check_know_the_custom_op() {
     let ops = sluice_custom().arg("ops").output().unwrap();
@@ -89,14 +101,7 @@ fn ops_and_check_know_the_custom_op() {
     assert!(text.contains("param format (default xyxy)") && text.contains("decode_image:"), "{text}");
 
     let repo = repo();
-    let check = sluice_custom()
-        .arg("check")
-        .arg("--models")
-        .arg(repo.path())
-        .arg("--pipelines")
-        .arg(repo.pipelines_path())
-        .output()
-        .unwrap();
+    let check = run_check(&repo);
     let stdout = String::from_utf8_lossy(&check.stdout);
     assert!(check.status.success(), "{stdout}{}", String::from_utf8_lossy(&check.stderr));
     assert!(stdout.contains("ok     pipeline detect_normalized"), "{stdout}");
@@ -107,14 +112,7 @@ fn ops_and_check_know_the_custom_op() {
             .unwrap()
             .replace("format: cxcywh", "format: yolo"),
     );
-    let check = sluice_custom()
-        .arg("check")
-        .arg("--models")
-        .arg(repo.path())
-        .arg("--pipelines")
-        .arg(repo.pipelines_path())
-        .output()
-        .unwrap();
+    let check = run_check(&repo);
     let stdout = String::from_utf8_lossy(&check.stdout);
     assert!(!check.status.success());
     assert!(
