@@ -162,6 +162,14 @@ if [ ! -f models/detector/model.onnx ]; then
   mv models/detector/model.onnx.tmp models/detector/model.onnx
 fi
 
+# The detect_route_classify example's light classifier: ResNet-50's interface, 0.1 MB.
+if [ ! -f models/classifier_small/model.onnx ]; then
+  echo "setup: generating models/classifier_small/model.onnx (random weights)"
+  mkdir -p models/classifier_small
+  "$VENV/bin/python" scripts/gen_small_classifier.py models/classifier_small/model.onnx.tmp
+  mv models/classifier_small/model.onnx.tmp models/classifier_small/model.onnx
+fi
+
 if [ "${SLUICE_SKIP_RESNET:-0}" != 1 ] && [ ! -f models/resnet50/model.onnx ]; then
   echo "setup: generating models/resnet50/model.onnx (random weights, ~100 MB)"
   mkdir -p models/resnet50

@@ -61,6 +61,15 @@ pub struct InferArgs {
     /// Deadline in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// A request parameter, NAME=VALUE (true/false, an integer, a number or else a
+    /// string): a pipeline reads those it declares under `parameters:`.
+    #[arg(long = "param", value_parser = parse_param)]
+    params: Vec<(String, sluice_client::Parameter)>,
+}
+
+fn parse_param(s: &str) -> Result<(String, sluice_client::Parameter), String> {
+    let (name, value) = s.split_once('=').ok_or_else(|| format!("'{s}': expected NAME=VALUE"))?;
+    Ok((name.to_string(), sluice_client::Parameter::parse(value)))
 }
 
 pub fn parse_named_file(s: &str) -> Result<(String, PathBuf), String> {
@@ -246,7 +255,11 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
             tensors.push((name, encoded_images(&read_files(&args.images)?)));
         }
         let inputs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        let opts = InferOptions { timeout: args.timeout_ms.map(Duration::from_millis), ..Default::default() };
+        let opts = InferOptions {
+            timeout: args.timeout_ms.map(Duration::from_millis),
+            parameters: args.params.clone(),
+            ..Default::default()
+        };
         anyhow::Ok(client.infer(&args.model, &inputs, opts).await?)
     })?;
     let json = serde_json::json!({

@@ -59,6 +59,45 @@ pub struct InferOptions {
     pub version: String,
     /// Ask sluice for where the request's time went (see [`Inferred::timing`]).
     pub timing: bool,
+    /// v2 request parameters: a pipeline reads the ones it declares (a threshold, a
+    /// language) as values.
+    pub parameters: Vec<(String, Parameter)>,
+}
+
+/// A request parameter's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Parameter {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    String(String),
+}
+
+impl Parameter {
+    /// Parses `text` as a boolean, an integer, a number, or else a string (the CLI's
+    /// `--param name=value`).
+    pub fn parse(text: &str) -> Parameter {
+        match text {
+            "true" => Parameter::Bool(true),
+            "false" => Parameter::Bool(false),
+            _ => text
+                .parse::<i64>()
+                .map(Parameter::Int)
+                .or_else(|_| text.parse::<f64>().map(Parameter::Float))
+                .unwrap_or_else(|_| Parameter::String(text.to_string())),
+        }
+    }
+
+    fn to_proto(&self) -> proto::InferParameter {
+        use proto::infer_parameter::ParameterChoice as P;
+        let choice = match self {
+            Parameter::Bool(b) => P::BoolParam(*b),
+            Parameter::Int(i) => P::Int64Param(*i),
+            Parameter::Float(f) => P::DoubleParam(*f),
+            Parameter::String(s) => P::StringParam(s.clone()),
+        };
+        proto::InferParameter { parameter_choice: Some(choice) }
+    }
 }
 
 /// Where one step of a request (a pipeline node, or the model) spent its time on the
@@ -346,13 +385,13 @@ pub fn infer_request(model: &str, inputs: &[(&str, &Tensor)], opts: &InferOption
             .map(|o| proto::model_infer_request::InferRequestedOutputTensor { name: o.clone(), ..Default::default() })
             .collect(),
         raw_input_contents: inputs.iter().map(|(_, t)| t.data.clone()).collect(),
-        parameters: if opts.timing {
-            let on = proto::InferParameter {
-                parameter_choice: Some(proto::infer_parameter::ParameterChoice::BoolParam(true)),
-            };
-            [(TIMING_PARAM.to_string(), on)].into()
-        } else {
-            Default::default()
+        parameters: {
+            let mut p: std::collections::HashMap<String, proto::InferParameter> =
+                opts.parameters.iter().map(|(k, v)| (k.clone(), v.to_proto())).collect();
+            if opts.timing {
+                p.insert(TIMING_PARAM.to_string(), Parameter::Bool(true).to_proto());
+            }
+            p
         },
     }
 }

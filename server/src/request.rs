@@ -24,6 +24,9 @@ pub struct InferRequest {
     pub outputs: Vec<String>,
     /// Return where the request's time went ([`InferResponse::timing`]).
     pub timing: bool,
+    /// The request's v2 `parameters` that are plain values (pipelines read the ones they
+    /// declare; the rest are ignored).
+    pub parameters: Vec<(String, crate::pipeline::cond::Scalar)>,
 }
 
 #[derive(Debug, Clone)]

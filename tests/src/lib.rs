@@ -216,8 +216,14 @@ pub fn tiny_classifier_weight(c: usize, k: usize) -> f32 {
 /// FP32 [N,3,224,224] -> global average pool -> a fixed [3,1000] matrix -> "logits"
 /// FP32 [N,1000]. Its classes depend on the image's mean colour.
 pub fn tiny_classifier() -> Vec<u8> {
+    tiny_classifier_scaled(1.0)
+}
+
+/// [`tiny_classifier`] with every weight times `scale`: a second classifier of the same
+/// interface whose answers differ (with -1, its best classes are the other's worst).
+pub fn tiny_classifier_scaled(scale: f32) -> Vec<u8> {
     use onnx::*;
-    let w: Vec<f32> = (0..3).flat_map(|c| (0..1000).map(move |k| tiny_classifier_weight(c, k))).collect();
+    let w: Vec<f32> = (0..3).flat_map(|c| (0..1000).map(move |k| tiny_classifier_weight(c, k) * scale)).collect();
     model(GraphProto {
         name: "tiny_classifier".into(),
         node: vec![

@@ -9,7 +9,7 @@
 //! histograms; rates from cumulative counters sampled once a second.
 
 use crate::engine::{Engine, ModelSlot, PipelineSlot, Servable};
-use crate::pipeline::compile::{Plan, Src};
+use crate::pipeline::compile::{Choice, NodeKind, Plan, Src};
 use crate::telemetry::live::WINDOW_S;
 use serde_json::{json, Value};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -83,14 +83,32 @@ pub fn frame(engine: &Engine) -> Value {
             .map(|(i, nv)| {
                 let n = nv.node;
                 let k = format!("node/{name}/{}", n.name);
-                let inputs: Vec<String> = n
-                    .inputs
+                let src_key = |s: &Src| match s {
+                    Src::Node { node, .. } => Some(plan.nodes[*node].name.clone()),
+                    Src::Input(i) => Some(format!("input:{}", plan.inputs[*i].name)),
+                    Src::Param(_) => None,
+                };
+                let inputs: Vec<String> = n.inputs.iter().filter_map(src_key).collect();
+                // What its condition and its route read: drawn as conditional edges.
+                let conditions: Vec<String> = n.reads().skip(n.inputs.len()).filter_map(src_key).collect();
+                let branches: Vec<Value> = nv
+                    .branches
                     .iter()
-                    .map(|s| match s {
-                        Src::Node { node, .. } => plan.nodes[*node].name.clone(),
-                        Src::Input(i) => format!("input:{}", plan.inputs[*i].name),
+                    .map(|(label, _, m)| {
+                        json!({
+                            "label": label,
+                            "items_total": m.items.get(),
+                            "items_per_s": rate(&format!("{k}/branch/{label}")),
+                            "failures_total": m.failures.get(),
+                        })
                     })
                     .collect();
+                let kind = match &n.kind {
+                    NodeKind::Op(_) => "op",
+                    NodeKind::Model { .. } => "model",
+                    NodeKind::Branches { choice: Choice::Route { .. }, .. } => "route",
+                    NodeKind::Branches { choice: Choice::Split { .. }, .. } => "split",
+                };
                 let (queue_depth, busy) = match (nv.model, nv.pool) {
                     (Some(m), _) => (
                         m.metrics.queue_depth.get() as f64,
@@ -103,8 +121,14 @@ pub fn frame(engine: &Engine) -> Value {
                 };
                 json!({
                     "name": n.name,
-                    "kind": if nv.model.is_some() { "model" } else { "op" },
+                    "kind": kind,
                     "what": n.what,
+                    "conditions": conditions,
+                    "when": n.when.as_ref().map(|w| w.text.clone()),
+                    "may_skip": n.may_skip,
+                    "skipped_total": nv.metrics.skipped.get(),
+                    "skipped_per_s": rate(&format!("{k}/skipped")),
+                    "branches": branches,
                     "pool": nv.pool.map(|p| p.config.name.clone()),
                     "mapped": n.mapped,
                     "inputs": inputs,
@@ -129,6 +153,7 @@ pub fn frame(engine: &Engine) -> Value {
                 "from": match o.src {
                     Src::Node { node, .. } => plan.nodes[node].name.clone(),
                     Src::Input(i) => format!("input:{}", plan.inputs[i].name),
+                    Src::Param(p) => format!("parameter:{}", plan.params[p].name),
                 },
             }))
             .collect::<Vec<_>>());
@@ -159,11 +184,10 @@ fn columns(plan: &Plan) -> Vec<usize> {
     let mut depth = vec![0usize; plan.nodes.len()];
     for (i, n) in plan.nodes.iter().enumerate() {
         depth[i] = n
-            .inputs
-            .iter()
+            .reads()
             .filter_map(|s| match s {
                 Src::Node { node, .. } => Some(depth[*node] + 1),
-                Src::Input(_) => None,
+                Src::Input(_) | Src::Param(_) => None,
             })
             .max()
             .unwrap_or(1);

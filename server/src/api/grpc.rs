@@ -127,6 +127,22 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
         req.parameters.get(TIMING_PARAM).and_then(|p| p.parameter_choice.as_ref()),
         Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
     );
+    use crate::pipeline::cond::Scalar;
+    use pb::infer_parameter::ParameterChoice as P;
+    let parameters = req
+        .parameters
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let v = match v.parameter_choice? {
+                P::BoolParam(b) => Scalar::Bool(b),
+                P::Int64Param(i) => Scalar::Num(i as f64),
+                P::Uint64Param(u) => Scalar::Num(u as f64),
+                P::DoubleParam(d) => Scalar::Num(d),
+                P::StringParam(s) => Scalar::Str(s),
+            };
+            Some((k, v))
+        })
+        .collect();
     Ok(InferRequest {
         model_name: req.model_name,
         model_version: req.model_version,
@@ -134,6 +150,7 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
         inputs,
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
         timing,
+        parameters,
     })
 }
 

@@ -342,6 +342,20 @@ pub(crate) fn parse_infer(
             inputs,
             outputs: req.outputs.into_iter().map(|o| o.name).collect(),
             timing: flag(&req.parameters, TIMING_PARAM).unwrap_or(false),
+            parameters: req
+                .parameters
+                .iter()
+                .filter_map(|(k, v)| {
+                    use crate::pipeline::cond::Scalar;
+                    let v = match v {
+                        Value::Bool(b) => Scalar::Bool(*b),
+                        Value::Number(n) => Scalar::Num(n.as_f64()?),
+                        Value::String(s) => Scalar::Str(s.clone()),
+                        _ => return None,
+                    };
+                    Some((k.clone(), v))
+                })
+                .collect(),
         },
         binary_out,
     ))

@@ -235,6 +235,10 @@ impl Snapshot {
                 c.insert(format!("{k}/compute_sum"), m.compute.get_sample_sum());
                 c.insert(format!("{k}/batch_sum"), m.batch_size.get_sample_sum());
                 c.insert(format!("{k}/batch_count"), m.batch_size.get_sample_count() as f64);
+                c.insert(format!("{k}/skipped"), m.skipped.get() as f64);
+                for (label, _, b) in &v.branches {
+                    c.insert(format!("{k}/branch/{label}"), b.items.get() as f64);
+                }
             }
         }
         c

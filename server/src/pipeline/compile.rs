@@ -2,12 +2,16 @@
 //! the graph checked for cycles and type-checked edge by edge. All errors are collected,
 //! not just the first, each with file:line and the node it is about.
 
-use super::schema::{Layout, Locator, NodeYaml, PipelineYaml};
+use super::cond::{self, Expr, Kind, Operand, Scalar};
+use super::params::{self, ParamDecl};
+use super::schema::{ArmYaml, Layout, Locator, NodeYaml, OnAbsent, PipelineYaml};
 use crate::onnx::signature::TensorInfo;
 use crate::repository::ModelSpec;
 use crate::sched::pool::PoolConfig;
 use petgraph::graph::{DiGraph, NodeIndex};
-use sluice_ops::{BuildContext, DataType, Op, OpRegistry, ValueType};
+use sluice_ops::op::Builder;
+use sluice_ops::{BuildContext, DataType, Op, OpRegistry, Value, ValueType};
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -93,6 +97,8 @@ impl std::error::Error for CompileError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Src {
     Input(usize),
+    /// A request parameter, by its position in [`Plan::params`].
+    Param(usize),
     /// Output `output` of the node at position `node` of [`Plan::nodes`].
     Node {
         node: usize,
@@ -109,6 +115,101 @@ pub enum NodeKind {
         pinned: Option<u64>,
         sig: ModelSig,
     },
+    /// One of several models per item (`route`) or per request (`split`); every arm has
+    /// the same signature (the first arm's is the node's).
+    Branches {
+        arms: Vec<Arm>,
+        choice: Choice,
+    },
+}
+
+/// A model a branching node can send work to.
+#[derive(Clone, Debug)]
+pub struct Arm {
+    /// `model` or `model:version`, as metrics and views name the branch.
+    pub label: String,
+    pub model: String,
+    pub pinned: Option<u64>,
+    pub sig: ModelSig,
+}
+
+#[derive(Clone, Debug)]
+pub enum Choice {
+    /// By a value: per element when the node is mapped (`by` holds one value per
+    /// element), else one value for the item.
+    Route { by: Src, cases: Vec<(Scalar, usize)>, default: Option<usize> },
+    /// By weight, once per request; `sticky`: by a hash of the request id.
+    Split { weights: Vec<u32>, sticky: bool },
+}
+
+/// A node's `when:`.
+#[derive(Clone, Debug)]
+pub struct When {
+    pub text: String,
+    pub expr: Expr,
+    /// What its `node.output` operands name, with where each comes from.
+    pub reads: Vec<(String, Src)>,
+}
+
+/// An op whose params name request parameters: built again for the values a request
+/// gives (the compiled op has the defaults), and checked to keep its types.
+pub struct Rebuild {
+    build: Builder,
+    raw: serde_json::Value,
+    base_dir: PathBuf,
+    /// The model metadata the first build read: later builds see the same.
+    metadata: SeenMetadata,
+    /// The parameters it names, by position in [`Plan::params`].
+    pub uses: Vec<usize>,
+    element_types: Vec<ValueType>,
+    out_types: Vec<ValueType>,
+    /// The most recent builds by parameter values: a handful of behaviours, each built once.
+    cache: parking_lot::Mutex<Vec<Build>>,
+}
+
+/// One build of a [`Rebuild`]: the parameter values it is for, and the op.
+type Build = (Vec<String>, Arc<dyn Op>);
+
+/// The model metadata an op's build read: (model, key) -> value.
+type SeenMetadata = HashMap<(String, String), Option<String>>;
+/// A node's ports: name and type.
+type Ports = Vec<(String, ValueType)>;
+
+/// How many builds per node [`Rebuild`] keeps.
+const REBUILD_CACHE: usize = 16;
+
+impl Rebuild {
+    /// The op for `values` (every parameter's value for this request): the cached
+    /// build, or a new one.
+    pub fn op_for(&self, decls: &[ParamDecl], values: &[Scalar]) -> Result<Arc<dyn Op>, String> {
+        let key: Vec<String> = self.uses.iter().map(|&p| format!("{:?}", values[p])).collect();
+        {
+            let mut cache = self.cache.lock();
+            if let Some(i) = cache.iter().position(|(k, _)| *k == key) {
+                let hit = cache.remove(i);
+                let op = hit.1.clone();
+                cache.push(hit);
+                return Ok(op);
+            }
+        }
+        let params = params::substitute(&self.raw, &|name| {
+            let i = decls.iter().position(|d| d.name == name).expect("checked at compile time");
+            decls[i].to_json(&values[i])
+        });
+        let metadata = |m: &str, k: &str| self.metadata.get(&(m.to_string(), k.to_string())).cloned().flatten();
+        let mut op = (self.build)(&BuildContext::new(params, &self.base_dir).with_metadata(&metadata))?;
+        let out = op.infer(&self.element_types)?;
+        if out != self.out_types {
+            return Err("these values change the types of its outputs, which the pipeline was checked with".into());
+        }
+        let op: Arc<dyn Op> = Arc::from(op);
+        let mut cache = self.cache.lock();
+        if cache.len() >= REBUILD_CACHE {
+            cache.remove(0);
+        }
+        cache.push((key, op.clone()));
+        Ok(op)
+    }
 }
 
 #[derive(Clone)]
@@ -131,6 +232,35 @@ pub struct PlanNode {
     pub concurrency: usize,
     /// A model node's overrides of its model's batching.
     pub batching: crate::sched::ItemLimits,
+    pub when: Option<When>,
+    /// Per input: the value it takes when its source is absent.
+    pub defaults: Vec<Option<Value>>,
+    /// Skipped when an input without a default is absent (`on_absent: skip`).
+    pub skip_if_absent: bool,
+    /// Whether its outputs may be absent: it has a condition, or may be skipped.
+    pub may_skip: bool,
+    pub rebuild: Option<Arc<Rebuild>>,
+}
+
+impl PlanNode {
+    /// Every value it waits for: its inputs, then what its condition and its route read.
+    pub fn reads(&self) -> impl Iterator<Item = &Src> {
+        let when = self.when.iter().flat_map(|w| w.reads.iter().map(|(_, s)| s));
+        let by = match &self.kind {
+            NodeKind::Branches { choice: Choice::Route { by, .. }, .. } => Some(by),
+            _ => None,
+        };
+        self.inputs.iter().chain(when).chain(by)
+    }
+
+    /// The models it may run, with the version each names (`None`: the latest).
+    pub fn models(&self) -> Vec<(&str, &ModelSig, Option<u64>)> {
+        match &self.kind {
+            NodeKind::Op(_) => vec![],
+            NodeKind::Model { model, pinned, sig } => vec![(model, sig, *pinned)],
+            NodeKind::Branches { arms, .. } => arms.iter().map(|a| (a.model.as_str(), &a.sig, a.pinned)).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +280,8 @@ pub struct PlanOutput {
     pub dtype: DataType,
     /// Dims of one item, -1 where they vary.
     pub dims: Vec<i64>,
+    /// What it is when its source is absent (a skipped node's output).
+    pub default: Option<Value>,
 }
 
 /// A compiled pipeline: nodes in topological order, each input wired to its source.
@@ -160,6 +292,8 @@ pub struct Plan {
     pub layout: Layout,
     /// The pool a fused pipeline's items run on.
     pub pool: String,
+    /// The request parameters it reads.
+    pub params: Vec<ParamDecl>,
     pub inputs: Vec<PlanInput>,
     pub outputs: Vec<PlanOutput>,
     pub nodes: Vec<PlanNode>,
@@ -178,8 +312,21 @@ struct Draft {
     ok: bool,
     op: Option<Box<dyn Op>>,
     model: Option<(String, ModelSig)>,
-    in_ports: Vec<(String, ValueType)>,
-    out_ports: Vec<(String, ValueType)>,
+    in_ports: Ports,
+    out_ports: Ports,
+    /// A route's or a split's models, and how it chooses.
+    arms: Vec<Arm>,
+    route: Option<DraftRoute>,
+    weights: Vec<u32>,
+    when: Option<Expr>,
+    /// An op whose params name parameters: what building it again takes.
+    rebuild: Option<(Builder, serde_json::Value, SeenMetadata, Vec<usize>)>,
+}
+
+struct DraftRoute {
+    by: String,
+    cases: Vec<(Scalar, usize)>,
+    default: Option<usize>,
 }
 
 /// Why a reference does not resolve.
@@ -195,6 +342,8 @@ struct Wiring {
     idx: Vec<NodeIndex>,
     /// Per draft, per in-port: where its value comes from.
     srcs: Vec<Vec<Option<RawSrc>>>,
+    /// Per draft: what its condition reads, then its route's `by`.
+    extra: Vec<Vec<(String, RawSrc)>>,
 }
 
 /// A pipeline output before type checking: name, source, line.
@@ -202,6 +351,7 @@ struct RawOutput {
     name: String,
     src: RawSrc,
     line: Option<usize>,
+    default: Option<serde_json::Value>,
 }
 
 /// The most nodes a pipeline may have: compile and run time grow with it, and a file
@@ -229,7 +379,9 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         base_dir: file.parent().unwrap_or(Path::new(".")),
         catalog,
         errors: Diags::default(),
+        params: Vec::new(),
     };
+    c.parameters(&yaml);
     let inputs = c.inputs(&yaml);
     let pool = c.pipeline_pool(&yaml);
     let mut drafts = c.nodes(&yaml, &inputs);
@@ -255,6 +407,7 @@ pub fn compile(name: &str, file: &Path, text: &str, catalog: &dyn Catalog) -> Re
         max_batch_size: yaml.max_batch_size,
         layout: yaml.layout,
         pool,
+        params: c.params,
         inputs,
         outputs,
         nodes,
@@ -271,9 +424,39 @@ struct Compiler<'a> {
     base_dir: &'a Path,
     catalog: &'a dyn Catalog,
     errors: Diags,
+    params: Vec<ParamDecl>,
 }
 
 impl Compiler<'_> {
+    /// The request parameters the pipeline declares.
+    fn parameters(&mut self, yaml: &PipelineYaml) {
+        if yaml.parameters.len() > params::MAX_PARAMS {
+            let message =
+                format!("{} parameters; a pipeline may declare at most {}", yaml.parameters.len(), params::MAX_PARAMS);
+            self.errors.add(self.loc.top_key("parameters"), None, message);
+            return;
+        }
+        for p in &yaml.parameters {
+            let line = self.loc.entry("parameters", &p.name);
+            if self.params.iter().any(|d| d.name == p.name) {
+                self.errors.add(line, None, format!("parameter '{}' is declared twice", p.name));
+                continue;
+            }
+            match ParamDecl::from_yaml(p) {
+                Ok(d) => self.params.push(d),
+                Err(e) => self.errors.add(line, None, e),
+            }
+        }
+    }
+
+    fn param_index(&self, name: &str) -> Result<usize, String> {
+        self.params.iter().position(|d| d.name == name).ok_or_else(|| {
+            let names: Vec<String> = self.params.iter().map(|d| format!("${}", d.name)).collect();
+            let declared = if names.is_empty() { "none".to_string() } else { names.join(", ") };
+            format!("'${name}' names no parameter (declared under `parameters:`: {declared})")
+        })
+    }
+
     /// The pipeline's inputs: names unique, dtypes known.
     fn inputs(&mut self, yaml: &PipelineYaml) -> Vec<PlanInput> {
         let mut inputs: Vec<PlanInput> = Vec::new();
@@ -335,12 +518,43 @@ impl Compiler<'_> {
                 self.errors.add(line, node, "a node name must be non-empty and contain no '.'".into());
                 continue;
             }
-            let mut d =
-                Draft { yaml: n.clone(), line, ok: false, op: None, model: None, in_ports: vec![], out_ports: vec![] };
-            match (&n.op, &n.model) {
-                (Some(op_name), None) => self.op_node(&mut d, op_name),
-                (None, Some(model)) => self.model_node(&mut d, model),
-                _ => self.errors.add(line, node, "give exactly one of `op` or `model`".into()),
+            let mut d = Draft {
+                yaml: n.clone(),
+                line,
+                ok: false,
+                op: None,
+                model: None,
+                in_ports: vec![],
+                out_ports: vec![],
+                arms: vec![],
+                route: None,
+                weights: vec![],
+                when: None,
+                rebuild: None,
+            };
+            let kinds = [n.op.is_some(), n.model.is_some(), n.route.is_some(), n.split.is_some()];
+            if kinds.iter().filter(|k| **k).count() != 1 {
+                self.errors.add(line, node, "give exactly one of `op`, `model`, `route` or `split`".into());
+            } else if let Some(op_name) = &n.op {
+                self.op_node(&mut d, op_name);
+            } else if let Some(model) = &n.model {
+                self.model_node(&mut d, model);
+            } else {
+                self.branch_node(&mut d);
+            }
+            if let Some(w) = &n.when {
+                let l = self.loc.find_after(line.unwrap_or(0), "when:").or(line);
+                let parsed = cond::parse(w).and_then(|e| {
+                    e.params().iter().try_for_each(|p| self.param_index(p).map(|_| ()))?;
+                    Ok(e)
+                });
+                match parsed {
+                    Ok(e) => d.when = Some(e),
+                    Err(e) => self.errors.add(l, node, format!("when: {e}")),
+                }
+            }
+            if n.sticky && n.split.is_none() {
+                self.errors.add(line, node, "`sticky` is for `split` nodes".into());
             }
             drafts.push(d);
         }
@@ -356,12 +570,42 @@ impl Compiler<'_> {
             sig.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
         };
         let params = n.params.as_ref().map_or(Ok(serde_json::Value::Null), serde_json::to_value);
-        let built = params.map_err(|e| format!("params: {e}")).and_then(|params| {
-            let cx = BuildContext::new(params, self.base_dir).with_metadata(&metadata);
-            catalog.ops().build(op_name, &cx)
+        let params = params.map_err(|e| format!("params: {e}")).and_then(|raw| {
+            let mut uses = Vec::new();
+            let mut unknown = None;
+            params::visit_refs(&raw, &mut |name| match self.param_index(name) {
+                Ok(i) if !uses.contains(&i) => uses.push(i),
+                Ok(_) => {}
+                Err(e) => unknown = Some(e),
+            });
+            match unknown {
+                Some(e) => Err(format!("params: {e}")),
+                None => Ok((raw, uses)),
+            }
+        });
+        // The first build reads the defaults; the model metadata it reads is kept for
+        // builds with a request's values.
+        let seen = RefCell::new(HashMap::new());
+        let recording = |model: &str, key: &str| {
+            let v = metadata(model, key);
+            seen.borrow_mut().insert((model.to_string(), key.to_string()), v.clone());
+            v
+        };
+        let decls = &self.params;
+        let built = params.and_then(|(raw, uses)| {
+            let with_defaults = params::substitute(&raw, &|name| {
+                let d = decls.iter().find(|d| d.name == name).expect("checked above");
+                d.to_json(&d.default)
+            });
+            let cx = BuildContext::new(with_defaults, self.base_dir).with_metadata(&recording);
+            catalog.ops().build(op_name, &cx).map(|o| (o, raw, uses))
         });
         match built {
-            Ok(o) => {
+            Ok((o, raw, uses)) => {
+                if !uses.is_empty() {
+                    let build = catalog.ops().get(op_name).expect("it was just built").build;
+                    d.rebuild = Some((build, raw, seen.take(), uses));
+                }
                 d.in_ports = o.inputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
                 d.out_ports = o.outputs().into_iter().map(|p| (p.name.to_string(), p.ty)).collect();
                 d.op = Some(o);
@@ -404,12 +648,7 @@ impl Compiler<'_> {
                 self.errors.add(line, node, format!("max_batch_size {}: {why}", n.max_batch_size.unwrap_or(0)));
             }
             Some(Ok(sig)) => {
-                let strip = |t: &TensorInfo| {
-                    let dims = if sig.max_batch_size > 0 { t.dims[1..].to_vec() } else { t.dims.clone() };
-                    (t.name.clone(), ValueType::tensor(t.dtype, dims))
-                };
-                d.in_ports = sig.inputs.iter().map(strip).collect();
-                d.out_ports = sig.outputs.iter().map(strip).collect();
+                (d.in_ports, d.out_ports) = ports_of(&sig);
                 d.model = Some((model.to_string(), sig));
                 d.ok = true;
             }
@@ -422,11 +661,127 @@ impl Compiler<'_> {
         }
     }
 
+    /// A `route` or `split` node: its models found, each with the same signature.
+    fn branch_node(&mut self, d: &mut Draft) {
+        let n = d.yaml.clone();
+        let (line, node) = (d.line, Some(n.name.as_str()));
+        let before = self.errors.0.len();
+        let key_line = if n.route.is_some() { "route:" } else { "split:" };
+        let l = self.loc.find_after(line.unwrap_or(0), key_line).or(line);
+        let arm = |this: &mut Self, d: &mut Draft, model: &str, version: Option<u64>| -> Option<usize> {
+            let label = version.map_or(model.to_string(), |v| format!("{model}:{v}"));
+            if let Some(i) = d.arms.iter().position(|a| a.label == label) {
+                return Some(i);
+            }
+            match this.catalog.model(model, version) {
+                None => this.errors.add(l, node, format!("unknown model '{model}'")),
+                Some(Err(reason)) => this.errors.add(l, node, format!("model '{model}' cannot be used: {reason}")),
+                Some(Ok(sig)) => {
+                    d.arms.push(Arm { label, model: model.to_string(), pinned: version, sig });
+                    return Some(d.arms.len() - 1);
+                }
+            }
+            None
+        };
+        if let Some(r) = &n.route {
+            let mut cases: Vec<(Scalar, usize)> = Vec::new();
+            for (k, v) in &r.cases {
+                let key = match k {
+                    serde_yaml_ng::Value::Number(x) => x.as_f64().map(Scalar::Num),
+                    serde_yaml_ng::Value::String(s) => Some(Scalar::Str(s.clone())),
+                    serde_yaml_ng::Value::Bool(b) => Some(Scalar::Bool(*b)),
+                    _ => None,
+                };
+                let Some(key) = key else {
+                    self.errors.add(l, node, "route: a case is a number, a string or a boolean".into());
+                    continue;
+                };
+                match serde_yaml_ng::from_value::<ArmYaml>(v.clone()) {
+                    Ok(a) => {
+                        let (model, version) = a.model();
+                        if let Some(i) = arm(self, d, model, version) {
+                            cases.push((key, i));
+                        }
+                    }
+                    Err(_) => self.errors.add(
+                        l,
+                        node,
+                        format!("route: case {key}: give a model's name or {{model: <name>, version: <n>}}"),
+                    ),
+                }
+            }
+            if r.cases.is_empty() {
+                self.errors.add(l, node, "route: give at least one case".into());
+            }
+            let default = r.default.as_ref().and_then(|a| {
+                let (model, version) = a.model();
+                arm(self, d, model, version)
+            });
+            d.route = Some(DraftRoute { by: r.by.clone(), cases, default });
+        } else if let Some(split) = &n.split {
+            if split.len() < 2 {
+                self.errors.add(l, node, "split: give at least two branches".into());
+            }
+            if split.iter().any(|a| a.weight == 0) || split.iter().map(|a| u64::from(a.weight)).sum::<u64>() > 1_000_000
+            {
+                self.errors.add(l, node, "split: weights are 1 or more, and at most 1000000 in all".into());
+            }
+            for a in split {
+                if let Some(i) = arm(self, d, &a.model, a.version) {
+                    if i < d.weights.len() {
+                        let m = &d.arms[i].label;
+                        self.errors.add(l, node, format!("split: '{m}' is given twice"));
+                    } else {
+                        d.weights.push(a.weight);
+                    }
+                }
+            }
+        }
+        if let Some(first) = d.arms.first() {
+            let (ins, outs) = ports_of(&first.sig);
+            for a in &d.arms[1..] {
+                let (i2, o2) = ports_of(&a.sig);
+                if i2 != ins || o2 != outs {
+                    let show = |p: &[(String, ValueType)]| {
+                        p.iter().map(|(n, t)| format!("{n}: {t}")).collect::<Vec<_>>().join(", ")
+                    };
+                    self.errors.add(
+                        l,
+                        node,
+                        format!(
+                            "its models must share one signature, but '{}' takes ({}) -> ({}) and '{}' takes ({}) -> ({})",
+                            first.label,
+                            show(&ins),
+                            show(&outs),
+                            a.label,
+                            show(&i2),
+                            show(&o2)
+                        ),
+                    );
+                }
+            }
+            let most = d.arms.iter().map(|a| a.sig.max_batch_size).min().unwrap_or(0);
+            if n.max_batch_size.is_some_and(|b| b == 0 || b > most) {
+                let m = n.max_batch_size.unwrap_or(0);
+                self.errors.add(line, node, format!("max_batch_size {m}: its models take batches of 1..={most}"));
+            }
+            (d.in_ports, d.out_ports) = (ins, outs);
+        }
+        if n.pool.is_some() || n.params.is_some() {
+            self.errors.add(line, node, "a route or split runs models: remove `pool` and `params`".into());
+        }
+        if n.version.is_some() {
+            self.errors.add(line, node, "give versions per branch, not on the node".into());
+        }
+        d.ok = self.errors.0.len() == before;
+    }
+
     /// Every node input's reference resolved; the graph of node-to-node edges.
     fn wire(&mut self, drafts: &[Draft], inputs: &[PlanInput]) -> Wiring {
         let mut graph: DiGraph<usize, ()> = DiGraph::new();
         let idx: Vec<NodeIndex> = (0..drafts.len()).map(|i| graph.add_node(i)).collect();
         let mut srcs = Vec::with_capacity(drafts.len());
+        let mut extra = Vec::with_capacity(drafts.len());
         for (di, d) in drafts.iter().enumerate() {
             let node = Some(d.yaml.name.as_str());
             let mut w = vec![None; d.in_ports.len()];
@@ -438,7 +793,7 @@ impl Compiler<'_> {
                         self.errors.add(l, node, format!("has no input '{port}'; its inputs: {}", names.join(", ")));
                         continue;
                     };
-                    match resolve(r, inputs, drafts) {
+                    match resolve(r, inputs, drafts, &self.params) {
                         Ok(src) => {
                             if let RawSrc::Node(from, _) = src {
                                 graph.add_edge(idx[from], idx[di], ());
@@ -449,6 +804,10 @@ impl Compiler<'_> {
                         Err(Unresolved::Error(e)) => self.errors.add(l, node, e),
                     }
                 }
+                for port in d.yaml.defaults.keys().filter(|p| !d.in_ports.iter().any(|(q, _)| q == *p)) {
+                    let l = self.loc.find_after(d.line.unwrap_or(0), "defaults:").or(d.line);
+                    self.errors.add(l, node, format!("defaults: it has no input '{port}'"));
+                }
                 for ((p, _), s) in d.in_ports.iter().zip(&w) {
                     if s.is_none() && !d.yaml.inputs.contains_key(p) {
                         self.errors.add(d.line, node, format!("input '{p}' is not wired"));
@@ -456,8 +815,28 @@ impl Compiler<'_> {
                 }
             }
             srcs.push(w);
+            // What its condition reads, then its route's `by`: edges like inputs.
+            let reads = d.when.iter().flat_map(|e| e.refs()).map(|r| (r, "when:"));
+            let by = d.route.iter().map(|r| (r.by.as_str(), "by:"));
+            let mut x = Vec::new();
+            for (r, key) in reads.chain(by) {
+                match resolve(r, inputs, drafts, &self.params) {
+                    Ok(src) => {
+                        if let RawSrc::Node(from, _) = src {
+                            graph.add_edge(idx[from], idx[di], ());
+                        }
+                        x.push((r.to_string(), src));
+                    }
+                    Err(Unresolved::Reported) => {}
+                    Err(Unresolved::Error(e)) => {
+                        let l = self.loc.find_after(d.line.unwrap_or(0), key).or(d.line);
+                        self.errors.add(l, node, format!("{} {e}", key.trim_end_matches(':')));
+                    }
+                }
+            }
+            extra.push(x);
         }
-        Wiring { graph, idx, srcs }
+        Wiring { graph, idx, srcs, extra }
     }
 
     /// Reports each strongly connected component with more than one node (or a
@@ -489,8 +868,8 @@ impl Compiler<'_> {
                 self.errors.add(line, None, format!("output '{}' is declared twice", o.name));
                 continue;
             }
-            match resolve(&o.from, inputs, drafts) {
-                Ok(src) => outputs.push(RawOutput { name: o.name.clone(), src, line }),
+            match resolve(&o.from, inputs, drafts, &self.params) {
+                Ok(src) => outputs.push(RawOutput { name: o.name.clone(), src, line, default: o.default.clone() }),
                 Err(Unresolved::Reported) => {}
                 Err(Unresolved::Error(e)) => self.errors.add(line, None, format!("output '{}': {e}", o.name)),
             }
@@ -515,6 +894,8 @@ impl Compiler<'_> {
         // Output types by position in `order`; a node that fails its check gives `Any`, so
         // the nodes after it are still checked without cascading errors.
         let mut types: Vec<Vec<ValueType>> = Vec::new();
+        // Whether each node's outputs may be absent, by position in `order`.
+        let mut may_skip: Vec<bool> = Vec::new();
         let names: Vec<(String, Vec<String>)> = order
             .iter()
             .map(|&di| (drafts[di].yaml.name.clone(), drafts[di].out_ports.iter().map(|p| p.0.clone()).collect()))
@@ -524,20 +905,25 @@ impl Compiler<'_> {
             let d = &drafts[di];
             let node = Some(d.yaml.name.as_str());
             let srcs: Vec<Src> = wiring.srcs[di].iter().map(|s| to_src(s.expect("wired"), &pos)).collect();
-            let given: Vec<ValueType> = srcs
-                .iter()
-                .map(|s| match *s {
-                    Src::Input(i) => input_type(&inputs[i]),
-                    Src::Node { node, output } => types[node][output].clone(),
-                })
-                .collect();
+            let extra: Vec<(String, Src)> =
+                wiring.extra[di].iter().map(|(r, s)| (r.clone(), to_src(*s, &pos))).collect();
+            let type_of = |s: &Src| match *s {
+                Src::Input(i) => input_type(&inputs[i]),
+                Src::Param(p) => self.params[p].value_type(),
+                Src::Node { node, output } => types[node][output].clone(),
+            };
+            let given: Vec<ValueType> = srcs.iter().map(type_of).collect();
+            let extra_types: Vec<ValueType> = extra.iter().map(|(_, s)| type_of(s)).collect();
+            let skips_before = may_skip.clone();
+            let skippable = |s: &Src| matches!(*s, Src::Node { node, .. } if skips_before[node]);
             types.push(vec![ValueType::Any; d.out_ports.len()]);
+            may_skip.push(false);
             // A list where the port takes one element: the node runs once per element.
             let mut mapped = false;
             let mut mapped_inputs = Vec::new();
             let mut element_types = Vec::new();
             for (((port, want), got), src) in d.in_ports.iter().zip(&given).zip(&srcs) {
-                let from = src_name(*src, inputs, &names);
+                let from = src_name(*src, inputs, &self.params, &names);
                 mapped_inputs.push(false);
                 if want.accepts(got) {
                     element_types.push(got.clone());
@@ -566,26 +952,166 @@ impl Compiler<'_> {
             if element_types.len() != d.in_ports.len() {
                 continue;
             }
+            // Absent values: each input that may be absent needs a default, or the node is
+            // skipped with it.
+            let skip_if_absent = d.yaml.on_absent == Some(OnAbsent::Skip);
+            let defaults_line = self.loc.find_after(d.line.unwrap_or(0), "defaults:").or(d.line);
+            let mut defaults = vec![None; d.in_ports.len()];
+            let mut skipped_by_input = false;
+            for (pi, (port, src)) in d.in_ports.iter().map(|p| &p.0).zip(&srcs).enumerate() {
+                let from = src_name(*src, inputs, &self.params, &names);
+                match (skippable(src), d.yaml.defaults.get(port)) {
+                    (true, Some(_)) if mapped_inputs[pi] => self.errors.add(
+                        defaults_line,
+                        node,
+                        format!("defaults: input '{port}' is mapped over a list; a default cannot stand for the list"),
+                    ),
+                    (true, Some(v)) => match params::literal(v, &given[pi]) {
+                        Ok(v) => defaults[pi] = Some(v),
+                        Err(e) => self.errors.add(defaults_line, node, format!("defaults: input '{port}': {e}")),
+                    },
+                    (true, None) if skip_if_absent => skipped_by_input = true,
+                    (true, None) => self.errors.add(
+                        d.line,
+                        node,
+                        format!(
+                            "input '{port}' reads '{from}', which is absent when node '{}' is skipped; give \
+                             `defaults: {{{port}: ...}}` or `on_absent: skip`",
+                            from.split('.').next().unwrap_or_default()
+                        ),
+                    ),
+                    (false, Some(_)) => self.errors.add(
+                        defaults_line,
+                        node,
+                        format!("defaults: input '{port}' reads '{from}', which is never absent"),
+                    ),
+                    (false, None) => {}
+                }
+            }
+            let by = d.route.as_ref().map(|_| extra.last().expect("a route reads its `by`").1);
+            if let Some(b) = by.filter(|b| skippable(b)) {
+                if skip_if_absent {
+                    skipped_by_input = true;
+                } else {
+                    let from = src_name(b, inputs, &self.params, &names);
+                    self.errors.add(
+                        d.line,
+                        node,
+                        format!("route: by '{from}' may be absent (a skipped node's); add `on_absent: skip`"),
+                    );
+                }
+            }
+            if skip_if_absent && !skipped_by_input {
+                self.errors.add(d.line, node, "on_absent: skip, but nothing it reads can be absent".into());
+            }
+            let when = d.when.as_ref().and_then(|expr| {
+                let n_reads = expr.refs().len();
+                let reads: Vec<(String, Src)> = extra[..n_reads.min(extra.len())].to_vec();
+                let kind_of = |o: &Operand| -> Result<Kind, String> {
+                    let ty_of = |r: &str| {
+                        let i = reads.iter().position(|(n, _)| n == r).ok_or("an unresolved reference")?;
+                        Ok::<_, String>(&extra_types[i])
+                    };
+                    match o {
+                        Operand::Lit(s) => Ok(s.kind()),
+                        Operand::Param(p) => Ok(self.params[self.param_index(p)?].kind()),
+                        Operand::Ref(r) => scalar_kind(ty_of(r)?).map_err(|e| format!("'{r}' {e}")),
+                        Operand::Len(r) => match ty_of(r)? {
+                            ValueType::List(_) | ValueType::Any => Ok(Kind::Num),
+                            ValueType::Tensor { dims, .. } if dims.as_ref().is_none_or(|d| !d.is_empty()) => {
+                                Ok(Kind::Num)
+                            }
+                            t => Err(format!("len({r}): '{r}' is {t}; len() takes a list or a tensor with dimensions")),
+                        },
+                    }
+                };
+                let l = self.loc.find_after(d.line.unwrap_or(0), "when:").or(d.line);
+                match expr.check(&kind_of) {
+                    Ok(()) => Some(When { text: d.yaml.when.clone().unwrap_or_default(), expr: expr.clone(), reads }),
+                    Err(e) => {
+                        self.errors.add(l, node, format!("when: {e}"));
+                        None
+                    }
+                }
+            });
             let listed = |t: ValueType| if mapped { ValueType::List(Box::new(t)) } else { t };
+            let mut rebuild = None;
             let (kind, out) = match op {
                 // infer may record what it learns about its inputs (gather's element shape).
                 Some(mut o) => match o.infer(&element_types) {
-                    Ok(out) => (NodeKind::Op(Arc::from(o)), out.into_iter().map(listed).collect::<Vec<_>>()),
+                    Ok(out) => {
+                        if let Some((build, raw, metadata, uses)) = &d.rebuild {
+                            rebuild = Some(Arc::new(Rebuild {
+                                build: *build,
+                                raw: raw.clone(),
+                                base_dir: self.base_dir.to_path_buf(),
+                                metadata: metadata.clone(),
+                                uses: uses.clone(),
+                                element_types: element_types.clone(),
+                                out_types: out.clone(),
+                                cache: Default::default(),
+                            }));
+                        }
+                        (NodeKind::Op(Arc::from(o)), out.into_iter().map(listed).collect::<Vec<_>>())
+                    }
                     Err(e) => {
                         self.errors.add(d.line, node, e);
                         continue;
                     }
                 },
                 None => {
-                    let (model, sig) = d.model.clone().expect("a built node is an op or a model");
                     let out = d.out_ports.iter().map(|(_, t)| listed(t.clone())).collect();
-                    (NodeKind::Model { model, pinned: d.yaml.version, sig }, out)
+                    match (&d.model, &d.route) {
+                        (Some((model, sig)), _) => {
+                            (NodeKind::Model { model: model.clone(), pinned: d.yaml.version, sig: sig.clone() }, out)
+                        }
+                        (None, Some(r)) => {
+                            let by = by.expect("a route reads its `by`");
+                            let by_type = &extra_types[extra.len() - 1];
+                            if let Err(e) = self.check_route_by(r, by_type, mapped) {
+                                let l = self.loc.find_after(d.line.unwrap_or(0), "by:").or(d.line);
+                                self.errors.add(l, node, format!("route: {e}"));
+                            }
+                            let choice = Choice::Route { by, cases: r.cases.clone(), default: r.default };
+                            (NodeKind::Branches { arms: d.arms.clone(), choice }, out)
+                        }
+                        (None, None) => {
+                            let choice = Choice::Split { weights: d.weights.clone(), sticky: d.yaml.sticky };
+                            (NodeKind::Branches { arms: d.arms.clone(), choice }, out)
+                        }
+                    }
                 }
             };
             *types.last_mut().expect("pushed above") = out.clone();
-            nodes.push(plan_node(d, kind, srcs, out, mapped_inputs));
+            let skips = when.is_some() || skipped_by_input;
+            *may_skip.last_mut().expect("pushed above") = skips;
+            let mut n = plan_node(d, kind, srcs, out, mapped_inputs);
+            (n.when, n.defaults, n.skip_if_absent, n.may_skip, n.rebuild) =
+                (when, defaults, skip_if_absent, skips, rebuild);
+            nodes.push(n);
         }
         nodes
+    }
+
+    /// A route's `by`: one value per element of a mapped node (a list of values, or a
+    /// tensor of one dimension) or one value for all, of the kind its cases are.
+    fn check_route_by(&self, r: &DraftRoute, by: &ValueType, mapped: bool) -> Result<(), String> {
+        let scalar = |t: &ValueType| scalar_kind(t);
+        let kind = match by {
+            ValueType::List(el) if mapped => scalar(el)?,
+            ValueType::Tensor { dtype, dims: Some(d) } if mapped && d.len() == 1 => match dtype {
+                Some(dt) => params::kind_of_dtype(*dt).ok_or_else(|| format!("'{}' is {by}", r.by))?,
+                None => Kind::Unknown,
+            },
+            t => scalar(t).map_err(|e| {
+                let per = if mapped { "one value per element (a list, or a tensor [n]) or " } else { "" };
+                format!("by '{}' {e}; it must hold {per}one value", r.by)
+            })?,
+        };
+        match r.cases.iter().find(|(k, _)| kind != Kind::Unknown && k.kind() != kind) {
+            Some((k, _)) => Err(format!("by '{}' is {kind}, but case {k} is {}", r.by, k.kind())),
+            None => Ok(()),
+        }
     }
 
     /// The outputs' types: each must be a tensor of a known dtype.
@@ -598,15 +1124,38 @@ impl Compiler<'_> {
     ) -> Vec<PlanOutput> {
         let pos: HashMap<usize, usize> = order.iter().enumerate().map(|(p, &i)| (i, p)).collect();
         let mut typed = Vec::new();
-        for RawOutput { name, src, line } in outputs {
+        for RawOutput { name, src, line, default } in outputs {
             let src = to_src(src, &pos);
-            let ty = match src {
-                Src::Input(i) => input_type(&inputs[i]),
-                Src::Node { node, output } => nodes[node].output_types[output].clone(),
+            let (ty, skips) = match src {
+                Src::Input(i) => (input_type(&inputs[i]), false),
+                Src::Param(p) => (self.params[p].value_type(), false),
+                Src::Node { node, output } => (nodes[node].output_types[output].clone(), nodes[node].may_skip),
+            };
+            let default = match (skips, default) {
+                (true, None) => {
+                    let message = format!(
+                        "output '{name}' reads a value that is absent when its node is skipped; give it a `default:` \
+                         (`empty`, or a value)"
+                    );
+                    self.errors.add(line, None, message);
+                    None
+                }
+                (true, Some(v)) => match params::literal(&v, &ty) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        self.errors.add(line, None, format!("output '{name}': default: {e}"));
+                        None
+                    }
+                },
+                (false, Some(_)) => {
+                    self.errors.add(line, None, format!("output '{name}': default: its value is never absent"));
+                    None
+                }
+                (false, None) => None,
             };
             match ty {
                 ValueType::Tensor { dtype: Some(dtype), dims } => {
-                    typed.push(PlanOutput { name, src, dtype, dims: dims.unwrap_or_default() })
+                    typed.push(PlanOutput { name, src, dtype, dims: dims.unwrap_or_default(), default })
                 }
                 ValueType::List(_) => self.errors.add(
                     line,
@@ -624,9 +1173,14 @@ impl Compiler<'_> {
     }
 }
 
-/// Resolves a reference: a pipeline input's name, or `node.output`.
-fn resolve(r: &str, inputs: &[PlanInput], drafts: &[Draft]) -> Result<RawSrc, Unresolved> {
+/// Resolves a reference: a pipeline input's name, `$parameter` or `node.output`.
+fn resolve(r: &str, inputs: &[PlanInput], drafts: &[Draft], params: &[ParamDecl]) -> Result<RawSrc, Unresolved> {
     let err = |m: String| Unresolved::Error(m);
+    if let Some(p) = r.strip_prefix('$') {
+        return params.iter().position(|d| d.name == p).map(RawSrc::Param).ok_or_else(|| {
+            err(format!("unknown reference '{r}': no parameter '{p}' is declared under `parameters:`"))
+        });
+    }
     match r.split_once('.') {
         None => inputs.iter().position(|i| i.name == r).map(RawSrc::Input).ok_or_else(|| {
             err(format!("unknown reference '{r}': no pipeline input has that name (use node.output for node outputs)"))
@@ -656,6 +1210,7 @@ fn prune(drafts: &[Draft], wiring: &Wiring, outputs: &[RawOutput]) -> (Vec<bool>
     while let Some(n) = stack.pop() {
         if !std::mem::replace(&mut needed[n], true) {
             stack.extend(wiring.srcs[n].iter().flatten().filter_map(node_of));
+            stack.extend(wiring.extra[n].iter().map(|(_, s)| s).filter_map(node_of));
         }
     }
     let mut warnings = Vec::new();
@@ -689,7 +1244,7 @@ fn dependents(nodes: &[PlanNode]) -> (Vec<Vec<usize>>, Vec<usize>) {
     let mut dependents = vec![Vec::new(); nodes.len()];
     let mut dep_counts = vec![0; nodes.len()];
     for (i, n) in nodes.iter().enumerate() {
-        for s in &n.inputs {
+        for s in n.reads() {
             if let Src::Node { node, .. } = s {
                 if !dependents[*node].contains(&i) {
                     dependents[*node].push(i);
@@ -704,6 +1259,7 @@ fn dependents(nodes: &[PlanNode]) -> (Vec<Vec<usize>>, Vec<usize>) {
 fn to_src(s: RawSrc, pos: &HashMap<usize, usize>) -> Src {
     match s {
         RawSrc::Input(i) => Src::Input(i),
+        RawSrc::Param(p) => Src::Param(p),
         RawSrc::Node(n, o) => Src::Node { node: pos[&n], output: o },
     }
 }
@@ -728,6 +1284,7 @@ impl Diags {
 #[derive(Debug, Clone, Copy)]
 enum RawSrc {
     Input(usize),
+    Param(usize),
     Node(usize, usize),
 }
 
@@ -754,12 +1311,48 @@ fn plan_node(
             max_queue_delay: d.yaml.max_queue_delay_us.map(std::time::Duration::from_micros),
             max_batch_size: d.yaml.max_batch_size,
         },
+        when: None,
+        defaults: vec![],
+        skip_if_absent: false,
+        may_skip: false,
+        rebuild: None,
     }
 }
 
-fn src_name(s: Src, inputs: &[PlanInput], names: &[(String, Vec<String>)]) -> String {
+/// A model's inputs and outputs as node ports: per item, without the batch dimension.
+fn ports_of(sig: &ModelSig) -> (Ports, Ports) {
+    let strip = |t: &TensorInfo| {
+        let dims = if sig.max_batch_size > 0 { t.dims[1..].to_vec() } else { t.dims.clone() };
+        (t.name.clone(), ValueType::tensor(t.dtype, dims))
+    };
+    (sig.inputs.iter().map(strip).collect(), sig.outputs.iter().map(strip).collect())
+}
+
+/// The kind of the one value a condition (or a route) reads from a value of type `t`.
+fn scalar_kind(t: &ValueType) -> Result<Kind, String> {
+    match t {
+        ValueType::Any => Ok(Kind::Unknown),
+        ValueType::Tensor { dtype, dims } => {
+            if let Some(d) = dims {
+                // Known dims other than 1 mean more (or fewer) values than one.
+                if d.iter().filter(|&&x| x >= 0).product::<i64>() != 1 {
+                    return Err(format!("is {t}, not one value; use len() for its length"));
+                }
+            }
+            match dtype {
+                None => Ok(Kind::Unknown),
+                Some(dt) => params::kind_of_dtype(*dt).ok_or_else(|| format!("is {t}, which conditions do not read")),
+            }
+        }
+        ValueType::List(_) => Err(format!("is a {t}; use len() for its length")),
+        other => Err(format!("is {other}, not a value")),
+    }
+}
+
+fn src_name(s: Src, inputs: &[PlanInput], params: &[ParamDecl], names: &[(String, Vec<String>)]) -> String {
     match s {
         Src::Input(i) => inputs[i].name.clone(),
+        Src::Param(p) => format!("${}", params[p].name),
         Src::Node { node, output } => format!("{}.{}", names[node].0, names[node].1[output]),
     }
 }
@@ -793,11 +1386,14 @@ fn cycle_path(g: &DiGraph<usize, ()>, idx: &[NodeIndex], start: usize, members: 
 }
 
 impl Plan {
-    /// The plan as a Graphviz DOT graph: inputs, nodes (ops as boxes, models as
-    /// ellipses, fan-outs doubled) and outputs, edges labelled with the values' types.
+    /// The plan as a Graphviz DOT graph: inputs, parameters, nodes (ops as boxes, models
+    /// as ellipses, fan-outs doubled, conditions and branches in their labels) and
+    /// outputs; edges labelled with the values' types, conditional ones as such.
     pub fn to_dot(&self) -> String {
         let mut g: DiGraph<String, String> = DiGraph::new();
         let ins: Vec<NodeIndex> = self.inputs.iter().map(|i| g.add_node(format!("input {}", i.name))).collect();
+        let ps: Vec<NodeIndex> =
+            self.params.iter().map(|p| g.add_node(format!("parameter ${} (default {})", p.name, p.default))).collect();
         let ns: Vec<NodeIndex> = self
             .nodes
             .iter()
@@ -805,9 +1401,30 @@ impl Plan {
                 let what = match &n.kind {
                     NodeKind::Op(_) => format!("op on pool {}", n.pool),
                     NodeKind::Model { model, sig, .. } => format!("model {model} v{}", sig.version),
+                    NodeKind::Branches { arms, choice: Choice::Route { cases, default, .. } } => {
+                        let mut c: Vec<String> =
+                            cases.iter().map(|(k, a)| format!("{k} -> {}", arms[*a].label)).collect();
+                        if let Some(a) = default {
+                            c.push(format!("else -> {}", arms[*a].label));
+                        }
+                        format!("route: {}", c.join(", "))
+                    }
+                    NodeKind::Branches { arms, choice: Choice::Split { weights, sticky } } => {
+                        let total: u32 = weights.iter().sum();
+                        let c: Vec<String> = arms
+                            .iter()
+                            .zip(weights)
+                            .map(|(a, w)| {
+                                format!("{} {:.0}%", a.label, f64::from(*w) * 100.0 / f64::from(total.max(1)))
+                            })
+                            .collect();
+                        format!("split{}: {}", if *sticky { " (sticky)" } else { "" }, c.join(", "))
+                    }
                 };
                 let map = if n.mapped { " (per element)" } else { "" };
-                g.add_node(format!("{}\n{what}{map}", n.name))
+                let when = n.when.as_ref().map(|w| format!("\nwhen {}", w.text)).unwrap_or_default();
+                let skip = if n.skip_if_absent { "\nskipped when an input is absent" } else { "" };
+                g.add_node(format!("{}\n{what}{map}{when}{skip}", n.name))
             })
             .collect();
         let ty_of = |s: Src| match s {
@@ -819,21 +1436,31 @@ impl Plan {
                     ValueType::tensor(i.dtype, i.dims.clone()).to_string()
                 }
             }
-            Src::Node { node, output } => self.nodes[node].output_types[output].to_string(),
+            Src::Param(p) => self.params[p].value_type().to_string(),
+            Src::Node { node, output } => {
+                let n = &self.nodes[node];
+                let maybe = if n.may_skip { " (may be absent)" } else { "" };
+                format!("{}{maybe}", n.output_types[output])
+            }
         };
         let at = |s: Src| match s {
             Src::Input(i) => ins[i],
+            Src::Param(p) => ps[p],
             Src::Node { node, .. } => ns[node],
+        };
+        let from = |s: Src| match s {
+            Src::Node { node, output } => format!("{}->", self.nodes[node].output_names[output]),
+            _ => String::new(),
         };
         for (n, node) in self.nodes.iter().enumerate() {
             for (s, port) in node.inputs.iter().zip(&node.input_names) {
-                let label = match *s {
-                    Src::Input(_) => format!("{port}: {}", ty_of(*s)),
-                    Src::Node { node: m, output } => {
-                        format!("{}->{port}: {}", self.nodes[m].output_names[output], ty_of(*s))
-                    }
-                };
-                g.add_edge(at(*s), ns[n], label);
+                g.add_edge(at(*s), ns[n], format!("{}{port}: {}", from(*s), ty_of(*s)));
+            }
+            for (_, s) in node.when.iter().flat_map(|w| &w.reads) {
+                g.add_edge(at(*s), ns[n], format!("{}when", from(*s)));
+            }
+            if let NodeKind::Branches { choice: Choice::Route { by, .. }, .. } = &node.kind {
+                g.add_edge(at(*by), ns[n], format!("{}route by", from(*by)));
             }
         }
         for o in &self.outputs {
@@ -857,10 +1484,11 @@ mod tests {
         fn model(&self, name: &str, _version: Option<u64>) -> Option<Result<ModelSig, String>> {
             let t = |name: &str, dtype, dims: &[i64]| TensorInfo { name: name.into(), dtype, dims: dims.to_vec() };
             match name {
-                "cls" => Some(Ok(ModelSig {
+                // Two classifiers of one signature, and one that gives more classes.
+                "cls" | "cls2" | "wide" => Some(Ok(ModelSig {
                     version: 1,
                     inputs: vec![t("x", DataType::F32, &[-1, 3, 8, 8])],
-                    outputs: vec![t("logits", DataType::F32, &[-1, 10])],
+                    outputs: vec![t("logits", DataType::F32, &[-1, if name == "wide" { 20 } else { 10 }])],
                     max_batch_size: 8,
                     metadata: vec![],
                 })),
@@ -1058,5 +1686,152 @@ mod tests {
             e.contains("output 'o' is a list of tensor FP32 [10]; collect it into one tensor with a `gather` node"),
             "{e}"
         );
+    }
+
+    /// `good()` with `cls` run only when `cond` holds, `top` skipped with it, and the
+    /// output defaulting to `empty`; `params` declared.
+    fn conditional(cond: &str, params: &str) -> String {
+        good("")
+            .replace(HEAD, &format!("parameters:\n{params}{HEAD}"))
+            .replace("from: top.classes}", "from: top.classes, default: empty}")
+            .replace(
+                "    inputs: {x: norm.tensor}\n",
+                &format!("    inputs: {{x: norm.tensor}}\n    when: \"{cond}\"\n"),
+            )
+            .replace("    params: {k: 3}\n", "    params: {k: 3}\n    on_absent: skip\n")
+    }
+
+    const VARIANT: &str = "  - {name: variant, type: string, default: a, values: [a, b]}\n";
+
+    #[test]
+    fn a_condition_and_its_absence_rules_compile() {
+        let plan = compile_str(&conditional("$variant == 'a'", VARIANT)).unwrap();
+        let cls = plan.nodes.iter().find(|n| n.name == "cls").unwrap();
+        assert!(cls.when.is_some() && cls.may_skip);
+        let top = plan.nodes.iter().find(|n| n.name == "top").unwrap();
+        assert!(top.skip_if_absent && top.may_skip);
+        let Some(Value::Tensor(t)) = &plan.outputs[0].default else { panic!("a default") };
+        assert_eq!(t.shape, vec![0]);
+        let dot = plan.to_dot();
+        assert!(dot.contains("when $variant == 'a'") && dot.contains("(may be absent)"), "{dot}");
+        // A condition over a computed value waits for it: `resize` reads nothing new, but
+        // `norm` now depends on... nothing else; `cls` reads `decode.image`'s size via len.
+        let text = conditional("len(norm.tensor) == 3 and $variant in ['a', 'b']", VARIANT);
+        assert!(compile_str(&text).is_ok(), "{:?}", compile_str(&text).err());
+    }
+
+    #[test]
+    fn each_condition_error_names_the_line() {
+        let at_when = |e: &str| e.contains("pipelines/p.yaml:21: node 'cls': when: ");
+        for (cond, says) in [
+            ("$variant ==", "ends too early"),
+            ("nope.x > 0", "when unknown reference 'nope.x': no node 'nope'"),
+            ("$other == 'a'", "'$other' names no parameter (declared under `parameters:`: $variant)"),
+            ("$variant > 'a'", "only numbers can be ordered"),
+            ("norm.tensor > 0", "'norm.tensor' is tensor FP32 [3,8,8], not one value; use len()"),
+            ("$variant", "is a string, not a condition"),
+        ] {
+            let e = errors_of(&conditional(cond, VARIANT));
+            assert!(e.contains(says), "{cond}: {e}");
+            if !says.contains("unknown reference") {
+                assert!(at_when(&e), "{cond}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_reader_of_an_absent_value_must_say_what_happens() {
+        let base = conditional("$variant == 'a'", VARIANT);
+        // top reads cls.logits without `on_absent`.
+        let e = errors_of(&base.replace("    on_absent: skip\n", ""));
+        assert!(
+            e.contains("node 'top': input 'scores' reads 'cls.logits', which is absent when node 'cls' is skipped; give `defaults: {scores: ...}` or `on_absent: skip`"),
+            "{e}"
+        );
+        // A default instead of skipping: a value of the right type.
+        let with_default = base.replace("    on_absent: skip\n", "    defaults: {scores: [0,0,0,0,0,0,0,0,0,1]}\n");
+        let e = errors_of(&with_default);
+        assert!(e.contains("output 'top': default: its value is never absent"), "{e}");
+        let fixed = with_default.replace("from: top.classes, default: empty}", "from: top.classes}");
+        assert!(compile_str(&fixed).is_ok(), "{:?}", compile_str(&fixed).err());
+        let e = errors_of(&fixed.replace("[0,0,0,0,0,0,0,0,0,1]", "[1, 2]"));
+        assert!(
+            e.contains("defaults: input 'scores': the default is tensor FP32 [2], but the value is tensor FP32 [10]"),
+            "{e}"
+        );
+        // The output that reads a skippable value needs a default.
+        let e = errors_of(&base.replace("from: top.classes, default: empty}", "from: top.classes}"));
+        assert!(
+            e.contains("output 'top' reads a value that is absent when its node is skipped; give it a `default:`"),
+            "{e}"
+        );
+        // `on_absent` and `defaults` where nothing can be absent.
+        let e = errors_of(&good("").replace("    params: {k: 3}\n", "    params: {k: 3}\n    on_absent: skip\n"));
+        assert!(e.contains("node 'top': on_absent: skip, but nothing it reads can be absent"), "{e}");
+        let e = errors_of(&good("").replace("    params: {k: 3}\n", "    params: {k: 3}\n    defaults: {scores: 1}\n"));
+        assert!(e.contains("defaults: input 'scores' reads 'cls.logits', which is never absent"), "{e}");
+        let e = errors_of(&good("").replace("    params: {k: 3}\n", "    params: {k: 3}\n    defaults: {score: 1}\n"));
+        assert!(e.contains("defaults: it has no input 'score'"), "{e}");
+    }
+
+    #[test]
+    fn parameters_are_declared_typed_and_named_where_used() {
+        let thr = "  - {name: thr, type: int, default: 3, min: 1, max: 10}\n";
+        let text = |p: &str| good("").replace(HEAD, &format!("parameters:\n{p}{HEAD}"));
+        let plan = compile_str(&text(thr).replace("params: {k: 3}", "params: {k: $thr}")).unwrap();
+        let top = plan.nodes.iter().find(|n| n.name == "top").unwrap();
+        assert_eq!(top.rebuild.as_ref().unwrap().uses, vec![0]);
+        let e = errors_of(&text(thr).replace("params: {k: 3}", "params: {k: $kk}"));
+        assert!(e.contains("node 'top': op 'topk': params: '$kk' names no parameter"), "{e}");
+        let e = errors_of(&text(&format!("{thr}{thr}")));
+        assert!(e.contains("pipelines/p.yaml:2: parameter 'thr' is declared twice"), "{e}");
+        let e = errors_of(&text("  - {name: thr, type: int, default: 0.5}\n"));
+        assert!(e.contains("pipelines/p.yaml:2: parameter 'thr': default: expected an integer, got 0.5"), "{e}");
+        let e = errors_of(&text("  - {name: thr, type: number, default: 1}\n"));
+        assert!(e.contains("unknown variant `number`"), "{e}");
+        // As an input: a tensor of no dimensions, type-checked like any value.
+        let e = errors_of(&text(thr).replace("inputs: {scores: cls.logits}", "inputs: {scores: $thr}"));
+        assert!(e.contains("input 'scores' expects tensor FP32, but '$thr' gives tensor INT64 []"), "{e}");
+        let e = errors_of(&text(thr).replace("inputs: {scores: cls.logits}", "inputs: {scores: $nope}"));
+        assert!(e.contains("unknown reference '$nope': no parameter 'nope' is declared"), "{e}");
+    }
+
+    /// decode -> boxes from an input -> crop each -> normalize -> `node` (given) -> gather.
+    fn routed(node: &str) -> String {
+        format!(
+            "{HEAD}  - {{name: preds, dtype: FP32, dims: [4, 7]}}\noutputs:\n  - {{name: o, from: g.tensor}}\nnodes:\n  - name: decode\n    op: decode_image\n    inputs: {{bytes: image}}\n  - name: boxes\n    op: detect_yolo\n    inputs: {{predictions: preds, image: decode.image}}\n    params: {{width: 8, height: 8}}\n  - name: crop\n    op: crop_boxes\n    inputs: {{image: decode.image, boxes: boxes.boxes}}\n    params: {{resize: [8, 8]}}\n  - name: norm\n    op: normalize\n    inputs: {{image: crop.crops}}\n  - name: cls\n{node}    inputs: {{x: norm.tensor}}\n  - name: g\n    op: gather\n    inputs: {{list: cls.logits}}\n"
+        )
+    }
+
+    #[test]
+    fn routes_and_splits_compile_with_their_models_checked() {
+        let plan =
+            compile_str(&routed("    route:\n      by: boxes.classes\n      cases: {0: cls, 1: cls2}\n")).unwrap();
+        let cls = plan.nodes.iter().find(|n| n.name == "cls").unwrap();
+        let NodeKind::Branches { arms, choice: Choice::Route { cases, default, .. } } = &cls.kind else { panic!() };
+        assert_eq!(arms.iter().map(|a| a.label.as_str()).collect::<Vec<_>>(), ["cls", "cls2"]);
+        assert_eq!(cases, &[(Scalar::Num(0.0), 0), (Scalar::Num(1.0), 1)]);
+        assert!(default.is_none() && cls.mapped);
+        assert!(plan.to_dot().contains("route: 0 -> cls, 1 -> cls2"), "{}", plan.to_dot());
+        let split = "    split:\n      - {model: cls, weight: 9}\n      - {model: cls2, weight: 1}\n    sticky: true\n";
+        let plan = compile_str(&routed(split)).unwrap();
+        assert!(plan.to_dot().contains("split (sticky): cls 90%, cls2 10%"), "{}", plan.to_dot());
+
+        for (node, says) in [
+            ("    route:\n      by: boxes.classes\n      cases: {0: cls, 1: wide}\n", "its models must share one signature, but 'cls' takes (x: tensor FP32 [3,8,8]) -> (logits: tensor FP32 [10]) and 'wide' takes"),
+            ("    route:\n      by: boxes.classes\n      cases: {0: cls, 1: nope}\n", "node 'cls': unknown model 'nope'"),
+            ("    route:\n      by: boxes.classes\n      cases: {a: cls, b: cls2}\n", "route: by 'boxes.classes' is a number, but case 'a' is a string"),
+            ("    route:\n      by: boxes.boxes\n      cases: {0: cls}\n", "route: by 'boxes.boxes' is tensor FP32 [-1,4]"),
+            ("    route:\n      by: boxes.nothing\n      cases: {0: cls}\n", "by unknown reference 'boxes.nothing'"),
+            ("    route:\n      by: boxes.classes\n      cases: {}\n", "route: give at least one case"),
+            ("    split:\n      - {model: cls, weight: 1}\n", "split: give at least two branches"),
+            ("    split:\n      - {model: cls, weight: 0}\n      - {model: cls2, weight: 1}\n", "split: weights are 1 or more"),
+            ("    split:\n      - {model: cls, weight: 1}\n      - {model: cls, weight: 1}\n", "split: 'cls' is given twice"),
+            ("    model: cls\n    sticky: true\n", "`sticky` is for `split` nodes"),
+            ("    model: cls\n    route: {by: boxes.classes, cases: {0: cls}}\n", "give exactly one of `op`, `model`, `route` or `split`"),
+        ] {
+            let e = errors_of(&routed(node));
+            assert!(e.contains(says), "{node}: {e}");
+        }
     }
 }

@@ -3,20 +3,23 @@
 //! itself runs elsewhere: ops on their CPU pool's threads, models on their batcher and
 //! instance threads, where items from every in-flight request share batches.
 
-use super::compile::{NodeKind, Plan, PlanNode, Src};
+use super::compile::{Choice, NodeKind, Plan, PlanNode, Rebuild, Src, When};
+use super::cond::{Operand, Scalar};
+use super::params::{scalar_at, ParamDecl};
 use super::schema::Layout;
 use crate::error::Error;
 use crate::model::check::{self, Expected};
 use crate::model::LoadedModel;
 use crate::request::{InferRequest, InferResponse, NamedTensor, StepTiming, DEFAULT_VERSION};
 use crate::sched::pool::CpuPool;
-use crate::telemetry::metrics::{Metrics, ModelMetrics, NodeMetrics};
+use crate::telemetry::metrics::{BranchMetrics, Metrics, ModelMetrics, NodeMetrics};
 use crate::telemetry::stats::ModelStats;
 use futures::stream::{FuturesUnordered, StreamExt};
 use sluice_ops::tensor::{fits, Dims};
 use sluice_ops::{Op, OpError, Tensor, Value};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -28,6 +31,10 @@ use tracing::Instrument;
 struct ItemCx<'a> {
     deadline: Option<Instant>,
     timing: Option<&'a Timing>,
+    /// Every parameter's value for this request, in the plan's order.
+    params: &'a [Scalar],
+    /// Per node: the branch a split node takes for this request.
+    picks: &'a [usize],
 }
 
 impl ItemCx<'_> {
@@ -95,17 +102,40 @@ enum Target {
 }
 
 struct Runner {
-    target: Target,
+    /// One per branch of a route or split node; one otherwise.
+    targets: Vec<Target>,
+    /// Per branch of a route or split node (empty otherwise).
+    branches: Vec<BranchMetrics>,
     metrics: NodeMetrics,
     limit: Option<Arc<Semaphore>>,
+    /// Requests a non-sticky split has chosen for.
+    splits: AtomicU64,
 }
 
 /// A node of a bound pipeline, for views of it (the dashboard).
 pub struct NodeView<'a> {
     pub node: &'a PlanNode,
     pub metrics: &'a NodeMetrics,
+    /// The model it runs (a route's or split's first).
     pub model: Option<&'a Arc<LoadedModel>>,
     pub pool: Option<&'a Arc<CpuPool>>,
+    /// A route's or split's branches: label, model, series.
+    pub branches: Vec<(&'a str, &'a Arc<LoadedModel>, &'a BranchMetrics)>,
+}
+
+/// What a node does once everything it reads is done.
+enum Ready {
+    /// Its condition does not hold, or something it reads is absent.
+    Skip,
+    /// Its arguments, and a route's `by` value.
+    Run(Vec<Value>, Option<Value>),
+}
+
+/// A node's outcome for one item.
+#[derive(Clone)]
+enum Done {
+    Ran(Vec<Value>),
+    Skipped,
 }
 
 /// A plan bound to the loaded models and CPU pools it runs on.
@@ -135,26 +165,29 @@ impl Pipeline {
             .nodes
             .iter()
             .map(|n| {
-                let target = match &n.kind {
+                let model = |model: &str, version: u64| {
+                    models(model, version)
+                        .map(Target::Model)
+                        .ok_or_else(|| format!("node '{}': model '{model}' version {version} is not loaded", n.name))
+                };
+                let (targets, branches) = match &n.kind {
                     NodeKind::Op(op) => {
                         let pool =
                             pools.get(&n.pool).ok_or_else(|| format!("node '{}': no pool '{}'", n.name, n.pool))?;
-                        Target::Op { op: op.clone(), pool: pool.clone() }
+                        (vec![Target::Op { op: op.clone(), pool: pool.clone() }], vec![])
                     }
-                    NodeKind::Model { model, sig, .. } => match models(model, sig.version) {
-                        Some(m) => Target::Model(m),
-                        None => {
-                            return Err(format!(
-                                "node '{}': model '{model}' version {} is not loaded",
-                                n.name, sig.version
-                            ))
-                        }
-                    },
+                    NodeKind::Model { model: m, sig, .. } => (vec![model(m, sig.version)?], vec![]),
+                    NodeKind::Branches { arms, .. } => (
+                        arms.iter().map(|a| model(&a.model, a.sig.version)).collect::<Result<Vec<_>, _>>()?,
+                        arms.iter().map(|a| metrics.for_branch(&plan.name, &n.name, &a.label)).collect(),
+                    ),
                 };
                 Ok(Runner {
-                    target,
+                    targets,
+                    branches,
                     metrics: metrics.for_node(&plan.name, &n.name),
                     limit: (n.concurrency > 0).then(|| Arc::new(Semaphore::new(n.concurrency))),
+                    splits: AtomicU64::new(0),
                 })
             })
             .collect::<Result<_, String>>()?;
@@ -168,18 +201,36 @@ impl Pipeline {
 
     /// Each node with its live metrics and what it runs on, in plan order.
     pub fn nodes(&self) -> impl Iterator<Item = NodeView<'_>> {
-        self.plan.nodes.iter().zip(&self.runners).map(|(node, r)| match &r.target {
-            Target::Op { pool, .. } => NodeView { node, metrics: &r.metrics, model: None, pool: Some(pool) },
-            Target::Model(m) => NodeView { node, metrics: &r.metrics, model: Some(m), pool: None },
+        self.plan.nodes.iter().zip(&self.runners).map(|(node, r)| {
+            let branches = match &node.kind {
+                NodeKind::Branches { arms, .. } => arms
+                    .iter()
+                    .zip(&r.targets)
+                    .zip(&r.branches)
+                    .filter_map(|((a, t), m)| match t {
+                        Target::Model(model) => Some((a.label.as_str(), model, m)),
+                        Target::Op { .. } => None,
+                    })
+                    .collect(),
+                _ => vec![],
+            };
+            match &r.targets[0] {
+                Target::Op { pool, .. } => {
+                    NodeView { node, metrics: &r.metrics, model: None, pool: Some(pool), branches }
+                }
+                Target::Model(m) => NodeView { node, metrics: &r.metrics, model: Some(m), pool: None, branches },
+            }
         })
     }
 
-    /// The loaded models the pipeline runs, with the version each model node names
-    /// (`None`: whichever is the latest).
+    /// The loaded models the pipeline runs, with the version each names (`None`:
+    /// whichever is the latest).
     pub fn models(&self) -> impl Iterator<Item = (&Arc<LoadedModel>, Option<u64>)> {
-        self.plan.nodes.iter().zip(&self.runners).filter_map(|(n, r)| match (&n.kind, &r.target) {
-            (NodeKind::Model { pinned, .. }, Target::Model(m)) => Some((m, *pinned)),
-            _ => None,
+        self.plan.nodes.iter().zip(&self.runners).flat_map(|(n, r)| {
+            n.models().into_iter().zip(&r.targets).filter_map(|((_, _, pinned), t)| match t {
+                Target::Model(m) => Some((m, pinned)),
+                Target::Op { .. } => None,
+            })
         })
     }
 
@@ -210,8 +261,10 @@ impl Pipeline {
         let outputs = self.plan.outputs.iter().map(|o| o.name.as_str());
         let wanted = check::select_outputs(&self.plan.name, "pipeline", outputs, &req.outputs)?;
         let items = self.split_items(req.inputs)?;
+        let params = Arc::new(self.request_params(&req.parameters)?);
+        let picks = Arc::new(self.split_picks(&req.id));
         let timing = req.timing.then(|| Arc::new(Timing::new(&self.plan)));
-        let cx = ItemCx { deadline, timing: timing.as_deref() };
+        let cx = ItemCx { deadline, timing: timing.as_deref(), params: &params, picks: &picks };
         let per_item = match &self.fused_pool {
             None => futures::future::try_join_all(items.into_iter().map(|values| self.walk(values, cx))).await?,
             Some(pool) => {
@@ -219,8 +272,12 @@ impl Pipeline {
                     .into_iter()
                     .map(|values| {
                         let (this, timing) = (self.clone(), timing.clone());
+                        let (params, picks) = (params.clone(), picks.clone());
                         pool.spawn(deadline, move || {
-                            this.walk_fused(values, ItemCx { deadline, timing: timing.as_deref() })
+                            this.walk_fused(
+                                values,
+                                ItemCx { deadline, timing: timing.as_deref(), params: &params, picks: &picks },
+                            )
                         })
                     })
                     .collect::<Result<Vec<_>, Error>>()?;
@@ -267,6 +324,52 @@ impl Pipeline {
         Error::InvalidInput { model: self.plan.name.clone(), message }
     }
 
+    /// Every declared parameter's value for a request: what it gives, checked, or the
+    /// default. Parameters it gives that the pipeline does not declare are not its
+    /// business (protocol options, other tools' keys) and are ignored.
+    fn request_params(&self, given: &[(String, Scalar)]) -> Result<Vec<Scalar>, Error> {
+        self.plan
+            .params
+            .iter()
+            .map(|d| match given.iter().find(|(k, _)| *k == d.name) {
+                None => Ok(d.default.clone()),
+                Some((_, v)) => d.accept(v.clone()).map_err(|e| self.invalid(format!("parameter '{}': {e}", d.name))),
+            })
+            .collect()
+    }
+
+    /// The branch each split node takes for this request: by a hash of the request id
+    /// when sticky (the same on every replica and across restarts), else spread by the
+    /// node's request count so that weights hold closely over any stretch of requests.
+    fn split_picks(&self, id: &str) -> Vec<usize> {
+        self.plan
+            .nodes
+            .iter()
+            .zip(&self.runners)
+            .map(|(n, r)| match &n.kind {
+                NodeKind::Branches { choice: Choice::Split { weights, sticky }, .. } => {
+                    let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+                    let at = if *sticky && !id.is_empty() {
+                        stable_hash(id.as_bytes()) % total
+                    } else {
+                        // The golden-ratio sequence: evenly spread, no lock.
+                        let c = r.splits.fetch_add(1, Relaxed);
+                        ((c as f64 * 0.618_033_988_749_894_9).fract() * total as f64) as u64
+                    };
+                    let mut acc = 0;
+                    weights
+                        .iter()
+                        .position(|&w| {
+                            acc += u64::from(w);
+                            at < acc
+                        })
+                        .unwrap_or(0)
+                }
+                _ => 0,
+            })
+            .collect()
+    }
+
     /// The request's inputs as one value list per item, in the plan's input order.
     fn split_items(&self, given: Vec<NamedTensor>) -> Result<Vec<Vec<Value>>, Error> {
         let plan = &self.plan;
@@ -309,51 +412,186 @@ impl Pipeline {
     /// Walks one item through the plan; returns its pipeline outputs.
     async fn walk(&self, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Tensor>, Error> {
         let plan = &self.plan;
-        let mut values: Vec<Option<Vec<Value>>> = vec![None; plan.nodes.len()];
+        let mut values: Vec<Option<Done>> = vec![None; plan.nodes.len()];
         let mut waiting = plan.dep_counts.clone();
-        let value_of = |values: &[Option<Vec<Value>>], s: &Src| match *s {
-            Src::Input(i) => inputs[i].clone(),
-            Src::Node { node, output } => {
-                values[node].as_ref().expect("a ready node's inputs are computed")[output].clone()
-            }
-        };
-        let launch = |i: usize, args: Vec<Value>| async move { (i, self.run_node(i, args, cx).await) };
+        let launch =
+            |i: usize, args: Vec<Value>, by: Option<Value>| async move { (i, self.run_node(i, args, by, cx).await) };
         let mut running = FuturesUnordered::new();
-        for (i, n) in plan.nodes.iter().enumerate() {
-            if waiting[i] == 0 {
-                running.push(launch(i, n.inputs.iter().map(|s| value_of(&values, s)).collect()));
-            }
-        }
-        while let Some((i, result)) = running.next().await {
-            // The first failure fails the item; dropping `running` cancels the rest.
-            values[i] = Some(result?);
-            for &d in &plan.dependents[i] {
-                waiting[d] -= 1;
-                if waiting[d] == 0 {
-                    running.push(launch(d, plan.nodes[d].inputs.iter().map(|s| value_of(&values, s)).collect()));
+        // Nodes whose inputs are all done: started, or skipped (which may make more ready).
+        let mut ready: Vec<usize> = (0..plan.nodes.len()).filter(|&i| waiting[i] == 0).collect();
+        loop {
+            while let Some(i) = ready.pop() {
+                match self.prepare(i, &|s| self.value_of(&inputs, &values, s, cx), cx)? {
+                    Ready::Run(args, by) => running.push(launch(i, args, by)),
+                    Ready::Skip => {
+                        self.runners[i].metrics.skipped.inc();
+                        values[i] = Some(Done::Skipped);
+                        self.done(i, &mut waiting, &mut ready);
+                    }
                 }
             }
+            let Some((i, result)) = running.next().await else { break };
+            // The first failure fails the item; dropping `running` cancels the rest.
+            values[i] = Some(Done::Ran(result?));
+            self.done(i, &mut waiting, &mut ready);
         }
-        self.outputs_of(|src| value_of(&values, src))
+        self.outputs_of(|src| self.value_of(&inputs, &values, src, cx))
     }
 
-    /// The pipeline's outputs for one item, from its computed values.
-    fn outputs_of(&self, value_of: impl Fn(&Src) -> Value) -> Result<Vec<Tensor>, Error> {
+    /// Node `i` is done: its dependents wait for one node less.
+    fn done(&self, i: usize, waiting: &mut [usize], ready: &mut Vec<usize>) {
+        for &d in &self.plan.dependents[i] {
+            waiting[d] -= 1;
+            if waiting[d] == 0 {
+                ready.push(d);
+            }
+        }
+    }
+
+    /// A value for one item; `None`: absent (its node was skipped).
+    fn value_of(&self, inputs: &[Value], values: &[Option<Done>], s: &Src, cx: ItemCx<'_>) -> Option<Value> {
+        match *s {
+            Src::Input(i) => Some(inputs[i].clone()),
+            Src::Param(p) => Some(self.plan.params[p].to_value(&cx.params[p])),
+            Src::Node { node, output } => match values[node].as_ref().expect("a ready node's inputs are computed") {
+                Done::Ran(v) => Some(v[output].clone()),
+                Done::Skipped => None,
+            },
+        }
+    }
+
+    /// Node `i`'s arguments, or that it is skipped: something it reads is absent (and
+    /// has no default), or its condition does not hold.
+    fn prepare(&self, i: usize, value_of: &dyn Fn(&Src) -> Option<Value>, cx: ItemCx<'_>) -> Result<Ready, Error> {
+        let node = &self.plan.nodes[i];
+        let mut args = Vec::with_capacity(node.inputs.len());
+        for (k, s) in node.inputs.iter().enumerate() {
+            // The compiler let a node read what may be absent only with a default or
+            // `on_absent: skip`.
+            match value_of(s).or_else(|| node.defaults.get(k).cloned().flatten()) {
+                Some(v) => args.push(v),
+                None => return Ok(Ready::Skip),
+            }
+        }
+        let by = match &node.kind {
+            NodeKind::Branches { choice: Choice::Route { by, .. }, .. } => match value_of(by) {
+                Some(v) => Some(v),
+                None => return Ok(Ready::Skip),
+            },
+            _ => None,
+        };
+        if let Some(w) = &node.when {
+            let mut read = Vec::with_capacity(w.reads.len());
+            for (_, s) in &w.reads {
+                match value_of(s) {
+                    Some(v) => read.push(v),
+                    None => return Ok(Ready::Skip),
+                }
+            }
+            let holds = w
+                .expr
+                .eval(&|o| self.operand(o, w, &read, cx))
+                .map_err(|e| self.node_failed(node, format!("when {}: {e}", w.text)))?;
+            if !holds {
+                return Ok(Ready::Skip);
+            }
+        }
+        Ok(Ready::Run(args, by))
+    }
+
+    /// An operand of a condition, for one item.
+    fn operand(&self, o: &Operand, w: &When, read: &[Value], cx: ItemCx<'_>) -> Result<Scalar, String> {
+        let read_of = |r: &str| {
+            w.reads.iter().position(|(n, _)| n == r).map(|i| &read[i]).ok_or_else(|| format!("'{r}' is not read"))
+        };
+        match o {
+            Operand::Lit(s) => Ok(s.clone()),
+            Operand::Param(p) => {
+                let i = self.plan.params.iter().position(|d| d.name == *p).ok_or("an undeclared parameter")?;
+                Ok(cx.params[i].clone())
+            }
+            Operand::Ref(r) => one_value(read_of(r)?).map_err(|e| format!("'{r}' {e}")),
+            Operand::Len(r) => match read_of(r)? {
+                Value::List(l) => Ok(Scalar::Num(l.len() as f64)),
+                Value::Tensor(t) if !t.shape.is_empty() => Ok(Scalar::Num(t.shape[0] as f64)),
+                other => Err(format!("len({r}): it is a {} without dimensions", other.kind())),
+            },
+        }
+    }
+
+    /// The branch node `i` sends one item (element `k` of a mapped node) to.
+    fn arm(&self, i: usize, by: Option<&Value>, k: Option<usize>, cx: ItemCx<'_>) -> Result<usize, Error> {
+        let node = &self.plan.nodes[i];
+        let NodeKind::Branches { choice, arms } = &node.kind else { return Ok(0) };
+        let (by_src, cases, default) = match choice {
+            Choice::Split { .. } => return Ok(cx.picks[i]),
+            Choice::Route { by, cases, default } => (by, cases, default),
+        };
+        let by = by.ok_or_else(|| self.node_failed(node, "route: no `by` value".into()))?;
+        let key = match (by, k) {
+            (Value::List(l), Some(k)) => l.get(k).ok_or("fewer values than elements".to_string()).and_then(one_value),
+            (Value::Tensor(t), Some(k)) if t.shape.len() == 1 => {
+                scalar_at(t, k).ok_or_else(|| format!("holds {} values for more elements", t.shape[0]))
+            }
+            (v, _) => one_value(v),
+        }
+        .map_err(|e| self.node_failed(node, format!("route: by {e}")))?;
+        match cases.iter().find(|(c, _)| *c == key).map(|(_, a)| *a).or(*default) {
+            Some(a) => Ok(a),
+            None => {
+                let known: Vec<String> = cases.iter().map(|(c, a)| format!("{c} -> {}", arms[*a].label)).collect();
+                let message = format!("route: no case for {key} ({}) and no `default:`", known.join(", "));
+                // Routed by a request's parameter, the request chose it; by a computed
+                // value, the pipeline lacks the case.
+                Err(match by_src {
+                    Src::Param(_) => self.node_invalid(node, message),
+                    _ => self.node_failed(node, message),
+                })
+            }
+        }
+    }
+
+    /// The pipeline's outputs for one item, from its computed values; an absent value
+    /// gives the output's default.
+    fn outputs_of(&self, value_of: impl Fn(&Src) -> Option<Value>) -> Result<Vec<Tensor>, Error> {
         self.plan
             .outputs
             .iter()
-            .map(|o| match value_of(&o.src) {
-                Value::Tensor(t) => Ok(t),
-                other => Err(Error::Internal(format!("output '{}' is {}, not a tensor", o.name, other.kind()))),
+            .map(|o| match value_of(&o.src).or_else(|| o.default.clone()) {
+                Some(Value::Tensor(t)) => Ok(t),
+                Some(other) => Err(Error::Internal(format!("output '{}' is {}, not a tensor", o.name, other.kind()))),
+                None => Err(Error::Internal(format!("output '{}' is absent and has no default", o.name))),
             })
             .collect()
     }
 
-    async fn run_node(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
+    async fn run_node(
+        &self,
+        i: usize,
+        inputs: Vec<Value>,
+        by: Option<Value>,
+        cx: ItemCx<'_>,
+    ) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         if !node.mapped {
-            return self.run_item(i, inputs, cx).await;
+            let arm = self.arm(i, by.as_ref(), None, cx)?;
+            return self.run_item(i, arm, inputs, cx).await;
         }
+        let len = self.mapped_len(node, &inputs, by.as_ref())?;
+        self.runners[i].metrics.fanout.observe(len as f64);
+        let elements = (0..len)
+            .map(|k| {
+                let arm = self.arm(i, by.as_ref(), Some(k), cx)?;
+                Ok(self.run_item(i, arm, element(node, &inputs, k), cx))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let results = futures::future::try_join_all(elements).await?;
+        Ok(transpose(node, results))
+    }
+
+    /// How many elements a mapped node runs over: its lists (and a route's per-element
+    /// `by`) must agree.
+    fn mapped_len(&self, node: &PlanNode, inputs: &[Value], by: Option<&Value>) -> Result<usize, Error> {
         let lists: Vec<&Arc<Vec<Value>>> = inputs
             .iter()
             .zip(&node.mapped_inputs)
@@ -363,31 +601,19 @@ impl Pipeline {
             })
             .collect::<Result<_, _>>()?;
         let len = lists[0].len();
-        self.runners[i].metrics.fanout.observe(len as f64);
         if lists.iter().any(|l| l.len() != len) {
             let lens: Vec<usize> = lists.iter().map(|l| l.len()).collect();
             return Err(self.node_failed(node, format!("the lists it is mapped over differ in length: {lens:?}")));
         }
-        let elements = (0..len).map(|k| {
-            let args: Vec<Value> = inputs
-                .iter()
-                .zip(&node.mapped_inputs)
-                .map(|(v, &m)| match (m, v) {
-                    (true, Value::List(l)) => l[k].clone(),
-                    _ => v.clone(),
-                })
-                .collect();
-            self.run_item(i, args, cx)
-        });
-        let results = futures::future::try_join_all(elements).await?;
-        // Transpose: per element outputs -> per output lists, in element order.
-        let mut outs: Vec<Vec<Value>> = vec![Vec::with_capacity(len); node.output_names.len()];
-        for r in results {
-            for (o, v) in outs.iter_mut().zip(r) {
-                o.push(v);
-            }
+        let by_len = match by {
+            Some(Value::List(l)) => Some(l.len()),
+            Some(Value::Tensor(t)) if t.shape.len() == 1 => Some(t.shape[0]),
+            _ => None,
+        };
+        if let Some(b) = by_len.filter(|&b| b != len) {
+            return Err(self.node_failed(node, format!("route: by holds {b} values for {len} elements")));
         }
-        Ok(outs.into_iter().map(|o| Value::List(Arc::new(o))).collect())
+        Ok(len)
     }
 
     fn node_failed(&self, node: &PlanNode, message: String) -> Error {
@@ -398,8 +624,8 @@ impl Pipeline {
         Error::NodeInvalid { pipeline: self.plan.name.clone(), node: node.name.clone(), message }
     }
 
-    /// Runs node `i` on one set of (element) inputs.
-    async fn run_item(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
+    /// Runs node `i` (its branch `arm`) on one set of (element) inputs.
+    async fn run_item(&self, i: usize, arm: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
         self.check_deadline(cx)?;
@@ -411,10 +637,11 @@ impl Pipeline {
         };
         m.items.inc();
         let span = tracing::debug_span!("node", pipeline = %self.plan.name, node = %node.name);
-        let result = match &runner.target {
+        let result = match &runner.targets[arm] {
             Target::Op { op, pool } => self.run_op(i, m, op.clone(), pool, inputs, cx).instrument(span).await,
             Target::Model(model) => self.run_model(i, m, model, inputs, cx).instrument(span).await,
         };
+        branch_record(runner, arm, run.start, &result);
         run.finish(result)
     }
 
@@ -426,6 +653,17 @@ impl Pipeline {
         }
     }
 
+    /// What an op node needs to build its op for this request's parameters, when they
+    /// differ from the defaults it was compiled with.
+    fn rebuild_for(&self, node: &PlanNode, cx: ItemCx<'_>) -> Option<RebuildFor> {
+        let rb = node.rebuild.as_ref()?;
+        let params = &self.plan.params;
+        rb.uses
+            .iter()
+            .any(|&p| cx.params[p] != params[p].default)
+            .then(|| (rb.clone(), params.clone(), cx.params.to_vec()))
+    }
+
     async fn run_op(
         &self,
         i: usize,
@@ -435,7 +673,9 @@ impl Pipeline {
         inputs: Vec<Value>,
         cx: ItemCx<'_>,
     ) -> Result<Vec<Value>, Error> {
-        let rx = pool.spawn(cx.deadline, move || op.run(&inputs))?;
+        // Building for other parameter values runs on the pool too: builds read files.
+        let rebuild = self.rebuild_for(&self.plan.nodes[i], cx);
+        let rx = pool.spawn(cx.deadline, move || op_for(op, rebuild)?.run(&inputs))?;
         let outcome = match rx.await {
             Err(_) => return Err(Error::DeadlineExceeded { model: self.plan.name.clone() }),
             Ok(Err(panic)) => Err(panic),
@@ -446,7 +686,6 @@ impl Pipeline {
         };
         self.op_outcome(&self.plan.nodes[i], outcome)
     }
-
     async fn run_model(
         &self,
         i: usize,
@@ -533,56 +772,45 @@ impl Pipeline {
     /// which blocks while its model runs. Kept to measure what the split layout gains.
     fn walk_fused(&self, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Tensor>, Error> {
         let plan = &self.plan;
-        let mut values: Vec<Vec<Value>> = Vec::with_capacity(plan.nodes.len());
-        let value_of = |values: &[Vec<Value>], s: &Src| match *s {
-            Src::Input(i) => inputs[i].clone(),
-            Src::Node { node, output } => values[node][output].clone(),
-        };
+        let mut values: Vec<Option<Done>> = Vec::with_capacity(plan.nodes.len());
         for (i, node) in plan.nodes.iter().enumerate() {
-            let args: Vec<Value> = node.inputs.iter().map(|s| value_of(&values, s)).collect();
-            let outs = if node.mapped {
-                let len = args
-                    .iter()
-                    .zip(&node.mapped_inputs)
-                    .find(|(_, m)| **m)
-                    .and_then(|(v, _)| v.as_list())
-                    .map_or(0, |l| l.len());
-                self.runners[i].metrics.fanout.observe(len as f64);
-                let mut per_output: Vec<Vec<Value>> = vec![Vec::with_capacity(len); node.output_names.len()];
-                for k in 0..len {
-                    let el: Vec<Value> = args
-                        .iter()
-                        .zip(&node.mapped_inputs)
-                        .map(|(v, &m)| match (m, v) {
-                            (true, Value::List(l)) => l.get(k).cloned().ok_or_else(|| {
-                                self.node_failed(node, "the lists it is mapped over differ in length".into())
-                            }),
-                            _ => Ok(v.clone()),
-                        })
-                        .collect::<Result<_, _>>()?;
-                    for (o, v) in per_output.iter_mut().zip(self.run_item_blocking(i, el, cx)?) {
-                        o.push(v);
-                    }
+            let done = match self.prepare(i, &|s| self.value_of(&inputs, &values, s, cx), cx)? {
+                Ready::Skip => {
+                    self.runners[i].metrics.skipped.inc();
+                    Done::Skipped
                 }
-                per_output.into_iter().map(|o| Value::List(Arc::new(o))).collect()
-            } else {
-                self.run_item_blocking(i, args, cx)?
+                Ready::Run(args, by) if node.mapped => {
+                    let len = self.mapped_len(node, &args, by.as_ref())?;
+                    self.runners[i].metrics.fanout.observe(len as f64);
+                    let mut results = Vec::with_capacity(len);
+                    for k in 0..len {
+                        let arm = self.arm(i, by.as_ref(), Some(k), cx)?;
+                        results.push(self.run_item_blocking(i, arm, element(node, &args, k), cx)?);
+                    }
+                    Done::Ran(transpose(node, results))
+                }
+                Ready::Run(args, by) => {
+                    let arm = self.arm(i, by.as_ref(), None, cx)?;
+                    Done::Ran(self.run_item_blocking(i, arm, args, cx)?)
+                }
             };
-            values.push(outs);
+            values.push(Some(done));
         }
-        self.outputs_of(|src| value_of(&values, src))
+        self.outputs_of(|src| self.value_of(&inputs, &values, src, cx))
     }
 
-    fn run_item_blocking(&self, i: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
+    fn run_item_blocking(&self, i: usize, arm: usize, inputs: Vec<Value>, cx: ItemCx<'_>) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let runner = &self.runners[i];
         self.check_deadline(cx)?;
         let m = &runner.metrics;
         let run = NodeRun::begin(m);
         m.items.inc();
-        let result = match &runner.target {
+        let result = match &runner.targets[arm] {
             Target::Op { op, .. } => {
-                let outcome = catch_unwind(AssertUnwindSafe(|| op.run(&inputs))).map_err(crate::error::panic_message);
+                let rebuild = self.rebuild_for(node, cx);
+                let outcome = catch_unwind(AssertUnwindSafe(|| op_for(op.clone(), rebuild)?.run(&inputs)))
+                    .map_err(crate::error::panic_message);
                 cx.record(i, m, Duration::ZERO, run.start.elapsed());
                 self.op_outcome(node, outcome)
             }
@@ -592,8 +820,81 @@ impl Pipeline {
                 Ok(model_outputs(model, m, computed, i, cx))
             }),
         };
+        branch_record(runner, arm, run.start, &result);
         run.finish(result)
     }
+}
+
+/// What building an op for a request's parameters takes: how, the declarations, and
+/// the request's values.
+type RebuildFor = (Arc<Rebuild>, Vec<ParamDecl>, Vec<Scalar>);
+
+/// The op to run: the compiled one, or the one built for the request's parameters.
+fn op_for(op: Arc<dyn Op>, rebuild: Option<RebuildFor>) -> Result<Arc<dyn Op>, OpError> {
+    match rebuild {
+        None => Ok(op),
+        Some((rb, decls, values)) => rb.op_for(&decls, &values).map_err(|e| {
+            let given: Vec<String> = rb.uses.iter().map(|&p| format!("{}={}", decls[p].name, values[p])).collect();
+            OpError::Invalid(format!("with parameters {}: {e}", given.join(", ")))
+        }),
+    }
+}
+
+/// Counts an item on its branch of a route or split node.
+fn branch_record(runner: &Runner, arm: usize, start: Instant, result: &Result<Vec<Value>, Error>) {
+    if let Some(b) = runner.branches.get(arm) {
+        b.items.inc();
+        b.duration.observe(start.elapsed().as_secs_f64());
+        if result.is_err() {
+            b.failures.inc();
+        }
+    }
+}
+
+/// Element `k` of a mapped node's arguments: its lists' `k`th items, its other inputs whole.
+fn element(node: &PlanNode, args: &[Value], k: usize) -> Vec<Value> {
+    args.iter()
+        .zip(&node.mapped_inputs)
+        .map(|(v, &m)| match (m, v) {
+            (true, Value::List(l)) => l[k].clone(),
+            _ => v.clone(),
+        })
+        .collect()
+}
+
+/// Per element outputs -> per output lists, in element order.
+fn transpose(node: &PlanNode, results: Vec<Vec<Value>>) -> Vec<Value> {
+    let mut outs: Vec<Vec<Value>> = vec![Vec::with_capacity(results.len()); node.output_names.len()];
+    for r in results {
+        for (o, v) in outs.iter_mut().zip(r) {
+            o.push(v);
+        }
+    }
+    outs.into_iter().map(|o| Value::List(Arc::new(o))).collect()
+}
+
+/// The one value a tensor holds, for conditions and routes.
+fn one_value(v: &Value) -> Result<Scalar, String> {
+    match v {
+        Value::Tensor(t) if t.element_count() == 1 => {
+            scalar_at(t, 0).ok_or_else(|| format!("is a {} tensor, which conditions do not read", t.dtype))
+        }
+        Value::Tensor(t) => Err(format!("holds {} values (shape {:?}), not one", t.element_count(), t.shape)),
+        other => Err(format!("is a {}, not one value", other.kind())),
+    }
+}
+
+/// FNV-1a with a final mix: a hash that is the same in every process, so a sticky
+/// split sends a request id to the same branch on every replica.
+fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
 }
 
 /// A model's outputs for one item, without the batch dimension; records the node's

@@ -3,7 +3,9 @@
 
 pub mod catalog;
 pub mod compile;
+pub mod cond;
 pub mod exec;
+pub mod params;
 pub mod schema;
 
 pub use compile::{compile, Catalog, CompileError, ModelSig, Plan};

@@ -23,6 +23,10 @@ pub struct PipelineYaml {
     /// The pool a `fused` pipeline's items run on.
     #[serde(default)]
     pub pool: Option<String>,
+    /// Values a request may set in its v2 `parameters`, typed, with defaults: op params
+    /// name them as `$name`, conditions and node inputs read them.
+    #[serde(default)]
+    pub parameters: Vec<super::params::ParamYaml>,
     pub inputs: Vec<InputYaml>,
     pub outputs: Vec<OutputYaml>,
     pub nodes: Vec<NodeYaml>,
@@ -57,6 +61,9 @@ pub struct OutputYaml {
     pub name: String,
     /// `node.output`
     pub from: String,
+    /// When `from` may be absent (a skipped node's): `empty` (no rows) or a value.
+    #[serde(default)]
+    pub default: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -94,6 +101,73 @@ pub struct NodeYaml {
     /// the model's max_batch_size), for example to bound latency.
     #[serde(default)]
     pub max_batch_size: Option<usize>,
+    /// Runs the node only when this condition holds; otherwise its outputs are absent.
+    #[serde(default)]
+    pub when: Option<String>,
+    /// Per input: the value it takes when its source is absent.
+    #[serde(default)]
+    pub defaults: BTreeMap<String, serde_json::Value>,
+    /// `skip`: the node is skipped (its outputs absent) when an input it reads is absent.
+    #[serde(default)]
+    pub on_absent: Option<OnAbsent>,
+    /// Sends each item to one of several models by a value.
+    #[serde(default)]
+    pub route: Option<RouteYaml>,
+    /// Sends each request to one of several models (or versions) by weight.
+    #[serde(default)]
+    pub split: Option<Vec<SplitArmYaml>>,
+    /// With `split`: a request id always takes the same branch.
+    #[serde(default)]
+    pub sticky: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAbsent {
+    Skip,
+}
+
+/// A model an item can be sent to: its name, or `{model, version}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ArmYaml {
+    Name(String),
+    Pinned {
+        model: String,
+        #[serde(default)]
+        version: Option<u64>,
+    },
+}
+
+impl ArmYaml {
+    pub fn model(&self) -> (&str, Option<u64>) {
+        match self {
+            ArmYaml::Name(m) => (m, None),
+            ArmYaml::Pinned { model, version } => (model, *version),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteYaml {
+    /// `node.output` (one value per element of the list the node is mapped over, or one
+    /// value) or `$parameter`.
+    pub by: String,
+    /// Value -> model.
+    pub cases: serde_yaml_ng::Mapping,
+    /// Where values no case names go; without it they fail the request.
+    #[serde(default)]
+    pub default: Option<ArmYaml>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitArmYaml {
+    pub model: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+    pub weight: u32,
 }
 
 /// Finds lines in the pipeline's text, for error messages. serde does not keep

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub node_duration: HistogramVec,
     pub node_in_flight: IntGaugeVec,
     pub node_fanout: HistogramVec,
+    pub node_skipped: IntCounterVec,
+    pub node_branch_items: IntCounterVec,
+    pub node_branch_failures: IntCounterVec,
+    pub node_branch_duration: HistogramVec,
     pub instance_busy: prometheus::CounterVec,
     pub instance_executions: IntCounterVec,
     pub instance_inferences: IntCounterVec,
@@ -213,6 +217,27 @@ impl Metrics {
                 FANOUT_BUCKETS,
                 node,
             ),
+            node_skipped: counter(
+                "sluice_node_skipped_total",
+                "Items a pipeline node did not run on: its `when:` did not hold, or what it reads was absent.",
+                node,
+            ),
+            node_branch_items: counter(
+                "sluice_node_branch_items_total",
+                "Items a route or split node sent to each of its branches (models).",
+                &["pipeline", "node", "branch"],
+            ),
+            node_branch_failures: counter(
+                "sluice_node_branch_failures_total",
+                "Items that failed on each branch of a route or split node.",
+                &["pipeline", "node", "branch"],
+            ),
+            node_branch_duration: histogram_by(
+                "sluice_node_branch_duration_seconds",
+                "Time per item on each branch of a route or split node (queue and compute), to compare them.",
+                LATENCY_BUCKETS,
+                &["pipeline", "node", "branch"],
+            ),
             instance_busy: seconds(
                 "sluice_instance_busy_seconds_total",
                 "Time one model instance spent running batches: busy fraction = rate.",
@@ -275,8 +300,19 @@ impl Metrics {
             duration: self.node_duration.with_label_values(&l),
             in_flight: self.node_in_flight.with_label_values(&l),
             fanout: self.node_fanout.with_label_values(&l),
+            skipped: self.node_skipped.with_label_values(&l),
             errors: self.node_errors.clone(),
             labels: [pipeline.to_string(), node.to_string()],
+        }
+    }
+
+    /// One branch of a route or split node.
+    pub fn for_branch(&self, pipeline: &str, node: &str, branch: &str) -> BranchMetrics {
+        let l = [pipeline, node, branch];
+        BranchMetrics {
+            items: self.node_branch_items.with_label_values(&l),
+            failures: self.node_branch_failures.with_label_values(&l),
+            duration: self.node_branch_duration.with_label_values(&l),
         }
     }
 
@@ -333,6 +369,7 @@ pub struct NodeMetrics {
     pub duration: Histogram,
     pub in_flight: IntGauge,
     pub fanout: Histogram,
+    pub skipped: IntCounter,
     errors: IntCounterVec,
     labels: [String; 2],
 }
@@ -341,6 +378,14 @@ impl NodeMetrics {
     pub fn failure(&self, error_type: &str) {
         self.errors.with_label_values(&[&self.labels[0], &self.labels[1], error_type]).inc();
     }
+}
+
+/// The series of one branch of a route or split node.
+#[derive(Clone)]
+pub struct BranchMetrics {
+    pub items: IntCounter,
+    pub failures: IntCounter,
+    pub duration: Histogram,
 }
 
 /// The series of one model instance.
