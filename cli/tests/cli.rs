@@ -62,6 +62,19 @@ fn check_compiles_pipelines_and_graph_prints_them() {
     assert!(text.starts_with("digraph {"), "{text}");
     assert!(text.contains("model affine") && text.contains("x: tensor FP32 [4]"), "{text}");
 
+    // A split and a condition show in the graph: the branches with their shares, the
+    // condition on its node, the values that may be absent on their edges.
+    repo.add("affine2", &affine_model(4), "max_batch_size: 4\n");
+    let choosing = "max_batch_size: 0\nparameters:\n  - {name: on, type: bool, default: true}\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: m.y, default: [0, 0, 0, 0]}\nnodes:\n  - name: m\n    split:\n      - {model: affine, weight: 3}\n      - {model: affine2, weight: 1}\n    inputs: {x: x}\n    when: $on\n";
+    repo.pipeline("choosing", choosing);
+    let dot = run(&["graph", "choosing"]);
+    let text = String::from_utf8_lossy(&dot.stdout);
+    assert!(dot.status.success(), "{text}");
+    assert!(text.contains("split: affine 75%, affine2 25%"), "{text}");
+    assert!(text.contains("when $on") && text.contains("(may be absent)"), "{text}");
+    std::fs::remove_file(repo.pipelines_path().join("choosing.yaml")).unwrap();
+    std::fs::remove_dir_all(repo.path().join("affine2")).unwrap();
+
     repo.pipeline("bad", &good.replace("from: m.y", "from: m.z").replace("model: affine", "model: afine"));
     let bad = run(&["check"]);
     let stdout = String::from_utf8_lossy(&bad.stdout);

@@ -26,7 +26,7 @@ pub struct InferRequest {
     pub timing: bool,
     /// The request's v2 `parameters` that are plain values (pipelines read the ones they
     /// declare; the rest are ignored).
-    pub parameters: Vec<(String, crate::pipeline::cond::Scalar)>,
+    pub parameters: Vec<(String, Scalar)>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,4 +49,22 @@ pub struct StepTiming {
     pub compute: Duration,
     /// Items (and fan-out elements) the step ran for this request.
     pub items: u64,
+}
+
+/// A plain request parameter value (v2 `parameters`), as pipelines read it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Num(f64),
+    Str(String),
+    Bool(bool),
+}
+
+impl std::fmt::Display for Scalar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Num(n) => write!(f, "{n}"),
+            Scalar::Str(s) => write!(f, "'{s}'"),
+            Scalar::Bool(b) => write!(f, "{b}"),
+        }
+    }
 }

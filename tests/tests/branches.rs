@@ -126,6 +126,21 @@ async fn a_route_by_class_answers_each_crop_with_its_model_in_box_order() {
     let branch = "sluice_node_branch_items_total";
     assert_eq!(metric(&s.http, branch, &labels("branch=\"resnet50\"")).await, to_big as f64);
     assert_eq!(metric(&s.http, branch, &labels("branch=\"classifier_small\"")).await, to_small as f64);
+    // The dashboard's frame: the route node with its branches' counts, and a dashed
+    // (conditional) edge from what it routes by.
+    let frame: serde_json::Value =
+        reqwest::get(format!("{}/dashboard/data", s.http)).await.unwrap().json().await.unwrap();
+    let p = frame["pipelines"].as_array().unwrap().iter().find(|p| p["name"] == "detect_route_classify").unwrap();
+    let node = p["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "classifier").unwrap();
+    assert_eq!(node["kind"], "route");
+    assert_eq!(node["conditions"], serde_json::json!(["keep"]));
+    let branches: Vec<(String, u64)> = node["branches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["label"].as_str().unwrap().to_string(), b["items_total"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(branches, vec![("resnet50".into(), to_big), ("classifier_small".into(), to_small)]);
 }
 
 /// The example's `min_score` parameter moves the filter's threshold per request, over

@@ -127,7 +127,7 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
         req.parameters.get(TIMING_PARAM).and_then(|p| p.parameter_choice.as_ref()),
         Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
     );
-    use crate::pipeline::cond::Scalar;
+    use crate::request::Scalar;
     use pb::infer_parameter::ParameterChoice as P;
     let parameters = req
         .parameters

@@ -346,7 +346,7 @@ pub(crate) fn parse_infer(
                 .parameters
                 .iter()
                 .filter_map(|(k, v)| {
-                    use crate::pipeline::cond::Scalar;
+                    use crate::request::Scalar;
                     let v = match v {
                         Value::Bool(b) => Scalar::Bool(*b),
                         Value::Number(n) => Scalar::Num(n.as_f64()?),

@@ -21,13 +21,7 @@ pub const MAX_DEPTH: usize = 16;
 /// The longest condition, in bytes.
 pub const MAX_LEN: usize = 1024;
 
-/// A scalar as conditions see it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Scalar {
-    Num(f64),
-    Str(String),
-    Bool(bool),
-}
+pub use crate::request::Scalar;
 
 impl Scalar {
     pub fn kind(&self) -> Kind {
@@ -35,16 +29,6 @@ impl Scalar {
             Scalar::Num(_) => Kind::Num,
             Scalar::Str(_) => Kind::Str,
             Scalar::Bool(_) => Kind::Bool,
-        }
-    }
-}
-
-impl fmt::Display for Scalar {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Scalar::Num(n) => write!(f, "{n}"),
-            Scalar::Str(s) => write!(f, "'{s}'"),
-            Scalar::Bool(b) => write!(f, "{b}"),
         }
     }
 }
