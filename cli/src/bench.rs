@@ -57,6 +57,9 @@ pub struct Args {
     /// and report its mean per step.
     #[arg(long)]
     timing: bool,
+    /// A request parameter sent with every request, NAME=VALUE (as `sluice infer --param`).
+    #[arg(long = "param", value_parser = crate::remote::parse_param)]
+    params: Vec<(String, sluice_client::Parameter)>,
     /// Write every measured request as CSV (step, load, batch, at_s from the window's
     /// start, latency_ms from its scheduled send, ok), for latency over time.
     #[arg(long)]
@@ -233,6 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 batch,
                 keep_samples: args.samples.is_some(),
                 timing: args.timing,
+                parameters: args.params.clone(),
             };
             let label = format!("bench: step {}/{} batch {batch} {load:?}", k + 1, runs.len());
             eprint!("{label} ... ");
@@ -325,8 +329,8 @@ fn run_live(args: Args) -> anyhow::Result<()> {
     if !["table", "markdown", "md", "csv", "json"].contains(&args.format.as_str()) {
         bail!("unknown format '{}' (table, markdown, csv, json)", args.format);
     }
-    if args.samples.is_some() || args.timing {
-        bail!("--samples and --timing are for stepped runs; --live keeps a per-second timeline (--out FILE.csv)");
+    if args.samples.is_some() || args.timing || !args.params.is_empty() {
+        bail!("--samples, --timing and --param are for stepped runs; --live keeps a per-second timeline (--out FILE.csv)");
     }
     let keys = crate::live::Keys {
         rate_step: args.rate_step.unwrap_or(match load {

@@ -67,7 +67,7 @@ pub struct InferArgs {
     params: Vec<(String, sluice_client::Parameter)>,
 }
 
-fn parse_param(s: &str) -> Result<(String, sluice_client::Parameter), String> {
+pub fn parse_param(s: &str) -> Result<(String, sluice_client::Parameter), String> {
     let (name, value) = s.split_once('=').ok_or_else(|| format!("'{s}': expected NAME=VALUE"))?;
     Ok((name.to_string(), sluice_client::Parameter::parse(value)))
 }

@@ -37,6 +37,8 @@ pub struct BenchSpec {
     pub keep_samples: bool,
     /// Ask the server (sluice) for each request's per-step timing: [`Step::server_steps`].
     pub timing: bool,
+    /// Request parameters sent with every request.
+    pub parameters: Vec<(String, crate::Parameter)>,
 }
 
 /// The server's time per request in one step of the model or pipeline (its queue and
@@ -153,7 +155,12 @@ pub async fn run_step(clients: &[Client], spec: &BenchSpec, load: Load) -> Step 
         let spec = spec_all.clone();
         async move {
             let inputs: Vec<(&str, &Tensor)> = spec.inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let opts = InferOptions { timeout: spec.timeout, timing: spec.timing, ..Default::default() };
+            let opts = InferOptions {
+                timeout: spec.timeout,
+                timing: spec.timing,
+                parameters: spec.parameters.clone(),
+                ..Default::default()
+            };
             let result = client.infer_detailed(&spec.model, &inputs, opts).await;
             let done = Instant::now();
             let latency = done - scheduled;

@@ -15,6 +15,7 @@ fn spec(model: &str, inputs: Vec<(String, Tensor)>, seconds: f64) -> BenchSpec {
         batch: 1,
         keep_samples: true,
         timing: false,
+        parameters: vec![],
     }
 }
 
