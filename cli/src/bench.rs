@@ -330,7 +330,9 @@ fn run_live(args: Args) -> anyhow::Result<()> {
         bail!("unknown format '{}' (table, markdown, csv, json)", args.format);
     }
     if args.samples.is_some() || args.timing || !args.params.is_empty() {
-        bail!("--samples, --timing and --param are for stepped runs; --live keeps a per-second timeline (--out FILE.csv)");
+        bail!(
+            "--samples, --timing and --param are for stepped runs; --live keeps a per-second timeline (--out FILE.csv)"
+        );
     }
     let keys = crate::live::Keys {
         rate_step: args.rate_step.unwrap_or(match load {

@@ -137,7 +137,13 @@ pub struct Arm {
 pub enum Choice {
     /// By a value: per element when the node is mapped (`by` holds one value per
     /// element), else one value for the item.
-    Route { by: Src, cases: Vec<(Scalar, usize)>, default: Option<usize> },
+    Route {
+        by: Src,
+        /// `by` holds one value per element of the mapped node (else one for the item).
+        per_element: bool,
+        cases: Vec<(Scalar, usize)>,
+        default: Option<usize>,
+    },
     /// By weight, once per request; `sticky`: by a hash of the request id.
     Split { weights: Vec<u32>, sticky: bool },
 }
@@ -161,6 +167,8 @@ pub struct Rebuild {
     metadata: SeenMetadata,
     /// The parameters it names, by position in [`Plan::params`].
     pub uses: Vec<usize>,
+    /// The pipeline's parameter declarations.
+    pub decls: Vec<ParamDecl>,
     element_types: Vec<ValueType>,
     out_types: Vec<ValueType>,
     /// The most recent builds by parameter values: a handful of behaviours, each built once.
@@ -181,7 +189,8 @@ const REBUILD_CACHE: usize = 16;
 impl Rebuild {
     /// The op for `values` (every parameter's value for this request): the cached
     /// build, or a new one.
-    pub fn op_for(&self, decls: &[ParamDecl], values: &[Scalar]) -> Result<Arc<dyn Op>, String> {
+    pub fn op_for(&self, values: &[Scalar]) -> Result<Arc<dyn Op>, String> {
+        let decls = &self.decls;
         let key: Vec<String> = self.uses.iter().map(|&p| format!("{:?}", values[p])).collect();
         {
             let mut cache = self.cache.lock();
@@ -197,8 +206,14 @@ impl Rebuild {
             decls[i].to_json(&values[i])
         });
         let metadata = |m: &str, k: &str| self.metadata.get(&(m.to_string(), k.to_string())).cloned().flatten();
-        let mut op = (self.build)(&BuildContext::new(params, &self.base_dir).with_metadata(&metadata))?;
-        let out = op.infer(&self.element_types)?;
+        // The pipeline folder's path is the server's business, not the client's.
+        let canonical = self.base_dir.canonicalize().unwrap_or_else(|_| self.base_dir.clone());
+        let hide = |e: String| {
+            e.replace(&canonical.display().to_string(), "<pipeline folder>")
+                .replace(&self.base_dir.display().to_string(), "<pipeline folder>")
+        };
+        let mut op = (self.build)(&BuildContext::new(params, &self.base_dir).with_metadata(&metadata)).map_err(hide)?;
+        let out = op.infer(&self.element_types).map_err(hide)?;
         if out != self.out_types {
             return Err("these values change the types of its outputs, which the pipeline was checked with".into());
         }
@@ -342,8 +357,10 @@ struct Wiring {
     idx: Vec<NodeIndex>,
     /// Per draft, per in-port: where its value comes from.
     srcs: Vec<Vec<Option<RawSrc>>>,
-    /// Per draft: what its condition reads, then its route's `by`.
-    extra: Vec<Vec<(String, RawSrc)>>,
+    /// Per draft: what its condition reads.
+    when_reads: Vec<Vec<(String, RawSrc)>>,
+    /// Per draft: its route's `by`.
+    by: Vec<Option<RawSrc>>,
 }
 
 /// A pipeline output before type checking: name, source, line.
@@ -696,6 +713,14 @@ impl Compiler<'_> {
                     self.errors.add(l, node, "route: a case is a number, a string or a boolean".into());
                     continue;
                 };
+                if matches!(key, Scalar::Num(n) if n.is_nan()) {
+                    self.errors.add(l, node, "route: a case cannot be NaN".into());
+                    continue;
+                }
+                if cases.iter().any(|(k, _)| *k == key) {
+                    self.errors.add(l, node, format!("route: case {key} is given twice"));
+                    continue;
+                }
                 match serde_yaml_ng::from_value::<ArmYaml>(v.clone()) {
                     Ok(a) => {
                         let (model, version) = a.model();
@@ -781,7 +806,8 @@ impl Compiler<'_> {
         let mut graph: DiGraph<usize, ()> = DiGraph::new();
         let idx: Vec<NodeIndex> = (0..drafts.len()).map(|i| graph.add_node(i)).collect();
         let mut srcs = Vec::with_capacity(drafts.len());
-        let mut extra = Vec::with_capacity(drafts.len());
+        let mut when_reads = Vec::with_capacity(drafts.len());
+        let mut bys = Vec::with_capacity(drafts.len());
         for (di, d) in drafts.iter().enumerate() {
             let node = Some(d.yaml.name.as_str());
             let mut w = vec![None; d.in_ports.len()];
@@ -815,28 +841,31 @@ impl Compiler<'_> {
                 }
             }
             srcs.push(w);
-            // What its condition reads, then its route's `by`: edges like inputs.
-            let reads = d.when.iter().flat_map(|e| e.refs()).map(|r| (r, "when:"));
-            let by = d.route.iter().map(|r| (r.by.as_str(), "by:"));
-            let mut x = Vec::new();
-            for (r, key) in reads.chain(by) {
-                match resolve(r, inputs, drafts, &self.params) {
-                    Ok(src) => {
-                        if let RawSrc::Node(from, _) = src {
-                            graph.add_edge(idx[from], idx[di], ());
-                        }
-                        x.push((r.to_string(), src));
+            // What its condition reads and its route's `by`: edges like inputs.
+            let mut read = |r: &str, key: &str, errors: &mut Diags| match resolve(r, inputs, drafts, &self.params) {
+                Ok(src) => {
+                    if let RawSrc::Node(from, _) = src {
+                        graph.add_edge(idx[from], idx[di], ());
                     }
-                    Err(Unresolved::Reported) => {}
-                    Err(Unresolved::Error(e)) => {
-                        let l = self.loc.find_after(d.line.unwrap_or(0), key).or(d.line);
-                        self.errors.add(l, node, format!("{} {e}", key.trim_end_matches(':')));
-                    }
+                    Some(src)
+                }
+                Err(Unresolved::Reported) => None,
+                Err(Unresolved::Error(e)) => {
+                    let l = self.loc.find_after(d.line.unwrap_or(0), key).or(d.line);
+                    errors.add(l, node, format!("{} {e}", key.trim_end_matches(':')));
+                    None
+                }
+            };
+            let mut reads = Vec::new();
+            for r in d.when.iter().flat_map(|e| e.refs()) {
+                if let Some(src) = read(r, "when:", &mut self.errors) {
+                    reads.push((r.to_string(), src));
                 }
             }
-            extra.push(x);
+            when_reads.push(reads);
+            bys.push(d.route.as_ref().and_then(|r| read(&r.by, "by:", &mut self.errors)));
         }
-        Wiring { graph, idx, srcs, extra }
+        Wiring { graph, idx, srcs, when_reads, by: bys }
     }
 
     /// Reports each strongly connected component with more than one node (or a
@@ -905,15 +934,17 @@ impl Compiler<'_> {
             let d = &drafts[di];
             let node = Some(d.yaml.name.as_str());
             let srcs: Vec<Src> = wiring.srcs[di].iter().map(|s| to_src(s.expect("wired"), &pos)).collect();
-            let extra: Vec<(String, Src)> =
-                wiring.extra[di].iter().map(|(r, s)| (r.clone(), to_src(*s, &pos))).collect();
+            let reads: Vec<(String, Src)> =
+                wiring.when_reads[di].iter().map(|(r, s)| (r.clone(), to_src(*s, &pos))).collect();
+            let by = wiring.by[di].map(|s| to_src(s, &pos));
             let type_of = |s: &Src| match *s {
                 Src::Input(i) => input_type(&inputs[i]),
                 Src::Param(p) => self.params[p].value_type(),
                 Src::Node { node, output } => types[node][output].clone(),
             };
             let given: Vec<ValueType> = srcs.iter().map(type_of).collect();
-            let extra_types: Vec<ValueType> = extra.iter().map(|(_, s)| type_of(s)).collect();
+            let read_types: Vec<ValueType> = reads.iter().map(|(_, s)| type_of(s)).collect();
+            let by_type = by.as_ref().map(type_of);
             let skips_before = may_skip.clone();
             let skippable = |s: &Src| matches!(*s, Src::Node { node, .. } if skips_before[node]);
             types.push(vec![ValueType::Any; d.out_ports.len()]);
@@ -988,7 +1019,6 @@ impl Compiler<'_> {
                     (false, None) => {}
                 }
             }
-            let by = d.route.as_ref().map(|_| extra.last().expect("a route reads its `by`").1);
             if let Some(b) = by.filter(|b| skippable(b)) {
                 if skip_if_absent {
                     skipped_by_input = true;
@@ -1001,16 +1031,16 @@ impl Compiler<'_> {
                     );
                 }
             }
-            if skip_if_absent && !skipped_by_input {
+            // A condition that reads an absent value skips its node too.
+            let when_may_skip = reads.iter().any(|(_, s)| skippable(s));
+            if skip_if_absent && !skipped_by_input && !when_may_skip {
                 self.errors.add(d.line, node, "on_absent: skip, but nothing it reads can be absent".into());
             }
             let when = d.when.as_ref().and_then(|expr| {
-                let n_reads = expr.refs().len();
-                let reads: Vec<(String, Src)> = extra[..n_reads.min(extra.len())].to_vec();
                 let kind_of = |o: &Operand| -> Result<Kind, String> {
                     let ty_of = |r: &str| {
                         let i = reads.iter().position(|(n, _)| n == r).ok_or("an unresolved reference")?;
-                        Ok::<_, String>(&extra_types[i])
+                        Ok::<_, String>(&read_types[i])
                     };
                     match o {
                         Operand::Lit(s) => Ok(s.kind()),
@@ -1027,7 +1057,11 @@ impl Compiler<'_> {
                 };
                 let l = self.loc.find_after(d.line.unwrap_or(0), "when:").or(d.line);
                 match expr.check(&kind_of) {
-                    Ok(()) => Some(When { text: d.yaml.when.clone().unwrap_or_default(), expr: expr.clone(), reads }),
+                    Ok(()) => Some(When {
+                        text: d.yaml.when.clone().unwrap_or_default(),
+                        expr: expr.clone(),
+                        reads: reads.clone(),
+                    }),
                     Err(e) => {
                         self.errors.add(l, node, format!("when: {e}"));
                         None
@@ -1047,6 +1081,7 @@ impl Compiler<'_> {
                                 base_dir: self.base_dir.to_path_buf(),
                                 metadata: metadata.clone(),
                                 uses: uses.clone(),
+                                decls: self.params.clone(),
                                 element_types: element_types.clone(),
                                 out_types: out.clone(),
                                 cache: Default::default(),
@@ -1066,13 +1101,18 @@ impl Compiler<'_> {
                             (NodeKind::Model { model: model.clone(), pinned: d.yaml.version, sig: sig.clone() }, out)
                         }
                         (None, Some(r)) => {
-                            let by = by.expect("a route reads its `by`");
-                            let by_type = &extra_types[extra.len() - 1];
-                            if let Err(e) = self.check_route_by(r, by_type, mapped) {
-                                let l = self.loc.find_after(d.line.unwrap_or(0), "by:").or(d.line);
-                                self.errors.add(l, node, format!("route: {e}"));
-                            }
-                            let choice = Choice::Route { by, cases: r.cases.clone(), default: r.default };
+                            let (Some(by), Some(by_type)) = (by, &by_type) else {
+                                continue; // its `by` did not resolve, which is reported
+                            };
+                            let per_element = match self.check_route_by(r, by_type, mapped) {
+                                Ok(per_element) => per_element,
+                                Err(e) => {
+                                    let l = self.loc.find_after(d.line.unwrap_or(0), "by:").or(d.line);
+                                    self.errors.add(l, node, format!("route: {e}"));
+                                    false
+                                }
+                            };
+                            let choice = Choice::Route { by, per_element, cases: r.cases.clone(), default: r.default };
                             (NodeKind::Branches { arms: d.arms.clone(), choice }, out)
                         }
                         (None, None) => {
@@ -1083,7 +1123,7 @@ impl Compiler<'_> {
                 }
             };
             *types.last_mut().expect("pushed above") = out.clone();
-            let skips = when.is_some() || skipped_by_input;
+            let skips = d.when.is_some() || skipped_by_input;
             *may_skip.last_mut().expect("pushed above") = skips;
             let mut n = plan_node(d, kind, srcs, out, mapped_inputs);
             (n.when, n.defaults, n.skip_if_absent, n.may_skip, n.rebuild) =
@@ -1094,23 +1134,28 @@ impl Compiler<'_> {
     }
 
     /// A route's `by`: one value per element of a mapped node (a list of values, or a
-    /// tensor of one dimension) or one value for all, of the kind its cases are.
-    fn check_route_by(&self, r: &DraftRoute, by: &ValueType, mapped: bool) -> Result<(), String> {
-        let scalar = |t: &ValueType| scalar_kind(t);
-        let kind = match by {
-            ValueType::List(el) if mapped => scalar(el)?,
-            ValueType::Tensor { dtype, dims: Some(d) } if mapped && d.len() == 1 => match dtype {
-                Some(dt) => params::kind_of_dtype(*dt).ok_or_else(|| format!("'{}' is {by}", r.by))?,
-                None => Kind::Unknown,
+    /// tensor whose one dimension is variable) or one value for all, of the kind its
+    /// cases are. Whether it is per element.
+    fn check_route_by(&self, r: &DraftRoute, by: &ValueType, mapped: bool) -> Result<bool, String> {
+        let (kind, per_element) = match by {
+            ValueType::List(el) if mapped => {
+                (scalar_kind(el).map_err(|e| format!("by '{}': an element {e}", r.by))?, true)
+            }
+            ValueType::Tensor { dtype, dims: Some(d) } if mapped && d.len() == 1 && d[0] < 0 => match dtype {
+                Some(dt) => (params::kind_of_dtype(*dt).ok_or_else(|| format!("'{}' is {by}", r.by))?, true),
+                None => (Kind::Unknown, true),
             },
-            t => scalar(t).map_err(|e| {
-                let per = if mapped { "one value per element (a list, or a tensor [n]) or " } else { "" };
-                format!("by '{}' {e}; it must hold {per}one value", r.by)
-            })?,
+            t => {
+                let kind = scalar_kind(t).map_err(|e| {
+                    let per = if mapped { "one value per element (a list, or a tensor [-1]) or " } else { "" };
+                    format!("by '{}' {e}; it must hold {per}one value", r.by)
+                })?;
+                (kind, false)
+            }
         };
         match r.cases.iter().find(|(k, _)| kind != Kind::Unknown && k.kind() != kind) {
             Some((k, _)) => Err(format!("by '{}' is {kind}, but case {k} is {}", r.by, k.kind())),
-            None => Ok(()),
+            None => Ok(per_element),
         }
     }
 
@@ -1210,7 +1255,8 @@ fn prune(drafts: &[Draft], wiring: &Wiring, outputs: &[RawOutput]) -> (Vec<bool>
     while let Some(n) = stack.pop() {
         if !std::mem::replace(&mut needed[n], true) {
             stack.extend(wiring.srcs[n].iter().flatten().filter_map(node_of));
-            stack.extend(wiring.extra[n].iter().map(|(_, s)| s).filter_map(node_of));
+            stack.extend(wiring.when_reads[n].iter().map(|(_, s)| s).filter_map(node_of));
+            stack.extend(wiring.by[n].iter().filter_map(node_of));
         }
     }
     let mut warnings = Vec::new();
@@ -1334,8 +1380,8 @@ fn scalar_kind(t: &ValueType) -> Result<Kind, String> {
         ValueType::Any => Ok(Kind::Unknown),
         ValueType::Tensor { dtype, dims } => {
             if let Some(d) = dims {
-                // Known dims other than 1 mean more (or fewer) values than one.
-                if d.iter().filter(|&&x| x >= 0).product::<i64>() != 1 {
+                // Variable dims may hold any number of values: one value is checked here.
+                if d.iter().any(|&x| x < 0) || d.iter().product::<i64>() != 1 {
                     return Err(format!("is {t}, not one value; use len() for its length"));
                 }
             }
@@ -1693,7 +1739,7 @@ mod tests {
     fn conditional(cond: &str, params: &str) -> String {
         good("")
             .replace(HEAD, &format!("parameters:\n{params}{HEAD}"))
-            .replace("from: top.classes}", "from: top.classes, default: empty}")
+            .replace("from: top.classes}", "from: top.classes, default: [-1, -1, -1]}")
             .replace(
                 "    inputs: {x: norm.tensor}\n",
                 &format!("    inputs: {{x: norm.tensor}}\n    when: \"{cond}\"\n"),
@@ -1711,7 +1757,9 @@ mod tests {
         let top = plan.nodes.iter().find(|n| n.name == "top").unwrap();
         assert!(top.skip_if_absent && top.may_skip);
         let Some(Value::Tensor(t)) = &plan.outputs[0].default else { panic!("a default") };
-        assert_eq!(t.shape, vec![0]);
+        assert_eq!(t.to_i64().unwrap(), vec![-1; 3]);
+        let e = errors_of(&conditional("$variant == 'a'", VARIANT).replace("[-1, -1, -1]", "empty"));
+        assert!(e.contains("output 'top': default: `empty` is no rows, but the value always has 3"), "{e}");
         let dot = plan.to_dot();
         assert!(dot.contains("when $variant == 'a'") && dot.contains("(may be absent)"), "{dot}");
         // A condition over a computed value waits for it: `resize` reads nothing new, but
@@ -1752,7 +1800,7 @@ mod tests {
         let with_default = base.replace("    on_absent: skip\n", "    defaults: {scores: [0,0,0,0,0,0,0,0,0,1]}\n");
         let e = errors_of(&with_default);
         assert!(e.contains("output 'top': default: its value is never absent"), "{e}");
-        let fixed = with_default.replace("from: top.classes, default: empty}", "from: top.classes}");
+        let fixed = with_default.replace("from: top.classes, default: [-1, -1, -1]}", "from: top.classes}");
         assert!(compile_str(&fixed).is_ok(), "{:?}", compile_str(&fixed).err());
         let e = errors_of(&fixed.replace("[0,0,0,0,0,0,0,0,0,1]", "[1, 2]"));
         assert!(
@@ -1760,7 +1808,7 @@ mod tests {
             "{e}"
         );
         // The output that reads a skippable value needs a default.
-        let e = errors_of(&base.replace("from: top.classes, default: empty}", "from: top.classes}"));
+        let e = errors_of(&base.replace("from: top.classes, default: [-1, -1, -1]}", "from: top.classes}"));
         assert!(
             e.contains("output 'top' reads a value that is absent when its node is skipped; give it a `default:`"),
             "{e}"
@@ -1828,6 +1876,9 @@ mod tests {
             ("    split:\n      - {model: cls, weight: 0}\n      - {model: cls2, weight: 1}\n", "split: weights are 1 or more"),
             ("    split:\n      - {model: cls, weight: 1}\n      - {model: cls, weight: 1}\n", "split: 'cls' is given twice"),
             ("    model: cls\n    sticky: true\n", "`sticky` is for `split` nodes"),
+            ("    model: cls\n    when: boxes.scores > 0.5\n", "'boxes.scores' is tensor FP32 [-1], not one value"),
+            ("    route:\n      by: boxes.classes\n      cases: {1: cls, 1.0: cls2}\n", "route: case 1 is given twice"),
+            ("    route:\n      by: boxes.classes\n      cases: {1: {model: cls, verison: 2}}\n", "route: case 1: give a model's name or {model: <name>, version: <n>}"),
             ("    model: cls\n    route: {by: boxes.classes, cases: {0: cls}}\n", "give exactly one of `op`, `model`, `route` or `split`"),
         ] {
             let e = errors_of(&routed(node));

@@ -7,7 +7,8 @@
 //! and     := unary ('and' unary)*
 //! unary   := 'not' unary | compare
 //! compare := operand (('=='|'!='|'<'|'<='|'>'|'>=') operand | 'in' '[' literal, ... ']')?
-//! operand := number | 'string' | true | false | $param | node.output | len(node.output) | '(' expr ')'
+//! operand := number | 'string' | true | false | $param | node.output | len(node.output)
+//! (parentheses group whole conditions: `(a.b > 0 or $c) and d.e == 1`)
 //! ```
 //!
 //! A `node.output` operand is a tensor holding one value (a count, a class id, a
@@ -145,8 +146,10 @@ impl Expr {
             }
             Expr::In(o, set) => {
                 let k = kind_of(o)?;
-                match set.iter().find(|s| k != Kind::Unknown && s.kind() != k) {
-                    Some(s) => Err(format!("{} is {k}, but the set holds {s}", show(o))),
+                // One kind in the set, and the operand's.
+                let want = if k == Kind::Unknown { set.first().map_or(k, Scalar::kind) } else { k };
+                match set.iter().find(|s| s.kind() != want) {
+                    Some(s) => Err(format!("{} is {want}, but the set holds {s}", show(o))),
                     None => Ok(()),
                 }
             }
@@ -248,7 +251,9 @@ fn lex(text: &str) -> Result<Vec<Tok>, String> {
             let start = i;
             i += 1;
             while i < b.len() && (b[i].is_ascii_digit() || matches!(b[i], b'.' | b'e' | b'E')) {
-                i += 1;
+                // An exponent's sign: 1e-5.
+                let signed = matches!(b[i], b'e' | b'E') && matches!(b.get(i + 1), Some(b'-' | b'+'));
+                i += 1 + usize::from(signed);
             }
             let s = &text[start..i];
             toks.push(Tok::Num(s.parse().map_err(|_| format!("bad number '{s}'"))?));
@@ -474,6 +479,7 @@ mod tests {
         assert_eq!(eval("not ($lang != \"en\") or $debug", &vals), Ok(true));
         assert_eq!(eval("$debug and not $debug", &vals), Ok(false));
         assert_eq!(eval("nms.classes >= -1.5e0", &vals), Ok(true));
+        assert_eq!(eval("nms.classes > 1e-5", &vals), Ok(true));
         assert_eq!(eval("len(crop.crops) <= 3", &[("crop.crops", n(3.0))]), Ok(true));
         let e = parse("a.b > 0 or (len(c.d) == 2 and $p)").unwrap();
         assert_eq!(e.refs(), vec!["a.b", "c.d"]);

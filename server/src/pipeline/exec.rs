@@ -5,7 +5,7 @@
 
 use super::compile::{Choice, NodeKind, Plan, PlanNode, Rebuild, Src, When};
 use super::cond::{Operand, Scalar};
-use super::params::{scalar_at, ParamDecl};
+use super::params::scalar_at;
 use super::schema::Layout;
 use crate::error::Error;
 use crate::model::check::{self, Expected};
@@ -519,24 +519,46 @@ impl Pipeline {
         }
     }
 
-    /// The branch node `i` sends one item (element `k` of a mapped node) to.
-    fn arm(&self, i: usize, by: Option<&Value>, k: Option<usize>, cx: ItemCx<'_>) -> Result<usize, Error> {
+    /// What a route node routes by, read once per run: one value per element of a
+    /// mapped node when its `by` is per element, else one value for the item. Empty for
+    /// other nodes.
+    fn route_keys(&self, i: usize, by: Option<&Value>, cx: ItemCx<'_>) -> Result<Vec<Scalar>, Error> {
+        let node = &self.plan.nodes[i];
+        let NodeKind::Branches { choice: Choice::Route { by: by_src, per_element, .. }, .. } = &node.kind else {
+            return Ok(vec![]);
+        };
+        let by = by.ok_or_else(|| self.node_failed(node, "route: no `by` value".into()))?;
+        let keys = match (by_src, by) {
+            // A parameter's own value: not rounded through a tensor's dtype.
+            (Src::Param(p), _) => Ok(vec![cx.params[*p].clone()]),
+            (_, Value::List(l)) if *per_element => l.iter().map(one_value).collect(),
+            (_, Value::Tensor(t)) if *per_element && t.dtype == sluice_ops::DataType::Bytes => t
+                .bytes_elements()
+                .map(|els| els.iter().map(|b| Scalar::Str(String::from_utf8_lossy(b).into_owned())).collect())
+                .map_err(|e| e.to_string()),
+            (_, Value::Tensor(t)) if *per_element => (0..t.shape.first().copied().unwrap_or(0))
+                .map(|k| scalar_at(t, k).ok_or_else(|| format!("is a {} tensor, which routes do not read", t.dtype)))
+                .collect(),
+            (_, v) => one_value(v).map(|k| vec![k]),
+        };
+        keys.map_err(|e| self.node_failed(node, format!("route: by {e}")))
+    }
+
+    /// The branch node `i` sends one item (element `k` of a mapped node) to: a split's
+    /// pick for the request, or the case of its route key.
+    fn arm(&self, i: usize, keys: &[Scalar], k: usize, cx: ItemCx<'_>) -> Result<usize, Error> {
         let node = &self.plan.nodes[i];
         let NodeKind::Branches { choice, arms } = &node.kind else { return Ok(0) };
         let (by_src, cases, default) = match choice {
             Choice::Split { .. } => return Ok(cx.picks[i]),
-            Choice::Route { by, cases, default } => (by, cases, default),
+            Choice::Route { by, cases, default, .. } => (by, cases, default),
         };
-        let by = by.ok_or_else(|| self.node_failed(node, "route: no `by` value".into()))?;
-        let key = match (by, k) {
-            (Value::List(l), Some(k)) => l.get(k).ok_or("fewer values than elements".to_string()).and_then(one_value),
-            (Value::Tensor(t), Some(k)) if t.shape.len() == 1 => {
-                scalar_at(t, k).ok_or_else(|| format!("holds {} values for more elements", t.shape[0]))
-            }
-            (v, _) => one_value(v),
-        }
-        .map_err(|e| self.node_failed(node, format!("route: by {e}")))?;
-        match cases.iter().find(|(c, _)| *c == key).map(|(_, a)| *a).or(*default) {
+        // One key for the item stands for every element.
+        let key = keys
+            .get(k)
+            .or(keys.first().filter(|_| keys.len() == 1))
+            .ok_or_else(|| self.node_failed(node, "route: fewer `by` values than elements".into()))?;
+        match cases.iter().find(|(c, _)| c == key).map(|(_, a)| *a).or(*default) {
             Some(a) => Ok(a),
             None => {
                 let known: Vec<String> = cases.iter().map(|(c, a)| format!("{c} -> {}", arms[*a].label)).collect();
@@ -573,15 +595,16 @@ impl Pipeline {
         cx: ItemCx<'_>,
     ) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
+        let keys = self.route_keys(i, by.as_ref(), cx)?;
         if !node.mapped {
-            let arm = self.arm(i, by.as_ref(), None, cx)?;
+            let arm = self.arm(i, &keys, 0, cx)?;
             return self.run_item(i, arm, inputs, cx).await;
         }
-        let len = self.mapped_len(node, &inputs, by.as_ref())?;
+        let len = self.mapped_len(node, &inputs, &keys)?;
         self.runners[i].metrics.fanout.observe(len as f64);
         let elements = (0..len)
             .map(|k| {
-                let arm = self.arm(i, by.as_ref(), Some(k), cx)?;
+                let arm = self.arm(i, &keys, k, cx)?;
                 Ok(self.run_item(i, arm, element(node, &inputs, k), cx))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -591,7 +614,7 @@ impl Pipeline {
 
     /// How many elements a mapped node runs over: its lists (and a route's per-element
     /// `by`) must agree.
-    fn mapped_len(&self, node: &PlanNode, inputs: &[Value], by: Option<&Value>) -> Result<usize, Error> {
+    fn mapped_len(&self, node: &PlanNode, inputs: &[Value], keys: &[Scalar]) -> Result<usize, Error> {
         let lists: Vec<&Arc<Vec<Value>>> = inputs
             .iter()
             .zip(&node.mapped_inputs)
@@ -605,13 +628,10 @@ impl Pipeline {
             let lens: Vec<usize> = lists.iter().map(|l| l.len()).collect();
             return Err(self.node_failed(node, format!("the lists it is mapped over differ in length: {lens:?}")));
         }
-        let by_len = match by {
-            Some(Value::List(l)) => Some(l.len()),
-            Some(Value::Tensor(t)) if t.shape.len() == 1 => Some(t.shape[0]),
-            _ => None,
-        };
-        if let Some(b) = by_len.filter(|&b| b != len) {
-            return Err(self.node_failed(node, format!("route: by holds {b} values for {len} elements")));
+        let per_element =
+            matches!(node.kind, NodeKind::Branches { choice: Choice::Route { per_element: true, .. }, .. });
+        if per_element && keys.len() != len {
+            return Err(self.node_failed(node, format!("route: by holds {} values for {len} elements", keys.len())));
         }
         Ok(len)
     }
@@ -658,10 +678,7 @@ impl Pipeline {
     fn rebuild_for(&self, node: &PlanNode, cx: ItemCx<'_>) -> Option<RebuildFor> {
         let rb = node.rebuild.as_ref()?;
         let params = &self.plan.params;
-        rb.uses
-            .iter()
-            .any(|&p| cx.params[p] != params[p].default)
-            .then(|| (rb.clone(), params.clone(), cx.params.to_vec()))
+        rb.uses.iter().any(|&p| cx.params[p] != params[p].default).then(|| (rb.clone(), cx.params.to_vec()))
     }
 
     async fn run_op(
@@ -780,17 +797,19 @@ impl Pipeline {
                     Done::Skipped
                 }
                 Ready::Run(args, by) if node.mapped => {
-                    let len = self.mapped_len(node, &args, by.as_ref())?;
+                    let keys = self.route_keys(i, by.as_ref(), cx)?;
+                    let len = self.mapped_len(node, &args, &keys)?;
                     self.runners[i].metrics.fanout.observe(len as f64);
                     let mut results = Vec::with_capacity(len);
                     for k in 0..len {
-                        let arm = self.arm(i, by.as_ref(), Some(k), cx)?;
+                        let arm = self.arm(i, &keys, k, cx)?;
                         results.push(self.run_item_blocking(i, arm, element(node, &args, k), cx)?);
                     }
                     Done::Ran(transpose(node, results))
                 }
                 Ready::Run(args, by) => {
-                    let arm = self.arm(i, by.as_ref(), None, cx)?;
+                    let keys = self.route_keys(i, by.as_ref(), cx)?;
+                    let arm = self.arm(i, &keys, 0, cx)?;
                     Done::Ran(self.run_item_blocking(i, arm, args, cx)?)
                 }
             };
@@ -825,16 +844,15 @@ impl Pipeline {
     }
 }
 
-/// What building an op for a request's parameters takes: how, the declarations, and
-/// the request's values.
-type RebuildFor = (Arc<Rebuild>, Vec<ParamDecl>, Vec<Scalar>);
+/// What building an op for a request's parameters takes: how, and the request's values.
+type RebuildFor = (Arc<Rebuild>, Vec<Scalar>);
 
 /// The op to run: the compiled one, or the one built for the request's parameters.
 fn op_for(op: Arc<dyn Op>, rebuild: Option<RebuildFor>) -> Result<Arc<dyn Op>, OpError> {
     match rebuild {
         None => Ok(op),
-        Some((rb, decls, values)) => rb.op_for(&decls, &values).map_err(|e| {
-            let given: Vec<String> = rb.uses.iter().map(|&p| format!("{}={}", decls[p].name, values[p])).collect();
+        Some((rb, values)) => rb.op_for(&values).map_err(|e| {
+            let given: Vec<String> = rb.uses.iter().map(|&p| format!("{}={}", rb.decls[p].name, values[p])).collect();
             OpError::Invalid(format!("with parameters {}: {e}", given.join(", ")))
         }),
     }
@@ -944,11 +962,11 @@ pub fn stack_items(parts: &[&Tensor]) -> Result<Tensor, String> {
     let parts: Vec<&Tensor> = if same || first.shape.is_empty() {
         parts.to_vec()
     } else {
-        let rows = parts.iter().map(|p| p.shape[0]).max().unwrap_or(0);
         if parts.iter().any(|p| p.shape.len() != first.shape.len() || p.shape[1..] != first.shape[1..]) {
             let shapes: Vec<&Vec<usize>> = parts.iter().map(|p| &p.shape).collect();
             return Err(format!("items' shapes differ beyond the first dimension: {shapes:?}"));
         }
+        let rows = parts.iter().filter_map(|p| p.shape.first()).copied().max().unwrap_or(0);
         padded = parts.iter().map(|p| pad_rows(p, rows)).collect();
         padded.iter().collect()
     };
@@ -992,5 +1010,9 @@ mod tests {
         assert_eq!(s.bytes_elements().unwrap(), vec![&b""[..], &b"x"[..]]);
         let c = Tensor::from_f32(vec![1, 3], &[0.0; 3]);
         assert!(stack_items(&[&a, &c]).unwrap_err().contains("beyond the first dimension"));
+        // A scalar beside rows (an output default of another rank) is an error, not a panic.
+        let scalar = Tensor::from_f32(vec![], &[0.0]);
+        assert!(stack_items(&[&a, &scalar]).is_err());
+        assert!(stack_items(&[&scalar, &a]).is_err());
     }
 }

@@ -54,6 +54,9 @@ impl ParamDecl {
         if y.name.is_empty() || !y.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             return Err(format!("parameter '{}': a name is letters, digits and '_'", y.name));
         }
+        if [y.min, y.max].iter().flatten().any(|b| !b.is_finite()) {
+            return Err(format!("parameter '{}': min and max are finite numbers", y.name));
+        }
         if matches!((y.min, y.max), (Some(lo), Some(hi)) if hi < lo) {
             return Err(format!("parameter '{}': max is below min", y.name));
         }
@@ -205,9 +208,12 @@ pub fn literal(v: &serde_json::Value, ty: &ValueType) -> Result<Value, String> {
     };
     if v.as_str() == Some("empty") {
         let dims = dims.as_ref().ok_or("`empty` needs the value's dims, which are not known here")?;
-        let Some((_, rest)) = dims.split_first() else {
+        let Some((&first, rest)) = dims.split_first() else {
             return Err("`empty` needs a first dimension, but the value has no dimensions: give a value".into());
         };
+        if first >= 0 {
+            return Err(format!("`empty` is no rows, but the value always has {first}: give a value"));
+        }
         if rest.iter().any(|&d| d < 0) {
             return Err(format!(
                 "`empty` needs every dimension after the first, but they are {}",
@@ -238,7 +244,11 @@ pub fn literal(v: &serde_json::Value, ty: &ValueType) -> Result<Value, String> {
             Tensor::from_f32(shape.clone(), &nums(&scalars)?.iter().map(|&n| n as f32).collect::<Vec<_>>())
         }
         DataType::I64 => {
-            Tensor::from_i64(shape.clone(), &nums(&scalars)?.iter().map(|&n| n as i64).collect::<Vec<_>>())
+            let n = nums(&scalars)?;
+            if let Some(bad) = n.iter().find(|v| v.fract() != 0.0 || v.abs() >= 9.0e18) {
+                return Err(format!("{bad} is not an INT64"));
+            }
+            Tensor::from_i64(shape.clone(), &n.iter().map(|&n| n as i64).collect::<Vec<_>>())
         }
         DataType::Bytes => {
             let strs = scalars
@@ -338,6 +348,12 @@ mod tests {
 
     #[test]
     fn literals_take_the_type_they_stand_for() {
+        assert!(literal(&json!("empty"), &ValueType::tensor(DataType::F32, vec![5]))
+            .unwrap_err()
+            .contains("always has 5"));
+        assert!(literal(&json!([1.5]), &ValueType::tensor(DataType::I64, vec![1]))
+            .unwrap_err()
+            .contains("not an INT64"));
         let ty = ValueType::tensor(DataType::F32, vec![-1, 5]);
         let Value::Tensor(t) = literal(&json!("empty"), &ty).unwrap() else { panic!() };
         assert_eq!(t.shape, vec![0, 5]);

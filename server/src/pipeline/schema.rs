@@ -132,18 +132,23 @@ pub enum OnAbsent {
 #[serde(untagged)]
 pub enum ArmYaml {
     Name(String),
-    Pinned {
-        model: String,
-        #[serde(default)]
-        version: Option<u64>,
-    },
+    Pinned(PinnedArm),
+}
+
+/// `{model, version}`; a misspelt key is an error, not the latest version.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedArm {
+    model: String,
+    #[serde(default)]
+    version: Option<u64>,
 }
 
 impl ArmYaml {
     pub fn model(&self) -> (&str, Option<u64>) {
         match self {
             ArmYaml::Name(m) => (m, None),
-            ArmYaml::Pinned { model, version } => (model, *version),
+            ArmYaml::Pinned(p) => (&p.model, p.version),
         }
     }
 }
