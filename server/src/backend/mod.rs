@@ -2,6 +2,7 @@
 //! synchronous: scheduling, batching and the async runtime live elsewhere.
 
 pub mod ort;
+pub mod remote;
 #[cfg(feature = "tract")]
 pub mod tract;
 

@@ -87,6 +87,17 @@ impl LoadedModel {
                     instances.push(Box::new(b));
                 }
             }
+            BackendKind::Remote => {
+                let r = spec.config.remote.as_ref().ok_or_else(|| LoadError::Backend("no `remote:`".into()))?;
+                let remote = backend::remote::Remote::start(&spec.name, r, &spec.outputs, Some(metrics))
+                    .map_err(LoadError::Backend)?;
+                for _ in 0..cfg.instances {
+                    let mut b = backend::remote::RemoteInstance::new(remote.clone(), &spec.inputs);
+                    warm_up(&spec, &mut b)?;
+                    devices.push(b.device());
+                    instances.push(Box::new(b));
+                }
+            }
             #[cfg(not(feature = "tract"))]
             BackendKind::Tract => {
                 return Err(LoadError::Backend(format!(

@@ -5,6 +5,7 @@
 //! `sluice check` and the server report the same errors.
 
 pub mod model_yaml;
+pub mod remote;
 
 use crate::onnx::signature::{OnnxSignature, TensorInfo};
 use model_yaml::ModelYaml;
@@ -180,6 +181,11 @@ pub fn read_dir(dir: &Path, name: &str) -> Result<ModelDir, String> {
         Err(e) => return Err(format!("{}: {e}", yaml_path.display())),
     };
     let config = ModelYaml::parse(&yaml_path, &yaml_text)?;
+    if config.backend == model_yaml::BackendKind::Remote {
+        // Served elsewhere: one version, described by the servers when it loads.
+        let versions = vec![(1, Ok(yaml_path.clone()))];
+        return Ok(ModelDir { name: name.to_string(), dir: dir.to_path_buf(), yaml_path, yaml_text, config, versions });
+    }
     let flat = dir.join("model.onnx");
     let mut numbered: Vec<u64> = std::fs::read_dir(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))?
@@ -224,7 +230,37 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
     // Taken before reading, so a file replaced while being read shows as changed later.
     let fingerprint = m.fingerprint(onnx_path);
     let yaml_path = &m.yaml_path;
-    let config = m.config.clone();
+    let mut config = m.config.clone();
+    if let Some(r) = &config.remote {
+        let sig = remote::fetch_signature(&m.name, r).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+        tracing::info!(model = %m.name, from = %sig.from, "remote model described by its endpoint");
+        // The batcher here forms the batches the remote runs: at most its size.
+        match (config.max_batch_size, sig.max_batch_size) {
+            (0, there) => config.max_batch_size = there,
+            (here, there) if here > there => {
+                return Err(format!(
+                    "{}: max_batch_size {here}, but the remote model takes at most {there}",
+                    yaml_path.display()
+                ))
+            }
+            _ => {}
+        }
+        let onnx = OnnxSignature { inputs: sig.inputs, outputs: sig.outputs, metadata: vec![] };
+        let (inputs, outputs) = apply_overrides(&config, onnx).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+        check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+        check_warmup(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
+        return Ok(ModelSpec {
+            name: m.name.clone(),
+            version,
+            dir: m.dir.clone(),
+            onnx_path: onnx_path.to_path_buf(),
+            config,
+            inputs,
+            outputs,
+            metadata: vec![],
+            fingerprint,
+        });
+    }
     let bytes = read_onnx(onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let sig = crate::onnx::signature::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
     let (inputs, outputs) =

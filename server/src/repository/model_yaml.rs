@@ -14,6 +14,8 @@ pub enum BackendKind {
     /// tract-onnx, compiled in (cargo feature `tract`): CPU only, fixed shapes, no
     /// shared library to install.
     Tract,
+    /// Other v2 servers (sluice or Triton) over gRPC: see [`RemoteYaml`].
+    Remote,
 }
 
 impl BackendKind {
@@ -21,6 +23,7 @@ impl BackendKind {
         match self {
             BackendKind::Onnxruntime => "onnxruntime",
             BackendKind::Tract => "tract",
+            BackendKind::Remote => "remote",
         }
     }
 
@@ -30,6 +33,7 @@ impl BackendKind {
         match self {
             BackendKind::Onnxruntime => "onnxruntime_onnx",
             BackendKind::Tract => "tract_onnx",
+            BackendKind::Remote => "remote",
         }
     }
 }
@@ -149,7 +153,54 @@ pub struct ModelYaml {
     /// shapes in use rather than the largest seen; costs some allocation per run.
     #[serde(default)]
     pub shrink_arena: Option<bool>,
+    /// `backend: remote`: where the model is served.
+    #[serde(default)]
+    pub remote: Option<RemoteYaml>,
 }
+
+/// A model served by other v2 servers over gRPC. Its signature and max batch size are
+/// read from one of them when the model loads; the local batcher forms the batches and
+/// each batch is one RPC to the endpoint with the fewest requests outstanding (of two
+/// picked at random), retried on another when one is unreachable.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteYaml {
+    /// `host:port` of each server ...
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// ... or a DNS name `host:port` whose addresses are the servers (a Kubernetes
+    /// headless Service), resolved again every `resolve_interval_ms`.
+    #[serde(default)]
+    pub dns: Option<String>,
+    /// The model's name there (default: this model's name).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The version there (default: the server's default).
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default = "default_resolve_ms")]
+    pub resolve_interval_ms: u64,
+    /// How often each endpoint's readiness for the model is checked; an endpoint that
+    /// fails a check or a call is left out until a later check passes.
+    #[serde(default = "default_health_ms")]
+    pub health_interval_ms: u64,
+    /// The most one batch's call (all its tries) may take.
+    #[serde(default = "default_remote_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_resolve_ms() -> u64 {
+    5000
+}
+fn default_health_ms() -> u64 {
+    1000
+}
+fn default_remote_timeout_ms() -> u64 {
+    10_000
+}
+
+/// The most endpoints a remote model may list.
+pub const MAX_ENDPOINTS: usize = 256;
 
 /// Caps on what a model.yaml may ask for: each value is allocated or started at load.
 pub const MAX_BATCH_SIZE: usize = 4096;
@@ -386,6 +437,30 @@ impl ModelYaml {
     }
 
     fn check(&self) -> Result<(), String> {
+        match (&self.backend, &self.remote) {
+            (BackendKind::Remote, None) => return Err("backend: remote needs a `remote:` section".into()),
+            (BackendKind::Remote, Some(r)) => {
+                if r.endpoints.is_empty() == r.dns.is_none() {
+                    return Err("remote: give either `endpoints` or `dns`".into());
+                }
+                if r.endpoints.len() > MAX_ENDPOINTS {
+                    return Err(format!("remote: at most {MAX_ENDPOINTS} endpoints"));
+                }
+                for e in r.endpoints.iter().chain(&r.dns) {
+                    if e.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                        return Err(format!("remote: '{e}' is not host:port"));
+                    }
+                }
+                if r.health_interval_ms == 0 || r.resolve_interval_ms == 0 || r.timeout_ms == 0 {
+                    return Err("remote: intervals and timeout_ms must be above 0".into());
+                }
+                if self.wants_gpu() {
+                    return Err("backend: remote runs where its endpoints are: remove the execution providers".into());
+                }
+            }
+            (_, Some(_)) => return Err("`remote:` is for backend: remote".into()),
+            _ => {}
+        }
         if self.backend == BackendKind::Tract && self.wants_gpu() {
             return Err("backend: tract runs on the CPU only; GPU execution providers are ONNX Runtime's".into());
         }

@@ -47,6 +47,11 @@ pub struct Metrics {
     pub node_branch_items: IntCounterVec,
     pub node_branch_failures: IntCounterVec,
     pub node_branch_duration: HistogramVec,
+    pub remote_requests: IntCounterVec,
+    pub remote_failures: IntCounterVec,
+    pub remote_duration: HistogramVec,
+    pub remote_in_flight: IntGaugeVec,
+    pub remote_ejected: IntGaugeVec,
     pub instance_busy: prometheus::CounterVec,
     pub instance_executions: IntCounterVec,
     pub instance_inferences: IntCounterVec,
@@ -232,6 +237,32 @@ impl Metrics {
                 "Items that failed on each branch of a route or split node.",
                 &["pipeline", "node", "branch"],
             ),
+            remote_requests: counter(
+                "sluice_remote_requests_total",
+                "Calls (batches) a remote model made to each endpoint, retries included.",
+                &["model", "endpoint"],
+            ),
+            remote_failures: counter(
+                "sluice_remote_failures_total",
+                "Calls to each endpoint of a remote model that failed.",
+                &["model", "endpoint"],
+            ),
+            remote_duration: histogram_by(
+                "sluice_remote_duration_seconds",
+                "Time per call to each endpoint of a remote model (the remote's compute and the hop).",
+                LATENCY_BUCKETS,
+                &["model", "endpoint"],
+            ),
+            remote_in_flight: gauge(
+                "sluice_remote_in_flight_calls",
+                "Calls to each endpoint of a remote model in flight now.",
+                &["model", "endpoint"],
+            ),
+            remote_ejected: gauge(
+                "sluice_remote_ejected",
+                "1 while an endpoint of a remote model is out of the rotation.",
+                &["model", "endpoint"],
+            ),
             node_branch_duration: histogram_by(
                 "sluice_node_branch_duration_seconds",
                 "Time per item on each branch of a route or split node (queue and compute), to compare them.",
@@ -316,6 +347,18 @@ impl Metrics {
         }
     }
 
+    /// One endpoint of a remote model.
+    pub fn for_remote(&self, model: &str, endpoint: &str) -> RemoteMetrics {
+        let l = [model, endpoint];
+        RemoteMetrics {
+            requests: self.remote_requests.with_label_values(&l),
+            failures: self.remote_failures.with_label_values(&l),
+            duration: self.remote_duration.with_label_values(&l),
+            in_flight: self.remote_in_flight.with_label_values(&l),
+            ejected: self.remote_ejected.with_label_values(&l),
+        }
+    }
+
     /// One model instance's series.
     pub fn for_instance(&self, model: &str, instance: usize) -> InstanceMetrics {
         let i = instance.to_string();
@@ -386,6 +429,16 @@ pub struct BranchMetrics {
     pub items: IntCounter,
     pub failures: IntCounter,
     pub duration: Histogram,
+}
+
+/// The series of one endpoint of a remote model.
+#[derive(Clone)]
+pub struct RemoteMetrics {
+    pub requests: IntCounter,
+    pub failures: IntCounter,
+    pub duration: Histogram,
+    pub in_flight: IntGauge,
+    pub ejected: IntGauge,
 }
 
 /// The series of one model instance.

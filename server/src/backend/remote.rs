@@ -1,0 +1,479 @@
+//! `backend: remote`: a model served by other v2 servers (sluice or Triton) over gRPC.
+//! The local batcher forms the batches (from many requests, and from the crops of many
+//! requests); each batch is one ModelInfer call with raw tensors to one endpoint.
+//!
+//! Endpoints are chosen by the power of two choices on requests outstanding: two picked
+//! at random, the one with fewer calls in flight wins, which spreads load by how fast
+//! each endpoint answers without a global view. An endpoint whose call fails to connect
+//! (or says UNAVAILABLE), or whose readiness check fails, is ejected; it comes back when
+//! a later check passes after a backoff that doubles with each ejection in a row. A
+//! failed call is tried again on another endpoint within the batch's time (inference
+//! does not change state, so a retry is safe). tonic's `balance_list` is not used: its
+//! load is always zero and it never resolves DNS again.
+
+use super::{Backend, BackendError};
+use crate::onnx::signature::TensorInfo;
+use crate::repository::model_yaml::RemoteYaml;
+use crate::repository::remote::endpoints;
+use crate::telemetry::metrics::{Metrics, RemoteMetrics};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use sluice_ops::{DataType, Tensor};
+use sluice_proto::inference as pb;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// The longest an ejected endpoint stays out before its checks may bring it back.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The runtime remote calls and checks run on: instance threads block on it; the
+/// server's own runtime only serves requests.
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("sluice-remote")
+            .enable_all()
+            .build()
+            .expect("the remote runtime starts. This is a bug.")
+    })
+}
+
+/// One server of a remote model.
+pub struct Endpoint {
+    pub addr: String,
+    client: Option<pb::grpc_inference_service_client::GrpcInferenceServiceClient<Channel>>,
+    in_flight: AtomicUsize,
+    health: Mutex<Health>,
+    metrics: Option<RemoteMetrics>,
+}
+
+#[derive(Default)]
+struct Health {
+    /// Out of the rotation until then (a check must pass after it, too).
+    ejected_until: Option<Instant>,
+    /// Ejections in a row: the backoff doubles with each.
+    ejections: u32,
+}
+
+impl Endpoint {
+    fn new(addr: &str, model: &str, metrics: Option<&Metrics>) -> Result<Endpoint, String> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("'{addr}': {e}"))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        Ok(Endpoint {
+            addr: addr.to_string(),
+            client: Some(client),
+            in_flight: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            metrics: metrics.map(|m| m.for_remote(model, addr)),
+        })
+    }
+
+    /// An endpoint without a connection, for the balancer's tests.
+    #[cfg(test)]
+    fn bare(addr: &str) -> Endpoint {
+        Endpoint {
+            addr: addr.into(),
+            client: None,
+            in_flight: AtomicUsize::new(0),
+            health: Mutex::new(Health::default()),
+            metrics: None,
+        }
+    }
+
+    fn ejected(&self) -> bool {
+        self.health.lock().ejected_until.is_some()
+    }
+
+    /// Out of the rotation, for a backoff that doubles with each ejection in a row.
+    fn eject(&self, base: Duration, why: &str) {
+        let mut h = self.health.lock();
+        if h.ejected_until.is_none() {
+            tracing::warn!(endpoint = %self.addr, "remote endpoint ejected: {why}");
+        }
+        h.ejections = h.ejections.saturating_add(1);
+        let backoff = base.saturating_mul(1 << (h.ejections - 1).min(16)).min(MAX_BACKOFF);
+        h.ejected_until = Some(Instant::now() + backoff);
+        if let Some(m) = &self.metrics {
+            m.ejected.set(1);
+        }
+    }
+
+    /// A readiness check passed: back in the rotation once its backoff is over.
+    fn check_passed(&self, now: Instant) {
+        let mut h = self.health.lock();
+        if h.ejected_until.is_some_and(|until| now >= until) {
+            h.ejected_until = None;
+            tracing::info!(endpoint = %self.addr, "remote endpoint back in rotation");
+            if let Some(m) = &self.metrics {
+                m.ejected.set(0);
+            }
+        }
+    }
+
+    /// A call succeeded: ejections in a row start again from none.
+    fn call_passed(&self) {
+        self.health.lock().ejections = 0;
+    }
+}
+
+/// Counts a call in flight on an endpoint while it lives.
+struct InFlight<'a>(&'a Endpoint);
+
+impl<'a> InFlight<'a> {
+    fn start(e: &'a Endpoint) -> InFlight<'a> {
+        e.in_flight.fetch_add(1, Relaxed);
+        if let Some(m) = &e.metrics {
+            m.in_flight.inc();
+        }
+        InFlight(e)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+        if let Some(m) = &self.0.metrics {
+            m.in_flight.dec();
+        }
+    }
+}
+
+/// Picks an endpoint: of those not `tried` and in the rotation (or, when every one is
+/// out, of all not tried: a guess beats failing at once), two at random, the one with
+/// fewer calls in flight. `r` is a random number.
+fn pick(endpoints: &[Arc<Endpoint>], tried: &[String], r: u64) -> Option<Arc<Endpoint>> {
+    let open: Vec<&Arc<Endpoint>> = endpoints.iter().filter(|e| !tried.contains(&e.addr)).collect();
+    let admitted: Vec<&Arc<Endpoint>> = open.iter().copied().filter(|e| !e.ejected()).collect();
+    let from = if admitted.is_empty() { open } else { admitted };
+    match from.len() {
+        0 => None,
+        1 => Some(from[0].clone()),
+        n => {
+            let a = (r % n as u64) as usize;
+            let b = (a + 1 + ((r >> 32) % (n as u64 - 1)) as usize) % n;
+            let (ea, eb) = (from[a], from[b]);
+            Some(if eb.in_flight.load(Relaxed) < ea.in_flight.load(Relaxed) { eb.clone() } else { ea.clone() })
+        }
+    }
+}
+
+/// A remote model: its endpoints and how to call them, shared by its instances.
+pub struct Remote {
+    model: String,
+    version: String,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    timeout: Duration,
+    health_interval: Duration,
+    outputs: Vec<TensorInfo>,
+    seed: AtomicU64,
+    metrics: Option<Metrics>,
+}
+
+impl Remote {
+    /// Connects (lazily) to the endpoints of `cfg` and starts checking them.
+    pub fn start(
+        name: &str,
+        cfg: &RemoteYaml,
+        outputs: &[TensorInfo],
+        metrics: Option<&Metrics>,
+    ) -> Result<Arc<Remote>, String> {
+        let model = cfg.model.clone().unwrap_or_else(|| name.to_string());
+        let _rt = runtime().enter(); // lazy channels need a runtime to belong to
+        let eps = endpoints(cfg)?
+            .iter()
+            .map(|a| Endpoint::new(a, &model, metrics).map(Arc::new))
+            .collect::<Result<_, _>>()?;
+        let remote = Arc::new(Remote {
+            model,
+            version: cfg.version.map(|v| v.to_string()).unwrap_or_default(),
+            endpoints: ArcSwap::from_pointee(eps),
+            timeout: Duration::from_millis(cfg.timeout_ms),
+            health_interval: Duration::from_millis(cfg.health_interval_ms),
+            outputs: outputs.to_vec(),
+            seed: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            metrics: metrics.cloned(),
+        });
+        runtime().spawn(check_loop(Arc::downgrade(&remote)));
+        if cfg.dns.is_some() {
+            runtime().spawn(resolve_loop(Arc::downgrade(&remote), cfg.clone()));
+        }
+        Ok(remote)
+    }
+
+    /// The endpoints now, and whether each is ejected (for views and tests).
+    pub fn endpoints(&self) -> Vec<(String, bool)> {
+        self.endpoints.load().iter().map(|e| (e.addr.clone(), e.ejected())).collect()
+    }
+
+    fn random(&self) -> u64 {
+        // splitmix64 over a counter: cheap, lock-free, well spread.
+        let mut z = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// One batch: a call to one endpoint, tried again on others while time is left.
+    async fn call(&self, inputs: &[Tensor], input_names: &[String]) -> Result<Vec<Tensor>, BackendError> {
+        let deadline = Instant::now() + self.timeout;
+        let req = pb::ModelInferRequest {
+            model_name: self.model.clone(),
+            model_version: self.version.clone(),
+            inputs: inputs
+                .iter()
+                .zip(input_names)
+                .map(|(t, n)| pb::model_infer_request::InferInputTensor {
+                    name: n.clone(),
+                    datatype: t.dtype.as_str().into(),
+                    shape: t.shape.iter().map(|&d| d as i64).collect(),
+                    ..Default::default()
+                })
+                .collect(),
+            raw_input_contents: inputs.iter().map(|t| t.data.clone()).collect(),
+            ..Default::default()
+        };
+        let mut tried: Vec<String> = Vec::new();
+        let mut last = String::from("no endpoints");
+        loop {
+            let eps = self.endpoints.load_full();
+            let Some(ep) = pick(&eps, &tried, self.random()) else {
+                return Err(BackendError(format!("remote model '{}': every endpoint failed: {last}", self.model)));
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(BackendError(format!("remote model '{}': timed out; last error: {last}", self.model)));
+            }
+            let mut r = tonic::Request::new(req.clone());
+            r.set_timeout(left);
+            let started = Instant::now();
+            let result = {
+                let _f = InFlight::start(&ep);
+                let mut client = ep.client.clone().expect("endpoints that call have a client");
+                client.model_infer(r).await
+            };
+            if let Some(m) = &ep.metrics {
+                m.requests.inc();
+                m.duration.observe(started.elapsed().as_secs_f64());
+            }
+            match result {
+                Ok(resp) => {
+                    ep.call_passed();
+                    return self.outputs_of(resp.into_inner());
+                }
+                Err(st) => {
+                    if let Some(m) = &ep.metrics {
+                        m.failures.inc();
+                    }
+                    last = format!("{}: {}", ep.addr, st.message());
+                    match st.code() {
+                        // Unreachable, or going away: out of the rotation, and try another.
+                        Code::Unavailable | Code::Unknown => ep.eject(self.health_interval, st.message()),
+                        // Full right now: another may not be.
+                        Code::ResourceExhausted => {}
+                        _ => return Err(BackendError(format!("remote model '{}': {last}", self.model))),
+                    }
+                    tried.push(ep.addr.clone());
+                }
+            }
+        }
+    }
+
+    /// The response's tensors in the model's output order, each checked.
+    fn outputs_of(&self, resp: pb::ModelInferResponse) -> Result<Vec<Tensor>, BackendError> {
+        let bad = |m: String| BackendError(format!("remote model '{}': {m}", self.model));
+        if resp.raw_output_contents.len() != resp.outputs.len() {
+            return Err(bad("the response's outputs are not all raw".into()));
+        }
+        let mut got: Vec<(String, Tensor)> = Vec::with_capacity(resp.outputs.len());
+        for (o, data) in resp.outputs.into_iter().zip(resp.raw_output_contents) {
+            let dtype = DataType::parse(&o.datatype)
+                .ok_or_else(|| bad(format!("output '{}': datatype {}", o.name, o.datatype)))?;
+            let shape = o.shape.iter().map(|&d| usize::try_from(d)).collect::<Result<Vec<_>, _>>();
+            let shape = shape.map_err(|_| bad(format!("output '{}': shape {:?}", o.name, o.shape)))?;
+            let t = Tensor::new(dtype, shape, data).map_err(|e| bad(format!("output '{}': {e}", o.name)))?;
+            got.push((o.name, t));
+        }
+        self.outputs
+            .iter()
+            .map(|want| {
+                let i = got
+                    .iter()
+                    .position(|(n, _)| *n == want.name)
+                    .ok_or_else(|| bad(format!("no output '{}'", want.name)))?;
+                Ok(got.swap_remove(i).1)
+            })
+            .collect()
+    }
+}
+
+/// Checks each endpoint's readiness for the model every health interval, for as long
+/// as the model is loaded.
+async fn check_loop(remote: Weak<Remote>) {
+    loop {
+        let (eps, model, version, every) = match remote.upgrade() {
+            Some(r) => (r.endpoints.load_full(), r.model.clone(), r.version.clone(), r.health_interval),
+            None => return,
+        };
+        let checks = eps.iter().map(|ep| {
+            let (model, version) = (model.clone(), version.clone());
+            async move {
+                let Some(mut client) = ep.client.clone() else { return };
+                let mut r = tonic::Request::new(pb::ModelReadyRequest { name: model, version });
+                r.set_timeout(every.max(Duration::from_millis(200)));
+                match client.model_ready(r).await {
+                    Ok(resp) if resp.get_ref().ready => ep.check_passed(Instant::now()),
+                    Ok(_) => ep.eject(every, "the model is not ready there"),
+                    Err(st) => ep.eject(every, st.message()),
+                }
+            }
+        });
+        futures::future::join_all(checks).await;
+        drop(eps);
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Resolves the DNS name again every interval: new addresses join (after a passing
+/// check), vanished ones leave once their calls finish.
+async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
+    let every = Duration::from_millis(cfg.resolve_interval_ms);
+    let Some(name) = cfg.dns.clone() else { return };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(r) = remote.upgrade() else { return };
+        let addrs: Vec<String> = match tokio::net::lookup_host(name.as_str()).await {
+            Ok(a) => {
+                let mut v: Vec<String> = a.map(|a| a.to_string()).collect();
+                v.sort();
+                v.dedup();
+                v.truncate(crate::repository::model_yaml::MAX_ENDPOINTS);
+                v
+            }
+            Err(e) => {
+                tracing::warn!(dns = %name, "remote: cannot resolve: {e}; keeping the endpoints");
+                continue;
+            }
+        };
+        let now = r.endpoints.load_full();
+        if addrs.is_empty() || now.iter().map(|e| &e.addr).eq(addrs.iter()) {
+            continue;
+        }
+        let _rt = runtime().enter();
+        let next: Vec<Arc<Endpoint>> = addrs
+            .iter()
+            .filter_map(|a| match now.iter().find(|e| e.addr == *a) {
+                Some(e) => Some(e.clone()),
+                None => Endpoint::new(a, &r.model, r.metrics.as_ref()).ok().map(|e| {
+                    // New endpoints join once a check passes.
+                    e.health.lock().ejected_until = Some(Instant::now());
+                    Arc::new(e)
+                }),
+            })
+            .collect();
+        tracing::info!(dns = %name, endpoints = ?addrs, "remote: endpoints changed");
+        r.endpoints.store(Arc::new(next));
+    }
+}
+
+/// One instance: a batch at a time, blocking its thread on the remote runtime.
+pub struct RemoteInstance {
+    remote: Arc<Remote>,
+    input_names: Vec<String>,
+}
+
+impl RemoteInstance {
+    pub fn new(remote: Arc<Remote>, inputs: &[TensorInfo]) -> RemoteInstance {
+        RemoteInstance { remote, input_names: inputs.iter().map(|t| t.name.clone()).collect() }
+    }
+}
+
+impl Backend for RemoteInstance {
+    fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
+        let (remote, names) = (&self.remote, &self.input_names);
+        runtime().block_on(remote.call(inputs, names))
+    }
+
+    fn device(&self) -> String {
+        "remote".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eps(n: usize) -> Vec<Arc<Endpoint>> {
+        (0..n).map(|i| Arc::new(Endpoint::bare(&format!("10.0.0.{i}:8001")))).collect()
+    }
+
+    #[test]
+    fn two_choices_prefer_the_endpoint_with_fewer_calls_in_flight() {
+        let e = eps(2);
+        e[0].in_flight.store(5, Relaxed);
+        for r in 0..100u64 {
+            assert_eq!(pick(&e, &[], r.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap().addr, "10.0.0.1:8001");
+        }
+        // Over many endpoints, load spreads: each is picked, the busiest least.
+        let e = eps(4);
+        e[3].in_flight.store(10, Relaxed);
+        let mut counts = [0usize; 4];
+        let remote_rng = AtomicU64::new(1);
+        for _ in 0..4000 {
+            let r = remote_rng.fetch_add(0x9e37_79b9_7f4a_7c15, Relaxed).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let p = pick(&e, &[], r).unwrap();
+            counts[e.iter().position(|x| Arc::ptr_eq(x, &p)).unwrap()] += 1;
+        }
+        assert!(counts[..3].iter().all(|&c| c > 800), "{counts:?}");
+        assert_eq!(counts[3], 0, "the busiest never wins a pair: {counts:?}");
+    }
+
+    #[test]
+    fn ejected_and_tried_endpoints_are_left_out_until_none_is_left() {
+        let e = eps(3);
+        e[0].eject(Duration::from_millis(50), "test");
+        let tried = vec![e[1].addr.clone()];
+        for r in 0..50 {
+            assert_eq!(pick(&e, &tried, r * 7919).unwrap().addr, e[2].addr);
+        }
+        // Every admitted one tried: an ejected one is a better guess than nothing.
+        let tried = vec![e[1].addr.clone(), e[2].addr.clone()];
+        assert_eq!(pick(&e, &tried, 3).unwrap().addr, e[0].addr);
+        let all: Vec<String> = e.iter().map(|x| x.addr.clone()).collect();
+        assert!(pick(&e, &all, 3).is_none());
+    }
+
+    #[test]
+    fn an_ejected_endpoint_returns_after_its_backoff_which_doubles() {
+        let e = Endpoint::bare("10.0.0.9:8001");
+        let base = Duration::from_millis(100);
+        e.eject(base, "test");
+        let until = e.health.lock().ejected_until.unwrap();
+        e.check_passed(Instant::now());
+        assert!(e.ejected(), "not before the backoff is over");
+        e.check_passed(until);
+        assert!(!e.ejected());
+        // In a row: 100 ms, then 200, then 400; a good call resets the count.
+        e.eject(base, "test");
+        let t0 = Instant::now();
+        e.eject(base, "test");
+        let second = e.health.lock().ejected_until.unwrap() - t0;
+        assert!(second >= Duration::from_millis(390) && second <= MAX_BACKOFF, "{second:?}");
+        e.call_passed();
+        assert_eq!(e.health.lock().ejections, 0);
+        for _ in 0..40 {
+            e.eject(base, "test");
+        }
+        assert!(e.health.lock().ejected_until.unwrap() - Instant::now() <= MAX_BACKOFF);
+    }
+}
