@@ -75,4 +75,9 @@ pub trait Backend: Send {
     }
     /// What the instance actually runs on (for example "cuda:0", or "cpu" after a fallback).
     fn device(&self) -> String;
+    /// The latest deadline of the batch about to run (`None`: some caller set none), for
+    /// backends that pass it on (a remote call's timeout).
+    fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
+        let _ = deadline;
+    }
 }

@@ -50,6 +50,9 @@ pub struct Endpoint {
     in_flight: AtomicUsize,
     health: Mutex<Health>,
     metrics: Option<RemoteMetrics>,
+    /// Wakes the calls in flight when the endpoint is ejected: a server cut off the
+    /// network answers nothing, and its calls move on instead of waiting out their time.
+    ejected_now: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -76,6 +79,7 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
             metrics: metrics.map(|m| m.for_remote(model, addr)),
+            ejected_now: tokio::sync::Notify::new(),
         })
     }
 
@@ -88,6 +92,7 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             health: Mutex::new(Health::default()),
             metrics: None,
+            ejected_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -95,18 +100,22 @@ impl Endpoint {
         self.health.lock().ejected_until.is_some()
     }
 
-    /// Out of the rotation, for a backoff that doubles with each ejection in a row.
+    /// Out of the rotation, for a backoff that doubles with each ejection in a row (an
+    /// endpoint already out stays out as long as it keeps failing, its backoff as it is).
     fn eject(&self, base: Duration, why: &str) {
         let mut h = self.health.lock();
         if h.ejected_until.is_none() {
             tracing::warn!(endpoint = %self.addr, "remote endpoint ejected: {why}");
+            h.ejections = h.ejections.saturating_add(1);
         }
-        h.ejections = h.ejections.saturating_add(1);
-        let backoff = base.saturating_mul(1 << (h.ejections - 1).min(16)).min(MAX_BACKOFF);
-        h.ejected_until = Some(Instant::now() + backoff);
+        let backoff = base.saturating_mul(1 << (h.ejections.max(1) - 1).min(16)).min(MAX_BACKOFF);
+        let until = Instant::now() + backoff;
+        h.ejected_until = Some(h.ejected_until.map_or(until, |u| u.max(until)));
         if let Some(m) = &self.metrics {
             m.ejected.set(1);
         }
+        drop(h);
+        self.ejected_now.notify_waiters();
     }
 
     /// A readiness check passed: back in the rotation once its backoff is over.
@@ -224,9 +233,16 @@ impl Remote {
         z ^ (z >> 31)
     }
 
-    /// One batch: a call to one endpoint, tried again on others while time is left.
-    async fn call(&self, inputs: &[Tensor], input_names: &[String]) -> Result<Vec<Tensor>, BackendError> {
-        let deadline = Instant::now() + self.timeout;
+    /// One batch: a call to one endpoint, tried again on others while time is left
+    /// (`timeout_ms`, or less when the batch's callers' deadlines come sooner).
+    async fn call(
+        &self,
+        inputs: &[Tensor],
+        input_names: &[String],
+        deadline: Option<Instant>,
+    ) -> Result<Vec<Tensor>, BackendError> {
+        let own = Instant::now() + self.timeout;
+        let deadline = deadline.map_or(own, |d| d.min(own));
         let req = pb::ModelInferRequest {
             model_name: self.model.clone(),
             model_version: self.version.clone(),
@@ -260,7 +276,13 @@ impl Remote {
             let result = {
                 let _f = InFlight::start(&ep);
                 let mut client = ep.client.clone().expect("endpoints that call have a client");
-                client.model_infer(r).await
+                let ejected = ep.ejected_now.notified();
+                tokio::pin!(ejected);
+                ejected.as_mut().enable();
+                tokio::select! {
+                    r = client.model_infer(r) => r,
+                    _ = ejected => Err(tonic::Status::unavailable("ejected while the call was in flight")),
+                }
             };
             if let Some(m) = &ep.metrics {
                 m.requests.inc();
@@ -390,22 +412,27 @@ async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
 pub struct RemoteInstance {
     remote: Arc<Remote>,
     input_names: Vec<String>,
+    deadline: Option<Instant>,
 }
 
 impl RemoteInstance {
     pub fn new(remote: Arc<Remote>, inputs: &[TensorInfo]) -> RemoteInstance {
-        RemoteInstance { remote, input_names: inputs.iter().map(|t| t.name.clone()).collect() }
+        RemoteInstance { remote, input_names: inputs.iter().map(|t| t.name.clone()).collect(), deadline: None }
     }
 }
 
 impl Backend for RemoteInstance {
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
         let (remote, names) = (&self.remote, &self.input_names);
-        runtime().block_on(remote.call(inputs, names))
+        runtime().block_on(remote.call(inputs, names, self.deadline.take()))
     }
 
     fn device(&self) -> String {
         "remote".into()
+    }
+
+    fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
     }
 }
 
@@ -463,15 +490,18 @@ mod tests {
         assert!(e.ejected(), "not before the backoff is over");
         e.check_passed(until);
         assert!(!e.ejected());
-        // In a row: 100 ms, then 200, then 400; a good call resets the count.
-        e.eject(base, "test");
+        // Ejected again before a call passed: 200 ms. Failing while out does not double it.
         let t0 = Instant::now();
         e.eject(base, "test");
+        e.eject(base, "test");
         let second = e.health.lock().ejected_until.unwrap() - t0;
-        assert!(second >= Duration::from_millis(390) && second <= MAX_BACKOFF, "{second:?}");
+        assert!(second >= Duration::from_millis(200) && second < Duration::from_millis(390), "{second:?}");
+        assert_eq!(e.health.lock().ejections, 2);
+        // A good call resets the count; many ejections in a row stay within the cap.
         e.call_passed();
         assert_eq!(e.health.lock().ejections, 0);
         for _ in 0..40 {
+            e.health.lock().ejected_until = None;
             e.eject(base, "test");
         }
         assert!(e.health.lock().ejected_until.unwrap() - Instant::now() <= MAX_BACKOFF);

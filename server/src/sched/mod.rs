@@ -315,6 +315,9 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
             .map(|i| BatchInput { parts: batch.iter().map(|p| &p.inputs[i]).collect(), pad })
             .collect();
         let mut t_infer = t_input;
+        // The batch is worth computing until its last caller's deadline.
+        let deadlines: Option<Vec<Instant>> = batch.iter().map(|p| p.deadline).collect();
+        backend.set_deadline(deadlines.and_then(|d| d.into_iter().max()));
         let outputs = backend
             .run_batch(&inputs, &mut || t_infer = Instant::now())
             .map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;
