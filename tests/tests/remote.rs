@@ -133,6 +133,17 @@ async fn remote_models_answer_like_local_ones_and_survive_a_replica_going_away()
     assert!(metric(&cpu.http, "sluice_remote_requests_total", &[model, &eb]).await > 0.0);
     let out = call(&cpu, &inputs[0]).await.unwrap();
     assert_eq!(out["count"].to_i64().unwrap(), vec![3]);
+    // The dashboard lists the remote model's endpoints and which is out.
+    let frame: serde_json::Value =
+        reqwest::get(format!("{}/dashboard/data", cpu.http)).await.unwrap().json().await.unwrap();
+    let m = frame["models"].as_array().unwrap().iter().find(|m| m["name"] == "resnet50").unwrap();
+    let eps: Vec<(String, bool)> = m["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["addr"].as_str().unwrap().to_string(), e["ejected"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(eps, vec![(endpoints[0].to_string(), true), (endpoints[1].to_string(), false)]);
 }
 
 /// A remote model whose endpoints do not answer fails to load with a reason naming

@@ -64,6 +64,13 @@ pub fn frame(engine: &Engine) -> Value {
             .map(|(v, _)| *v)
             .collect::<Vec<_>>());
         v["instances"] = json!(m.devices.len());
+        if let Some(r) = &m.remote {
+            v["endpoints"] = json!(r
+                .endpoints()
+                .into_iter()
+                .map(|(addr, ejected, in_flight)| json!({"addr": addr, "ejected": ejected, "in_flight": in_flight}))
+                .collect::<Vec<_>>());
+        }
         v["devices"] = json!(m.devices);
         v["queue_depth"] = json!(m.metrics.queue_depth.get());
         v["busy"] = json!(rate(&format!("{k}/busy")) / m.devices.len().max(1) as f64);

@@ -29,6 +29,8 @@ pub struct LoadedModel {
     pub stats: Arc<ModelStats>,
     /// What each instance runs on ("cpu", "cuda:0").
     pub devices: Vec<String>,
+    /// `backend: remote`: its endpoints, for views.
+    pub remote: Option<Arc<backend::remote::Remote>>,
     scheduler: ModelScheduler,
 }
 
@@ -56,6 +58,7 @@ impl LoadedModel {
         let cfg = &spec.config;
         let mut instances: Vec<Box<dyn Backend>> = Vec::with_capacity(cfg.instances);
         let mut devices = Vec::with_capacity(cfg.instances);
+        let mut remote_of = None;
         match cfg.backend {
             BackendKind::Onnxruntime => {
                 // `instances` per GPU for GPU providers; CPU models have one "device".
@@ -92,11 +95,13 @@ impl LoadedModel {
                 let remote = backend::remote::Remote::start(&spec.name, r, &spec.outputs, Some(metrics))
                     .map_err(LoadError::Backend)?;
                 for _ in 0..cfg.instances {
-                    let mut b = backend::remote::RemoteInstance::new(remote.clone(), &spec.inputs);
+                    let mut b = backend::remote::RemoteInstance::new(remote.clone(), &spec.inputs)
+                        .map_err(LoadError::Backend)?;
                     warm_up(&spec, &mut b)?;
                     devices.push(b.device());
                     instances.push(Box::new(b));
                 }
+                remote_of = Some(remote);
             }
             #[cfg(not(feature = "tract"))]
             BackendKind::Tract => {
@@ -131,7 +136,7 @@ impl LoadedModel {
         )
         .map_err(|(thread, e)| LoadError::Thread { thread, message: e.to_string() })?;
         metrics.instances.with_label_values(&[&spec.name]).set(count as i64);
-        Ok(LoadedModel { spec, metrics: model_metrics, stats, devices, scheduler })
+        Ok(LoadedModel { spec, metrics: model_metrics, stats, devices, remote: remote_of, scheduler })
     }
 
     /// Queues already checked tensors (in the model's input order) for a batch, with
