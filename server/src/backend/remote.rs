@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
 
+/// The largest answer a remote call takes.
+const MAX_ANSWER_BYTES: usize = 1 << 30;
+
 /// The longest an ejected endpoint stays out before its checks may bring it back.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -53,7 +56,8 @@ fn client(addr: &str) -> Result<Client, String> {
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect_lazy();
-    Ok(Client::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
+    // A model tier is trusted, but not to send without end: answers are bounded too.
+    Ok(Client::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES).max_encoding_message_size(usize::MAX))
 }
 
 /// One server of a remote model.
