@@ -8,6 +8,9 @@ use crate::engine::Engine;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How often loads that may succeed later (remote models) are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
 /// How the server picks up changes to the repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
@@ -51,6 +54,7 @@ impl Housekeeper {
                 let _tx = tx;
                 let tick = crossbeam_channel::tick(Duration::from_millis(100));
                 let mut dirty_since: Option<Instant> = None;
+                let mut retried = Instant::now();
                 loop {
                     crossbeam_channel::select! {
                         recv(stopped) -> _ => break,
@@ -59,6 +63,10 @@ impl Housekeeper {
                     }
                     if dirty_since.is_some_and(|t| t.elapsed() >= debounce) {
                         dirty_since = None;
+                        let _ = engine.reload(&Scope::All);
+                    } else if retried.elapsed() >= RETRY_EVERY && engine.snapshot().wants_retry() {
+                        // A remote model whose servers were down: try again.
+                        retried = Instant::now();
                         let _ = engine.reload(&Scope::All);
                     }
                     engine.reap();

@@ -26,6 +26,11 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
 
+/// The pause before a batch tries endpoints that all failed it once more.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// The least time a readiness check gets: a busy server may answer slowly once.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The largest answer a remote call takes.
 const MAX_ANSWER_BYTES: usize = 1 << 30;
 
@@ -189,6 +194,8 @@ fn pick(endpoints: &[Arc<Endpoint>], tried: &[String], r: u64) -> Option<Arc<End
 
 /// A remote model: its endpoints and how to call them, shared by its instances.
 pub struct Remote {
+    /// The model's name here (metrics) and there (calls).
+    local: String,
     model: String,
     version: String,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
@@ -209,18 +216,26 @@ impl Remote {
     ) -> Result<Arc<Remote>, String> {
         let model = cfg.model.clone().unwrap_or_else(|| name.to_string());
         let _rt = runtime().enter(); // lazy channels need a runtime to belong to
-        let eps = endpoints(cfg)?
-            .iter()
-            .map(|a| Endpoint::new(a, &model, metrics).map(Arc::new))
-            .collect::<Result<_, _>>()?;
+                                     // Series are labelled with this server's name for the model.
+        let eps =
+            endpoints(cfg)?.iter().map(|a| Endpoint::new(a, name, metrics).map(Arc::new)).collect::<Result<_, _>>()?;
         let remote = Arc::new(Remote {
+            local: name.to_string(),
             model,
             version: cfg.version.map(|v| v.to_string()).unwrap_or_default(),
             endpoints: ArcSwap::from_pointee(eps),
             timeout: Duration::from_millis(cfg.timeout_ms),
             health_interval: Duration::from_millis(cfg.health_interval_ms),
             outputs: outputs.to_vec(),
-            seed: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            // Replicas of the CPU tier must not all pick in the same order.
+            seed: AtomicU64::new({
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u128(
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+                );
+                h.finish()
+            }),
             metrics: metrics.cloned(),
         });
         runtime().spawn(check_loop(Arc::downgrade(&remote)));
@@ -275,13 +290,20 @@ impl Remote {
         let mut last = String::from("no endpoints");
         loop {
             let eps = self.endpoints.load_full();
-            let Some(ep) = pick(&eps, &tried, self.random()) else {
-                return Err(BackendError(format!("remote model '{}': every endpoint failed: {last}", self.model)));
-            };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(BackendError(format!("remote model '{}': timed out; last error: {last}", self.model)));
             }
+            let Some(ep) = pick(&eps, &tried, self.random()) else {
+                // Every endpoint failed this batch. While time is left, a short pause and
+                // another round: the one replica left may only have been slow once.
+                if left > RETRY_PAUSE * 2 && !eps.is_empty() {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    tried.clear();
+                    continue;
+                }
+                return Err(BackendError(format!("remote model '{}': every endpoint failed: {last}", self.model)));
+            };
             let mut r = tonic::Request::new(req.clone());
             r.set_timeout(left);
             let started = Instant::now();
@@ -320,13 +342,20 @@ impl Remote {
                         m.failures.inc();
                     }
                     last = format!("{}: {}", ep.addr, st.message());
+                    // Errors of the connection (closed, GOAWAY, reset) rather than answers
+                    // of the server carry their cause; tonic's own timeout is `left` spent.
+                    let transport = std::error::Error::source(&st).is_some();
                     match st.code() {
                         // Unreachable, or going away: out of the rotation, and try another.
-                        Code::Unavailable | Code::Unknown => ep.eject(self.health_interval, st.message()),
+                        Code::Unavailable => ep.eject(self.health_interval, st.message()),
                         // Full right now: another may not be.
                         Code::ResourceExhausted => {}
+                        // This instance's connection broke: a new one, maybe elsewhere.
+                        _ if transport => {}
+                        Code::Cancelled if deadline > Instant::now() => {}
                         _ => return Err(BackendError(format!("remote model '{}': {last}", self.model))),
                     }
+                    clients.retain(|(a, _)| *a != ep.addr);
                     tried.push(ep.addr.clone());
                 }
             }
@@ -374,7 +403,7 @@ async fn check_loop(remote: Weak<Remote>) {
             async move {
                 let Some(mut client) = ep.client.clone() else { return };
                 let mut r = tonic::Request::new(pb::ModelReadyRequest { name: model, version });
-                r.set_timeout(every.max(Duration::from_millis(200)));
+                r.set_timeout(every.max(CHECK_TIMEOUT));
                 match client.model_ready(r).await {
                     Ok(resp) if resp.get_ref().ready => ep.check_passed(Instant::now()),
                     Ok(_) => ep.eject(every, "the model is not ready there"),
@@ -389,7 +418,7 @@ async fn check_loop(remote: Weak<Remote>) {
 }
 
 /// Resolves the DNS name again every interval: new addresses join (after a passing
-/// check), vanished ones leave once their calls finish.
+/// check); the calls in flight to vanished ones are tried elsewhere.
 async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
     let every = Duration::from_millis(cfg.resolve_interval_ms);
     let Some(name) = cfg.dns.clone() else { return };
@@ -418,7 +447,7 @@ async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
             .iter()
             .filter_map(|a| match now.iter().find(|e| e.addr == *a) {
                 Some(e) => Some(e.clone()),
-                None => Endpoint::new(a, &r.model, r.metrics.as_ref()).ok().map(|e| {
+                None => Endpoint::new(a, &r.local, r.metrics.as_ref()).ok().map(|e| {
                     // New endpoints join once a check passes.
                     e.health.lock().ejected_until = Some(Instant::now());
                     Arc::new(e)
@@ -427,6 +456,14 @@ async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
             .collect();
         tracing::info!(dns = %name, endpoints = ?addrs, "remote: endpoints changed");
         r.endpoints.store(Arc::new(next));
+        // Gone from the name: its calls in flight (it may be unreachable) go elsewhere.
+        for gone in now.iter().filter(|e| !addrs.contains(&e.addr)) {
+            gone.ejected_now.notify_waiters();
+            if let Some(m) = &gone.metrics {
+                m.ejected.set(0);
+                m.in_flight.set(0);
+            }
+        }
     }
 }
 

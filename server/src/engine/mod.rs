@@ -29,6 +29,9 @@ use std::time::Instant;
 pub struct Failure {
     pub reason: String,
     fingerprint: Option<Fingerprint>,
+    /// Loading again may succeed with the same files (a remote model whose servers were
+    /// not up): every reload tries again, and housekeeping reloads while one is failing.
+    retry: bool,
 }
 
 /// One version of a model.
@@ -149,6 +152,14 @@ impl Snapshot {
     /// Every model of the repository, ready or not, sorted by name.
     pub fn models(&self) -> impl Iterator<Item = (&str, &ModelEntry)> {
         self.models.iter().map(|(n, s)| (n.as_str(), s))
+    }
+
+    /// Whether a failed load is worth trying again with the same files.
+    pub fn wants_retry(&self) -> bool {
+        self.models.values().flat_map(|e| e.versions.values()).any(|s| match s {
+            ModelSlot::Unavailable(f) | ModelSlot::Ready { stale: Some(f), .. } => f.retry,
+            ModelSlot::Ready { stale: None, .. } => false,
+        })
     }
 
     pub fn unloaded(&self) -> impl Iterator<Item = &str> {

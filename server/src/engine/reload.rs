@@ -390,6 +390,7 @@ impl Engine {
                                              to load"
                                         .into(),
                                     fingerprint: None,
+                                    retry: false,
                                 };
                                 versions.insert(*v, ModelSlot::Ready { model: model.clone(), stale: Some(failure) });
                             }
@@ -425,7 +426,7 @@ impl Engine {
                     return ModelSlot::Ready { model: model.clone(), stale: None };
                 }
                 Some(slot @ (ModelSlot::Ready { stale: Some(f), .. } | ModelSlot::Unavailable(f)))
-                    if f.fingerprint == fingerprint && (fingerprint.is_some() || onnx.is_err()) =>
+                    if f.fingerprint == fingerprint && (fingerprint.is_some() || onnx.is_err()) && !f.retry =>
                 {
                     // The same files failed before: no point in trying them again.
                     return slot.clone();
@@ -471,7 +472,9 @@ impl Engine {
                 tracing::error!(model = %name, version = v, "model failed to load: {reason}");
                 self.telemetry.metrics.model_loads.with_label_values(&[name, &v_label, "error"]).inc();
                 report.fail(Subject::model(name, Some(v)), &reason);
-                let failure = Failure { reason, fingerprint };
+                // A remote model's servers may come up later: its files are no reason.
+                let retry = dir.config.backend == crate::repository::model_yaml::BackendKind::Remote;
+                let failure = Failure { reason, fingerprint, retry };
                 match before {
                     Some(ModelSlot::Ready { model, .. }) => {
                         ModelSlot::Ready { model: model.clone(), stale: Some(failure) }

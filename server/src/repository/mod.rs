@@ -235,9 +235,11 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
         let sig = remote::fetch_signature(&m.name, r).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
         tracing::info!(model = %m.name, from = %sig.from, "remote model described by its endpoint");
         // The batcher here forms the batches the remote runs: at most its size.
+        // A remote that says 0 may still take a variable first dimension (a Triton ONNX
+        // model without batching): the dims are checked below.
         match (config.max_batch_size, sig.max_batch_size) {
             (0, there) => config.max_batch_size = there,
-            (here, there) if here > there => {
+            (here, there) if there > 0 && here > there => {
                 return Err(format!(
                     "{}: max_batch_size {here}, but the remote model takes at most {there}",
                     yaml_path.display()
@@ -245,6 +247,7 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
             }
             _ => {}
         }
+        config.check().map_err(|e| format!("{}: {e}", yaml_path.display()))?;
         let onnx = OnnxSignature { inputs: sig.inputs, outputs: sig.outputs, metadata: vec![] };
         let (inputs, outputs) = apply_overrides(&config, onnx).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
         check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;

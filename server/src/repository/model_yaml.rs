@@ -436,7 +436,9 @@ impl ModelYaml {
         }
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// The checks of values against each other (also run again once a remote model's
+    /// batch size is known).
+    pub(crate) fn check(&self) -> Result<(), String> {
         match (&self.backend, &self.remote) {
             (BackendKind::Remote, None) => return Err("backend: remote needs a `remote:` section".into()),
             (BackendKind::Remote, Some(r)) => {
