@@ -304,10 +304,36 @@ pub fn busy_model(rounds: usize) -> Vec<u8> {
 /// The value of a Prometheus series (`name{labels}` as the server renders it).
 pub async fn metric(http: &str, series_prefix: &str, labels: &[&str]) -> f64 {
     let text = reqwest::get(format!("{http}/metrics")).await.expect("GET /metrics").text().await.expect("metrics body");
+    series_value(&text, series_prefix, labels)
+        .unwrap_or_else(|| panic!("no series {series_prefix} {labels:?} in /metrics"))
+}
+
+/// The value of a series in a Prometheus text exposition, if it is there.
+pub fn series_value(text: &str, series_prefix: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
         .find(|l| l.starts_with(series_prefix) && labels.iter().all(|lab| l.contains(lab)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no series {series_prefix} {labels:?} in /metrics"))
+}
+
+/// An example pipeline file of `pipelines/`, as text.
+pub fn example_pipeline(name: &str) -> String {
+    std::fs::read_to_string(repo_root().join("pipelines").join(format!("{name}.yaml"))).expect("example pipeline")
+}
+
+/// A 320x320 black PNG with one coloured 32-pixel cell per entry: (cell x, cell y, rgb).
+/// For [`tiny_detector`], red is class 0, yellow (red and green) class 1, and the red
+/// level is the box's score.
+pub fn cells_png(cells: &[(u32, u32, [u8; 3])]) -> Vec<u8> {
+    let mut img = sluice_ops::Image::filled(320, 320, [0, 0, 0]);
+    for &(cx, cy, rgb) in cells {
+        for y in cy * 32..cy * 32 + 32 {
+            for x in cx * 32..cx * 32 + 32 {
+                let p = ((y * 320 + x) * 3) as usize;
+                img.data[p..p + 3].copy_from_slice(&rgb);
+            }
+        }
+    }
+    png(&img)
 }
 
 /// A repository with the set-up step's OCR models and the example `ocr` pipeline.

@@ -4,10 +4,9 @@
 //! parameters that change an op's threshold per request.
 
 use sluice_client::{ClientError, InferOptions, Parameter, Tensor};
-use sluice_ops::Image;
 use sluice_tests::{
-    linear_model, metric, png, repo_root, start, tiny_classifier, tiny_classifier_scaled, tiny_classifier_weight,
-    tiny_detector, Repo,
+    cells_png, example_pipeline, linear_model, metric, start, tiny_classifier, tiny_classifier_scaled,
+    tiny_classifier_weight, tiny_detector, Repo,
 };
 use std::collections::HashMap;
 use tonic::Code;
@@ -18,10 +17,6 @@ const DETECTOR_YAML: &str = "max_batch_size: 4\ndynamic_batching:\n  max_queue_d
 /// two answer differently and each answer shows which model gave it.
 const SMALL_SCALE: f32 = -1.0;
 
-fn example(name: &str) -> String {
-    std::fs::read_to_string(repo_root().join("pipelines").join(format!("{name}.yaml"))).expect("example pipeline")
-}
-
 /// The stand-in models under the example models' names, and the example `pipelines`.
 fn example_repo(pipelines: &[&str]) -> Repo {
     let repo = Repo::new();
@@ -29,25 +24,9 @@ fn example_repo(pipelines: &[&str]) -> Repo {
     repo.add("classifier_small", &tiny_classifier_scaled(SMALL_SCALE), CLASSIFIER_YAML);
     repo.add("detector", &tiny_detector(), DETECTOR_YAML);
     for p in pipelines {
-        repo.pipeline(p, &example(p));
+        repo.pipeline(p, &example_pipeline(p));
     }
     repo
-}
-
-/// A 320x320 black image with one coloured 32-pixel cell per entry: (cell x, cell y,
-/// rgb). For the stand-in detector red is class 0, yellow (red and green) class 1, and
-/// the red level is the box's score.
-fn cells(cells: &[(u32, u32, [u8; 3])]) -> Vec<u8> {
-    let mut img = Image::filled(320, 320, [0, 0, 0]);
-    for &(cx, cy, rgb) in cells {
-        for y in cy * 32..cy * 32 + 32 {
-            for x in cx * 32..cx * 32 + 32 {
-                let p = ((y * 320 + x) * 3) as usize;
-                img.data[p..p + 3].copy_from_slice(&rgb);
-            }
-        }
-    }
-    png(&img)
 }
 
 /// What a stand-in classifier (weights times `scale`) answers for a crop of one colour,
@@ -90,7 +69,7 @@ async fn a_route_by_class_answers_each_crop_with_its_model_in_box_order() {
         vec![(6, 2, red(120))],
     ];
     let calls = layouts.iter().cycle().take(12).map(|l| {
-        let (client, input) = (s.client.clone(), image_input(&cells(l)));
+        let (client, input) = (s.client.clone(), image_input(&cells_png(l)));
         async move { client.infer("detect_route_classify", &[("image", &input)], InferOptions::default()).await }
     });
     let results = futures::future::join_all(calls).await;
@@ -150,7 +129,7 @@ async fn a_request_parameter_changes_the_threshold_of_that_request_only() {
     let repo = example_repo(&["detect_route_classify"]);
     let s = start(repo.config()).await;
     // A full red cell scores 1.0, a half red one about 0.5.
-    let input = image_input(&cells(&[(0, 0, [255, 0, 0]), (3, 3, [128, 0, 0])]));
+    let input = image_input(&cells_png(&[(0, 0, [255, 0, 0]), (3, 3, [128, 0, 0])]));
     let call = |p: Option<Parameter>| {
         let (client, input) = (s.client.clone(), input.clone());
         async move {
@@ -283,7 +262,7 @@ async fn a_route_by_a_parameter_sends_the_request_where_it_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_condition_skips_its_node_and_the_outputs_take_their_defaults() {
     let repo = example_repo(&[]);
-    let classify = example("classify")
+    let classify = example_pipeline("classify")
         .replace("inputs:\n", "parameters:\n  - {name: classify, type: bool, default: true}\ninputs:\n")
         .replace("from: top5.scores}", "from: top5.scores, default: [0, 0, 0, 0, 0]}")
         .replace("from: top5.classes}", "from: top5.classes, default: [-1, -1, -1, -1, -1]}")
@@ -296,12 +275,12 @@ async fn a_condition_skips_its_node_and_the_outputs_take_their_defaults() {
     repo.pipeline("maybe_classify", &classify);
     repo.pipeline("maybe_classify_fused", &classify.replace("max_batch_size: 8", "layout: fused\nmax_batch_size: 8"));
     // Crops are gathered only when there are at least two.
-    let gathered = example("detect_crop_classify")
+    let gathered = example_pipeline("detect_crop_classify")
         .replace("from: gather_classes.tensor}", "from: gather_classes.tensor, default: empty}")
         .replace("    inputs: {list: top5.classes}\n", "    inputs: {list: top5.classes}\n    when: count.count > 1\n");
     repo.pipeline("gather_if_many", &gathered);
     let s = start(repo.config()).await;
-    let photo = image_input(&cells(&[(4, 4, [10, 200, 30])]));
+    let photo = image_input(&cells_png(&[(4, 4, [10, 200, 30])]));
     let off = || InferOptions { parameters: vec![("classify".into(), Parameter::Bool(false))], ..Default::default() };
 
     for p in ["maybe_classify", "maybe_classify_fused"] {
@@ -324,8 +303,8 @@ async fn a_condition_skips_its_node_and_the_outputs_take_their_defaults() {
     }
     assert_eq!(s.client.model_statistics("resnet50").await.unwrap()[0].inference_count, 2);
 
-    let one = image_input(&cells(&[(2, 2, [255, 0, 0])]));
-    let two = image_input(&cells(&[(2, 2, [255, 0, 0]), (6, 6, [255, 0, 40])]));
+    let one = image_input(&cells_png(&[(2, 2, [255, 0, 0])]));
+    let two = image_input(&cells_png(&[(2, 2, [255, 0, 0]), (6, 6, [255, 0, 40])]));
     let out = outputs(s.client.infer("gather_if_many", &[("image", &one)], InferOptions::default()).await.unwrap());
     assert_eq!((out["crop_classes"].shape.clone(), out["crop_scores"].shape.clone()), (vec![1, 0, 5], vec![1, 1, 5]));
     let out = outputs(s.client.infer("gather_if_many", &[("image", &two)], InferOptions::default()).await.unwrap());

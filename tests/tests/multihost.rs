@@ -11,9 +11,8 @@
 //! Needs Docker. Set SLUICE_SKIP_DOCKER_TESTS=1 to skip where there is none.
 
 use sluice_client::{Client, InferOptions, Tensor};
-use sluice_ops::Image;
 use sluice_tests::docker::{build_image, docker, ip, logs, skip, IMAGE};
-use sluice_tests::{png, repo_root, start, tiny_classifier, tiny_detector, Repo};
+use sluice_tests::{cells_png, example_pipeline, series_value, start, tiny_classifier, tiny_detector, Repo};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,10 +46,6 @@ fn model_repo() -> Repo {
     repo.add("resnet50", &tiny_classifier(), CLASSIFIER_YAML);
     repo.add("detector", &tiny_detector(), DETECTOR_YAML);
     repo
-}
-
-fn example(name: &str) -> String {
-    std::fs::read_to_string(repo_root().join("pipelines").join(format!("{name}.yaml"))).unwrap()
 }
 
 struct Net {
@@ -103,16 +98,7 @@ async fn wait_ready(addr: &str, name: &str) {
 }
 
 fn cells(cells: &[(u32, u32, [u8; 3])]) -> Tensor {
-    let mut img = Image::filled(320, 320, [0, 0, 0]);
-    for &(cx, cy, rgb) in cells {
-        for y in cy * 32..cy * 32 + 32 {
-            for x in cx * 32..cx * 32 + 32 {
-                let p = ((y * 320 + x) * 3) as usize;
-                img.data[p..p + 3].copy_from_slice(&rgb);
-            }
-        }
-    }
-    sluice_client::encoded_images(&[png(&img)])
+    sluice_client::encoded_images(&[cells_png(cells)])
 }
 
 /// Requests' (finish time, latency), and failures, from clients running until stopped.
@@ -162,11 +148,7 @@ impl Load {
 /// A series' value, 0 while it does not exist yet.
 async fn metric(http: &str, series: &str, labels: &[&str]) -> f64 {
     let Ok(r) = reqwest::get(format!("{http}/metrics")).await else { return 0.0 };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(series) && labels.iter().all(|lab| l.contains(lab)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
+    series_value(&r.text().await.unwrap_or_default(), series, labels).unwrap_or(0.0)
 }
 
 /// Polls `f` until it holds or `limit` passes; how long it took.
@@ -197,7 +179,7 @@ async fn the_model_tier_on_other_hosts_fails_over_scales_and_restarts_without_lo
         std::fs::create_dir_all(&d).unwrap();
         std::fs::write(d.join("model.yaml"), REMOTE_YAML).unwrap();
     }
-    cpu_models.pipeline("detect_crop_classify", &example("detect_crop_classify"));
+    cpu_models.pipeline("detect_crop_classify", &example_pipeline("detect_crop_classify"));
     let empty = tempfile::tempdir().unwrap();
     for d in [models.path(), cpu_models.path(), cpu_models.pipelines_path(), empty.path()] {
         open_up(d);
@@ -221,7 +203,7 @@ async fn the_model_tier_on_other_hosts_fails_over_scales_and_restarts_without_lo
 
     // Answers equal the all-local pipeline's.
     let local_repo = model_repo();
-    local_repo.pipeline("detect_crop_classify", &example("detect_crop_classify"));
+    local_repo.pipeline("detect_crop_classify", &example_pipeline("detect_crop_classify"));
     let local = start(local_repo.config()).await;
     let inputs =
         [cells(&[(0, 0, [255, 0, 0]), (5, 1, [255, 0, 90]), (2, 7, [255, 0, 180])]), cells(&[(1, 1, [255, 0, 30])])];

@@ -4,8 +4,7 @@
 //! request, and is ejected while the other takes the traffic.
 
 use sluice_client::{InferOptions, Tensor};
-use sluice_ops::Image;
-use sluice_tests::{metric, png, repo_root, start, tiny_classifier, tiny_detector, Repo, TestServer};
+use sluice_tests::{cells_png, example_pipeline, metric, start, tiny_classifier, tiny_detector, Repo, TestServer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -14,10 +13,6 @@ use std::time::Duration;
 
 const CLASSIFIER_YAML: &str = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 2000\n";
 const DETECTOR_YAML: &str = "max_batch_size: 4\ndynamic_batching:\n  max_queue_delay_us: 2000\n";
-
-fn example(name: &str) -> String {
-    std::fs::read_to_string(repo_root().join("pipelines").join(format!("{name}.yaml"))).expect("example pipeline")
-}
 
 /// The stand-in models, served locally.
 fn model_tier() -> Repo {
@@ -40,16 +35,7 @@ fn add_remote(repo: &Repo, name: &str, endpoints: &[SocketAddr]) {
 }
 
 fn cells(cells: &[(u32, u32, [u8; 3])]) -> Tensor {
-    let mut img = Image::filled(320, 320, [0, 0, 0]);
-    for &(cx, cy, rgb) in cells {
-        for y in cy * 32..cy * 32 + 32 {
-            for x in cx * 32..cx * 32 + 32 {
-                let p = ((y * 320 + x) * 3) as usize;
-                img.data[p..p + 3].copy_from_slice(&rgb);
-            }
-        }
-    }
-    sluice_client::encoded_images(&[png(&img)])
+    sluice_client::encoded_images(&[cells_png(cells)])
 }
 
 async fn call(s: &TestServer, input: &Tensor) -> Result<HashMap<String, Tensor>, sluice_client::ClientError> {
@@ -68,11 +54,11 @@ async fn remote_models_answer_like_local_ones_and_survive_a_replica_going_away()
     let cpu_repo = Repo::new();
     add_remote(&cpu_repo, "detector", &endpoints);
     add_remote(&cpu_repo, "resnet50", &endpoints);
-    cpu_repo.pipeline("detect_crop_classify", &example("detect_crop_classify"));
+    cpu_repo.pipeline("detect_crop_classify", &example_pipeline("detect_crop_classify"));
     let cpu = start(cpu_repo.config()).await;
     // The reference: everything local.
     let local_repo = model_tier();
-    local_repo.pipeline("detect_crop_classify", &example("detect_crop_classify"));
+    local_repo.pipeline("detect_crop_classify", &example_pipeline("detect_crop_classify"));
     let local = start(local_repo.config()).await;
 
     // The remote model reads its signature and batch size from the model tier.
@@ -181,7 +167,7 @@ async fn a_remote_model_loads_when_its_server_comes_up_later() {
     let cpu_repo = Repo::new();
     add_remote(&cpu_repo, "detector", &[free]);
     add_remote(&cpu_repo, "resnet50", &[free]);
-    cpu_repo.pipeline("detect_crop_classify", &example("detect_crop_classify"));
+    cpu_repo.pipeline("detect_crop_classify", &example_pipeline("detect_crop_classify"));
     let cpu = start(cpu_repo.config()).await;
     assert!(!cpu.client.model_ready("detect_crop_classify").await.unwrap_or(false));
 

@@ -14,7 +14,7 @@
 use super::{Backend, BackendError};
 use crate::onnx::signature::TensorInfo;
 use crate::repository::model_yaml::RemoteYaml;
-use crate::repository::remote::endpoints;
+use crate::repository::remote::{address_list, endpoints};
 use crate::telemetry::metrics::{Metrics, RemoteMetrics};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -426,13 +426,7 @@ async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
         tokio::time::sleep(every).await;
         let Some(r) = remote.upgrade() else { return };
         let addrs: Vec<String> = match tokio::net::lookup_host(name.as_str()).await {
-            Ok(a) => {
-                let mut v: Vec<String> = a.map(|a| a.to_string()).collect();
-                v.sort();
-                v.dedup();
-                v.truncate(crate::repository::model_yaml::MAX_ENDPOINTS);
-                v
-            }
+            Ok(a) => address_list(a),
             Err(e) => {
                 tracing::warn!(dns = %name, "remote: cannot resolve: {e}; keeping the endpoints");
                 continue;

@@ -231,46 +231,36 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
     let fingerprint = m.fingerprint(onnx_path);
     let yaml_path = &m.yaml_path;
     let mut config = m.config.clone();
-    if let Some(r) = &config.remote {
-        let sig = remote::fetch_signature(&m.name, r).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-        tracing::info!(model = %m.name, from = %sig.from, "remote model described by its endpoint");
-        // The batcher here forms the batches the remote runs: at most its size.
-        // A remote that says 0 may still take a variable first dimension (a Triton ONNX
-        // model without batching): the dims are checked below.
-        match (config.max_batch_size, sig.max_batch_size) {
-            (0, there) => config.max_batch_size = there,
-            (here, there) if there > 0 && here > there => {
-                return Err(format!(
-                    "{}: max_batch_size {here}, but the remote model takes at most {there}",
-                    yaml_path.display()
-                ))
+    let at_yaml = |e: String| format!("{}: {e}", yaml_path.display());
+    let mut sig = match &config.remote {
+        Some(r) => {
+            let sig = remote::fetch_signature(&m.name, r).map_err(at_yaml)?;
+            tracing::info!(model = %m.name, from = %sig.from, "remote model described by its endpoint");
+            // The batcher here forms the batches the remote runs: at most its size.
+            // A remote that says 0 may still take a variable first dimension (a Triton
+            // ONNX model without batching): the dims are checked below.
+            match (config.max_batch_size, sig.max_batch_size) {
+                (0, there) => config.max_batch_size = there,
+                (here, there) if there > 0 && here > there => {
+                    return Err(at_yaml(format!("max_batch_size {here}, but the remote model takes at most {there}")))
+                }
+                _ => {}
             }
-            _ => {}
+            config.check().map_err(at_yaml)?;
+            OnnxSignature { inputs: sig.inputs, outputs: sig.outputs, metadata: vec![] }
         }
-        config.check().map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-        let onnx = OnnxSignature { inputs: sig.inputs, outputs: sig.outputs, metadata: vec![] };
-        let (inputs, outputs) = apply_overrides(&config, onnx).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-        check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-        check_warmup(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-        return Ok(ModelSpec {
-            name: m.name.clone(),
-            version,
-            dir: m.dir.clone(),
-            onnx_path: onnx_path.to_path_buf(),
-            config,
-            inputs,
-            outputs,
-            metadata: vec![],
-            fingerprint,
-        });
+        None => {
+            let bytes = read_onnx(onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
+            crate::onnx::signature::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?
+        }
+    };
+    let metadata = std::mem::take(&mut sig.metadata);
+    let (inputs, outputs) = apply_overrides(&config, sig).map_err(at_yaml)?;
+    check_batch_dims(&config, &inputs, &outputs).map_err(at_yaml)?;
+    check_warmup(&config, &inputs).map_err(at_yaml)?;
+    if config.remote.is_none() {
+        check_profile(&config, &inputs).map_err(at_yaml)?;
     }
-    let bytes = read_onnx(onnx_path).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
-    let sig = crate::onnx::signature::read_signature(&bytes).map_err(|e| format!("{}: {e}", onnx_path.display()))?;
-    let (inputs, outputs) =
-        apply_overrides(&config, sig.clone()).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-    check_batch_dims(&config, &inputs, &outputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-    check_warmup(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
-    check_profile(&config, &inputs).map_err(|e| format!("{}: {e}", yaml_path.display()))?;
     Ok(ModelSpec {
         name: m.name.clone(),
         version,
@@ -279,7 +269,7 @@ pub fn read_spec(m: &ModelDir, version: u64, onnx_path: &Path) -> Result<ModelSp
         config,
         inputs,
         outputs,
-        metadata: sig.metadata,
+        metadata,
         fingerprint,
     })
 }

@@ -29,13 +29,19 @@ pub fn endpoints(r: &RemoteYaml) -> Result<Vec<String>, String> {
         None => Ok(r.endpoints.clone()),
         Some(name) => {
             let addrs = name.to_socket_addrs().map_err(|e| format!("remote: cannot resolve '{name}': {e}"))?;
-            let mut v: Vec<String> = addrs.map(|a| a.to_string()).collect();
-            v.sort();
-            v.dedup();
-            v.truncate(super::model_yaml::MAX_ENDPOINTS);
-            Ok(v)
+            Ok(address_list(addrs))
         }
     }
+}
+
+/// A DNS name's addresses as endpoints: sorted, each once, at most
+/// [`MAX_ENDPOINTS`](super::model_yaml::MAX_ENDPOINTS).
+pub fn address_list(addrs: impl Iterator<Item = std::net::SocketAddr>) -> Vec<String> {
+    let mut v: Vec<String> = addrs.map(|a| a.to_string()).collect();
+    v.sort();
+    v.dedup();
+    v.truncate(super::model_yaml::MAX_ENDPOINTS);
+    v
 }
 
 /// Asks the endpoints in turn until one describes the model `name` (this model's name;
