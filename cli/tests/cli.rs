@@ -597,3 +597,145 @@ fn out_of_file_descriptors_the_server_waits_instead_of_spinning() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// One exported span: its ids and the `model` and `id` fields of a request span.
+#[derive(Debug)]
+struct SpanSeen {
+    trace: Vec<u8>,
+    id: Vec<u8>,
+    parent: Vec<u8>,
+    model: String,
+    request: String,
+}
+
+/// The `request` spans in what a stand-in collector received.
+fn request_spans(got: &Received) -> Vec<SpanSeen> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    use prost::Message;
+    let mut spans = Vec::new();
+    for (path, body) in got.lock().unwrap().iter().filter(|(p, _)| p == "/v1/traces") {
+        let req = ExportTraceServiceRequest::decode(body.as_slice()).unwrap_or_else(|e| panic!("{path}: {e}"));
+        for s in req.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
+            if s.name != "request" {
+                continue;
+            }
+            let field = |k: &str| {
+                s.attributes
+                    .iter()
+                    .find(|a| a.key == k)
+                    .and_then(|a| a.value.as_ref()?.value.as_ref())
+                    .map(|v| match v {
+                        Value::StringValue(v) => v.clone(),
+                        other => format!("{other:?}"),
+                    })
+                    .unwrap_or_default()
+            };
+            spans.push(SpanSeen {
+                trace: s.trace_id.clone(),
+                id: s.span_id.clone(),
+                parent: s.parent_span_id.clone(),
+                model: field("model"),
+                request: field("id"),
+            });
+        }
+    }
+    spans
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_trace_and_request_ids_cross_to_the_model_tier() {
+    let (collector, got) = fake_collector();
+    let otlp = ["--otlp-endpoint", collector.as_str()];
+    let model_repo = Repo::new();
+    model_repo.add("affine", &affine_model(4), "max_batch_size: 8\n");
+    let (model_tier, model_grpc, _) = serve(&model_repo, &otlp, &[]);
+    // The CPU tier: the model remote, and a pipeline over it.
+    let cpu_repo = Repo::new();
+    let d = cpu_repo.path().join("affine");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("model.yaml"), format!("backend: remote\nremote:\n  endpoints: [{model_grpc}]\n")).unwrap();
+    cpu_repo.pipeline(
+        "pipe",
+        "max_batch_size: 8\ninputs:\n  - {name: x, dtype: FP32, dims: [4]}\noutputs:\n  - {name: y, from: m.y}\nnodes:\n  - name: m\n    model: affine\n    inputs: {x: x}\n",
+    );
+    let pipelines = cpu_repo.pipelines_path().display().to_string();
+    let cpu_args = [&otlp[..], &["--pipelines", pipelines.as_str()]].concat();
+    let (cpu_tier, cpu_grpc, cpu_http) = serve(&cpu_repo, &cpu_args, &[]);
+    // Killed if the test fails before it stops them itself.
+    let mut servers = KillOnDrop(vec![cpu_tier, model_tier]);
+
+    let (t1, p1) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let (t2, p2) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = Client::connect(format!("http://{cpu_grpc}")).await.unwrap();
+        // The remote model loads once it has read the model tier's signature.
+        for _ in 0..200 {
+            if client.model_ready("pipe").await.unwrap_or(false) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let x = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
+        let traced =
+            InferOptions { id: "trace-check-1".into(), traceparent: format!("00-{t1}-{p1}-01"), ..Default::default() };
+        client.infer("pipe", &[("x", &x)], traced).await.unwrap();
+        let untraced = InferOptions { id: "trace-check-3".into(), ..Default::default() };
+        client.infer("affine", &[("x", &x)], untraced).await.unwrap();
+    });
+    // Over HTTP, the id and the trace in headers.
+    let mut conn = std::net::TcpStream::connect(&cpu_http).unwrap();
+    let body = r#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}"#;
+    write!(
+        conn,
+        "POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-request-id: trace-check-2\r\ntraceparent: 00-{t2}-{p2}-01\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // The rest of the spans go out as each server exits.
+    for child in servers.0.iter_mut() {
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        assert!(child.wait().unwrap().success());
+    }
+    let spans = request_spans(&got);
+    for (model, id, trace, parent) in [("pipe", "trace-check-1", t1, p1), ("affine", "trace-check-2", t2, p2)] {
+        // The CPU tier joins the caller's trace under the caller's span ...
+        let cpu = spans
+            .iter()
+            .find(|s| s.request.contains(id) && hex(&s.parent) == parent)
+            .unwrap_or_else(|| panic!("no CPU-tier span for {id} under {parent}: {spans:#?}"));
+        assert_eq!((cpu.model.as_str(), hex(&cpu.trace)), (model, trace.to_string()));
+        // ... and the model tier's span for the same request is its child, in the same trace.
+        let remote = spans
+            .iter()
+            .find(|s| s.model == "affine" && s.request.contains(id) && s.parent == cpu.id)
+            .unwrap_or_else(|| panic!("no model-tier span for {id} under {}: {spans:#?}", hex(&cpu.id)));
+        assert_eq!(hex(&remote.trace), trace);
+    }
+    // A request that came with no trace starts one, which the model tier joins.
+    let untraced: Vec<&SpanSeen> = spans.iter().filter(|s| s.request.contains("trace-check-3")).collect();
+    assert_eq!(untraced.len(), 2, "{spans:#?}");
+    let root = untraced.iter().find(|s| s.parent.is_empty()).expect("the CPU tier's span is a root");
+    let child = untraced.iter().find(|s| s.parent == root.id).expect("the model tier's span is its child");
+    assert_eq!(child.trace, root.trace);
+}
+
+/// Child processes killed when dropped (a failing test must not leave servers behind).
+struct KillOnDrop(Vec<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -35,6 +35,8 @@ pub enum ClientError {
     Response(String),
     #[error("TLS settings: {0}")]
     Tls(String),
+    #[error("invalid request: {0}")]
+    Request(String),
 }
 
 impl ClientError {
@@ -62,6 +64,10 @@ pub struct InferOptions {
     /// v2 request parameters: a pipeline reads the ones it declares (a threshold, a
     /// language) as values.
     pub parameters: Vec<(String, Parameter)>,
+    /// The caller's W3C trace context (`00-<trace id>-<span id>-<flags>`), sent as
+    /// `traceparent`: the request's spans, and those of the remote models it calls,
+    /// join that trace. Empty: none.
+    pub traceparent: String,
 }
 
 /// A request parameter's value.
@@ -348,6 +354,12 @@ impl Client {
         let mut req = tonic::Request::new(req);
         if let Some(t) = opts.timeout {
             req.set_timeout(t);
+        }
+        if !opts.traceparent.is_empty() {
+            let v = opts.traceparent.parse().map_err(|_| {
+                ClientError::Request(format!("traceparent '{}' is not a header value", opts.traceparent))
+            })?;
+            req.metadata_mut().insert("traceparent", v);
         }
         let resp = self.raw().model_infer(req).await?.into_inner();
         let (timing, total_us) = timing_of(&resp);

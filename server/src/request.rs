@@ -4,6 +4,13 @@
 use sluice_ops::Tensor;
 use std::time::Duration;
 
+/// gRPC metadata / HTTP header carrying the request id when the body has none.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// W3C trace context headers (gRPC metadata or HTTP): the caller's trace, which the
+/// request joins and passes on to remote models.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
 /// The only version a flat `models/<name>/` folder has.
 pub const DEFAULT_VERSION: &str = "1";
 
@@ -27,6 +34,70 @@ pub struct InferRequest {
     /// The request's v2 `parameters` that are plain values (pipelines read the ones they
     /// declare; the rest are ignored).
     pub parameters: Vec<(String, Scalar)>,
+    /// The trace the request belongs to, passed on to the servers it calls.
+    pub trace: Option<TraceContext>,
+}
+
+impl InferRequest {
+    /// Who the request's work is for, as its steps carry it to the batchers.
+    pub fn origin(&self) -> std::sync::Arc<Origin> {
+        std::sync::Arc::new(Origin { id: self.id.clone(), trace: self.trace.clone() })
+    }
+}
+
+/// Who a piece of queued work is for: the request's id and trace, which a remote
+/// model's call carries on (a batch names every request in it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    pub id: String,
+    pub trace: Option<TraceContext>,
+}
+
+/// A W3C trace context: what a `traceparent` header says, and the `tracestate` that
+/// came with it (passed on unread).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: u128,
+    /// The caller's span, the parent of the next hop's.
+    pub span_id: u64,
+    pub flags: u8,
+    pub state: Option<String>,
+}
+
+/// The most of a `tracestate` passed on: the spec's bound on what must be kept.
+const MAX_TRACESTATE: usize = 512;
+
+impl TraceContext {
+    /// Reads `traceparent` (version 00, or a later version's first four fields, as the
+    /// spec asks). None when malformed: a bad header starts a new trace, it does not
+    /// fail the request.
+    pub fn parse(traceparent: &str, tracestate: Option<&str>) -> Option<TraceContext> {
+        let s = traceparent.trim_matches([' ', '\t']);
+        let f: Vec<&str> = s.splitn(5, '-').collect();
+        if f.len() < 4 || f[0].len() != 2 || f[1].len() != 32 || f[2].len() != 16 || f[3].len() != 2 {
+            return None;
+        }
+        let hex = |x: &str| x.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !f[..4].iter().all(|x| hex(x)) || f[0] == "ff" || (f[0] == "00" && f.len() > 4) {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(f[1], 16).ok()?;
+        let span_id = u64::from_str_radix(f[2], 16).ok()?;
+        let flags = u8::from_str_radix(f[3], 16).ok()?;
+        if trace_id == 0 || span_id == 0 {
+            return None;
+        }
+        let state = tracestate
+            .map(|t| t.trim_matches([' ', '\t']))
+            .filter(|t| !t.is_empty() && t.len() <= MAX_TRACESTATE && t.bytes().all(|b| (b' '..=b'~').contains(&b)))
+            .map(str::to_string);
+        Some(TraceContext { trace_id, span_id, flags, state })
+    }
+
+    /// The `traceparent` header for the next hop.
+    pub fn traceparent(&self) -> String {
+        format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -66,5 +137,40 @@ impl std::fmt::Display for Scalar {
             Scalar::Str(s) => write!(f, "'{s}'"),
             Scalar::Bool(b) => write!(f, "{b}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_read_as_the_w3c_spec_says() {
+        let h = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let t = TraceContext::parse(h, Some("congo=t61rcWkgMzE")).unwrap();
+        assert_eq!(t.trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+        assert_eq!(t.span_id, 0x00f067aa0ba902b7);
+        assert_eq!(t.flags, 1);
+        assert_eq!(t.state.as_deref(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(t.traceparent(), h, "written back the same");
+        // A later version may add fields after the four it shares with 00.
+        assert!(TraceContext::parse("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what", None).is_some());
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceContext::parse(bad, None), None, "{bad}");
+        }
+        // An oversized or non-printable tracestate is dropped, the context kept.
+        let long = "a=".to_string() + &"b".repeat(600);
+        assert_eq!(TraceContext::parse(h, Some(&long)).unwrap().state, None);
+        assert_eq!(TraceContext::parse(h, Some("a=\u{7f}")).unwrap().state, None);
     }
 }

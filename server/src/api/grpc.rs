@@ -1,8 +1,8 @@
 //! gRPC: `inference.GRPCInferenceService`, translating protocol messages to engine calls.
 
 use super::{
-    deadline_after, named_input, request_id, tensor_header, timing_params, views, AppState, REQUEST_ID_HEADER,
-    TIMING_PARAM,
+    deadline_after, named_input, request_id, request_span, tensor_header, timing_params, views, AppState,
+    REQUEST_ID_HEADER, TIMING_PARAM, TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };
 use crate::error::Error;
 use crate::request::InferRequest;
@@ -151,6 +151,7 @@ pub(crate) fn to_engine_request(req: pb::ModelInferRequest) -> Result<InferReque
         outputs: req.outputs.into_iter().map(|o| o.name).collect(),
         timing,
         parameters,
+        trace: None,
     })
 }
 
@@ -202,7 +203,9 @@ impl GrpcInferenceService for GrpcApi {
         req: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let deadline = deadline_after(grpc_timeout(&req), self.state.default_timeout);
-        let header_id = req.metadata().get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name| req.metadata().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (header_id, traceparent, tracestate) =
+            (header(REQUEST_ID_HEADER), header(TRACEPARENT_HEADER), header(TRACESTATE_HEADER));
         let started = std::time::Instant::now();
         let mut req = req.into_inner();
         req.id = request_id(std::mem::take(&mut req.id), header_id.as_deref());
@@ -215,11 +218,12 @@ impl GrpcInferenceService for GrpcApi {
             }
             status
         };
-        let span = tracing::info_span!("request", model = %req.model_name, id = ?req.id);
+        let (span, trace) = request_span(&req.model_name, &req.id, traceparent.as_deref(), tracestate.as_deref());
         let (model, version) = (req.model_name.clone(), req.model_version.clone());
-        let engine_req = to_engine_request(req)
+        let mut engine_req = to_engine_request(req)
             .inspect_err(|e| self.state.engine.record_rejected(&model, &version, e))
             .map_err(with_id)?;
+        engine_req.trace = trace;
         let resp = self.state.engine.infer(engine_req, deadline).instrument(span).await.map_err(with_id)?;
         let mut raw = Vec::with_capacity(resp.outputs.len());
         let outputs = resp

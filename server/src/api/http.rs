@@ -2,8 +2,8 @@
 //! (`Inference-Header-Content-Length`: a JSON header followed by raw tensor bytes).
 
 use super::{
-    deadline_after, named_input, request_id, tensor_header, timing_params, views, AppState, REQUEST_ID_HEADER,
-    TIMING_PARAM,
+    deadline_after, named_input, request_id, request_span, tensor_header, timing_params, views, AppState,
+    REQUEST_ID_HEADER, TIMING_PARAM, TRACEPARENT_HEADER, TRACESTATE_HEADER,
 };
 use crate::error::Error;
 use crate::request::{InferRequest, InferResponse};
@@ -239,7 +239,10 @@ async fn infer_v(
             .inspect_err(|e| s.engine.record_rejected(&model, &version, e))?;
         req.id = request_id(std::mem::take(&mut req.id), header_id);
         id = Some(req.id.clone());
-        let span = tracing::info_span!("request", model = %req.model_name, id = ?req.id);
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        let (span, trace) =
+            request_span(&req.model_name, &req.id, header(TRACEPARENT_HEADER), header(TRACESTATE_HEADER));
+        req.trace = trace;
         let resp = s.engine.infer(req, deadline_after(timeout, s.default_timeout)).instrument(span).await?;
         encode_infer(resp, &binary_out, started)
     };
@@ -356,6 +359,7 @@ pub(crate) fn parse_infer(
                     Some((k.clone(), v))
                 })
                 .collect(),
+            trace: None,
         },
         binary_out,
     ))

@@ -14,7 +14,7 @@ pub mod views;
 use crate::engine::reload::ReloadReport;
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::request::{NamedTensor, StepTiming};
+use crate::request::{NamedTensor, StepTiming, TraceContext};
 use bytes::Bytes;
 use sluice_ops::{DataType, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,8 +67,25 @@ impl AppState {
 
 /// Request parameter (bool) asking for the per-step timing in the response.
 pub const TIMING_PARAM: &str = "sluice_timing";
-/// gRPC metadata / HTTP header carrying the request id when the body has none.
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub use crate::request::{REQUEST_ID_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER};
+
+/// The request's span, in the caller's trace when `traceparent` names one, with the
+/// trace id in its fields (so log lines can be matched to traces); and the trace
+/// context the request passes on.
+pub(crate) fn request_span(
+    model: &str,
+    id: &str,
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> (tracing::Span, Option<TraceContext>) {
+    let incoming = traceparent.and_then(|t| TraceContext::parse(t, tracestate));
+    let span = tracing::info_span!("request", model = %model, id = ?id, trace_id = tracing::field::Empty);
+    let trace = crate::telemetry::otlp::adopt(&span, incoming);
+    if let Some(t) = &trace {
+        span.record("trace_id", tracing::field::display(format_args!("{:032x}", t.trace_id)));
+    }
+    (span, trace)
+}
 
 /// The request's id: the one in its body, else its `x-request-id`, else a new one, so
 /// every request can be found in the logs and is answered with its id.

@@ -75,9 +75,10 @@ pub trait Backend: Send {
     }
     /// What the instance actually runs on (for example "cuda:0", or "cpu" after a fallback).
     fn device(&self) -> String;
-    /// The latest deadline of the batch about to run (`None`: some caller set none), for
-    /// backends that pass it on (a remote call's timeout).
-    fn set_deadline(&mut self, deadline: Option<std::time::Instant>) {
-        let _ = deadline;
+    /// Who the batch about to run is for: its latest deadline (`None`: some caller set
+    /// none) and each item's request, for backends that pass them on (a remote call's
+    /// timeout, request ids and trace).
+    fn set_callers(&mut self, deadline: Option<std::time::Instant>, origins: &[&crate::request::Origin]) {
+        let _ = (deadline, origins);
     }
 }

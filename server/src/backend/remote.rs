@@ -15,6 +15,7 @@ use super::{Backend, BackendError};
 use crate::onnx::signature::TensorInfo;
 use crate::repository::model_yaml::RemoteYaml;
 use crate::repository::remote::{address_list, endpoints};
+use crate::request::{Origin, REQUEST_ID_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 use crate::telemetry::metrics::{Metrics, RemoteMetrics};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -23,6 +24,7 @@ use sluice_proto::inference as pb;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -30,6 +32,9 @@ use tonic::Code;
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The least time a readiness check gets: a busy server may answer slowly once.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The most of a batch's request ids a call names (in its id and `x-request-id`).
+const MAX_IDS_BYTES: usize = 2048;
 
 /// The largest answer a remote call takes.
 const MAX_ANSWER_BYTES: usize = 1 << 30;
@@ -265,14 +270,16 @@ impl Remote {
         &self,
         inputs: &[Tensor],
         input_names: &[String],
-        deadline: Option<Instant>,
+        callers: &Callers,
         clients: &mut Vec<(String, Client)>,
     ) -> Result<Vec<Tensor>, BackendError> {
+        let deadline = callers.deadline;
         let own = Instant::now() + self.timeout;
         let deadline = deadline.map_or(own, |d| d.min(own));
         let req = pb::ModelInferRequest {
             model_name: self.model.clone(),
             model_version: self.version.clone(),
+            id: callers.ids.clone(),
             inputs: inputs
                 .iter()
                 .zip(input_names)
@@ -306,6 +313,7 @@ impl Remote {
             };
             let mut r = tonic::Request::new(req.clone());
             r.set_timeout(left);
+            callers.annotate(r.metadata_mut());
             let started = Instant::now();
             let result = {
                 let _f = InFlight::start(&ep);
@@ -453,9 +461,66 @@ async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
         // Gone from the name: its calls in flight (it may be unreachable) go elsewhere.
         for gone in now.iter().filter(|e| !addrs.contains(&e.addr)) {
             gone.ejected_now.notify_waiters();
-            if let Some(m) = &gone.metrics {
-                m.ejected.set(0);
-                m.in_flight.set(0);
+            if let Some(m) = &r.metrics {
+                m.forget_remote(&r.local, &gone.addr);
+            }
+        }
+    }
+}
+
+/// What a batch's call carries of its requests: their latest deadline, their ids, and
+/// the trace of the first that has one. A call can name only one parent span; the
+/// batch's other requests are found by their ids in the next tier's logs and spans.
+#[derive(Default)]
+struct Callers {
+    deadline: Option<Instant>,
+    /// The requests' ids, each once, joined by commas (bounded).
+    ids: String,
+    id_header: Option<AsciiMetadataValue>,
+    traceparent: Option<AsciiMetadataValue>,
+    tracestate: Option<AsciiMetadataValue>,
+}
+
+impl Callers {
+    fn of(deadline: Option<Instant>, origins: &[&Origin]) -> Callers {
+        let mut ids = String::new();
+        let mut left = 0;
+        for o in origins.iter().filter(|o| !o.id.is_empty()) {
+            if ids.split(',').any(|id| id == o.id) {
+                continue; // the crops of one request
+            }
+            if ids.len() + o.id.len() + 1 > MAX_IDS_BYTES {
+                left += 1;
+                continue;
+            }
+            if !ids.is_empty() {
+                ids.push(',');
+            }
+            ids.push_str(&o.id);
+        }
+        if left > 0 {
+            ids.push_str(&format!(",+{left} more"));
+        }
+        let trace = origins.iter().find_map(|o| o.trace.as_ref());
+        Callers {
+            deadline,
+            // Headers carry printable ASCII only; the body's id carries the rest.
+            id_header: ids.bytes().all(|b| (b' '..=b'~').contains(&b)).then(|| ids.parse().ok()).flatten(),
+            ids,
+            traceparent: trace.and_then(|t| t.traceparent().parse().ok()),
+            tracestate: trace.and_then(|t| t.state.as_deref()).and_then(|s| s.parse().ok()),
+        }
+    }
+
+    fn annotate(&self, md: &mut tonic::metadata::MetadataMap) {
+        let headers = [
+            (REQUEST_ID_HEADER, &self.id_header),
+            (TRACEPARENT_HEADER, &self.traceparent),
+            (TRACESTATE_HEADER, &self.tracestate),
+        ];
+        for (name, value) in headers {
+            if let Some(v) = value {
+                md.insert(name, v.clone());
             }
         }
     }
@@ -467,7 +532,7 @@ async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
 pub struct RemoteInstance {
     remote: Arc<Remote>,
     input_names: Vec<String>,
-    deadline: Option<Instant>,
+    callers: Callers,
     rt: tokio::runtime::Runtime,
     clients: Vec<(String, Client)>,
 }
@@ -478,7 +543,7 @@ impl RemoteInstance {
         Ok(RemoteInstance {
             remote,
             input_names: inputs.iter().map(|t| t.name.clone()).collect(),
-            deadline: None,
+            callers: Callers::default(),
             rt,
             clients: Vec::new(),
         })
@@ -488,15 +553,16 @@ impl RemoteInstance {
 impl Backend for RemoteInstance {
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
         let (remote, names, clients) = (&self.remote, &self.input_names, &mut self.clients);
-        self.rt.block_on(remote.call(inputs, names, self.deadline.take(), clients))
+        let callers = std::mem::take(&mut self.callers);
+        self.rt.block_on(remote.call(inputs, names, &callers, clients))
     }
 
     fn device(&self) -> String {
         "remote".into()
     }
 
-    fn set_deadline(&mut self, deadline: Option<Instant>) {
-        self.deadline = deadline;
+    fn set_callers(&mut self, deadline: Option<Instant>, origins: &[&Origin]) {
+        self.callers = Callers::of(deadline, origins);
     }
 }
 
@@ -542,6 +608,28 @@ mod tests {
         assert_eq!(pick(&e, &tried, 3).unwrap().addr, e[0].addr);
         let all: Vec<String> = e.iter().map(|x| x.addr.clone()).collect();
         assert!(pick(&e, &all, 3).is_none());
+    }
+
+    #[test]
+    fn a_call_names_its_batchs_requests_once_and_the_first_trace() {
+        let trace = |n: u128| crate::request::TraceContext { trace_id: n, span_id: 7, flags: 1, state: None };
+        let o = |id: &str, t: Option<u128>| Origin { id: id.into(), trace: t.map(trace) };
+        let (a, a2, b, c) = (o("a", None), o("a", None), o("b", Some(0xabc)), o("c", Some(0xdef)));
+        let callers = Callers::of(None, &[&a, &a2, &b, &c]);
+        assert_eq!(callers.ids, "a,b,c", "the crops of one request are named once");
+        let mut md = tonic::metadata::MetadataMap::new();
+        callers.annotate(&mut md);
+        assert_eq!(md.get(REQUEST_ID_HEADER).unwrap(), "a,b,c");
+        assert_eq!(md.get(TRACEPARENT_HEADER).unwrap(), "00-00000000000000000000000000000abc-0000000000000007-01");
+        assert!(md.get(TRACESTATE_HEADER).is_none());
+        // Bounded however many requests a batch holds; an id no header can carry stays in the body.
+        let many: Vec<Origin> = (0..1000).map(|i| o(&format!("request-{i:04}"), None)).collect();
+        let callers = Callers::of(None, &many.iter().collect::<Vec<_>>());
+        assert!(callers.ids.len() <= MAX_IDS_BYTES + 16 && callers.ids.ends_with("more"), "{}", callers.ids.len());
+        let odd = o("caf\u{e9}", None);
+        let callers = Callers::of(None, &[&odd]);
+        assert_eq!((callers.ids.as_str(), callers.id_header.is_none()), ("caf\u{e9}", true));
+        assert!(callers.traceparent.is_none());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::repository::{
     model_yaml::{BackendKind, Hold, Warmup},
     ModelSpec,
 };
-use crate::request::{InferRequest, InferResponse, NamedTensor, StepTiming};
+use crate::request::{InferRequest, InferResponse, NamedTensor, Origin, StepTiming};
 use crate::sched::{queue::BatchPolicy, Computed, ItemLimits, ModelScheduler, Reply};
 use crate::telemetry::metrics::{Metrics, ModelMetrics};
 use crate::telemetry::stats::ModelStats;
@@ -147,8 +147,9 @@ impl LoadedModel {
         rows: usize,
         deadline: Option<Instant>,
         limits: ItemLimits,
+        origin: Arc<Origin>,
     ) -> Result<oneshot::Receiver<Reply>, Error> {
-        self.scheduler.submit_with(inputs, rows, deadline, limits)
+        self.scheduler.submit_with(inputs, rows, deadline, limits, origin)
     }
 
     /// What a request gets when the instance that held its batch went away.
@@ -164,10 +165,11 @@ impl LoadedModel {
         deadline: Option<Instant>,
     ) -> Result<(InferResponse, Duration), Error> {
         let spec = &self.spec;
+        let origin = req.origin();
         let (inputs, rows) = check::model_inputs(spec, req.inputs)?;
         let wanted =
             check::select_outputs(&spec.name, "model", spec.outputs.iter().map(|o| o.name.as_str()), &req.outputs)?;
-        let rx = self.scheduler.submit(inputs, rows, deadline)?;
+        let rx = self.scheduler.submit_with(inputs, rows, deadline, ItemLimits::default(), origin)?;
         let reply = match deadline {
             Some(d) => tokio::time::timeout_at(d.into(), rx)
                 .await

@@ -10,7 +10,7 @@ use super::schema::Layout;
 use crate::error::Error;
 use crate::model::check::{self, Expected};
 use crate::model::LoadedModel;
-use crate::request::{InferRequest, InferResponse, NamedTensor, StepTiming, DEFAULT_VERSION};
+use crate::request::{InferRequest, InferResponse, NamedTensor, Origin, StepTiming, DEFAULT_VERSION};
 use crate::sched::pool::CpuPool;
 use crate::telemetry::metrics::{BranchMetrics, Metrics, ModelMetrics, NodeMetrics};
 use crate::telemetry::stats::ModelStats;
@@ -35,6 +35,8 @@ struct ItemCx<'a> {
     params: &'a [Scalar],
     /// Per node: the branch a split node takes for this request.
     picks: &'a [usize],
+    /// The request's id and trace, for the batches its items join.
+    origin: &'a Arc<Origin>,
 }
 
 impl ItemCx<'_> {
@@ -260,11 +262,12 @@ impl Pipeline {
     async fn run(self: &Arc<Self>, req: InferRequest, deadline: Option<Instant>) -> Result<InferResponse, Error> {
         let outputs = self.plan.outputs.iter().map(|o| o.name.as_str());
         let wanted = check::select_outputs(&self.plan.name, "pipeline", outputs, &req.outputs)?;
+        let origin = req.origin();
         let items = self.split_items(req.inputs)?;
         let params = Arc::new(self.request_params(&req.parameters)?);
         let picks = Arc::new(self.split_picks(&req.id));
         let timing = req.timing.then(|| Arc::new(Timing::new(&self.plan)));
-        let cx = ItemCx { deadline, timing: timing.as_deref(), params: &params, picks: &picks };
+        let cx = ItemCx { deadline, timing: timing.as_deref(), params: &params, picks: &picks, origin: &origin };
         let per_item = match &self.fused_pool {
             None => futures::future::try_join_all(items.into_iter().map(|values| self.walk(values, cx))).await?,
             Some(pool) => {
@@ -272,11 +275,12 @@ impl Pipeline {
                     .into_iter()
                     .map(|values| {
                         let (this, timing) = (self.clone(), timing.clone());
-                        let (params, picks) = (params.clone(), picks.clone());
+                        let (params, picks, origin) = (params.clone(), picks.clone(), origin.clone());
                         pool.spawn(deadline, move || {
+                            let timing = timing.as_deref();
                             this.walk_fused(
                                 values,
-                                ItemCx { deadline, timing: timing.as_deref(), params: &params, picks: &picks },
+                                ItemCx { deadline, timing, params: &params, picks: &picks, origin: &origin },
                             )
                         })
                     })
@@ -713,7 +717,7 @@ impl Pipeline {
     ) -> Result<Vec<Value>, Error> {
         let node = &self.plan.nodes[i];
         let tensors = self.model_inputs(node, model, inputs)?;
-        let rx = model.submit(tensors, 1, cx.deadline, node.batching)?;
+        let rx = model.submit(tensors, 1, cx.deadline, node.batching, cx.origin.clone())?;
         let computed = rx.await.map_err(|_| model.stopped())??;
         Ok(model_outputs(model, m, computed, i, cx))
     }
@@ -834,7 +838,7 @@ impl Pipeline {
                 self.op_outcome(node, outcome)
             }
             Target::Model(model) => self.model_inputs(node, model, inputs).and_then(|tensors| {
-                let rx = model.submit(tensors, 1, cx.deadline, node.batching)?;
+                let rx = model.submit(tensors, 1, cx.deadline, node.batching, cx.origin.clone())?;
                 let computed = rx.blocking_recv().map_err(|_| model.stopped())??;
                 Ok(model_outputs(model, m, computed, i, cx))
             }),

@@ -7,6 +7,7 @@ pub mod queue;
 
 use crate::backend::{Backend, BatchInput};
 use crate::error::Error;
+use crate::request::Origin;
 use crate::rt::priority;
 use crate::telemetry::metrics::{InstanceMetrics, ModelMetrics};
 use crate::telemetry::stats::ModelStats;
@@ -52,6 +53,7 @@ pub struct Pending {
     max_batch: Option<usize>,
     reply: oneshot::Sender<Reply>,
     span: tracing::Span,
+    origin: Arc<Origin>,
 }
 
 impl Item for Pending {
@@ -153,22 +155,25 @@ impl ModelScheduler {
 
     /// Queues one request; `inputs` are in the model's input order and already checked.
     /// Fails at once when the queue is full.
+    #[cfg(test)]
     pub fn submit(
         &self,
         inputs: Vec<Tensor>,
         rows: usize,
         deadline: Option<Instant>,
     ) -> Result<oneshot::Receiver<Reply>, Error> {
-        self.submit_with(inputs, rows, deadline, ItemLimits::default())
+        self.submit_with(inputs, rows, deadline, ItemLimits::default(), Arc::default())
     }
 
-    /// [`submit`](Self::submit) with this item's own batching limits.
+    /// [`submit`](Self::submit) with this item's own batching limits, for `origin` (its
+    /// request's id and trace, which remote calls carry on).
     pub fn submit_with(
         &self,
         inputs: Vec<Tensor>,
         rows: usize,
         deadline: Option<Instant>,
         limits: ItemLimits,
+        origin: Arc<Origin>,
     ) -> Result<oneshot::Receiver<Reply>, Error> {
         if self.shared.stopping.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
@@ -186,6 +191,7 @@ impl ModelScheduler {
             max_batch: limits.max_batch_size,
             reply: tx,
             span: tracing::Span::current(),
+            origin,
         };
         let mut q = self.shared.queue.lock();
         if q.push(item).is_err() {
@@ -317,7 +323,8 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
         let mut t_infer = t_input;
         // The batch is worth computing until its last caller's deadline.
         let deadlines: Option<Vec<Instant>> = batch.iter().map(|p| p.deadline).collect();
-        backend.set_deadline(deadlines.and_then(|d| d.into_iter().max()));
+        let origins: Vec<&Origin> = batch.iter().map(|p| &*p.origin).collect();
+        backend.set_callers(deadlines.and_then(|d| d.into_iter().max()), &origins);
         let outputs = backend
             .run_batch(&inputs, &mut || t_infer = Instant::now())
             .map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;

@@ -359,6 +359,17 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of an endpoint gone from a remote model's DNS name: pods come and
+    /// go with new addresses, and their series must not pile up.
+    pub fn forget_remote(&self, model: &str, endpoint: &str) {
+        let l = [model, endpoint];
+        let _ = self.remote_requests.remove_label_values(&l);
+        let _ = self.remote_failures.remove_label_values(&l);
+        let _ = self.remote_duration.remove_label_values(&l);
+        let _ = self.remote_in_flight.remove_label_values(&l);
+        let _ = self.remote_ejected.remove_label_values(&l);
+    }
+
     /// One model instance's series.
     pub fn for_instance(&self, model: &str, instance: usize) -> InstanceMetrics {
         let i = instance.to_string();
