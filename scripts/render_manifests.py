@@ -108,7 +108,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "headlessService": {"enabled": False},
         "server": {"bindAddress": "::", "extraArgs": ["--reload-debounce-ms=1000"]},
     },
+    # The two tiers of docs/deploy.md, as their values files ship, each its own release.
+    "model-tier": yaml.safe_load((ROOT / "deploy" / "helm" / "two-tiers" / "model-tier.yaml").read_text()),
+    "cpu-tier": {
+        **yaml.safe_load((ROOT / "deploy" / "helm" / "two-tiers" / "cpu-tier.yaml").read_text()),
+        "pipelines": {"definitions": {"detect_crop_classify": (ROOT / "pipelines" / "detect_crop_classify.yaml").read_text()}},
+    },
 }
+# Release names other than RELEASE (the two tiers find each other by name).
+RELEASES = {"model-tier": "model-tier", "cpu-tier": "cpu-tier"}
 EXPECTED_KINDS: dict[str, dict[str, int]] = {
     "defaults": {"ConfigMap": 1, "Deployment": 1, "Service": 2, "ServiceAccount": 1},
     "gpu-hpa-monitoring": {
@@ -118,11 +126,16 @@ EXPECTED_KINDS: dict[str, dict[str, int]] = {
     "init-models": {"ConfigMap": 1, "Deployment": 1, "Service": 2, "ServiceAccount": 1, "PodDisruptionBudget": 1},
     "examples": {"ConfigMap": 1, "Deployment": 1, "Service": 2, "ServiceAccount": 1, "PodDisruptionBudget": 1},
     "existing-configmap": {"Deployment": 1, "Service": 1},
+    "model-tier": {"ConfigMap": 1, "Deployment": 1, "Service": 2, "ServiceAccount": 1, "PodDisruptionBudget": 1},
+    "cpu-tier": {"ConfigMap": 2, "Deployment": 1, "Service": 2, "ServiceAccount": 1, "PodDisruptionBudget": 1},
 }
 
 # Values that values.schema.json (or a template's guard) must reject: Helm refuses to
 # render them, with an error that names the word given.
 BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
+    ("remote model without remote:", {"remoteModels": {"m": {"instances": 2}}}, "remote"),
+    ("remote models with a claim", {"remoteModels": {"m": {"remote": {"endpoints": ["a:8001"]}}},
+                                    "repository": {"existingClaim": "c"}}, "remoteModels"),
     ("misspelled top-level key", {"replicaCont": 2}, "replicaCont"),
     ("misspelled nested key", {"server": {"relaod": "none"}}, "relaod"),
     ("misspelled drain key", {"drain": {"delaySecond": 5}}, "delaySecond"),
@@ -687,7 +700,8 @@ def render_chart(out: Path, validators: Validators, kube_version: str, report: R
             else:
                 report.ok(f"{set_name}: helm lint --strict (kube {kube_version})")
             try:
-                manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+                manifests = chart.render(values, name=RELEASES.get(set_name, RELEASE), namespace=NAMESPACE,
+                                         is_install=True)
             except helm.HelmError as e:
                 report.fail(f"{set_name}: render failed: {type(e).__name__}", [str(e)])
                 continue
@@ -726,6 +740,28 @@ def _sluice(objs: list[dict]) -> dict:
     return next(c for c in _get(_deployment(objs), "spec", "template", "spec", "containers") if c["name"] == "sluice")
 
 
+def _remote_models_problem(objs: list[dict]) -> str | None:
+    """The CPU tier's models folder is the ConfigMap of remote model.yaml files, each
+    naming the model tier's headless Service in this namespace."""
+    cm = next((x for x in objs if x["kind"] == "ConfigMap" and x["metadata"]["name"].endswith("-remote-models")), None)
+    if cm is None:
+        return "no remote-models ConfigMap"
+    want = f"model-tier-sluice-headless.{NAMESPACE}.svc.cluster.local:8001"
+    for key, text in cm.get("data", {}).items():
+        m = yaml.safe_load(text)
+        if m.get("backend") != "remote" or _get(m, "remote", "dns") != want:
+            return f"{key}: not a remote model of {want}: {m}"
+    vols = {v["name"]: v for v in _get(_deployment(objs), "spec", "template", "spec", "volumes")}
+    items = _get(vols.get("remote-models", {}), "configMap", "items") or []
+    if sorted(i["path"] for i in items) != ["detector/model.yaml", "resnet50/model.yaml"]:
+        return f"the remote models are not laid out as <name>/model.yaml: {items}"
+    mounts = {m["name"]: m["mountPath"] for m in _sluice(objs)["volumeMounts"]}
+    models_flag = next((a.split("=", 1)[1] for a in _sluice(objs)["args"] if a.startswith("--models=")), None)
+    if mounts.get("remote-models") != models_flag:
+        return f"remote models mounted at {mounts.get('remote-models')}, but --models={models_flag}"
+    return None
+
+
 # What each value set must have changed in the Deployment (a message when it did not).
 SET_CHECKS: dict[str, list[Callable[[list[dict]], str | None]]] = {
     "defaults": [
@@ -749,6 +785,12 @@ SET_CHECKS: dict[str, list[Callable[[list[dict]], str | None]]] = {
         lambda o: None if _get(next(x for x in o if x["kind"] == "ConfigMap"), "data", "classify.yaml")
         == (ROOT / "pipelines" / "classify.yaml").read_text() else "ConfigMap's classify.yaml differs from the value",
     ],
+    "model-tier": [
+        lambda o: None if any(x["kind"] == "Service" and _get(x, "spec", "clusterIP") == "None"
+                              and x["metadata"]["name"] == "model-tier-sluice-headless" for x in o)
+        else "no headless Service model-tier-sluice-headless for the CPU tier to resolve",
+    ],
+    "cpu-tier": [lambda o: _remote_models_problem(o)],
     "existing-configmap": [
         lambda o: None if any(_get(v, "configMap", "name") == "sluice-pipelines-prod"
                               for v in _get(_deployment(o), "spec", "template", "spec", "volumes"))

@@ -22,7 +22,28 @@ use std::time::{Duration, Instant};
 const ALIAS: &str = "modeltier";
 const CLASSIFIER_YAML: &str = "max_batch_size: 8\ndynamic_batching:\n  max_queue_delay_us: 2000\n";
 const DETECTOR_YAML: &str = "max_batch_size: 4\ndynamic_batching:\n  max_queue_delay_us: 2000\n";
-const REMOTE_YAML: &str = "backend: remote\ninstances: 4\ndynamic_batching:\n  max_queue_delay_us: 2000\nremote:\n  dns: modeltier:8001\n  resolve_interval_ms: 500\n  health_interval_ms: 200\n  timeout_ms: 2000\n";
+
+/// The CPU tier's model.yaml for `model`, as the chart's two-tier values ship it
+/// (deploy/helm/two-tiers/cpu-tier.yaml, rendered as `backend: remote` plus the entry),
+/// with the model tier at this network's alias and intervals short enough for a test.
+fn remote_yaml(model: &str) -> String {
+    use serde_yaml_ng::Value;
+    let path = sluice_tests::repo_root().join("deploy/helm/two-tiers/cpu-tier.yaml");
+    let values: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut entry = values["remoteModels"][model].clone();
+    let remote =
+        entry["remote"].as_mapping_mut().unwrap_or_else(|| panic!("{}: no remote for {model}", path.display()));
+    for (k, v) in [
+        ("dns", Value::from(format!("{ALIAS}:8001"))),
+        ("resolve_interval_ms", 500.into()),
+        ("health_interval_ms", 200.into()),
+        ("timeout_ms", 2000.into()),
+    ] {
+        remote.insert(k.into(), v);
+    }
+    entry.as_mapping_mut().unwrap().insert("backend".into(), "remote".into());
+    serde_yaml_ng::to_string(&entry).unwrap()
+}
 
 /// Makes `dir` and everything in it readable by the containers' user.
 fn open_up(dir: &Path) {
@@ -177,7 +198,7 @@ async fn the_model_tier_on_other_hosts_fails_over_scales_and_restarts_without_lo
     for m in ["detector", "resnet50"] {
         let d = cpu_models.path().join(m);
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("model.yaml"), REMOTE_YAML).unwrap();
+        std::fs::write(d.join("model.yaml"), remote_yaml(m)).unwrap();
     }
     cpu_models.pipeline("detect_crop_classify", &example_pipeline("detect_crop_classify"));
     let empty = tempfile::tempdir().unwrap();
@@ -272,6 +293,18 @@ async fn the_model_tier_on_other_hosts_fails_over_scales_and_restarts_without_lo
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(load.count_since(since + Duration::from_secs(2)) > 10, "traffic goes on");
     assert_eq!(load.failures(), Vec::<String>::new(), "a cut-off replica fails no request");
+    // Gone from the name, it leaves no series behind (pod addresses come and go). (A's
+    // address is no test of this: Docker gives it to C.)
+    within(Duration::from_secs(5), "the cut-off replica's series are dropped", || {
+        let (http, b) = (http.clone(), ep(&b));
+        async move {
+            let Ok(r) = reqwest::get(format!("{http}/metrics")).await else { return false };
+            let text = r.text().await.unwrap_or_default();
+            text.contains("sluice_remote_requests_total")
+                && !text.lines().any(|l| l.starts_with("sluice_remote_") && l.contains(&b))
+        }
+    })
+    .await;
     docker(&["network", "connect", "--alias", ALIAS, &net.name, &tier("b")]);
 
     // 4. Rolling restart of the tier (B and C), each drained by its SIGTERM.

@@ -60,6 +60,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end }}
 
+{{/* The ConfigMap of a CPU tier's remote model.yaml files. */}}
+{{- define "sluice.remoteModelsConfigMap" -}}
+{{- printf "%s-remote-models" (include "sluice.fullname" . | trunc 49 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "sluice.modelsDir" -}}
 {{- printf "%s/%s" (trimSuffix "/" .Values.repository.mountPath) .Values.repository.modelsDir }}
 {{- end }}
