@@ -48,11 +48,38 @@ remote_yaml endpoints '["127.0.0.1:18301"]' 0 > "$work/hop/models/tiny/model.yam
 "$SLUICE_BIN" serve --models "$work/hop/models" --pipelines "$work/none" --grpc-addr 127.0.0.1:18311 --http-addr 127.0.0.1:18310 2>"$out/hop.log" &
 pids+=($!)
 wait_ready 127.0.0.1:18310
+# The remote calls' own latency, from the CPU tier's sluice_remote_duration_seconds
+# histogram over one run: p50 interpolated within its (fine, below 1 ms) buckets.
+buckets() { curl -s http://127.0.0.1:18310/metrics | grep '^sluice_remote_duration_seconds_bucket' > "$1"; }
+call_p50() {
+  python3 - "$1" "$2" <<'PY'
+import re, sys
+def read(path):
+    out = {}
+    for line in open(path):
+        le = re.search(r'le="([^"]+)"', line).group(1)
+        out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+a, b = read(sys.argv[1]), read(sys.argv[2])
+cum = sorted((le, b[le] - a.get(le, 0.0)) for le in b)
+total = cum[-1][1]
+prev_le, prev_n = 0.0, 0.0
+for le, n in cum:
+    if n >= total / 2:
+        frac = (total / 2 - prev_n) / (n - prev_n) if n > prev_n else 0.0
+        print(f"remote call p50 {1e3 * (prev_le + frac * (le - prev_le)):.3f} ms over {int(total)} calls; "
+              f"{100 * dict(cum).get(0.00015, 0) / total:.0f}% within 0.150 ms")
+        break
+    prev_le, prev_n = le, n
+PY
+}
 for round in 1 2; do
   for t in direct:18301 remote:18311; do
+    [ "${t%%:*}" = remote ] && buckets "$work/b0"
     "$SLUICE_BIN" bench tiny --url "http://127.0.0.1:${t#*:}" --concurrency 1 --seconds 10 --format csv \
       --out "$out/hop_${t%%:*}_$round.csv" >/dev/null 2>&1
     echo "round $round ${t%%:*}: $(tail -n 1 "$out/hop_${t%%:*}_$round.csv")"
+    if [ "${t%%:*}" = remote ]; then buckets "$work/b1"; echo "round $round $(call_p50 "$work/b0" "$work/b1")"; fi
   done
 done
 head -n 1 "$out/hop_direct_1.csv"

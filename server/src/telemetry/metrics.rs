@@ -14,6 +14,12 @@ const OVERHEAD_BUCKETS: &[f64] = &[
     0.000005, 0.00001, 0.00002, 0.00003, 0.00004, 0.00005, 0.000075, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075,
     0.001, 0.002, 0.005, 0.01,
 ];
+/// Remote calls: fine around the hop's own cost (tens to hundreds of µs), then coarse up
+/// to the seconds a big batch on a busy model tier takes.
+const REMOTE_BUCKETS: &[f64] = &[
+    0.00005, 0.000075, 0.0001, 0.000125, 0.00015, 0.000175, 0.0002, 0.00025, 0.0003, 0.0004, 0.0005, 0.00075, 0.001,
+    0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const FANOUT_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
 
@@ -250,7 +256,7 @@ impl Metrics {
             remote_duration: histogram_by(
                 "sluice_remote_duration_seconds",
                 "Time per call to each endpoint of a remote model (the remote's compute and the hop).",
-                LATENCY_BUCKETS,
+                REMOTE_BUCKETS,
                 &["model", "endpoint"],
             ),
             remote_in_flight: gauge(
