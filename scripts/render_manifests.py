@@ -136,6 +136,8 @@ BAD_VALUES: list[tuple[str, dict[str, Any], str]] = [
     ("remote model without remote:", {"remoteModels": {"m": {"instances": 2}}}, "remote"),
     ("remote models with a claim", {"remoteModels": {"m": {"remote": {"endpoints": ["a:8001"]}}},
                                     "repository": {"existingClaim": "c"}}, "remoteModels"),
+    ("remote models, pipelines from the repository", {"remoteModels": {"m": {"remote": {"endpoints": ["a:8001"]}}},
+                                                      "pipelines": {"source": "repository"}}, "remoteModels"),
     ("misspelled top-level key", {"replicaCont": 2}, "replicaCont"),
     ("misspelled nested key", {"server": {"relaod": "none"}}, "relaod"),
     ("misspelled drain key", {"drain": {"delaySecond": 5}}, "delaySecond"),
@@ -747,10 +749,15 @@ def _remote_models_problem(objs: list[dict]) -> str | None:
     if cm is None:
         return "no remote-models ConfigMap"
     want = f"model-tier-sluice-headless.{NAMESPACE}.svc.cluster.local:8001"
-    for key, text in cm.get("data", {}).items():
-        m = yaml.safe_load(text)
-        if m.get("backend") != "remote" or _get(m, "remote", "dns") != want:
-            return f"{key}: not a remote model of {want}: {m}"
+    values = VALUE_SETS["cpu-tier"]["remoteModels"]
+    if sorted(cm.get("data", {})) != sorted(f"{n}.yaml" for n in values):
+        return f"the ConfigMap's keys {sorted(cm.get('data', {}))} are not the remoteModels {sorted(values)}"
+    for name, entry in values.items():
+        m = yaml.safe_load(cm["data"][f"{name}.yaml"])
+        if m != {"backend": "remote", **entry}:
+            return f"{name}.yaml renders {m}, not backend: remote plus its values {entry}"
+        if _get(m, "remote", "dns") != want:
+            return f"{name}.yaml: not a remote model of {want}"
     vols = {v["name"]: v for v in _get(_deployment(objs), "spec", "template", "spec", "volumes")}
     items = _get(vols.get("remote-models", {}), "configMap", "items") or []
     if sorted(i["path"] for i in items) != ["detector/model.yaml", "resnet50/model.yaml"]:
@@ -759,6 +766,11 @@ def _remote_models_problem(objs: list[dict]) -> str | None:
     models_flag = next((a.split("=", 1)[1] for a in _sluice(objs)["args"] if a.startswith("--models=")), None)
     if mounts.get("remote-models") != models_flag:
         return f"remote models mounted at {mounts.get('remote-models')}, but --models={models_flag}"
+    # Nothing mounted above it: a mount point inside another (read-only) volume may not
+    # be creatable (kubernetes#121294).
+    above = [n for n, p in mounts.items() if n != "remote-models" and models_flag.startswith(p.rstrip("/") + "/")]
+    if above or "repository" in vols:
+        return f"the remote models' mount sits below {above or 'a repository volume'}"
     return None
 
 

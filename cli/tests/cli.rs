@@ -598,9 +598,10 @@ fn out_of_file_descriptors_the_server_waits_instead_of_spinning() {
     child.wait().unwrap();
 }
 
-/// One exported span: its ids and the `model` and `id` fields of a request span.
+/// One exported span: its name, ids and the `model` and `id` fields of a request span.
 #[derive(Debug)]
 struct SpanSeen {
+    name: String,
     trace: Vec<u8>,
     id: Vec<u8>,
     parent: Vec<u8>,
@@ -608,8 +609,8 @@ struct SpanSeen {
     request: String,
 }
 
-/// The `request` spans in what a stand-in collector received.
-fn request_spans(got: &Received) -> Vec<SpanSeen> {
+/// The spans a stand-in collector received.
+fn exported_spans(got: &Received) -> Vec<SpanSeen> {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value::Value;
     use prost::Message;
@@ -617,9 +618,6 @@ fn request_spans(got: &Received) -> Vec<SpanSeen> {
     for (path, body) in got.lock().unwrap().iter().filter(|(p, _)| p == "/v1/traces") {
         let req = ExportTraceServiceRequest::decode(body.as_slice()).unwrap_or_else(|e| panic!("{path}: {e}"));
         for s in req.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
-            if s.name != "request" {
-                continue;
-            }
             let field = |k: &str| {
                 s.attributes
                     .iter()
@@ -632,6 +630,7 @@ fn request_spans(got: &Received) -> Vec<SpanSeen> {
                     .unwrap_or_default()
             };
             spans.push(SpanSeen {
+                name: s.name.clone(),
                 trace: s.trace_id.clone(),
                 id: s.span_id.clone(),
                 parent: s.parent_span_id.clone(),
@@ -705,7 +704,18 @@ fn a_trace_and_request_ids_cross_to_the_model_tier() {
         assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
         assert!(child.wait().unwrap().success());
     }
-    let spans = request_spans(&got);
+    let all = exported_spans(&got);
+    let spans: Vec<&SpanSeen> = all.iter().filter(|s| s.name == "request").collect();
+    // The spans from `s` up to its root, by parent ids.
+    let ancestors = |s: &SpanSeen| {
+        let mut chain = Vec::new();
+        let mut at = all.iter().find(|p| p.id == s.parent);
+        while let Some(p) = at.filter(|_| chain.len() < 16) {
+            chain.push(p);
+            at = all.iter().find(|q| q.id == p.parent);
+        }
+        chain
+    };
     for (model, id, trace, parent) in [("pipe", "trace-check-1", t1, p1), ("affine", "trace-check-2", t2, p2)] {
         // The CPU tier joins the caller's trace under the caller's span ...
         let cpu = spans
@@ -713,19 +723,24 @@ fn a_trace_and_request_ids_cross_to_the_model_tier() {
             .find(|s| s.request.contains(id) && hex(&s.parent) == parent)
             .unwrap_or_else(|| panic!("no CPU-tier span for {id} under {parent}: {spans:#?}"));
         assert_eq!((cpu.model.as_str(), hex(&cpu.trace)), (model, trace.to_string()));
-        // ... and the model tier's span for the same request is its child, in the same trace.
+        // ... and the model tier's span for the same request is in the same trace, under
+        // the CPU tier's batch span, which is under the request (for a pipeline, its node).
         let remote = spans
             .iter()
-            .find(|s| s.model == "affine" && s.request.contains(id) && s.parent == cpu.id)
-            .unwrap_or_else(|| panic!("no model-tier span for {id} under {}: {spans:#?}", hex(&cpu.id)));
+            .find(|s| s.model == "affine" && s.request.contains(id) && !std::ptr::eq(*s, cpu))
+            .unwrap_or_else(|| panic!("no model-tier span for {id}: {spans:#?}"));
         assert_eq!(hex(&remote.trace), trace);
+        let up = ancestors(remote);
+        assert_eq!(up.first().map(|s| s.name.as_str()), Some("batch"), "{up:#?}");
+        assert!(up.iter().any(|s| s.id == cpu.id), "the CPU tier's request is above it: {up:#?}");
     }
     // A request that came with no trace starts one, which the model tier joins.
-    let untraced: Vec<&SpanSeen> = spans.iter().filter(|s| s.request.contains("trace-check-3")).collect();
+    let untraced: Vec<&&SpanSeen> = spans.iter().filter(|s| s.request.contains("trace-check-3")).collect();
     assert_eq!(untraced.len(), 2, "{spans:#?}");
     let root = untraced.iter().find(|s| s.parent.is_empty()).expect("the CPU tier's span is a root");
-    let child = untraced.iter().find(|s| s.parent == root.id).expect("the model tier's span is its child");
+    let child = untraced.iter().find(|s| !s.parent.is_empty()).expect("the model tier's span");
     assert_eq!(child.trace, root.trace);
+    assert!(ancestors(child).iter().any(|s| s.id == root.id), "the model tier's span is under the CPU tier's");
 }
 
 /// Child processes killed when dropped (a failing test must not leave servers behind).

@@ -67,6 +67,24 @@ pub struct TraceContext {
 /// The most of a `tracestate` passed on: the spec's bound on what must be kept.
 const MAX_TRACESTATE: usize = 512;
 
+/// A `tracestate` (its headers joined by commas) as passed on: printable ASCII, at most
+/// 512 bytes, cut as the spec says: entries over 128 bytes go first, then entries from
+/// the end. None when nothing is left.
+fn bounded_tracestate(t: &str) -> Option<String> {
+    if !t.bytes().all(|b| (b' '..=b'~').contains(&b) || b == b'\t') {
+        return None;
+    }
+    let mut entries: Vec<&str> = t.split(',').map(|e| e.trim_matches([' ', '\t'])).filter(|e| !e.is_empty()).collect();
+    let len = |es: &[&str]| es.iter().map(|e| e.len() + 1).sum::<usize>().saturating_sub(1);
+    if len(&entries) > MAX_TRACESTATE {
+        entries.retain(|e| e.len() <= 128);
+    }
+    while len(&entries) > MAX_TRACESTATE {
+        entries.pop();
+    }
+    (!entries.is_empty()).then(|| entries.join(","))
+}
+
 impl TraceContext {
     /// Reads `traceparent` (version 00, or a later version's first four fields, as the
     /// spec asks). None when malformed: a bad header starts a new trace, it does not
@@ -87,16 +105,19 @@ impl TraceContext {
         if trace_id == 0 || span_id == 0 {
             return None;
         }
-        let state = tracestate
-            .map(|t| t.trim_matches([' ', '\t']))
-            .filter(|t| !t.is_empty() && t.len() <= MAX_TRACESTATE && t.bytes().all(|b| (b' '..=b'~').contains(&b)))
-            .map(str::to_string);
+        let state = tracestate.and_then(bounded_tracestate);
         Some(TraceContext { trace_id, span_id, flags, state })
     }
 
-    /// The `traceparent` header for the next hop.
+    /// The `traceparent` header for the next hop (version 00: only the sampled flag is
+    /// defined there, so other bits are not passed on).
     pub fn traceparent(&self) -> String {
-        format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags)
+        format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags & 1)
+    }
+
+    /// Whether the caller records this trace (the sampled flag).
+    pub fn sampled(&self) -> bool {
+        self.flags & 1 == 1
     }
 }
 
@@ -168,9 +189,20 @@ mod tests {
         ] {
             assert_eq!(TraceContext::parse(bad, None), None, "{bad}");
         }
-        // An oversized or non-printable tracestate is dropped, the context kept.
+        // A non-printable tracestate is dropped, the context kept; a long one is cut by
+        // entries: those over 128 bytes first, then from the end.
+        assert_eq!(TraceContext::parse(h, Some("a=\u{7f}")).unwrap().state, None);
         let long = "a=".to_string() + &"b".repeat(600);
         assert_eq!(TraceContext::parse(h, Some(&long)).unwrap().state, None);
-        assert_eq!(TraceContext::parse(h, Some("a=\u{7f}")).unwrap().state, None);
+        let big = format!(
+            "k=1, big={}, {}",
+            "x".repeat(200),
+            (0..60).map(|i| format!("v{i:02}=12")).collect::<Vec<_>>().join(",")
+        );
+        let cut = TraceContext::parse(h, Some(&big)).unwrap().state.unwrap();
+        assert!(cut.len() <= 512 && cut.starts_with("k=1,v00=12,") && !cut.contains("big="), "{cut}");
+        // Only the sampled flag goes on under version 00.
+        let t = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff", None).unwrap();
+        assert!(t.sampled() && t.traceparent().ends_with("-01"));
     }
 }

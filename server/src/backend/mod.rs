@@ -76,9 +76,14 @@ pub trait Backend: Send {
     /// What the instance actually runs on (for example "cuda:0", or "cpu" after a fallback).
     fn device(&self) -> String;
     /// Who the batch about to run is for: its latest deadline (`None`: some caller set
-    /// none) and each item's request, for backends that pass them on (a remote call's
-    /// timeout, request ids and trace).
-    fn set_callers(&mut self, deadline: Option<std::time::Instant>, origins: &[&crate::request::Origin]) {
-        let _ = (deadline, origins);
+    /// none), each item's request, and the trace context the batch continues, for
+    /// backends that pass them on (a remote call's timeout, request ids and trace).
+    fn set_callers(
+        &mut self,
+        deadline: Option<std::time::Instant>,
+        origins: &[&crate::request::Origin],
+        trace: Option<&crate::request::TraceContext>,
+    ) {
+        let _ = (deadline, origins, trace);
     }
 }

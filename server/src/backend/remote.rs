@@ -15,7 +15,7 @@ use super::{Backend, BackendError};
 use crate::onnx::signature::TensorInfo;
 use crate::repository::model_yaml::RemoteYaml;
 use crate::repository::remote::{address_list, endpoints};
-use crate::request::{Origin, REQUEST_ID_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER};
+use crate::request::{Origin, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER, TRACESTATE_HEADER};
 use crate::telemetry::metrics::{Metrics, RemoteMetrics};
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -459,18 +459,17 @@ async fn resolve_loop(remote: Weak<Remote>, cfg: RemoteYaml) {
         tracing::info!(dns = %name, endpoints = ?addrs, "remote: endpoints changed");
         r.endpoints.store(Arc::new(next));
         // Gone from the name: its calls in flight (it may be unreachable) go elsewhere.
+        // (Its series go with the last holder of the endpoint: see `Metrics::for_remote`.)
         for gone in now.iter().filter(|e| !addrs.contains(&e.addr)) {
             gone.ejected_now.notify_waiters();
-            if let Some(m) = &r.metrics {
-                m.forget_remote(&r.local, &gone.addr);
-            }
         }
     }
 }
 
 /// What a batch's call carries of its requests: their latest deadline, their ids, and
-/// the trace of the first that has one. A call can name only one parent span; the
-/// batch's other requests are found by their ids in the next tier's logs and spans.
+/// the trace the batch continues (its span's, a child of its first sampled request). A
+/// call has one parent span; the batch span links to its other requests, and their ids
+/// are in the next tier's logs and spans.
 #[derive(Default)]
 struct Callers {
     deadline: Option<Instant>,
@@ -482,12 +481,13 @@ struct Callers {
 }
 
 impl Callers {
-    fn of(deadline: Option<Instant>, origins: &[&Origin]) -> Callers {
-        let mut ids = String::new();
-        let mut left = 0;
+    fn of(deadline: Option<Instant>, origins: &[&Origin], trace: Option<&TraceContext>) -> Callers {
+        let mut seen = std::collections::HashSet::new();
+        let (mut ids, mut left) = (String::new(), 0usize);
+        // Each request once (a request's crops share its origin).
         for o in origins.iter().filter(|o| !o.id.is_empty()) {
-            if ids.split(',').any(|id| id == o.id) {
-                continue; // the crops of one request
+            if !seen.insert(o.id.as_str()) {
+                continue;
             }
             if ids.len() + o.id.len() + 1 > MAX_IDS_BYTES {
                 left += 1;
@@ -499,13 +499,17 @@ impl Callers {
             ids.push_str(&o.id);
         }
         if left > 0 {
-            ids.push_str(&format!(",+{left} more"));
+            ids.push_str(&format!("{}+{left} more", if ids.is_empty() { "" } else { "," }));
         }
-        let trace = origins.iter().find_map(|o| o.trace.as_ref());
+        // A header value is printable ASCII without space at either end (RFC 9113
+        // 8.2.1); the body's id carries any other.
+        let header_safe = !ids.is_empty()
+            && ids.bytes().all(|b| (b' '..=b'~').contains(&b))
+            && !ids.starts_with(' ')
+            && !ids.ends_with(' ');
         Callers {
             deadline,
-            // Headers carry printable ASCII only; the body's id carries the rest.
-            id_header: ids.bytes().all(|b| (b' '..=b'~').contains(&b)).then(|| ids.parse().ok()).flatten(),
+            id_header: header_safe.then(|| ids.parse().ok()).flatten(),
             ids,
             traceparent: trace.and_then(|t| t.traceparent().parse().ok()),
             tracestate: trace.and_then(|t| t.state.as_deref()).and_then(|s| s.parse().ok()),
@@ -561,8 +565,8 @@ impl Backend for RemoteInstance {
         "remote".into()
     }
 
-    fn set_callers(&mut self, deadline: Option<Instant>, origins: &[&Origin]) {
-        self.callers = Callers::of(deadline, origins);
+    fn set_callers(&mut self, deadline: Option<Instant>, origins: &[&Origin], trace: Option<&TraceContext>) {
+        self.callers = Callers::of(deadline, origins, trace);
     }
 }
 
@@ -611,25 +615,36 @@ mod tests {
     }
 
     #[test]
-    fn a_call_names_its_batchs_requests_once_and_the_first_trace() {
-        let trace = |n: u128| crate::request::TraceContext { trace_id: n, span_id: 7, flags: 1, state: None };
-        let o = |id: &str, t: Option<u128>| Origin { id: id.into(), trace: t.map(trace) };
-        let (a, a2, b, c) = (o("a", None), o("a", None), o("b", Some(0xabc)), o("c", Some(0xdef)));
-        let callers = Callers::of(None, &[&a, &a2, &b, &c]);
+    fn a_call_names_its_batchs_requests_once_and_carries_the_trace_given() {
+        let trace = crate::request::TraceContext { trace_id: 0xabc, span_id: 7, flags: 1, state: Some("k=v".into()) };
+        let o = |id: &str| Origin { id: id.into(), trace: None };
+        let (a, a2, b, c, none) = (o("a"), o("a"), o("b"), o("c"), o(""));
+        let callers = Callers::of(None, &[&a, &a2, &none, &b, &c], Some(&trace));
         assert_eq!(callers.ids, "a,b,c", "the crops of one request are named once");
         let mut md = tonic::metadata::MetadataMap::new();
         callers.annotate(&mut md);
         assert_eq!(md.get(REQUEST_ID_HEADER).unwrap(), "a,b,c");
         assert_eq!(md.get(TRACEPARENT_HEADER).unwrap(), "00-00000000000000000000000000000abc-0000000000000007-01");
-        assert!(md.get(TRACESTATE_HEADER).is_none());
-        // Bounded however many requests a batch holds; an id no header can carry stays in the body.
-        let many: Vec<Origin> = (0..1000).map(|i| o(&format!("request-{i:04}"), None)).collect();
-        let callers = Callers::of(None, &many.iter().collect::<Vec<_>>());
-        assert!(callers.ids.len() <= MAX_IDS_BYTES + 16 && callers.ids.ends_with("more"), "{}", callers.ids.len());
-        let odd = o("caf\u{e9}", None);
-        let callers = Callers::of(None, &[&odd]);
-        assert_eq!((callers.ids.as_str(), callers.id_header.is_none()), ("caf\u{e9}", true));
-        assert!(callers.traceparent.is_none());
+        assert_eq!(md.get(TRACESTATE_HEADER).unwrap(), "k=v");
+        // Bounded however many requests a batch holds.
+        let many: Vec<Origin> = (0..1000).map(|i| o(&format!("request-{i:04}"))).collect();
+        let callers = Callers::of(None, &many.iter().collect::<Vec<_>>(), None);
+        assert!(callers.ids.len() <= MAX_IDS_BYTES + 16, "{}", callers.ids.len());
+        let listed = callers.ids.split(',').filter(|s| s.starts_with("request-")).count();
+        let more: usize =
+            callers.ids.rsplit(',').next().unwrap().trim_start_matches('+').trim_end_matches(" more").parse().unwrap();
+        assert_eq!(listed + more, 1000);
+        // Ids no header may carry stay in the body only.
+        for odd in ["caf\u{e9}", " padded"] {
+            let callers = Callers::of(None, &[&o(odd)], None);
+            assert_eq!((callers.ids.as_str(), callers.id_header.is_none()), (odd, true));
+        }
+        let long = o(&"x".repeat(MAX_IDS_BYTES + 1));
+        assert_eq!(Callers::of(None, &[&long], None).ids, "+1 more");
+        let callers = Callers::of(None, &[&none], None);
+        let mut md = tonic::metadata::MetadataMap::new();
+        callers.annotate(&mut md);
+        assert!(md.is_empty(), "{md:?}");
     }
 
     #[test]

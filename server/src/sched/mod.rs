@@ -7,7 +7,7 @@ pub mod queue;
 
 use crate::backend::{Backend, BatchInput};
 use crate::error::Error;
-use crate::request::Origin;
+use crate::request::{Origin, TraceContext};
 use crate::rt::priority;
 use crate::telemetry::metrics::{InstanceMetrics, ModelMetrics};
 use crate::telemetry::stats::ModelStats;
@@ -306,9 +306,25 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
     let rows: usize = batch.iter().map(|p| p.rows).sum();
     let executed = shared.padded_size(rows);
     let pad = executed - rows;
-    let span = tracing::debug_span!("batch", model = %shared.name, rows, requests = batch.len());
+    // The batch's span is a child of one of its requests (the first sampled one: its
+    // trace is the one a remote call continues) and links to the others.
+    let traced = || batch.iter().filter(|p| p.origin.trace.is_some());
+    let lead =
+        traced().find(|p| p.origin.trace.as_ref().is_some_and(TraceContext::sampled)).or_else(|| traced().next());
+    let span = match lead {
+        Some(l) => tracing::debug_span!(parent: &l.span, "batch", model = %shared.name, rows, requests = batch.len()),
+        None => tracing::debug_span!("batch", model = %shared.name, rows, requests = batch.len()),
+    };
+    // What a remote call carries: this span's context when spans are exported, else the
+    // lead request's as it came.
+    let lead_trace = lead.and_then(|l| l.origin.trace.clone());
+    let trace = crate::telemetry::otlp::adopt(&span, None)
+        .map(|own| TraceContext { state: lead_trace.as_ref().and_then(|t| t.state.clone()), ..own })
+        .or(lead_trace);
     for p in &batch {
-        span.follows_from(p.span.id());
+        if !lead.is_some_and(|l| std::ptr::eq(l, p)) {
+            span.follows_from(p.span.id());
+        }
         let waited = start - p.enqueued;
         shared.stats.queue.add(waited);
         shared.metrics.queue_duration.observe(waited.as_secs_f64());
@@ -324,7 +340,7 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
         // The batch is worth computing until its last caller's deadline.
         let deadlines: Option<Vec<Instant>> = batch.iter().map(|p| p.deadline).collect();
         let origins: Vec<&Origin> = batch.iter().map(|p| &*p.origin).collect();
-        backend.set_callers(deadlines.and_then(|d| d.into_iter().max()), &origins);
+        backend.set_callers(deadlines.and_then(|d| d.into_iter().max()), &origins, trace.as_ref());
         let outputs = backend
             .run_batch(&inputs, &mut || t_infer = Instant::now())
             .map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;

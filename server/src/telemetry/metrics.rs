@@ -1,10 +1,13 @@
 //! Prometheus metrics. Every name is defined here, `sluice_<what>_<unit>[_total]`.
 //! Each server owns its registry, so several servers in one process (tests) stay apart.
 
+use parking_lot::Mutex;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Latency buckets from 50 µs to 10 s.
 const LATENCY_BUCKETS: &[f64] =
@@ -58,6 +61,10 @@ pub struct Metrics {
     pub remote_duration: HistogramVec,
     pub remote_in_flight: IntGaugeVec,
     pub remote_ejected: IntGaugeVec,
+    /// Holders of each remote endpoint's series (model, endpoint): the last one gone
+    /// removes them, so addresses that come and go (pods) do not pile up series, and a
+    /// reloaded model's new endpoints keep the series its old ones shared.
+    remote_holders: Arc<Mutex<HashMap<(String, String), usize>>>,
     pub instance_busy: prometheus::CounterVec,
     pub instance_executions: IntCounterVec,
     pub instance_inferences: IntCounterVec,
@@ -269,6 +276,7 @@ impl Metrics {
                 "1 while an endpoint of a remote model is out of the rotation.",
                 &["model", "endpoint"],
             ),
+            remote_holders: Arc::default(),
             node_branch_duration: histogram_by(
                 "sluice_node_branch_duration_seconds",
                 "Time per item on each branch of a route or split node (queue and compute), to compare them.",
@@ -353,27 +361,19 @@ impl Metrics {
         }
     }
 
-    /// One endpoint of a remote model.
+    /// One endpoint of a remote model. Its series live while some endpoint of that model
+    /// and address holds them.
     pub fn for_remote(&self, model: &str, endpoint: &str) -> RemoteMetrics {
         let l = [model, endpoint];
+        *self.remote_holders.lock().entry((model.to_string(), endpoint.to_string())).or_default() += 1;
         RemoteMetrics {
+            _held: Arc::new(RemoteHold { metrics: self.clone(), model: model.into(), endpoint: endpoint.into() }),
             requests: self.remote_requests.with_label_values(&l),
             failures: self.remote_failures.with_label_values(&l),
             duration: self.remote_duration.with_label_values(&l),
             in_flight: self.remote_in_flight.with_label_values(&l),
             ejected: self.remote_ejected.with_label_values(&l),
         }
-    }
-
-    /// Drops the series of an endpoint gone from a remote model's DNS name: pods come and
-    /// go with new addresses, and their series must not pile up.
-    pub fn forget_remote(&self, model: &str, endpoint: &str) {
-        let l = [model, endpoint];
-        let _ = self.remote_requests.remove_label_values(&l);
-        let _ = self.remote_failures.remove_label_values(&l);
-        let _ = self.remote_duration.remove_label_values(&l);
-        let _ = self.remote_in_flight.remove_label_values(&l);
-        let _ = self.remote_ejected.remove_label_values(&l);
     }
 
     /// One model instance's series.
@@ -456,6 +456,33 @@ pub struct RemoteMetrics {
     pub duration: Histogram,
     pub in_flight: IntGauge,
     pub ejected: IntGauge,
+    _held: Arc<RemoteHold>,
+}
+
+/// One holder of a remote endpoint's series; the last to go removes them.
+struct RemoteHold {
+    metrics: Metrics,
+    model: String,
+    endpoint: String,
+}
+
+impl Drop for RemoteHold {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let mut holders = m.remote_holders.lock();
+        let key = (std::mem::take(&mut self.model), std::mem::take(&mut self.endpoint));
+        let Some(n) = holders.get_mut(&key) else { return };
+        *n -= 1;
+        if *n == 0 {
+            holders.remove(&key);
+            let l = [key.0.as_str(), key.1.as_str()];
+            let _ = m.remote_requests.remove_label_values(&l);
+            let _ = m.remote_failures.remove_label_values(&l);
+            let _ = m.remote_duration.remove_label_values(&l);
+            let _ = m.remote_in_flight.remove_label_values(&l);
+            let _ = m.remote_ejected.remove_label_values(&l);
+        }
+    }
 }
 
 /// The series of one model instance.
@@ -464,4 +491,32 @@ pub struct InstanceMetrics {
     pub busy: prometheus::Counter,
     pub executions: IntCounter,
     pub inferences: IntCounter,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_endpoints_series_live_while_something_holds_them() {
+        let m = Metrics::new();
+        let (a, b) = (m.for_remote("m", "10.0.0.1:8001"), m.for_remote("m", "10.0.0.1:8001"));
+        let other = m.for_remote("m", "10.0.0.2:8001");
+        a.requests.inc();
+        other.requests.inc();
+        let has = |addr: &str| {
+            m.render().contains(&format!("sluice_remote_requests_total{{endpoint=\"{addr}\",model=\"m\"}}"))
+        };
+        assert!(has("10.0.0.1:8001") && has("10.0.0.2:8001"));
+        // A reloaded model's new endpoint shares the series: the old one going keeps them.
+        drop(a);
+        assert!(has("10.0.0.1:8001"));
+        drop(b);
+        assert!(!has("10.0.0.1:8001"), "the last holder removes them");
+        assert!(has("10.0.0.2:8001"));
+        // Held again later (the address came back): counted from zero.
+        let again = m.for_remote("m", "10.0.0.1:8001");
+        assert_eq!(again.requests.get(), 0);
+        drop(other);
+    }
 }
