@@ -55,7 +55,13 @@ enum Command {
 /// Runs the `sluice` command line (the process's arguments) with the ops of `ops`: what
 /// `sluice serve` serves pipelines with, and what `check`, `graph` and `ops` know.
 pub fn main_with(ops: OpRegistry) -> ExitCode {
-    let cli = Cli::parse();
+    // Named as invoked: a build with its own ops (`sluice-custom`) says so in its help.
+    let bin = std::env::args_os()
+        .next()
+        .and_then(|a| std::path::Path::new(&a).file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "sluice".into());
+    let matches = <Cli as clap::CommandFactory>::command().bin_name(bin.clone()).display_name(bin).get_matches();
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = telemetry::init(&cli.telemetry).and_then(|_flush| match cli.command {
         Command::Serve(a) => serve::run(a, ops),
         Command::Check(a) => repo::check(a, ops),

@@ -62,7 +62,8 @@ pub struct InferArgs {
     #[arg(long)]
     timeout_ms: Option<u64>,
     /// A request parameter, NAME=VALUE (true/false, an integer, a number or else a
-    /// string): a pipeline reads those it declares under `parameters:`.
+    /// string; in double quotes always a string, e.g. 'code="7"'): a pipeline reads
+    /// those it declares under `parameters:`.
     #[arg(long = "param", value_parser = parse_param)]
     params: Vec<(String, sluice_client::Parameter)>,
 }
@@ -300,4 +301,23 @@ pub fn read_tensor_files(files: &[(String, PathBuf)]) -> anyhow::Result<Vec<(Str
 /// The files' contents, in order; the first that cannot be read fails with its path.
 pub fn read_files(paths: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
     paths.iter().map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_client::Parameter;
+
+    #[test]
+    fn params_read_as_values_and_quotes_make_strings() {
+        let p = |s: &str| parse_param(s).unwrap().1;
+        assert_eq!(p("x=2"), Parameter::Int(2));
+        assert_eq!(p("x=0.5"), Parameter::Float(0.5));
+        assert_eq!(p("x=true"), Parameter::Bool(true));
+        assert_eq!(p("x=fr"), Parameter::String("fr".into()));
+        assert_eq!(p("x=\"2\""), Parameter::String("2".into()));
+        assert_eq!(p("x=\"true\""), Parameter::String("true".into()));
+        assert_eq!(p("x=a=b"), Parameter::String("a=b".into()));
+        assert!(parse_param("x").is_err());
+    }
 }

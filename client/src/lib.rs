@@ -81,8 +81,12 @@ pub enum Parameter {
 
 impl Parameter {
     /// Parses `text` as a boolean, an integer, a number, or else a string (the CLI's
-    /// `--param name=value`).
+    /// `--param name=value`); in double quotes, always a string (`lang="2"`).
     pub fn parse(text: &str) -> Parameter {
+        // Double quotes make a string of what would read as a number or a boolean.
+        if let Some(quoted) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+            return Parameter::String(quoted.to_string());
+        }
         match text {
             "true" => Parameter::Bool(true),
             "false" => Parameter::Bool(false),

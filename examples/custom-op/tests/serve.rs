@@ -94,6 +94,15 @@ fn run_check(repo: &Repo) -> std::process::Output {
 }
 
 #[test]
+fn the_help_names_this_binary() {
+    let help = sluice_custom().arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(text.contains("Usage: sluice-custom "), "{text}");
+    let serve = sluice_custom().args(["serve", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&serve.stdout).contains("Usage: sluice-custom serve"));
+}
+
+#[test]
 fn ops_and_check_know_the_custom_op() {
     let ops = sluice_custom().arg("ops").output().unwrap();
     let text = String::from_utf8_lossy(&ops.stdout);
