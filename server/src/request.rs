@@ -67,7 +67,7 @@ pub struct TraceContext {
 /// The most of a `tracestate` passed on: the spec's bound on what must be kept.
 const MAX_TRACESTATE: usize = 512;
 
-/// A `tracestate` (its headers joined by commas) as passed on: printable ASCII, at most
+/// A `tracestate` header as passed on: printable ASCII, at most
 /// 512 bytes, cut as the spec says: entries over 128 bytes go first, then entries from
 /// the end. None when nothing is left.
 fn bounded_tracestate(t: &str) -> Option<String> {
