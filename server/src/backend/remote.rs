@@ -42,6 +42,16 @@ const MAX_ANSWER_BYTES: usize = 1 << 30;
 /// The longest an ejected endpoint stays out before its checks may bring it back.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// How long an instance polls its connections for an answer before it sleeps on them.
+/// A thread asleep on a socket pays a wake-up when the answer comes (30-40 µs here, a
+/// halted vCPU's), a fifth of a small model's whole call; calls that usually take longer
+/// than this are not watched at all (see [`RemoteInstance::typical`]).
+const ANSWER_WATCH: Duration = Duration::from_micros(300);
+
+/// A yield that takes longer than this came back after another thread ran: the core is
+/// wanted (the pipelines' ops, the I/O threads), so the watch sleeps instead.
+const CONTENDED_YIELD: Duration = Duration::from_micros(20);
+
 /// The runtime remote calls and checks run on: instance threads block on it; the
 /// server's own runtime only serves requests.
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -539,6 +549,9 @@ pub struct RemoteInstance {
     callers: Callers,
     rt: tokio::runtime::Runtime,
     clients: Vec<(String, Client)>,
+    /// How long this instance's calls take, a moving average: a call expected back
+    /// within [`ANSWER_WATCH`] is watched for, a longer one slept on.
+    typical: Duration,
 }
 
 impl RemoteInstance {
@@ -550,6 +563,7 @@ impl RemoteInstance {
             callers: Callers::default(),
             rt,
             clients: Vec::new(),
+            typical: Duration::ZERO,
         })
     }
 }
@@ -558,7 +572,14 @@ impl Backend for RemoteInstance {
     fn run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, BackendError> {
         let (remote, names, clients) = (&self.remote, &self.input_names, &mut self.clients);
         let callers = std::mem::take(&mut self.callers);
-        self.rt.block_on(remote.call(inputs, names, &callers, clients))
+        let watch = watch_for(self.typical);
+        let started = Instant::now();
+        let out = self.rt.block_on(watched(remote.call(inputs, names, &callers, clients), watch, CONTENDED_YIELD));
+        // An eighth of each new call, each counted as at most four watches: one slow call
+        // (a retry, a timeout) does not stop the watching, two in a row do until the
+        // calls are quick again; a slow model's calls keep it off.
+        self.typical = (self.typical * 7 + started.elapsed().min(ANSWER_WATCH * 4)) / 8;
+        out
     }
 
     fn device(&self) -> String {
@@ -570,12 +591,87 @@ impl Backend for RemoteInstance {
     }
 }
 
+/// How long to watch for the answer to a call when this instance's calls typically
+/// take `typical`: all of [`ANSWER_WATCH`] when they come back within it, none when
+/// they do not (a slow model's wake-up is small against its call, and watching for it
+/// would only take a core from the pipelines' ops).
+fn watch_for(typical: Duration) -> Duration {
+    if typical <= ANSWER_WATCH {
+        ANSWER_WATCH
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// Awaits `f`, polling the runtime's sockets without sleeping for up to `watch` (and
+/// yielding the core on each turn, so only while nothing else on it wants to run: a
+/// yield that takes `contended` or longer ends the watch); then sleeps on them as usual.
+async fn watched<F: std::future::Future>(f: F, watch: Duration, contended: Duration) -> F::Output {
+    tokio::pin!(f);
+    let start = Instant::now();
+    loop {
+        if let std::task::Poll::Ready(v) = futures::poll!(f.as_mut()) {
+            return v;
+        }
+        if start.elapsed() >= watch {
+            return f.await;
+        }
+        let before = Instant::now();
+        std::thread::yield_now();
+        if before.elapsed() >= contended {
+            return f.await;
+        }
+        // Wakes at once, after the current-thread runtime has run its ready tasks (the
+        // connection's) and checked its sockets and timers without waiting (tokio 1.x's
+        // `block_on`; should that change, the watch only costs its time, never an answer).
+        tokio::task::yield_now().await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn eps(n: usize) -> Vec<Arc<Endpoint>> {
         (0..n).map(|i| Arc::new(Endpoint::bare(&format!("10.0.0.{i}:8001")))).collect()
+    }
+
+    #[test]
+    fn an_answer_is_watched_for_only_when_calls_come_back_within_the_watch() {
+        assert_eq!(watch_for(Duration::ZERO), ANSWER_WATCH);
+        assert_eq!(watch_for(ANSWER_WATCH), ANSWER_WATCH);
+        assert_eq!(watch_for(ANSWER_WATCH + Duration::from_micros(1)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_watched_call_gets_its_answer_from_a_socket_while_watching() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // The answer comes from another thread, over a socket, while the call is watched
+        // for (a watch far longer than the test may take, never cut short by a busy
+        // core): the watch itself must see it.
+        let answerer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            std::io::Write::write_all(&mut s, b"answer").unwrap();
+        });
+        let call = async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // The connection is driven by a task of its own, as a client's is.
+            let read = tokio::spawn(async move {
+                let mut buf = [0u8; 6];
+                tokio::io::AsyncReadExt::read_exact(&mut s, &mut buf).await.unwrap();
+                buf
+            });
+            read.await.unwrap()
+        };
+        let started = Instant::now();
+        assert_eq!(&rt.block_on(watched(call, Duration::from_secs(30), Duration::MAX)), b"answer");
+        assert!(started.elapsed() < Duration::from_secs(10), "the watch did not see the answer");
+        answerer.join().unwrap();
+        // Without a watch, the same.
+        assert_eq!(rt.block_on(watched(async { 7 }, Duration::ZERO, CONTENDED_YIELD)), 7);
     }
 
     #[test]
