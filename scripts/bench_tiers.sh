@@ -3,7 +3,8 @@
 #
 # 1. The hop: a tiny model (a few µs of compute) called directly and through a second
 #    sluice that serves it as `backend: remote`, on loopback, one request at a time:
-#    the difference in p50 is what the remote call adds per batch.
+#    the difference in p50 is what the remote call adds per batch. Twice: all processes
+#    sharing all cores, and the model tier on a core of its own (as on its own host).
 # 2. The split: detect_crop_classify with the example models, all on one host (a
 #    container limited to 2 CPUs) against a CPU tier (1 CPU: decode, crops, NMS) and a
 #    model tier (1 CPU: the detector and ResNet-50) on a private Docker network, the
@@ -40,14 +41,8 @@ remote_yaml() { # endpoint-or-dns key, value, batch delay in µs
 echo "== 1. the hop, loopback, concurrency 1"
 mkdir -p "$work/tiny/models" "$work/hop/models/tiny" "$work/none"
 .venv/bin/python scripts/gen_tiny.py "$work/tiny/models/tiny" >/dev/null
-"$SLUICE_BIN" serve --models "$work/tiny/models" --pipelines "$work/none" --grpc-addr 127.0.0.1:18301 --http-addr 127.0.0.1:18300 2>"$out/tiny.log" &
-pids+=($!)
-wait_ready 127.0.0.1:18300
 # No batching delay: one request is one call, so the difference is the hop alone.
 remote_yaml endpoints '["127.0.0.1:18301"]' 0 > "$work/hop/models/tiny/model.yaml"
-"$SLUICE_BIN" serve --models "$work/hop/models" --pipelines "$work/none" --grpc-addr 127.0.0.1:18311 --http-addr 127.0.0.1:18310 2>"$out/hop.log" &
-pids+=($!)
-wait_ready 127.0.0.1:18310
 # The remote calls' own latency, from the CPU tier's sluice_remote_duration_seconds
 # histogram over one run: p50 interpolated within its (fine, below 1 ms) buckets.
 buckets() { curl -s http://127.0.0.1:18310/metrics | grep '^sluice_remote_duration_seconds_bucket' > "$1"; }
@@ -73,18 +68,38 @@ for le, n in cum:
     prev_le, prev_n = le, n
 PY
 }
-for round in 1 2; do
-  for t in direct:18301 remote:18311; do
-    [ "${t%%:*}" = remote ] && buckets "$work/b0"
-    "$SLUICE_BIN" bench tiny --url "http://127.0.0.1:${t#*:}" --concurrency 1 --seconds 10 --format csv \
-      --out "$out/hop_${t%%:*}_$round.csv" >/dev/null 2>&1
-    echo "round $round ${t%%:*}: $(tail -n 1 "$out/hop_${t%%:*}_$round.csv")"
-    if [ "${t%%:*}" = remote ]; then buckets "$work/b1"; echo "round $round $(call_p50 "$work/b0" "$work/b1")"; fi
+# Two layouts: every process on every core, and the model tier on a core of its own
+# (the CPU tier and the load generator on the others), which stands in for the model
+# tier on a host of its own, the deployment this is for.
+# CPU ids as this process may use them (a container's need not start at 0).
+read -r all own rest < <(python3 -c 'import os; c = sorted(os.sched_getaffinity(0)); j = lambda x: ",".join(map(str, x)); print(j(c), c[-1], j(c[:-1]) or "-")')
+layouts="shared:$all:$all"
+[ "$rest" != - ] && layouts="$layouts own-core:$own:$rest"
+for layout in $layouts; do
+  IFS=: read -r name mt_cpus rest_cpus <<<"$layout"
+  taskset -c "$mt_cpus" "$SLUICE_BIN" serve --models "$work/tiny/models" --pipelines "$work/none" \
+    --grpc-addr 127.0.0.1:18301 --http-addr 127.0.0.1:18300 2>"$out/tiny_$name.log" &
+  pids+=($!)
+  wait_ready 127.0.0.1:18300
+  taskset -c "$rest_cpus" "$SLUICE_BIN" serve --models "$work/hop/models" --pipelines "$work/none" \
+    --grpc-addr 127.0.0.1:18311 --http-addr 127.0.0.1:18310 2>"$out/hop_$name.log" &
+  pids+=($!)
+  wait_ready 127.0.0.1:18310
+  for round in 1 2; do
+    for t in direct:18301 remote:18311; do
+      [ "${t%%:*}" = remote ] && buckets "$work/b0"
+      csv="$out/hop_${name}_${t%%:*}_$round.csv"
+      taskset -c "$rest_cpus" "$SLUICE_BIN" bench tiny --url "http://127.0.0.1:${t#*:}" --concurrency 1 --seconds 10 \
+        --format csv --out "$csv" >/dev/null 2>&1
+      echo "$name round $round ${t%%:*}: $(tail -n 1 "$csv")"
+      if [ "${t%%:*}" = remote ]; then buckets "$work/b1"; echo "$name round $round $(call_p50 "$work/b0" "$work/b1")"; fi
+    done
   done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait "${pids[@]}" 2>/dev/null || true
+  pids=()
 done
-head -n 1 "$out/hop_direct_1.csv"
-for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-pids=()
+head -n 1 "$out/hop_shared_direct_1.csv"
 [ "${BENCH_HOP_ONLY:-0}" = 1 ] && exit 0
 
 echo "== 2. one host (2 CPUs) against a CPU tier (1 CPU) and a model tier (1 CPU)"
