@@ -75,6 +75,13 @@ pub trait Backend: Send {
     }
     /// What the instance actually runs on (for example "cuda:0", or "cpu" after a fallback).
     fn device(&self) -> String;
+    /// Whether this backend passes on who a batch is for ([`set_callers`]); the others
+    /// are spared gathering it for every batch.
+    ///
+    /// [`set_callers`]: Backend::set_callers
+    fn passes_callers(&self) -> bool {
+        false
+    }
     /// Who the batch about to run is for: its latest deadline (`None`: some caller set
     /// none), each item's request, and the trace context the batch continues, for
     /// backends that pass them on (a remote call's timeout, request ids and trace).

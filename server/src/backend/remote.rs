@@ -48,10 +48,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// than this are not watched at all (see [`RemoteInstance::typical`]).
 const ANSWER_WATCH: Duration = Duration::from_micros(300);
 
-/// A yield that takes longer than this came back after another thread ran: the core is
-/// wanted (the pipelines' ops, the I/O threads), so the watch sleeps instead.
-const CONTENDED_YIELD: Duration = Duration::from_micros(20);
-
 /// The runtime remote calls and checks run on: instance threads block on it; the
 /// server's own runtime only serves requests.
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -574,7 +570,8 @@ impl Backend for RemoteInstance {
         let callers = std::mem::take(&mut self.callers);
         let watch = watch_for(self.typical);
         let started = Instant::now();
-        let out = self.rt.block_on(watched(remote.call(inputs, names, &callers, clients), watch, CONTENDED_YIELD));
+        let out =
+            self.rt.block_on(watched(remote.call(inputs, names, &callers, clients), watch, crate::rt::CONTENDED_YIELD));
         // An eighth of each new call, each counted as at most four watches: one slow call
         // (a retry, a timeout) does not stop the watching, two in a row do until the
         // calls are quick again; a slow model's calls keep it off.
@@ -584,6 +581,10 @@ impl Backend for RemoteInstance {
 
     fn device(&self) -> String {
         "remote".into()
+    }
+
+    fn passes_callers(&self) -> bool {
+        true
     }
 
     fn set_callers(&mut self, deadline: Option<Instant>, origins: &[&Origin], trace: Option<&TraceContext>) {
@@ -616,9 +617,7 @@ async fn watched<F: std::future::Future>(f: F, watch: Duration, contended: Durat
         if start.elapsed() >= watch {
             return f.await;
         }
-        let before = Instant::now();
-        std::thread::yield_now();
-        if before.elapsed() >= contended {
+        if !crate::rt::yield_uncontended(contended) {
             return f.await;
         }
         // Wakes at once, after the current-thread runtime has run its ready tasks (the
@@ -671,7 +670,7 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(10), "the watch did not see the answer");
         answerer.join().unwrap();
         // Without a watch, the same.
-        assert_eq!(rt.block_on(watched(async { 7 }, Duration::ZERO, CONTENDED_YIELD)), 7);
+        assert_eq!(rt.block_on(watched(async { 7 }, Duration::ZERO, crate::rt::CONTENDED_YIELD)), 7);
     }
 
     #[test]

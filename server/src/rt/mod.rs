@@ -2,6 +2,21 @@
 
 pub mod priority;
 
+use std::time::{Duration, Instant};
+
+/// A yield that takes this long or longer came back after another thread ran: the core
+/// is wanted (the clients, the pipelines' ops, the I/O threads), so a watch should stop
+/// taking its turns and sleep.
+pub const CONTENDED_YIELD: Duration = Duration::from_micros(20);
+
+/// One turn of a watch: gives the core to any other thread that wants it; false when
+/// one took it (the yield came back after `contended` or later).
+pub fn yield_uncontended(contended: Duration) -> bool {
+    let before = Instant::now();
+    std::thread::yield_now();
+    before.elapsed() < contended
+}
+
 /// Returns memory that malloc holds free to the system (glibc keeps freed blocks in
 /// per-thread arenas; `malloc_trim` releases their unused pages). A no-op elsewhere.
 pub fn release_free_memory() {

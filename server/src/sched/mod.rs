@@ -266,11 +266,6 @@ fn instance_loop(shared: &Shared, mut backend: Box<dyn Backend>, im: &InstanceMe
 /// CPU time nothing else wants.
 const IDLE_WATCH: Duration = Duration::from_micros(250);
 
-/// A yield that takes longer than this came back after another thread ran: the CPU is
-/// wanted (the clients, the pipelines' ops, the I/O threads), so the watch parks instead
-/// of taking its turns too.
-const CONTENDED_YIELD: Duration = Duration::from_micros(20);
-
 /// Watches for up to [`IDLE_WATCH`] until something is queued; true if it was. Gives up
 /// early when the core is contended.
 fn watch_for_work(shared: &Shared) -> bool {
@@ -282,9 +277,7 @@ fn watch_for_work(shared: &Shared) -> bool {
         if start.elapsed() >= IDLE_WATCH {
             return false;
         }
-        let before = Instant::now();
-        std::thread::yield_now();
-        if before.elapsed() >= CONTENDED_YIELD {
+        if !crate::rt::yield_uncontended(crate::rt::CONTENDED_YIELD) {
             return shared.queued.load(Ordering::Acquire) > 0;
         }
     }
@@ -307,20 +300,24 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
     let executed = shared.padded_size(rows);
     let pad = executed - rows;
     // The batch's span is a child of one of its requests (the first sampled one: its
-    // trace is the one a remote call continues) and links to the others.
-    let traced = || batch.iter().filter(|p| p.origin.trace.is_some());
-    let lead =
-        traced().find(|p| p.origin.trace.as_ref().is_some_and(TraceContext::sampled)).or_else(|| traced().next());
+    // trace is the one a remote call continues; else the first traced: `min_by_key`
+    // keeps the first of equals) and links to the others.
+    let lead = batch
+        .iter()
+        .filter(|p| p.origin.trace.is_some())
+        .min_by_key(|p| !p.origin.trace.as_ref().is_some_and(TraceContext::sampled));
     let span = match lead {
         Some(l) => tracing::debug_span!(parent: &l.span, "batch", model = %shared.name, rows, requests = batch.len()),
         None => tracing::debug_span!("batch", model = %shared.name, rows, requests = batch.len()),
     };
     // What a remote call carries: this span's context when spans are exported, else the
-    // lead request's as it came.
-    let lead_trace = lead.and_then(|l| l.origin.trace.clone());
-    let trace = crate::telemetry::otlp::adopt(&span, None)
-        .map(|own| TraceContext { state: lead_trace.as_ref().and_then(|t| t.state.clone()), ..own })
-        .or(lead_trace);
+    // lead request's as it came (gathered only for backends that pass it on).
+    let trace = backend.passes_callers().then(|| {
+        let lead_trace = lead.and_then(|l| l.origin.trace.clone());
+        crate::telemetry::otlp::adopt(&span, None)
+            .map(|own| TraceContext { state: lead_trace.as_ref().and_then(|t| t.state.clone()), ..own })
+            .or(lead_trace)
+    });
     for p in &batch {
         if !lead.is_some_and(|l| std::ptr::eq(l, p)) {
             span.follows_from(p.span.id());
@@ -337,10 +334,12 @@ fn run_batch(shared: &Shared, backend: &mut dyn Backend, batch: Vec<Pending>, im
             .map(|i| BatchInput { parts: batch.iter().map(|p| &p.inputs[i]).collect(), pad })
             .collect();
         let mut t_infer = t_input;
-        // The batch is worth computing until its last caller's deadline.
-        let deadlines: Option<Vec<Instant>> = batch.iter().map(|p| p.deadline).collect();
-        let origins: Vec<&Origin> = batch.iter().map(|p| &*p.origin).collect();
-        backend.set_callers(deadlines.and_then(|d| d.into_iter().max()), &origins, trace.as_ref());
+        if let Some(trace) = &trace {
+            // The batch is worth computing until its last caller's deadline.
+            let deadlines: Option<Vec<Instant>> = batch.iter().map(|p| p.deadline).collect();
+            let origins: Vec<&Origin> = batch.iter().map(|p| &*p.origin).collect();
+            backend.set_callers(deadlines.and_then(|d| d.into_iter().max()), &origins, trace.as_ref());
+        }
         let outputs = backend
             .run_batch(&inputs, &mut || t_infer = Instant::now())
             .map_err(|e| Error::Backend { model: shared.name.clone(), message: e.0 })?;
