@@ -55,6 +55,8 @@ enum Command {
 /// Runs the `sluice` command line (the process's arguments) with the ops of `ops`: what
 /// `sluice serve` serves pipelines with, and what `check`, `graph` and `ops` know.
 pub fn main_with(ops: OpRegistry) -> ExitCode {
+    #[cfg(feature = "opencv")]
+    sluice_opencv::install();
     // Named as invoked: a build with its own ops (`sluice-custom`) says so in its help.
     let bin = std::env::args_os()
         .next()

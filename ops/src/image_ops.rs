@@ -138,21 +138,55 @@ pub enum Interpolation {
     Nearest,
 }
 
-impl Interpolation {
-    #[cfg(feature = "opencv")]
-    pub(crate) fn opencv(self) -> i32 {
-        use opencv::imgproc::{INTER_AREA, INTER_CUBIC, INTER_LINEAR, INTER_NEAREST};
-        match self {
-            Interpolation::Linear => INTER_LINEAR,
-            Interpolation::Area => INTER_AREA,
-            Interpolation::Cubic => INTER_CUBIC,
-            Interpolation::Nearest => INTER_NEAREST,
-        }
-    }
+/// A region of an image: left, top, width, height.
+pub type Region = (u32, u32, u32, u32);
+
+/// The kernels of `engine: opencv`. They live in the `sluice-opencv` crate, which links
+/// OpenCV's C++ libraries; a program built with it (the `sluice` command's `opencv` cargo
+/// feature) installs them once at start-up ([`install_opencv`]). This crate, and the
+/// server on it, then compile the same with or without OpenCV.
+pub trait OpencvKernels: Send + Sync {
+    /// Decodes an image (a JPEG at a DCT-reduced scale when `max_side` allows), checking
+    /// its size against `max_pixels` and the image budget before any pixel memory is taken.
+    fn decode(&self, data: &[u8], max_pixels: u64, max_side: Option<u32>) -> Result<Image, OpError>;
+    /// Resizes the region `from` of `src` into the region `to` of `dst`.
+    fn resize(
+        &self,
+        src: &Image,
+        from: Region,
+        dst: &mut Image,
+        to: Region,
+        interpolation: Interpolation,
+    ) -> Result<(), OpError>;
+    /// Warps the quad `q` (top-left, top-right, bottom-right, bottom-left; checked not
+    /// degenerate) onto an upright image of `size`.
+    fn warp_quad(
+        &self,
+        img: &Image,
+        q: [(f32, f32); 4],
+        size: (u32, u32),
+        interpolation: Interpolation,
+    ) -> Result<Image, OpError>;
 }
 
-/// Whether this build has OpenCV (the cargo feature `opencv`).
-pub const OPENCV: bool = cfg!(feature = "opencv");
+static OPENCV: std::sync::OnceLock<&'static dyn OpencvKernels> = std::sync::OnceLock::new();
+
+/// Makes `engine: opencv` available to every pipeline loaded afterwards. The first
+/// kernels installed stay: later calls change nothing.
+pub fn install_opencv(kernels: &'static dyn OpencvKernels) {
+    let _ = OPENCV.set(kernels);
+}
+
+/// The kernels of `engine: opencv`, where this program installed them.
+pub fn opencv() -> Option<&'static dyn OpencvKernels> {
+    OPENCV.get().copied()
+}
+
+/// The installed kernels, or an internal error: pipelines that use `engine: opencv` are
+/// refused at load where none are, so this fails only on a program's own mistake.
+fn opencv_kernels() -> Result<&'static dyn OpencvKernels, OpError> {
+    opencv().ok_or_else(|| OpError::Internal("engine: opencv in a build without OpenCV's kernels".into()))
+}
 
 /// The kernels of an op: its engine and, with OpenCV, the interpolation.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -170,9 +204,11 @@ impl Kernel {
 
     fn check(&self) -> Result<(), String> {
         match self.engine {
-            Engine::Opencv if !OPENCV => Err("bad params: engine: opencv needs a sluice built with the `opencv` \
+            Engine::Opencv if opencv().is_none() => {
+                Err("bad params: engine: opencv needs a sluice built with the `opencv` \
                  cargo feature (cargo build --release --features opencv); this one has only engine: rust"
-                .into()),
+                    .into())
+            }
             Engine::Rust if self.interpolation != Interpolation::Linear => Err(format!(
                 "bad params: interpolation: {:?} needs engine: opencv (the rust engine resizes bilinearly)",
                 self.interpolation
@@ -222,10 +258,7 @@ impl Kernel {
                 let mut d = TypedCroppedImageMut::new(canvas, to.0, to.1, to.2, to.3).map_err(internal)?;
                 RESIZER.with_borrow_mut(|r| r.resize_typed(&s, &mut d, &bilinear())).map_err(internal)
             }
-            #[cfg(feature = "opencv")]
-            Engine::Opencv => crate::cv::resize(src, from, dst, to, self.interpolation),
-            #[cfg(not(feature = "opencv"))]
-            Engine::Opencv => Err(no_opencv()),
+            Engine::Opencv => opencv_kernels()?.resize(src, from, dst, to, self.interpolation),
         }
     }
 
@@ -233,7 +266,6 @@ impl Kernel {
     fn warp_quad(&self, img: &Image, q: [(f32, f32); 4]) -> Result<Image, OpError> {
         match self.engine {
             Engine::Rust => warp_quad(img, q),
-            #[cfg(feature = "opencv")]
             Engine::Opencv => {
                 // cv::getPerspectiveTransform gives a matrix of zeros for a quad with no
                 // area rather than an error: refuse it as the pure-Rust warp does.
@@ -242,17 +274,10 @@ impl Kernel {
                 if homography(dst, q).is_none() {
                     return Err(OpError::Invalid(format!("quad {q:?} is degenerate")));
                 }
-                crate::cv::warp_quad(img, q, size, self.interpolation)
+                opencv_kernels()?.warp_quad(img, q, size, self.interpolation)
             }
-            #[cfg(not(feature = "opencv"))]
-            Engine::Opencv => Err(no_opencv()),
         }
     }
-}
-
-#[cfg(not(feature = "opencv"))]
-fn no_opencv() -> OpError {
-    OpError::Internal("engine: opencv in a build without the `opencv` feature".into())
 }
 
 const ENGINE: crate::op::Param =
@@ -280,7 +305,6 @@ struct DecodeParams {
 struct Decode {
     max_pixels: Option<u64>,
     engine: Engine,
-    #[cfg_attr(not(feature = "opencv"), allow(dead_code))]
     max_side: Option<u32>,
 }
 
@@ -312,10 +336,7 @@ impl Op for Decode {
         let max = self.max_pixels.unwrap_or(u64::MAX).min(crate::memory::max_image_pixels());
         let img = match self.engine {
             Engine::Rust => decode_image(data, max)?,
-            #[cfg(feature = "opencv")]
-            Engine::Opencv => crate::cv::decode(data, max, self.max_side)?,
-            #[cfg(not(feature = "opencv"))]
-            Engine::Opencv => return Err(no_opencv()),
+            Engine::Opencv => opencv_kernels()?.decode(data, max, self.max_side)?,
         };
         Ok(vec![Value::Image(Arc::new(img))])
     }
@@ -406,8 +427,7 @@ fn jpeg_decoder(data: &[u8], max_pixels: u64) -> Result<(Jpeg<'_>, u32, u32), Op
 }
 
 /// A JPEG's size (checked against `max_pixels`) and EXIF orientation, from its headers.
-#[cfg_attr(not(feature = "opencv"), allow(dead_code))]
-pub(crate) fn jpeg_header(data: &[u8], max_pixels: u64) -> Result<(u32, u32, u16), OpError> {
+pub fn jpeg_header(data: &[u8], max_pixels: u64) -> Result<(u32, u32, u16), OpError> {
     let (dec, w, h) = jpeg_decoder(data, max_pixels)?;
     Ok((w, h, dec.exif().and_then(|e| exif_orientation(e)).unwrap_or(1)))
 }
@@ -453,7 +473,7 @@ fn exif_orientation(exif: &[u8]) -> Option<u16> {
 }
 
 /// Applies an EXIF orientation (1..=8) so the image is upright.
-pub(crate) fn orient(img: Image, orientation: u16) -> Result<Image, OpError> {
+pub fn orient(img: Image, orientation: u16) -> Result<Image, OpError> {
     let (w, h) = (img.width as usize, img.height as usize);
     // For each output pixel (x, y) of an output of size (ow, oh): its source pixel.
     let transposed = matches!(orientation, 5..=8);

@@ -2,8 +2,6 @@
 //! nothing of the wire protocol, the async runtime or the backends.
 #![forbid(unsafe_code)]
 
-#[cfg(feature = "opencv")]
-pub mod cv;
 pub mod detect;
 pub mod filter;
 pub mod image_ops;

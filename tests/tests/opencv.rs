@@ -67,6 +67,7 @@ fn rows(t: &Tensor) -> Vec<[i64; 4]> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opencv_pipelines_find_the_boxes_of_the_rust_one_in_the_photos_pixels() {
+    sluice_opencv::install();
     let repo = Repo::new();
     repo.add("detector", &tiny_detector(), DETECTOR_YAML);
     repo.pipeline("rust", &detect("{}", ""));

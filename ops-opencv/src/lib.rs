@@ -1,20 +1,64 @@
-//! The image ops' OpenCV engine (cargo feature `opencv`, `engine: opencv` on an op):
-//! cv2's own kernels for users porting Python pre-processing that must match it exactly
-//! (INTER_AREA, INTER_CUBIC, warpPerspective), and libjpeg-turbo's DCT-scaled decode
-//! (IMREAD_REDUCED_*), which decodes a large JPEG at 1/2, 1/4 or 1/8 of its size for a
-//! fraction of the work when the pipeline shrinks it far below that anyway.
+//! The image ops' OpenCV engine (`engine: opencv` on an op): cv2's own kernels for users
+//! porting Python pre-processing that must match it exactly (INTER_AREA, INTER_CUBIC,
+//! warpPerspective), and libjpeg-turbo's DCT-scaled decode (IMREAD_REDUCED_*), which
+//! decodes a large JPEG at 1/2, 1/4 or 1/8 of its size for a fraction of the work when the
+//! pipeline shrinks it far below that anyway. A program turns it on with [`install`]
+//! (the `sluice` command does, built with its `opencv` cargo feature).
 //!
 //! OpenCV reads and writes our buffers in place (Mat headers over them); sizes are
 //! checked against the caps and charged to the image budget before OpenCV allocates.
 //! OpenCV's own thread pool is off: ops run on sluice's pools, sized by the operator.
 
-use crate::image_ops::{jpeg_header, orient, Interpolation};
-use crate::op::OpError;
-use crate::value::Image;
 use opencv::core::{Mat, Point2f, Rect, Scalar, Size, Vec3b, BORDER_REPLICATE, CV_8UC3};
 use opencv::prelude::*;
 use opencv::{imgcodecs, imgproc};
+use sluice_ops::image_ops::{jpeg_header, orient, Interpolation, OpencvKernels, Region};
+use sluice_ops::{Image, OpError};
 use std::sync::Once;
+
+/// Makes `engine: opencv` available to the pipelines this process loads from now on
+/// (idempotent).
+pub fn install() {
+    sluice_ops::image_ops::install_opencv(&Kernels);
+}
+
+struct Kernels;
+
+impl OpencvKernels for Kernels {
+    fn decode(&self, data: &[u8], max_pixels: u64, max_side: Option<u32>) -> Result<Image, OpError> {
+        decode(data, max_pixels, max_side)
+    }
+    fn resize(
+        &self,
+        src: &Image,
+        from: Region,
+        dst: &mut Image,
+        to: Region,
+        interpolation: Interpolation,
+    ) -> Result<(), OpError> {
+        resize(src, from, dst, to, interpolation)
+    }
+    fn warp_quad(
+        &self,
+        img: &Image,
+        q: [(f32, f32); 4],
+        size: (u32, u32),
+        interpolation: Interpolation,
+    ) -> Result<Image, OpError> {
+        warp_quad(img, q, size, interpolation)
+    }
+}
+
+/// cv2's INTER_* flag of a kernel.
+fn inter(interpolation: Interpolation) -> i32 {
+    use opencv::imgproc::{INTER_AREA, INTER_CUBIC, INTER_LINEAR, INTER_NEAREST};
+    match interpolation {
+        Interpolation::Linear => INTER_LINEAR,
+        Interpolation::Area => INTER_AREA,
+        Interpolation::Cubic => INTER_CUBIC,
+        Interpolation::Nearest => INTER_NEAREST,
+    }
+}
 
 static SERIAL: Once = Once::new();
 
@@ -24,7 +68,7 @@ fn init() {
         // 0: no threading (OpenCV runs each function on its caller). A failure costs
         // only oversubscription, never a wrong answer; this crate has no logger.
         if let Err(e) = opencv::core::set_num_threads(0) {
-            eprintln!("sluice-ops: could not turn OpenCV's thread pool off ({e})");
+            eprintln!("sluice-opencv: could not turn OpenCV's thread pool off ({e})");
         }
     });
 }
@@ -37,7 +81,7 @@ fn to_i32(v: u32, what: &str) -> Result<i32, OpError> {
     i32::try_from(v).map_err(|_| OpError::TooLarge(format!("{what} {v} is beyond OpenCV's int sizes")))
 }
 
-fn rect(r: (u32, u32, u32, u32)) -> Result<Rect, OpError> {
+fn rect(r: Region) -> Result<Rect, OpError> {
     Ok(Rect::new(to_i32(r.0, "x")?, to_i32(r.1, "y")?, to_i32(r.2, "width")?, to_i32(r.3, "height")?))
 }
 
@@ -68,7 +112,7 @@ pub fn reduction(w: u32, h: u32, max_side: u32) -> u32 {
 /// the same pixels, and OpenCV's reduced PNG decode is a full decode plus a resize.
 pub fn decode(data: &[u8], max_pixels: u64, max_side: Option<u32>) -> Result<Image, OpError> {
     if !data.starts_with(&[0xFF, 0xD8]) {
-        return crate::image_ops::decode_image(data, max_pixels);
+        return sluice_ops::image_ops::decode_image(data, max_pixels);
     }
     init();
     // The header first, without decoding: the size is checked against the caps before
@@ -87,7 +131,8 @@ pub fn decode(data: &[u8], max_pixels: u64, max_side: Option<u32>) -> Result<Ima
     // A progressive JPEG also keeps every DCT coefficient of the full-size image (2
     // bytes a sample) whatever the output scale: charged at full size then.
     let (cw, ch) = if progressive(data) { (w, h) } else { (rw, rh) };
-    let _scratch = crate::memory::IMAGES.take(crate::memory::image_bytes(cw as u64, ch as u64)?.saturating_mul(2))?;
+    let _scratch =
+        sluice_ops::memory::IMAGES.take(sluice_ops::memory::image_bytes(cw as u64, ch as u64)?.saturating_mul(2))?;
     let len = i32::try_from(data.len()).map_err(|_| OpError::TooLarge(format!("{} bytes of JPEG", data.len())))?;
     let encoded = Mat::new_rows_cols_with_data(1, len, data).map_err(cv("input header"))?;
     let bgr = imgcodecs::imdecode(&encoded, flags).map_err(|e| OpError::Invalid(format!("cannot decode JPEG: {e}")))?;
@@ -143,9 +188,9 @@ fn progressive(data: &[u8]) -> bool {
 /// `to` of `dst` with `cv::resize`.
 pub fn resize(
     src: &Image,
-    from: (u32, u32, u32, u32),
+    from: Region,
     dst: &mut Image,
-    to: (u32, u32, u32, u32),
+    to: Region,
     interpolation: Interpolation,
 ) -> Result<(), OpError> {
     init();
@@ -155,7 +200,7 @@ pub fn resize(
     let mut d = Mat::roi_mut(&mut canvas, rect(to)?).map_err(cv("destination region"))?;
     let at = d.data();
     let size = Size::new(to_i32(to.2, "width")?, to_i32(to.3, "height")?);
-    imgproc::resize(&s, &mut d, size, 0.0, 0.0, interpolation.opencv()).map_err(cv("resize"))?;
+    imgproc::resize(&s, &mut d, size, 0.0, 0.0, inter(interpolation)).map_err(cv("resize"))?;
     if d.data() != at {
         return Err(OpError::Internal("OpenCV wrote the resized pixels elsewhere".into()));
     }
@@ -182,7 +227,7 @@ pub fn warp_quad(
         let mut d = mat_of_mut(&mut out)?;
         let at = d.data();
         let size = Size::new(to_i32(w, "width")?, to_i32(h, "height")?);
-        imgproc::warp_perspective(&src, &mut d, &m, size, interpolation.opencv(), BORDER_REPLICATE, Scalar::default())
+        imgproc::warp_perspective(&src, &mut d, &m, size, inter(interpolation), BORDER_REPLICATE, Scalar::default())
             .map_err(cv("warpPerspective"))?;
         if d.data() != at {
             return Err(OpError::Internal("OpenCV wrote the warped pixels elsewhere".into()));
