@@ -1,6 +1,6 @@
 """Drives sluice's live dashboard in Debian's headless Chromium while load runs: the
 page's numbers must move, and once the load stops they must equal the server's own
-/metrics. Saves a screenshot taken under load. Run by tests/tests/dashboard.rs.
+/metrics. Saves a screenshot taken under load. Run by tests/tests/e2e/dashboard.rs.
 
 usage: dashboard_check.py HTTP_URL PIPELINE MODEL REQUEST_JSON SCREENSHOT_PNG
   REQUEST_JSON: a v2 JSON inference request body for PIPELINE, sent in a loop.

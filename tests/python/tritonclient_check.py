@@ -1,6 +1,6 @@
 """Talks to a running sluice server with Triton's own Python client, over gRPC and HTTP.
 
-Run by tests/tests/triton_tools.rs, which starts the server with the `affine` test model
+Run by tests/tests/e2e/triton_tools.rs, which starts the server with the `affine` test model
 (y = 2x + 1, neg = -x over x: FP32 [N, 4], max_batch_size 8). Exits non-zero on the first
 mismatch.
 """

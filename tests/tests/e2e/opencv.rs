@@ -2,7 +2,7 @@
 //! decode and letterbox run on OpenCV, and one that decodes its JPEG at a quarter of the
 //! size (`max_side`), answer over the wire with the boxes of the pure-Rust pipeline, in
 //! the photo's own pixels; a crop of the reduced decode lands on the same object
-//! (tests/tests/pipelines.rs: OpenCV params without `engine: opencv` fail the load).
+//! (tests/tests/e2e/pipelines.rs: OpenCV params without `engine: opencv` fail the load).
 #![cfg(feature = "opencv")]
 
 use sluice_client::{InferOptions, Tensor};
