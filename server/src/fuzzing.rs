@@ -1,10 +1,45 @@
 //! Entry points for the fuzz targets (`fuzz/`): each takes bytes as a client or a file
 //! would send them and must return, never panic, abort or allocate without bound.
+//! [`TARGETS`] maps a target's name to its entry point; the unit test below replays the
+//! committed corpus (`fuzz/corpus/<target>/`) through them on every test run.
 
 use crate::pipeline::{Catalog, ModelSig};
 use crate::repository::model_yaml::ModelYaml;
 use sluice_ops::{DataType, OpRegistry};
 use std::path::Path;
+
+/// What a fuzz target calls with each input.
+pub type EntryPoint = fn(&[u8]);
+
+/// Every fuzz target: its name (the fuzz/fuzz_targets file and the corpus folder) and the
+/// entry point it feeds the fuzzer's bytes to.
+pub const TARGETS: &[(&str, EntryPoint)] = &[
+    ("decode_image", decode_image),
+    ("grpc_infer", grpc_infer),
+    ("http_infer", http_infer_bytes),
+    ("model_yaml", |data| std::str::from_utf8(data).map_or((), model_yaml)),
+    ("onnx_fold", onnx_fold),
+    ("pipeline", |data| std::str::from_utf8(data).map_or((), pipeline)),
+];
+
+/// The entry point of the fuzz target `name` ([`TARGETS`]).
+pub fn target(name: &str) -> EntryPoint {
+    TARGETS.iter().find(|t| t.0 == name).unwrap_or_else(|| panic!("no fuzz target {name}")).1
+}
+
+/// [`http_infer`] from one byte string: the first byte says whether an
+/// `Inference-Header-Content-Length` header is sent and the next four its value.
+fn http_infer_bytes(data: &[u8]) {
+    let (header, body) = match data.split_first() {
+        Some((&flag, rest)) if flag & 1 == 1 && rest.len() >= 4 => {
+            let n = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) % (rest.len() as u32 + 8);
+            (Some(n.to_string()), &rest[4..])
+        }
+        Some((_, rest)) => (None, rest),
+        None => (None, data),
+    };
+    http_infer(header.as_deref().map(str::as_bytes), body);
+}
 
 /// An HTTP infer body, with an optional `Inference-Header-Content-Length` value.
 pub fn http_infer(header_len: Option<&[u8]>, body: &[u8]) {
@@ -68,4 +103,35 @@ pub fn pipeline(text: &str) {
 /// An ONNX file through the graph rewrite run before ONNX Runtime loads it.
 pub fn onnx_fold(bytes: &[u8]) {
     let _ = crate::onnx::fold::fold(bytes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TARGETS;
+    use std::path::Path;
+
+    /// Every input of the committed corpus through its target, in the ordinary test
+    /// build: what the fuzzers found once stays fixed (scripts/fuzz.sh goes on to look for
+    /// new inputs).
+    #[test]
+    fn the_committed_corpus_runs_through_every_target() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+        let mut dirs: Vec<String> = std::fs::read_dir(root.join("corpus"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        dirs.sort();
+        let names: Vec<&str> = TARGETS.iter().map(|t| t.0).collect();
+        assert_eq!(dirs, names, "a corpus folder for every target in TARGETS, and no other");
+        for (name, run) in TARGETS {
+            assert!(root.join("fuzz_targets").join(format!("{name}.rs")).is_file(), "fuzz/fuzz_targets/{name}.rs");
+            let mut inputs = 0;
+            for entry in std::fs::read_dir(root.join("corpus").join(name)).unwrap() {
+                let data = std::fs::read(entry.unwrap().path()).unwrap();
+                run(&data);
+                inputs += 1;
+            }
+            assert!(inputs > 0, "fuzz/corpus/{name} is empty");
+        }
+    }
 }
