@@ -21,6 +21,7 @@ fn spec(model: &str, inputs: Vec<(String, Tensor)>, seconds: f64) -> BenchSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_loop_counts_match_the_servers_statistics() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), "max_batch_size: 8\n");
     let s = start(repo.config()).await;
@@ -45,6 +46,7 @@ async fn closed_loop_counts_match_the_servers_statistics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_past_capacity_shows_a_low_service_rate_and_rising_latency() {
+    let _machine = crate::loads_the_machine().await;
     let repo = Repo::new();
     // 20 ms of work on a one-thread pool: at most 50 requests/s.
     repo.pipeline(

@@ -30,6 +30,7 @@ async fn live(http: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_are_cut_off_and_the_server_goes_on() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), YAML);
     let mut cfg = config(repo.path());
@@ -51,6 +52,7 @@ async fn slow_headers_are_cut_off_and_the_server_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_wait_until_others_close() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), YAML);
     let mut cfg = config(repo.path());
@@ -89,6 +91,7 @@ async fn connections_past_the_limit_wait_until_others_close() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_requests_do_not_hold_the_shutdown() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), YAML);
     let mut cfg = config(repo.path());
@@ -115,6 +118,7 @@ async fn half_sent_requests_do_not_hold_the_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_metadata_closes_only_its_own_connection() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), YAML);
     let s = start(config(repo.path())).await;
@@ -143,6 +147,7 @@ async fn oversized_metadata_closes_only_its_own_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_and_slow_bodies_are_cut_off() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     repo.add("affine", &affine_model(4), YAML);
     let mut cfg = config(repo.path());

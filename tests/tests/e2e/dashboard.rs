@@ -166,6 +166,7 @@ async fn requests_carry_ids_and_timing_on_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_page_shows_live_numbers_that_match_the_metrics() {
+    let _machine = crate::loads_the_machine().await;
     let s = start(repo().config()).await;
     for _ in 0..3 {
         s.client.infer("affine", &[("x", &x(true))], InferOptions::default()).await.unwrap();

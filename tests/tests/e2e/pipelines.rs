@@ -504,6 +504,7 @@ async fn the_fused_layout_gives_the_same_results_as_the_split_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_node_may_shorten_its_models_batching_delay() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     // The model waits up to 2 s for a batch to fill; the pipeline's node will not.
     repo.add(

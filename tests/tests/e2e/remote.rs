@@ -45,6 +45,7 @@ async fn call(s: &TestServer, input: &Tensor) -> Result<HashMap<String, Tensor>,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remote_models_answer_like_local_ones_and_survive_a_replica_going_away() {
+    let _machine = crate::loads_the_machine().await;
     let (repo_a, repo_b) = (model_tier(), model_tier());
     let a = start(repo_a.config()).await;
     let b = start(repo_b.config()).await;

@@ -297,6 +297,7 @@ async fn malformed_requests_get_clear_errors_and_the_server_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_rejects_at_once() {
+    let _clock = crate::timed().await;
     let repo = Repo::new();
     // A long batching delay keeps the first requests queued: the queue is full at 2.
     repo.add(

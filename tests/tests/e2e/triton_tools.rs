@@ -41,6 +41,7 @@ async fn tritonclient_talks_to_sluice_over_grpc_and_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn perf_analyzer_load_tests_sluice_over_grpc() {
+    let _machine = crate::loads_the_machine().await;
     let repo = affine_repo();
     let s = start(config(repo.path())).await;
     let mut cmd = Command::new(tool(".sluice/bin/perf_analyzer"));
@@ -100,6 +101,7 @@ async fn tritonclient_calls_a_pipeline_with_encoded_images() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn perf_analyzer_load_tests_a_pipeline_with_image_data() {
+    let _machine = crate::loads_the_machine().await;
     let (repo, files) = classify_repo();
     let s = start(repo.config()).await;
     // perf_analyzer takes BYTES data as base64 of the serialized tensor: each element's
