@@ -11,7 +11,9 @@
 #   SLUICE_SKIP_DEPLOY=1   skip .venv-deploy (Helm's Go SDK and the schemas that
 #                          scripts/render_manifests.py renders and validates deploy/ with)
 #   SLUICE_OPENCV=1        also Debian's OpenCV development packages and libclang, for
-#                          the `opencv` cargo feature (the test command builds it)
+#                          the `opencv` cargo feature and the OpenCV engine's crate
+#                          (ops-opencv), which any `--workspace` build compiles (the
+#                          test command sets it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -110,7 +112,7 @@ debs=()
 [ -x /usr/bin/chromium ] || debs+=(chromium)
 [ -x /usr/bin/chromedriver ] || debs+=(chromium-driver)
 command -v tmux >/dev/null || debs+=(tmux)
-# SLUICE_OPENCV=1 (the test command sets it): what the `opencv` cargo feature builds
+# SLUICE_OPENCV=1 (the test command sets it): what the OpenCV engine's crate builds
 # against: OpenCV's core, imgproc and imgcodecs headers and libraries (not all of
 # libopencv-dev, which pulls in every module) and libclang, with which the opencv crate
 # generates its bindings.

@@ -8,6 +8,7 @@
 //! OpenCV reads and writes our buffers in place (Mat headers over them); sizes are
 //! checked against the caps and charged to the image budget before OpenCV allocates.
 //! OpenCV's own thread pool is off: ops run on sluice's pools, sized by the operator.
+#![forbid(unsafe_code)]
 
 use opencv::core::{Mat, Point2f, Rect, Scalar, Size, Vec3b, BORDER_REPLICATE, CV_8UC3};
 use opencv::prelude::*;

@@ -119,7 +119,8 @@ pub enum Engine {
     /// Pure Rust (zune-jpeg, png, fast_image_resize): always built in.
     #[default]
     Rust,
-    /// OpenCV's (cargo feature `opencv`): cv2's exact kernels, and reduced JPEG decodes.
+    /// OpenCV's (the sluice-opencv crate, installed by a program built with it): cv2's
+    /// exact kernels, and reduced JPEG decodes.
     Opencv,
 }
 
@@ -206,7 +207,8 @@ impl Kernel {
         match self.engine {
             Engine::Opencv if opencv().is_none() => {
                 Err("bad params: engine: opencv needs a sluice built with the `opencv` \
-                 cargo feature (cargo build --release --features opencv); this one has only engine: rust"
+                 cargo feature (cargo build --release --features opencv; a program on the sluice-server \
+                 library calls sluice_opencv::install() at start-up); this one has only engine: rust"
                     .into())
             }
             Engine::Rust if self.interpolation != Interpolation::Linear => Err(format!(
