@@ -119,12 +119,21 @@ mod tests {
         let mut dirs: Vec<String> = std::fs::read_dir(root.join("corpus"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.starts_with('.'))
             .collect();
         dirs.sort();
-        let names: Vec<&str> = TARGETS.iter().map(|t| t.0).collect();
+        let mut names: Vec<&str> = TARGETS.iter().map(|t| t.0).collect();
+        names.sort();
         assert_eq!(dirs, names, "a corpus folder for every target in TARGETS, and no other");
+        let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
         for (name, run) in TARGETS {
-            assert!(root.join("fuzz_targets").join(format!("{name}.rs")).is_file(), "fuzz/fuzz_targets/{name}.rs");
+            assert!(manifest.contains(&format!("name = \"{name}\"")), "fuzz/Cargo.toml builds no target {name}");
+            // Each target feeds the entry point of its own name.
+            let source = std::fs::read_to_string(root.join("fuzz_targets").join(format!("{name}.rs"))).unwrap();
+            assert!(
+                source.contains(&format!("target(\"{name}\")")),
+                "fuzz/fuzz_targets/{name}.rs calls another target"
+            );
             let mut inputs = 0;
             for entry in std::fs::read_dir(root.join("corpus").join(name)).unwrap() {
                 let data = std::fs::read(entry.unwrap().path()).unwrap();
