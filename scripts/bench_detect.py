@@ -8,14 +8,17 @@ from PIL import Image
 
 
 
-def detect_pipeline(max_detections=8):
+def detect_pipeline(max_detections=8, decode_params=""):
+    """The pipeline's YAML; decode_params adds decode_image's params (e.g. the reduced
+    decode, "engine: opencv, max_side: 320")."""
+    decode = f", params: {{{decode_params}}}" if decode_params else ""
     return f"""max_batch_size: 8
 inputs:
   - {{name: image, dtype: BYTES, dims: [1]}}
 outputs:
   - {{name: boxes, from: nms.boxes}}
 nodes:
-  - {{name: decode, op: decode_image, inputs: {{bytes: image}}}}
+  - {{name: decode, op: decode_image, inputs: {{bytes: image}}{decode}}}
   - name: letterbox
     op: resize
     inputs: {{image: decode.image}}

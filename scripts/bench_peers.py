@@ -11,12 +11,22 @@ divided by the run's length and by the rate perf_analyzer reports. Run by script
 
 usage: bench_peers.py OUT_DIR [SECONDS]
   PEER_WORKLOADS  which workloads (default: all five)
-  PEER_SERVERS    which servers (default: sluice mlserver mlserver-nobatch kserve)
+  PEER_SERVERS    which servers (default: sluice sluice-reduced sluice-tuned mlserver
+                  mlserver-nobatch kserve kserve-reduced)
+
+The `-reduced` variants run `detect` only, decoding the JPEG at a DCT scale (libjpeg-turbo's
+1/2, 1/4, 1/8) as large as the letterbox needs: sluice with `engine: opencv, max_side: 320`
+on decode_image (the binary must be built with `--features opencv`), KServe with the same
+rule in cv2 (steps.decode_reduced). `sluice-tuned` is sluice-reduced with the detector as
+two single-threaded instances instead of one on two threads (KServe runs one request at a
+time, so one session on both cores is its best). Each server's best over its variants is
+compared.
 """
 import base64
 import csv
 import json
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -45,7 +55,10 @@ WORKLOADS = {
     "detect_crop_classify": ([1, 4], ["detector", "resnet50"], "detect_crop_classify.yaml"),
 }
 BATCHABLE = {"tiny", "resnet50", "classify"}
-SERVERS = os.environ.get("PEER_SERVERS", "sluice mlserver mlserver-nobatch kserve").split()
+# The longer side the reduced decode keeps: the detector's letterbox.
+REDUCED_SIDE = 320
+SERVERS = os.environ.get(
+    "PEER_SERVERS", "sluice sluice-reduced sluice-tuned mlserver mlserver-nobatch kserve kserve-reduced").split()
 chosen = os.environ.get("PEER_WORKLOADS", " ".join(WORKLOADS)).split()
 
 
@@ -83,19 +96,26 @@ def wait_ready(proc, name, timeout=300):
     raise RuntimeError(f"{name} not ready after {timeout} s")
 
 
-def model_dir(repo, model):
-    """The model folder sluice serves: the shipped model.yaml (tiny: gen_tiny's)."""
+def model_dir(repo, model, tuned=False):
+    """The model folder sluice serves: the shipped model.yaml (tiny: gen_tiny's); tuned:
+    single-threaded instances, one per core, instead of one instance on every core."""
     d = repo / "models" / model
     d.mkdir(parents=True)
     src = models / model
     os.symlink(src / "model.onnx", d / "model.onnx")
-    shutil.copy(src / "model.yaml", d / "model.yaml")
+    text = (src / "model.yaml").read_text()
+    if tuned:
+        assert "\nintra_op_threads: 2\n" in text, f"{model}'s model.yaml changed: tune it here again"
+        text = text.replace("\nintra_op_threads: 2\n", "\nintra_op_threads: 1\ninstances: 2\n")
+    (d / "model.yaml").write_text(text)
 
 
-def start_sluice(repo, workload, log):
+def start_sluice(repo, workload, log, reduced, tuned):
     _, needs, pipeline = WORKLOADS[workload]
+    if reduced:
+        pipeline = detect_pipeline(decode_params=f"engine: opencv, max_side: {REDUCED_SIDE}")
     for m in needs:
-        model_dir(repo, m)
+        model_dir(repo, m, tuned)
     (repo / "pipelines").mkdir()
     if pipeline:
         text = (root / "pipelines" / pipeline).read_text() if pipeline.endswith(".yaml") else pipeline
@@ -106,8 +126,10 @@ def start_sluice(repo, workload, log):
          "--ort-dylib", root / ".sluice/lib/libonnxruntime.so"], stdout=log, stderr=log)
 
 
-def peer_env(workload=None):
+def peer_env(workload=None, reduced=False):
     env = dict(os.environ)
+    if reduced:
+        env["PEER_DECODE_MAX_SIDE"] = str(REDUCED_SIDE)
     env["PYTHONPATH"] = str(root / "scripts/peers")
     # What modelconfig.py answers perf_analyzer: the pipeline's max_batch_size in sluice.
     env["PEER_MAX_BATCH_SIZE"] = "4" if workload == "detect_crop_classify" else "8"
@@ -144,11 +166,11 @@ def start_mlserver(repo, workload, log, batching):
         stdout=log, stderr=log, env=peer_env(workload), cwd=repo)
 
 
-def start_kserve(repo, workload, log):
+def start_kserve(repo, workload, log, reduced):
     return subprocess.Popen(
         [root / ".venv-kserve/bin/python", root / "scripts/peers/kserve_server.py", "--workload", workload,
          "--models_dir", models, "--http_port", str(HTTP), "--grpc_port", str(GRPC)],
-        stdout=log, stderr=log, env=peer_env(workload), cwd=repo)
+        stdout=log, stderr=log, env=peer_env(workload, reduced), cwd=repo)
 
 
 def answer(workload, image):
@@ -189,27 +211,38 @@ def measure(workload, server, conc, data):
     return float(row["Inferences/Second"]), float(row["p50 latency"]) / 1000, float(row["p99 latency"]) / 1000
 
 
+def client_cpu():
+    """CPU seconds of the finished perf_analyzer runs (the server is a child, but a live one)."""
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
+
+
 def run(workload, server, data, image):
     concs = WORKLOADS[workload][0]
     if server == "mlserver-nobatch" and workload not in BATCHABLE:
         return {}
+    tuned = server == "sluice-tuned"
+    reduced = server.endswith("-reduced") or tuned
+    if reduced and workload != "detect":
+        return {}
     repo = Path(tempfile.mkdtemp())
     log = open(out / f"{workload}_{server}.server.log", "w")
-    if server == "sluice":
-        proc = start_sluice(repo, workload, log)
+    if server.startswith("sluice"):
+        proc = start_sluice(repo, workload, log, reduced, tuned)
     elif server.startswith("mlserver"):
         proc = start_mlserver(repo, workload, log, batching=server == "mlserver" and workload in BATCHABLE)
     else:
-        proc = start_kserve(repo, workload, log)
+        proc = start_kserve(repo, workload, log, reduced)
     results = {}
     try:
         wait_ready(proc, workload)
         answers[(workload, server)] = answer(workload, image)
         for conc in concs:
-            c0, t0 = tree_cpu(proc.pid), time.time()
+            c0, t0, u0 = tree_cpu(proc.pid), time.time(), client_cpu()
             r = measure(workload, server, conc, data)
-            cpu = (tree_cpu(proc.pid) - c0) / (time.time() - t0)
-            results[conc] = r and (*r, cpu / r[0] * 1000)
+            took = time.time() - t0
+            cpu, client = (tree_cpu(proc.pid) - c0) / took, (client_cpu() - u0) / took
+            results[conc] = r and (*r, cpu / r[0] * 1000, client / r[0] * 1000)
     finally:
         proc.terminate()
         try:
@@ -235,25 +268,27 @@ data.write_text(json.dumps({"data": [{"image": {"b64": base64.b64encode(struct.p
                                                 "shape": [1]}}]}))
 
 print(f"perf_analyzer over gRPC, batch 1, {secs:g} s windows; BYTES workloads send one {len(image) // 1024} KB "
-      "640x480 JPEG; server CPU ms per inference over the whole run")
+      "640x480 JPEG; server and client (perf_analyzer) CPU ms per inference over the whole run")
 print()
-print("| workload | server | concurrency | infer/s | p50 ms | p99 ms | server CPU ms/inference |")
-print("|---|---|---|---|---|---|---|")
+print("| workload | server | concurrency | infer/s | p50 ms | p99 ms | server CPU ms/inference | client CPU ms/inference |")
+print("|---|---|---|---|---|---|---|---|")
 best, answers = {}, {}
 for workload in chosen:
     for server in SERVERS:
         res = run(workload, server, data if workload not in ("tiny", "resnet50") else None, image)
         for conc, r in res.items():
             if r is None:
-                print(f"| {workload} | {server} | {conc} | unstable | | | |", flush=True)
+                print(f"| {workload} | {server} | {conc} | unstable | | | | |", flush=True)
                 continue
-            ips, p50, p99, cpu = r
-            print(f"| {workload} | {server} | {conc} | {ips:,.1f} | {p50:.2f} | {p99:.2f} | {cpu:.3f} |", flush=True)
+            ips, p50, p99, cpu, client = r
+            print(f"| {workload} | {server} | {conc} | {ips:,.1f} | {p50:.2f} | {p99:.2f} | {cpu:.3f} | {client:.3f} |",
+                  flush=True)
             key = (workload, server.split("-")[0])
             best[key] = max(best.get(key, 0), ips)
 
 print()
-print("Best infer/s over the concurrencies (MLServer: batching on or off, whichever served more):")
+print("Best infer/s over the concurrencies and variants (MLServer: batching on or off; sluice and")
+print("KServe on detect: the variants above; whichever served more):")
 print()
 print("| workload | sluice | MLServer | KServe | sluice / MLServer | sluice / KServe |")
 print("|---|---|---|---|---|---|")
@@ -270,4 +305,37 @@ if any(answers.values()):
         got = [f"{server} {a}" for (w, server), a in answers.items() if w == workload and a]
         if got:
             print(f"- {workload}: " + "; ".join(got))
+if "detect" in chosen:
+    # What every server's `detect` pays at least: the detector alone in ONNX Runtime,
+    # batch 1, the session options of steps.py, in the same run (this VM's speed drifts).
+    # And decoding the image, full and reduced, in libjpeg-turbo (cv2, one thread).
+    code = """
+import sys, time, numpy as np
+sys.path.insert(0, sys.argv[2])
+from steps import decode, decode_reduced, session
+def cpu_ms(f, n):
+    for _ in range(20):
+        f()
+    c = time.process_time()
+    for _ in range(n):
+        f()
+    return (time.process_time() - c) / n * 1000
+x = np.zeros((1, 3, 320, 320), np.float32)
+for threads in (1, 2):
+    s = session(sys.argv[1], threads)
+    print(f"the detector, {threads} intra-op thread(s)", cpu_ms(lambda: s.run(None, {"images": x}), 300))
+blob = open(sys.argv[3], "rb").read()
+print("decoding the JPEG, full size", cpu_ms(lambda: decode(blob), 300))
+print("decoding the JPEG, reduced to the letterbox", cpu_ms(lambda: decode_reduced(blob, 320), 300))
+"""
+    (out / "image.jpg").write_bytes(image)
+    res = subprocess.check_output([root / ".venv-kserve/bin/python", "-c", code, models / "detector/model.onnx",
+                                   root / "scripts/peers", out / "image.jpg"], text=True)
+    print()
+    print("What every server's `detect` pays, alone, no server (batch 1; cv2 with one thread):")
+    print()
+    for line in res.split("\n"):
+        if line:
+            what, cpu = line.rsplit(" ", 1)
+            print(f"- {what}: {float(cpu):.2f} ms of CPU per image")
 shutil.rmtree(models.parent)

@@ -32,9 +32,40 @@ def session(path, threads):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def decode(blob):
-    img = cv2.imdecode(np.frombuffer(bytes(blob), np.uint8), cv2.IMREAD_COLOR)
+def decode(blob, flags=cv2.IMREAD_COLOR):
+    img = cv2.imdecode(np.frombuffer(bytes(blob), np.uint8), flags)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_size(blob):
+    """(width, height) from a JPEG's frame header, without decoding; None if not found."""
+    b = bytes(blob)
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 9 <= len(b) and b[i] == 0xFF:
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a SOFn
+            return int.from_bytes(b[i + 7:i + 9], "big"), int.from_bytes(b[i + 5:i + 7], "big")
+        i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return None
+
+
+REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def decode_reduced(blob, max_side):
+    """libjpeg's DCT-scaled decode, as a user who knows the model's input size writes it:
+    the smallest of 1/2, 1/4, 1/8 whose longer side is still >= max_side (sluice's
+    `max_side` rule). Returns the image, the factor it was reduced by and the photo's
+    (height, width)."""
+    size = jpeg_size(blob)
+    f = next((f for f in (8, 4, 2) if size and -(-max(size) // f) >= max_side), 1)
+    img = decode(blob, REDUCED[f] if f > 1 else cv2.IMREAD_COLOR)
+    return img, f, (size[1], size[0]) if size else img.shape[:2]
 
 
 def softmax_top5(logits):
@@ -85,13 +116,14 @@ def nms(boxes, scores, classes, iou_threshold=0.45, max_detections=8):
     return np.array(keep, np.int64)
 
 
-def detections(pred, img, scale, left, top, score_threshold=0.25):
-    """YOLOv5 rows (cx, cy, w, h, objectness, class scores) -> boxes in image pixels."""
+def detections(pred, size, scale, left, top, score_threshold=0.25):
+    """YOLOv5 rows (cx, cy, w, h, objectness, class scores) -> boxes in the pixels of a
+    photo of size (height, width), letterboxed at `scale`."""
     cls = pred[:, 5:].argmax(axis=1)
     score = pred[:, 4] * pred[np.arange(len(pred)), 5 + cls]
     m = score >= score_threshold
     p, score, cls = pred[m], score[m], cls[m]
-    h, w = img.shape[:2]
+    h, w = size
     x1 = np.clip((p[:, 0] - p[:, 2] / 2 - left) / scale, 0, w)
     y1 = np.clip((p[:, 1] - p[:, 3] / 2 - top) / scale, 0, h)
     x2 = np.clip((p[:, 0] + p[:, 2] / 2 - left) / scale, 0, w)
@@ -148,12 +180,19 @@ class Detect:
 
     def __init__(self, models):
         self.s = session(os.path.join(models, "detector/model.onnx"), 2)
+        # PEER_DECODE_MAX_SIDE: decode JPEGs reduced (decode_reduced), as sluice's
+        # `max_side` does; boxes stay in the photo's pixels.
+        self.max_side = int(os.environ.get("PEER_DECODE_MAX_SIDE", "0"))
 
     def detect(self, blob):
-        img = decode(blob)
+        if self.max_side:
+            img, f, size = decode_reduced(blob, self.max_side)
+        else:
+            img = decode(blob)
+            f, size = 1, img.shape[:2]
         x, scale, left, top = letterbox(img)
         pred = self.s.run(None, {"images": x[None]})[0][0]
-        return img, detections(pred, img, scale, left, top)
+        return img, detections(pred, size, scale / f, left, top)
 
     def __call__(self, x):
         _, (boxes, _, _) = self.detect(x["image"].reshape(-1)[0])
