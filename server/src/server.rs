@@ -213,7 +213,7 @@ pub async fn start(cfg: ServerConfig) -> Result<RunningServer, StartError> {
     let engine = Arc::new(engine);
     let (stop, stopped) = watch::channel(false);
     let inflight = InflightLayer::new(
-        InflightBudget::new(cfg.limits.max_inflight_bytes),
+        InflightBudget::new(cfg.limits.max_inflight_bytes, cfg.max_message_bytes),
         stopped.clone(),
         cfg.limits.body_read_timeout,
     );

@@ -3,6 +3,12 @@
 //! Content-Length, before any is read) and given back when its answer is sent, so a
 //! burst of large requests is refused with RESOURCE_EXHAUSTED / 429 instead of all being
 //! buffered and decoded at once.
+//!
+//! Part of the budget is kept for small requests: a flood of large bodies may hold all
+//! but the reserve, so requests of a usual size (a JPEG, a tensor) are still served
+//! while it lasts. A body counts as large once its bytes pass `small` (HTTP: from its
+//! Content-Length; a streamed body when it gets there), and then holds its whole size in
+//! the large requests' share too.
 
 use super::access::Denied;
 use bytes::Buf;
@@ -14,27 +20,47 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// The budget: one permit per byte.
+/// The budget: one permit per byte, in two semaphores: every request's bytes take from
+/// `all`, large requests' bytes from `large` too, which holds all but the reserve.
 #[derive(Clone)]
 pub struct InflightBudget {
-    sem: Arc<Semaphore>,
+    all: Arc<Semaphore>,
+    large: Arc<Semaphore>,
     limit: usize,
+    large_limit: usize,
+    /// A request of at most this many bytes is small.
+    small: usize,
 }
 
 impl InflightBudget {
-    pub fn new(limit_bytes: usize) -> InflightBudget {
+    /// `limit_bytes` in all; an eighth of it (less where the largest message would not
+    /// fit in the rest) is kept for requests of at most 1/64 of that reserve, so that it
+    /// takes 64 large bodies still under that size, all at once, to fill it.
+    pub fn new(limit_bytes: usize, largest_message: usize) -> InflightBudget {
         // tokio caps a semaphore's permits at usize::MAX >> 3.
         let limit = limit_bytes.min(Semaphore::MAX_PERMITS);
-        InflightBudget { sem: Arc::new(Semaphore::new(limit)), limit }
+        let reserve = (limit / 8).min(limit.saturating_sub(largest_message));
+        InflightBudget::with_reserve(limit, reserve, reserve / 64)
+    }
+
+    fn with_reserve(limit: usize, reserve: usize, small: usize) -> InflightBudget {
+        let large_limit = limit - reserve;
+        InflightBudget {
+            all: Arc::new(Semaphore::new(limit)),
+            large: Arc::new(Semaphore::new(large_limit)),
+            limit,
+            large_limit,
+            small,
+        }
     }
 
     /// Bytes held by requests now.
     pub fn used(&self) -> usize {
-        self.limit - self.sem.available_permits()
+        self.limit - self.all.available_permits()
     }
 
     fn lease(&self) -> Lease {
-        Lease(Arc::new(LeaseInner { budget: self.clone(), held: Mutex::new(None) }))
+        Lease(Arc::new(LeaseInner { budget: self.clone(), held: Mutex::new(Held::default()) }))
     }
 }
 
@@ -45,7 +71,26 @@ struct Lease(Arc<LeaseInner>);
 
 struct LeaseInner {
     budget: InflightBudget,
-    held: Mutex<Option<OwnedSemaphorePermit>>,
+    held: Mutex<Held>,
+}
+
+/// What one request holds: its bytes so far, from `all`, and from `large` once past `small`.
+#[derive(Default)]
+struct Held {
+    bytes: usize,
+    all: Option<OwnedSemaphorePermit>,
+    large: Option<OwnedSemaphorePermit>,
+}
+
+fn acquire(sem: &Arc<Semaphore>, bytes: usize) -> Option<OwnedSemaphorePermit> {
+    sem.clone().try_acquire_many_owned(u32::try_from(bytes).ok()?).ok()
+}
+
+fn merge(into: &mut Option<OwnedSemaphorePermit>, permit: OwnedSemaphorePermit) {
+    match into.as_mut() {
+        Some(p) => p.merge(permit),
+        None => *into = Some(permit),
+    }
 }
 
 impl Lease {
@@ -53,9 +98,33 @@ impl Lease {
         if bytes == 0 {
             return Ok(());
         }
+        if u32::try_from(bytes).is_err() {
+            // tokio's semaphores count a take in u32.
+            return Err(format!("a body frame of {bytes} bytes is more than one request may hold at once"));
+        }
         let b = &self.0.budget;
-        let n = u32::try_from(bytes).map_err(|_| format!("a body frame of {bytes} bytes"))?;
-        let permit = b.sem.clone().try_acquire_many_owned(n).map_err(|_| {
+        let mut held = self.0.held.lock();
+        let total = held.bytes.saturating_add(bytes);
+        // A body turning large takes its whole size from the large share, not just this frame.
+        let large = match (total > b.small, held.large.is_some()) {
+            (false, _) => None,
+            (true, true) => Some(bytes),
+            (true, false) => Some(total),
+        };
+        let large = match large {
+            Some(n) => Some(acquire(&b.large, n).ok_or_else(|| {
+                format!(
+                    "too many large request bytes in flight: {} MiB of the {} MiB that requests over {} KiB may \
+                     hold are taken (the rest of sluice serve --max-inflight-mb is kept for smaller ones); \
+                     retry later",
+                    (b.large_limit - b.large.available_permits()) >> 20,
+                    b.large_limit >> 20,
+                    b.small >> 10
+                )
+            })?),
+            None => None,
+        };
+        let all = acquire(&b.all, bytes).ok_or_else(|| {
             format!(
                 "too many request bytes in flight: {} MiB of the {} MiB budget are held by other requests \
                  (sluice serve --max-inflight-mb); retry later",
@@ -63,10 +132,10 @@ impl Lease {
                 b.limit >> 20
             )
         })?;
-        let mut held = self.0.held.lock();
-        match held.as_mut() {
-            Some(p) => p.merge(permit),
-            None => *held = Some(permit),
+        held.bytes = total;
+        merge(&mut held.all, all);
+        if let Some(l) = large {
+            merge(&mut held.large, l);
         }
         Ok(())
     }
@@ -240,12 +309,13 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if let Some(n) = declared {
-            if n > self.budget.limit {
+            // The most a large request may hold: every byte but the small requests' reserve.
+            if n > self.budget.large_limit.max(self.budget.small) {
                 let m = format!(
-                    "a body of {} MiB is larger than the whole in-flight budget of {} MiB (sluice serve \
-                     --max-inflight-mb)",
+                    "a body of {} MiB is larger than the most one request may hold of the in-flight budget, \
+                     {} MiB (sluice serve --max-inflight-mb)",
                     n >> 20,
-                    self.budget.limit >> 20
+                    self.budget.large_limit >> 20
                 );
                 return Box::pin(std::future::ready(Ok(B::refuse(m, true))));
             }
@@ -290,7 +360,7 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_take_bytes_as_they_arrive_and_give_them_back() {
-        let budget = InflightBudget::new(10);
+        let budget = InflightBudget::with_reserve(10, 0, 0);
         let first =
             BudgetedBody { inner: chunked(&[b"12345", b"678"]), lease: budget.lease(), counted: false, cutoff: None };
         let held = first.collect().await.unwrap().to_bytes();
@@ -308,5 +378,47 @@ mod tests {
         assert!(status.message().contains("--max-inflight-mb"), "{}", status.message());
         drop(lease);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn the_reserve_is_an_eighth_and_leaves_room_for_the_largest_message() {
+        let b = InflightBudget::new(512 << 20, 256 << 20);
+        assert_eq!((b.large_limit, b.small), (448 << 20, 1 << 20));
+        // Where the largest message needs the whole budget, there is no reserve.
+        let b = InflightBudget::new(256 << 20, 256 << 20);
+        assert_eq!((b.large_limit, b.small), (256 << 20, 0));
+        // Where it needs more than seven eighths, the reserve is what it leaves.
+        let b = InflightBudget::new(280 << 20, 256 << 20);
+        assert_eq!(b.large_limit, 256 << 20);
+    }
+
+    #[test]
+    fn large_bodies_leave_the_reserve_to_small_ones() {
+        // 100 bytes, 20 of them kept for requests of at most 5.
+        let budget = InflightBudget::with_reserve(100, 20, 5);
+        let big = budget.lease();
+        big.take(4).unwrap();
+        assert_eq!(budget.large.available_permits(), 80, "small so far");
+        big.take(46).unwrap();
+        assert_eq!(budget.large.available_permits(), 30, "past 5 bytes it holds its whole size as large");
+        let other = budget.lease();
+        let err = other.take(40).unwrap_err();
+        assert!(err.contains("too many large request bytes") && err.contains("--max-inflight-mb"), "{err}");
+        assert_eq!(budget.used(), 50, "a refused take holds nothing");
+        other.take(30).unwrap();
+        assert_eq!((budget.used(), budget.large.available_permits()), (80, 0));
+        // The large share is full; small requests still have the reserve.
+        let small: Vec<_> = (0..4)
+            .map(|_| {
+                let l = budget.lease();
+                l.take(5).unwrap();
+                l
+            })
+            .collect();
+        assert_eq!(budget.used(), 100);
+        let err = budget.lease().take(1).unwrap_err();
+        assert!(err.contains("budget are held by other requests"), "{err}");
+        drop((small, big, other));
+        assert_eq!((budget.used(), budget.large.available_permits()), (0, 80));
     }
 }

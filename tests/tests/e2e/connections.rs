@@ -1,6 +1,7 @@
 //! Connections a client opens and does not use well: headers sent a byte at a time,
 //! connections held idle past the listener's limit, bodies never finished while the
-//! server shuts down, a megabyte of gRPC metadata. Each is cut off or waits its turn; the server goes on serving and
+//! server shuts down, a megabyte of gRPC metadata, large bodies that hold the in-flight
+//! budget. Each is cut off, waits its turn or is refused; the server goes on serving and
 //! stops on time.
 
 use sluice_tests::{affine_model, config, start, Repo};
@@ -217,5 +218,82 @@ async fn both_listeners_advertise_the_stream_limit() {
         clients.push((client, held));
     }
     assert!(live(&s.http).await, "others are served meanwhile");
+    s.server.shutdown().await;
+}
+
+/// An affine infer request, padded with whitespace (still valid JSON) to `len` bytes.
+fn affine_body(len: usize) -> String {
+    let mut b = r#"{"inputs":[{"name":"x","shape":[1,4],"datatype":"FP32","data":[1,2,3,4]}]}"#.to_string();
+    b.push_str(&" ".repeat(len.saturating_sub(b.len())));
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_holding_the_budget_leave_room_for_small_requests() {
+    let repo = Repo::new();
+    repo.add("affine", &affine_model(4), YAML);
+    let mut cfg = config(repo.path());
+    // 64 MiB: 8 MiB kept for requests of at most 128 KiB, 56 MiB for larger ones.
+    cfg.limits.max_inflight_bytes = 64 << 20;
+    cfg.max_message_bytes = 32 << 20;
+    let s = start(cfg).await;
+    let url = format!("{}/v2/models/affine/infer", s.http);
+    let http = reqwest::Client::new();
+    let post = |len: usize| http.post(&url).header("content-type", "application/json").body(affine_body(len)).send();
+    // 256 KiB: large, and small enough for loopback's socket buffers, so the client has
+    // sent it whole when an early 429 comes back.
+    let large = 256 << 10;
+    assert_eq!(post(large).await.unwrap().status(), 200, "a large request is served while the budget is free");
+
+    // Two bodies that declare 30 and 26 MiB and never send them hold the large share.
+    let mut holders = Vec::new();
+    for mib in [30, 26] {
+        let mut c = TcpStream::connect(s.server.http_addr).await.unwrap();
+        let head = format!("POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", mib << 20);
+        c.write_all(head.as_bytes()).await.unwrap();
+        holders.push(c);
+    }
+    // Once the server has taken their lengths, a large request is refused at once...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let r = post(large).await.unwrap();
+        if r.status() == 429 {
+            break r.text().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "the large share never filled: {}", r.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refused.contains("too many large request bytes") && refused.contains("--max-inflight-mb"), "{refused}");
+    // ...while small ones, over HTTP and gRPC, are served.
+    for _ in 0..20 {
+        let r = post(4 << 10).await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    let x = sluice_client::Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
+    s.client.infer("affine", &[("x", &x)], Default::default()).await.expect("a small gRPC request is served");
+    // A body declaring more than the large share is refused outright (413), unread.
+    let mut c = TcpStream::connect(s.server.http_addr).await.unwrap();
+    let head = format!("POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n", 60 << 20);
+    c.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = c.read(&mut buf).await {
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"hold") {
+                break;
+            }
+        }
+    })
+    .await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("most one request may hold"), "{answer}");
+    // Closed, the holders give their bytes back.
+    drop(holders);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while post(large).await.unwrap().status() != 200 {
+        assert!(Instant::now() < deadline, "the budget did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.server.shutdown().await;
 }
