@@ -73,8 +73,9 @@ pub struct Args {
     #[arg(long, env = "SLUICE_IMAGE_MEMORY_MB", default_value_t = 1024)]
     image_memory_mb: usize,
     /// MiB of request bodies received and not yet answered, across all requests; past
-    /// it, requests are refused at once. At least --max-message-mb. An eighth is kept for
-    /// requests of at most 1/64 of that eighth, so large bodies cannot shed small ones.
+    /// it, requests are refused at once. At least --max-message-mb. An eighth (less where
+    /// --max-message-mb would not fit in the rest) is kept for requests of at most 1/64 of
+    /// it, so that a flood of large bodies leaves room for small requests.
     #[arg(long, env = "SLUICE_MAX_INFLIGHT_MB", default_value_t = 512)]
     max_inflight_mb: usize,
     /// HTTP/2 streams one client connection may have open at once (advertised to clients).

@@ -60,12 +60,19 @@ REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.
 def decode_reduced(blob, max_side):
     """libjpeg's DCT-scaled decode, as a user who knows the model's input size writes it:
     the smallest of 1/2, 1/4, 1/8 whose longer side is still >= max_side (sluice's
-    `max_side` rule). Returns the image, the factor it was reduced by and the photo's
-    (height, width)."""
+    `max_side` rule). Returns the image, the photo's pixels per image pixel, and the
+    photo's (height, width)."""
     size = jpeg_size(blob)
     f = next((f for f in (8, 4, 2) if size and -(-max(size) // f) >= max_side), 1)
     img = decode(blob, REDUCED[f] if f > 1 else cv2.IMREAD_COLOR)
-    return img, f, (size[1], size[0]) if size else img.shape[:2]
+    h, w = img.shape[:2]
+    if not size:
+        return img, 1.0, (h, w)
+    pw, ph = size
+    if (h > w) != (ph > pw):  # cv2 applied an EXIF rotation; the header's size is before it
+        pw, ph = ph, pw
+    # libjpeg rounds a reduced side up: the ratio of the sides, not f itself.
+    return img, pw / w, (ph, pw)
 
 
 def softmax_top5(logits):
@@ -186,13 +193,13 @@ class Detect:
 
     def detect(self, blob):
         if self.max_side:
-            img, f, size = decode_reduced(blob, self.max_side)
+            img, ratio, size = decode_reduced(blob, self.max_side)
         else:
             img = decode(blob)
-            f, size = 1, img.shape[:2]
+            ratio, size = 1.0, img.shape[:2]
         x, scale, left, top = letterbox(img)
         pred = self.s.run(None, {"images": x[None]})[0][0]
-        return img, detections(pred, size, scale / f, left, top)
+        return img, detections(pred, size, scale / ratio, left, top)
 
     def __call__(self, x):
         _, (boxes, _, _) = self.detect(x["image"].reshape(-1)[0])

@@ -39,7 +39,9 @@ impl InflightBudget {
     pub fn new(limit_bytes: usize, largest_message: usize) -> InflightBudget {
         // tokio caps a semaphore's permits at usize::MAX >> 3.
         let limit = limit_bytes.min(Semaphore::MAX_PERMITS);
-        let reserve = (limit / 8).min(limit.saturating_sub(largest_message));
+        // The largest gRPC body: the message and its 5-byte length prefix.
+        let largest_body = largest_message.saturating_add(5);
+        let reserve = (limit / 8).min(limit.saturating_sub(largest_body));
         InflightBudget::with_reserve(limit, reserve, reserve / 64)
     }
 
@@ -52,6 +54,13 @@ impl InflightBudget {
             large_limit,
             small,
         }
+    }
+
+    /// The most one request of `n` bytes may hold: all but the reserve when it is large.
+    /// Capped where tokio's semaphores count a take (u32).
+    fn most_for(&self, n: usize) -> usize {
+        let cap = if n > self.small { self.large_limit } else { self.limit };
+        cap.min(u32::MAX as usize)
     }
 
     /// Bytes held by requests now.
@@ -106,7 +115,10 @@ impl Lease {
         let mut held = self.0.held.lock();
         let total = held.bytes.saturating_add(bytes);
         // A body turning large takes its whole size from the large share, not just this frame.
-        let large = match (total > b.small, held.large.is_some()) {
+        // No reserve (the largest message needs the whole budget): one share, as if small.
+        // (Between taking from `large` and failing on `all`, a request briefly holds large
+        // permits another may be refused for: a retry finds them back.)
+        let large = match (total > b.small && b.large_limit < b.limit, held.large.is_some()) {
             (false, _) => None,
             (true, true) => Some(bytes),
             (true, false) => Some(total),
@@ -309,13 +321,12 @@ where
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         if let Some(n) = declared {
-            // The most a large request may hold: every byte but the small requests' reserve.
-            if n > self.budget.large_limit.max(self.budget.small) {
+            if n > self.budget.most_for(n) {
                 let m = format!(
                     "a body of {} MiB is larger than the most one request may hold of the in-flight budget, \
                      {} MiB (sluice serve --max-inflight-mb)",
                     n >> 20,
-                    self.budget.large_limit >> 20
+                    self.budget.most_for(n) >> 20
                 );
                 return Box::pin(std::future::ready(Ok(B::refuse(m, true))));
             }
@@ -384,12 +395,17 @@ mod tests {
     fn the_reserve_is_an_eighth_and_leaves_room_for_the_largest_message() {
         let b = InflightBudget::new(512 << 20, 256 << 20);
         assert_eq!((b.large_limit, b.small), (448 << 20, 1 << 20));
+        assert_eq!((b.most_for(1 << 20), b.most_for((1 << 20) + 1)), (512 << 20, 448 << 20));
         // Where the largest message needs the whole budget, there is no reserve.
         let b = InflightBudget::new(256 << 20, 256 << 20);
         assert_eq!((b.large_limit, b.small), (256 << 20, 0));
-        // Where it needs more than seven eighths, the reserve is what it leaves.
+        // Where it needs more than seven eighths, the reserve is what it leaves: room for
+        // the largest message with gRPC's 5-byte prefix.
         let b = InflightBudget::new(280 << 20, 256 << 20);
-        assert_eq!(b.large_limit, 256 << 20);
+        assert_eq!(b.large_limit, (256 << 20) + 5);
+        // Past u32, a take cannot be counted: that is the most one request may hold.
+        let b = InflightBudget::new(8 << 30, 256 << 20);
+        assert_eq!(b.most_for(5 << 30), u32::MAX as usize);
     }
 
     #[test]
@@ -420,5 +436,15 @@ mod tests {
         assert!(err.contains("budget are held by other requests"), "{err}");
         drop((small, big, other));
         assert_eq!((budget.used(), budget.large.available_permits()), (0, 80));
+    }
+
+    #[test]
+    fn without_a_reserve_every_request_shares_one_budget() {
+        let budget = InflightBudget::new(100, 100);
+        let a = budget.lease();
+        a.take(60).unwrap();
+        let err = budget.lease().take(50).unwrap_err();
+        assert!(err.starts_with("too many request bytes in flight: 0 MiB of the 0 MiB budget"), "{err}");
+        assert_eq!(budget.large.available_permits(), 100, "no large share in use");
     }
 }
