@@ -326,11 +326,11 @@ for threads in (1, 2):
     print(f"the detector, {threads} intra-op thread(s)", cpu_ms(lambda: s.run(None, {"images": x}), 300))
 blob = open(sys.argv[3], "rb").read()
 print("decoding the JPEG, full size", cpu_ms(lambda: decode(blob), 300))
-print("decoding the JPEG, reduced to the letterbox", cpu_ms(lambda: decode_reduced(blob, 320), 300))
+print("decoding the JPEG, reduced to the letterbox", cpu_ms(lambda: decode_reduced(blob, int(sys.argv[4])), 300))
 """
     (out / "image.jpg").write_bytes(image)
     res = subprocess.check_output([root / ".venv-kserve/bin/python", "-c", code, models / "detector/model.onnx",
-                                   root / "scripts/peers", out / "image.jpg"], text=True)
+                                   root / "scripts/peers", out / "image.jpg", str(REDUCED_SIDE)], text=True)
     print()
     print("What every server's `detect` pays, alone, no server (batch 1; cv2 with one thread):")
     print()

@@ -118,24 +118,22 @@ impl Lease {
         // No reserve (the largest message needs the whole budget): one share, as if small.
         // (Between taking from `large` and failing on `all`, a request briefly holds large
         // permits another may be refused for: a retry finds them back.)
-        let large = match (total > b.small && b.large_limit < b.limit, held.large.is_some()) {
-            (false, _) => None,
-            (true, true) => Some(bytes),
-            (true, false) => Some(total),
-        };
-        let large = match large {
-            Some(n) => Some(acquire(&b.large, n).ok_or_else(|| {
-                format!(
-                    "too many large request bytes in flight: {} MiB of the {} MiB that requests over {} KiB may \
-                     hold are taken (the rest of sluice serve --max-inflight-mb is kept for smaller ones); \
-                     retry later",
-                    (b.large_limit - b.large.available_permits()) >> 20,
-                    b.large_limit >> 20,
-                    b.small >> 10
-                )
-            })?),
-            None => None,
-        };
+        let is_large = total > b.small && b.large_limit < b.limit;
+        let large_bytes = is_large.then_some(if held.large.is_some() { bytes } else { total });
+        let large = large_bytes
+            .map(|n| {
+                acquire(&b.large, n).ok_or_else(|| {
+                    format!(
+                        "too many large request bytes in flight: {} MiB of the {} MiB that requests over {} KiB \
+                         may hold are taken (the rest of sluice serve --max-inflight-mb is kept for smaller ones); \
+                         retry later",
+                        (b.large_limit - b.large.available_permits()) >> 20,
+                        b.large_limit >> 20,
+                        b.small >> 10
+                    )
+                })
+            })
+            .transpose()?;
         let all = acquire(&b.all, bytes).ok_or_else(|| {
             format!(
                 "too many request bytes in flight: {} MiB of the {} MiB budget are held by other requests \
